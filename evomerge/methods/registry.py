@@ -1,0 +1,297 @@
+"""Registry of merge methods: name -> function, parameters (defaults, valid ranges), requirements; validation.
+
+Parameter names are mergekit's recipe keys ("weight", "density", "lambda", "t", "gamma", "epsilon", ...).
+Per-source parameters reach the function as a float32 tensor [N]; global ones as a python float / bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+from torch import Tensor
+
+from evomerge.methods.fisher import fisher
+from evomerge.methods.linear import linear, task_arithmetic
+from evomerge.methods.model_stock import model_stock
+from evomerge.methods.regmean import regmean
+from evomerge.methods.slerp import multislerp, slerp
+from evomerge.methods.sparsify import band_fractions
+from evomerge.methods.ties import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    ties,
+)
+
+
+class MethodError(ValueError):
+    """A merge method or its parameters do not fit the recipe (unknown name, bad value, wrong sources)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter of a merge method."""
+
+    name: str  # recipe key, mergekit-compatible
+    default: float | bool | None  # None = required
+    low: float | None = None  # inclusive valid range, for validation and as default search range
+    high: float | None = None
+    per_source: bool = False  # True: one value per source -> Tensor[N]; False: global scalar
+    kwarg: str | None = None  # python keyword if different from name (e.g. "lambda" -> "lam")
+    doc: str = ""
+
+    @property
+    def key(self) -> str:
+        """The keyword argument this parameter is passed as."""
+        return self.kwarg or self.name
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.default, bool)
+
+
+# A cross-parameter check: (params with defaults filled in, n_sources) -> error message or None.
+Constraint = Callable[[Mapping[str, object], int], str | None]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A per-tensor merge function and what it needs."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[Param, ...]
+    needs_base: bool
+    min_sources: int = 1
+    max_sources: int | None = None
+    stochastic: bool = False  # uses `generator`
+    statistic: str | None = None  # None | "fisher" | "gram": what `stats` must hold
+    constraint: Constraint | None = None
+    doc: str = ""
+    # Entrywise: given the per-tensor inputs below (thresholds, noise), output entry j depends only on entry j of
+    # base and sources, so fn may be applied to any slice of the flattened entries (or to several tensors at
+    # once when no per-tensor input is needed) with bit-identical results. Stochastic entrywise methods take the
+    # uniform draw as `noise` ([N, *S], torch.rand with the tensor's generator).
+    elementwise: bool = False
+    # Magnitude fractions (from the method's tensor kwargs) whose exact thresholds fn takes as `thresholds=`
+    # (sparsify.magnitude_thresholds of the whole task vectors), so thresholds can be computed once and cached.
+    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None
+
+    def param(self, name: str) -> Param:
+        """The parameter called ``name`` (recipe key); MethodError listing the valid ones if there is none."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        valid = ", ".join(sorted(p.name for p in self.params))
+        raise MethodError(f"unknown parameter {name!r} for method {self.name!r}; valid: {valid}")
+
+
+def _leaves(value: object) -> list[object]:
+    """Scalars inside a value: a scalar, a (nested) sequence of them (per source / per-layer gradient), a tensor."""
+    if isinstance(value, Tensor):
+        return value.detach().flatten().tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def _per_source_leaves(value: object, n_sources: int) -> list[list[float]]:
+    """Numbers that apply to each source: a list of ``n_sources`` entries is read as one entry per source;
+    anything else (scalar, gradient) applies to every source."""
+    items = list(value) if isinstance(value, Tensor) and value.dim() > 0 else value
+    if isinstance(items, Sequence) and not isinstance(items, str) and len(items) == n_sources:
+        return [[float(x) for x in _leaves(item)] for item in items]
+    numbers = [float(x) for x in _leaves(value)]
+    return [numbers] * n_sources
+
+
+_SLACK = 1e-6  # float rounding of sums like 0.9 + 0.1 (values may arrive as float32)
+
+
+def _breadcrumbs_band(params: Mapping[str, object], n_sources: int) -> str | None:
+    """gamma + density <= 1 per source (the kept band must fit in the tensor)."""
+    gammas = _per_source_leaves(params["gamma"], n_sources)
+    densities = _per_source_leaves(params["density"], n_sources)
+    for i, (gamma, density) in enumerate(zip(gammas, densities)):
+        if max(gamma) + max(density) > 1 + _SLACK:
+            return (
+                f"gamma + density must be <= 1 (drop the top gamma, keep the next density); source {i} has "
+                f"gamma={max(gamma)} and density={max(density)}: lower one of them"
+            )
+    return None
+
+
+def _della_window(params: Mapping[str, object], n_sources: int) -> str | None:
+    """density ± epsilon within [0, 1] per source (keep probabilities range over [d − ε, d + ε])."""
+    epsilons = _per_source_leaves(params["epsilon"], n_sources)
+    densities = _per_source_leaves(params["density"], n_sources)
+    for i, (epsilon, density) in enumerate(zip(epsilons, densities)):
+        low, high = min(density) - max(epsilon), max(density) + max(epsilon)
+        if low < -_SLACK or high > 1 + _SLACK:
+            return (
+                f"density ± epsilon must stay within [0, 1] (keep probabilities range over [d − ε, d + ε]); source"
+                f" {i} spans [{low:g}, {high:g}] (density {density}, epsilon {epsilon}): lower epsilon"
+            )
+    return None
+
+
+def _weight(low: float = 0.0, high: float = 2.0) -> Param:
+    return Param("weight", 1.0, low, high, per_source=True, doc="relative weight of each source")
+
+
+_DENSITY = Param("density", 1.0, 0.0, 1.0, per_source=True, doc="fraction of each task vector kept")
+_LAMBDA = Param("lambda", 1.0, 0.0, 2.0, kwarg="lam", doc="scale of the merged task vector")
+_RESCALE = Param("rescale", True, doc="rescale survivors by 1/keep-probability")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, doc="divide by the sum of the (agreeing) weights")
+
+
+_BREADCRUMBS = (
+    Param("density", 0.9, 0.0, 1.0, per_source=True, doc="fraction kept below the dropped outliers"),
+    Param("gamma", 0.01, 0.0, 1.0, per_source=True, doc="fraction of largest magnitudes dropped"),
+)
+_DELLA = (
+    Param("density", 0.5, 0.0, 1.0, per_source=True, doc="mean keep probability"),
+    Param("epsilon", 0.1, 0.0, 0.5, per_source=True, doc="keep probability spread: [d − ε, d + ε]"),
+)
+
+
+def _task_vector_method(
+    fn: Callable[..., Tensor], params: tuple[Param, ...], *, stochastic: bool = False,
+    constraint: Constraint | None = None, elementwise: bool = False,
+    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None,
+) -> MergeMethod:
+    """A method of the sparsify -> (elect) -> merge family (:mod:`evomerge.methods.ties`)."""
+    return MergeMethod(
+        fn.__name__, fn, (_weight(), *params, _LAMBDA), needs_base=True, stochastic=stochastic,
+        constraint=constraint, doc=(fn.__doc__ or "").split("\n")[0], elementwise=elementwise, fractions=fractions,
+    )
+
+
+def _density_fraction(kwargs: Mapping[str, object]) -> tuple[Tensor, ...]:
+    return (kwargs["density"],)  # type: ignore[return-value]
+
+
+def _band_fractions(kwargs: Mapping[str, object]) -> tuple[Tensor, ...]:
+    return band_fractions(kwargs["density"], kwargs["gamma"])  # type: ignore[arg-type]
+
+
+_ALL: tuple[MergeMethod, ...] = (
+    MergeMethod(
+        "linear", linear, (_weight(), _normalize(True)), needs_base=False, elementwise=True,
+        doc="weighted average of the sources (model soup)",
+    ),
+    MergeMethod(
+        "task_arithmetic", task_arithmetic,
+        (_weight(-2.0, 2.0), _LAMBDA, _normalize(False)), needs_base=True, elementwise=True,
+        doc="base + lambda * weighted sum of task vectors",
+    ),
+    _task_vector_method(ties, (_DENSITY, _normalize(True)), elementwise=True, fractions=_density_fraction),
+    _task_vector_method(
+        dare_linear, (_DENSITY, _normalize(False), _RESCALE), stochastic=True, elementwise=True
+    ),
+    _task_vector_method(dare_ties, (_DENSITY, _normalize(True), _RESCALE), stochastic=True, elementwise=True),
+    _task_vector_method(
+        breadcrumbs, (*_BREADCRUMBS, _normalize(False)), constraint=_breadcrumbs_band, elementwise=True,
+        fractions=_band_fractions,
+    ),
+    _task_vector_method(
+        breadcrumbs_ties, (*_BREADCRUMBS, _normalize(True)), constraint=_breadcrumbs_band, elementwise=True,
+        fractions=_band_fractions,
+    ),
+    _task_vector_method(della, (*_DELLA, _normalize(True), _RESCALE), stochastic=True, constraint=_della_window),
+    _task_vector_method(
+        della_linear, (*_DELLA, _normalize(False), _RESCALE), stochastic=True, constraint=_della_window
+    ),
+    MergeMethod(
+        "slerp", slerp, (Param("t", None, 0.0, 1.0, doc="interpolation factor: 0 -> first source, 1 -> second"),),
+        needs_base=False, min_sources=2, max_sources=2, doc="spherical interpolation of two sources",
+    ),
+    MergeMethod(
+        "multislerp", multislerp, (_weight(),), needs_base=False,
+        doc="weighted spherical (Karcher) mean of the sources, or of task vectors when a base is given",
+    ),
+    MergeMethod(
+        "model_stock", model_stock,
+        (Param("filter_wise", False, doc="one interpolation ratio per output row instead of per tensor"),),
+        needs_base=True, min_sources=2, doc="average moved towards the base by the task vectors' angle",
+    ),
+    MergeMethod(
+        "fisher", fisher,
+        (_weight(), Param("fisher_floor", 1e-6, 0.0, 1.0, doc="Fisher floor, relative to the tensor's mean Fisher")),
+        needs_base=False, statistic="fisher", doc="Fisher-weighted average (diagonal Fisher per source)",
+    ),
+    MergeMethod(
+        "regmean", regmean,
+        (Param("alpha", 0.9, 0.0, 1.0, doc="scale of the Gram matrices' off-diagonal entries"),),
+        needs_base=False, statistic="gram", doc="least-squares merge of linear layers from input Gram matrices",
+    ),
+)
+
+METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; MethodError listing the valid names if unknown."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"unknown merge method {name!r}; valid: {', '.join(sorted(METHODS))}") from None
+
+
+def _check_sources(method: MergeMethod, n_sources: int) -> None:
+    low, high = method.min_sources, method.max_sources
+    if low == high and n_sources != low:
+        raise MethodError(f"{method.name} takes exactly {low} sources, got {n_sources}")
+    if n_sources < low:
+        raise MethodError(f"{method.name} takes at least {low} sources, got {n_sources}")
+    if high is not None and n_sources > high:
+        raise MethodError(f"{method.name} takes at most {high} sources, got {n_sources}")
+
+
+def _check_value(method: MergeMethod, param: Param, value: object) -> None:
+    for leaf in _leaves(value):
+        if param.is_bool:
+            if not isinstance(leaf, bool):
+                raise MethodError(f"{method.name}: parameter {param.name!r} must be true or false, got {leaf!r}")
+            continue
+        if isinstance(leaf, bool) or not isinstance(leaf, Real):
+            raise MethodError(f"{method.name}: parameter {param.name!r} must be a number, got {leaf!r}")
+        low = -float("inf") if param.low is None else param.low
+        high = float("inf") if param.high is None else param.high
+        if not low <= float(leaf) <= high:
+            raise MethodError(
+                f"{method.name}: parameter {param.name!r} = {leaf} is out of range [{param.low}, {param.high}]"
+            )
+
+
+def validate_params(method: MergeMethod, params: Mapping[str, object], n_sources: int, has_base: bool) -> None:
+    """Raise MethodError if ``params`` (recipe keys -> values) do not fit ``method`` with these sources.
+
+    Checks: number of sources, base model present when needed, unknown and missing (required) parameters,
+    value types and ranges, and cross-parameter constraints (breadcrumbs ``γ + d ≤ 1``, DELLA ``d ± ε`` in
+    ``[0, 1]``). A value may be a scalar, a sequence (one entry per source and/or a per-layer gradient,
+    possibly nested) or a tensor; every number in it is checked.
+    """
+    _check_sources(method, n_sources)
+    if method.needs_base and not has_base:
+        raise MethodError(
+            f"{method.name} needs a base model (it merges task vectors θ_i − θ_base); set base_model in the recipe"
+        )
+    for name, value in params.items():
+        _check_value(method, method.param(name), value)
+    missing = [p.name for p in method.params if p.default is None and p.name not in params]
+    if missing:
+        raise MethodError(f"{method.name}: missing required parameter(s) {', '.join(missing)}")
+    if method.constraint is not None:
+        filled = {p.name: params.get(p.name, p.default) for p in method.params}
+        problem = method.constraint(filled, n_sources)
+        if problem is not None:
+            raise MethodError(f"{method.name}: {problem}")

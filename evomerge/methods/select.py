@@ -1,0 +1,113 @@
+"""Exact k-th-largest selection for magnitude masks: a two-pass radix select (CPU) or ``torch.topk`` (CUDA).
+
+Why: TIES-style trimming needs the k-th largest |τ| of every tensor, and ``torch.kthvalue`` (a sort) dominates a
+whole merge: 20.5 s for the masks of a TinyLlama-shaped 1.1B model with 3 sources on an H100, where a linear merge
+takes 24 ms. Both selections below are exact (bit-identical to ``torch.topk``) and read the data a few times.
+
+Radix select: for non-negative IEEE-754 float32 values, the bit pattern read as a (signed) int32 is ordered
+exactly like the float, so the k-th largest float is the k-th largest int:
+
+1. histogram the high 16 bits of every entry (bucket ``bits >> 16``, 2^15 buckets since the sign bit is 0),
+   cumulate from the top, and find the bucket ``b`` that holds the k-th largest entry; ``g`` entries lie in
+   higher buckets;
+2. histogram the low 16 bits of only the entries in bucket ``b`` and find the ``(k − g)``-th largest of them.
+
+The threshold is ``(b << 16) | low`` read back as float32. Rows of a 2-D input share one histogram per pass
+(every row's bucket ids are offset), so a stack of N task vectors costs one call, not N.
+
+Device choice (measured; numbers in the methods report): on CUDA ``torch.topk`` is itself a radix select and
+beats this torch-op version, whose ``bincount`` atomics contend on the few buckets real task vectors fill
+([3, 11.5M] rows on an H100: topk 0.6-1 ms, histograms 5 ms). On CPU the histograms win (4M entries, 16
+threads: 6 ms vs 53 ms ``kthvalue`` and 73 ms ``topk``). So :func:`kth_largest_rows` uses ``torch.topk`` on
+CUDA and the histograms elsewhere.
+
+Inputs must be NaN-free magnitudes (``tau.abs()``): ``+0.0`` is the smallest value; ``-0.0`` or a negative
+entry is rejected by ``bincount``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_HIGH_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32: sign bit 0 -> values < 2^15
+_LOW_BUCKETS = 1 << 16
+_LOW_MASK = _LOW_BUCKETS - 1
+
+
+def _kth_largest_in_histogram(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``hist`` [R, B], the bucket holding the k-th largest element and how many lie above it.
+
+    Returns ``(bucket [R, 1], count_above [R, 1])`` with ``count_above < k <= count_above + hist[bucket]``.
+    """
+    n_buckets = hist.shape[1]
+    at_or_above = hist.flip(1).cumsum(1)  # column j: elements in buckets >= n_buckets - 1 - j
+    j = torch.searchsorted(at_or_above, k.view(-1, 1))  # first column whose count reaches k
+    bucket = n_buckets - 1 - j
+    count_above = at_or_above.gather(1, j) - hist.gather(1, bucket)
+    return bucket, count_above
+
+
+def kth_largest_rows(values: Tensor, k: Tensor) -> Tensor:
+    """Exact k-th largest value of each row of a non-negative float32 matrix (NaN-free).
+
+    Args:
+        values: [R, M] non-negative float32 (magnitudes), on any device; R < 2^15.
+        k: [R] integer tensor with ``1 <= k[r] <= M``.
+
+    Returns:
+        [R] float32: ``out[r] == torch.topk(values[r], k[r]).values[-1]`` exactly. CUDA: ``torch.topk``;
+        other devices: :func:`radix_kth_largest_rows` (module docstring).
+    """
+    if values.dim() != 2 or values.dtype != torch.float32:
+        raise ValueError(f"kth_largest_rows needs a 2-D float32 tensor, got {values.dim()}-D {values.dtype}")
+    if values.is_cuda:
+        return topk_kth_largest_rows(values, k)
+    return radix_kth_largest_rows(values, k)
+
+
+def topk_kth_largest_rows(values: Tensor, k: Tensor) -> Tensor:
+    """:func:`kth_largest_rows` by ``torch.topk``: one batched call when all rows share ``k``, else one per row."""
+    ks = [int(x) for x in k.tolist()]
+    if len(set(ks)) == 1:
+        if ks[0] == values.shape[1]:
+            return values.amin(1)
+        return torch.topk(values, ks[0], dim=1, sorted=False).values.amin(1)
+    return torch.stack([torch.topk(row, kr, sorted=False).values.amin() for row, kr in zip(values, ks)])
+
+
+def radix_kth_largest_rows(values: Tensor, k: Tensor) -> Tensor:
+    """:func:`kth_largest_rows` by the two-pass radix select of the module docstring (one histogram per pass
+    for all rows)."""
+    n_rows = values.shape[0]
+    k = k.to(device=values.device, dtype=torch.int64)
+    bits = values.contiguous().view(torch.int32)
+    row_ids = torch.arange(n_rows, device=values.device, dtype=torch.int32).view(-1, 1)
+
+    high = bits >> 16
+    high += row_ids * _HIGH_BUCKETS  # bucket id, offset per row (in place: no second full-size buffer)
+    hist = torch.bincount(high.view(-1), minlength=n_rows * _HIGH_BUCKETS).view(n_rows, _HIGH_BUCKETS)
+    bucket, count_above = _kth_largest_in_histogram(hist, k)
+
+    in_bucket = (high == bucket.to(torch.int32) + row_ids * _HIGH_BUCKETS).view(-1).nonzero().view(-1)
+    candidate_row = high.view(-1)[in_bucket] >> 15
+    del high
+    low_key = (bits.view(-1)[in_bucket] & _LOW_MASK) | (candidate_row << 16)  # low bits, offset per row
+    low_hist = torch.bincount(low_key, minlength=n_rows * _LOW_BUCKETS).view(n_rows, _LOW_BUCKETS)
+    low_bucket, _ = _kth_largest_in_histogram(low_hist, k.view(-1, 1) - count_above)
+
+    threshold_bits = ((bucket << 16) | low_bucket).to(torch.int32).view(n_rows)
+    return threshold_bits.view(torch.float32)
+
+
+def magnitude_threshold(abs_tau: Tensor, k: int) -> Tensor:
+    """Exact k-th largest entry of a tensor of magnitudes (any shape), as a 0-d float32 tensor.
+
+    ``abs_tau >= magnitude_threshold(abs_tau, k)`` keeps the k largest entries plus any entries tied with the
+    k-th (see :func:`evomerge.methods.sparsify.topk_mask`). Requires ``1 <= k <= abs_tau.numel()``.
+    """
+    n = abs_tau.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for a tensor of {n} entries, got k={k}")
+    row = abs_tau.reshape(1, -1).to(torch.float32)
+    return kth_largest_rows(row, torch.tensor([k], device=abs_tau.device))[0]

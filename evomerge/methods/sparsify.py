@@ -1,0 +1,216 @@
+"""Sparsification of task vectors and TIES sign election: the shared pieces of TIES / DARE / breadcrumbs / DELLA.
+
+Every sparsifier takes the stacked task vectors ``tau`` [N, *S] and per-source parameters [N] and returns the
+sparsified (and, for the random ones, rescaled) task vectors [N, *S]; "per tensor" below means per source
+``i`` over all entries of ``tau[i]``.
+
+Counting convention (all magnitude ranks): a fraction ``f`` of a tensor with ``n`` entries is
+``k = floor(f·n + 1/2)`` entries (round half up), clamped to ``[0, n]``, evaluated in float64 from the float32
+value passed in (so a decimal that float32 cannot hold rounds from its float32 value: 0.35 -> 0.3499999940).
+
+Tie convention for magnitude masks: an entry is kept when ``|τ| >= t_k`` where ``t_k`` is the exact k-th largest
+magnitude (:func:`evomerge.methods.select.kth_largest_rows`, bit-identical to ``torch.topk``). So at least ``k``
+entries are kept, and entries equal to the k-th largest are all kept (the count exceeds ``k`` by the number of
+extra ties). This is independent of memory layout (no index tie-break) and identical on CPU and CUDA.
+
+Randomness (DARE, DELLA): drawn only from the ``generator`` passed in, with ``torch.rand`` of the task vectors'
+shape, so the same generator state gives the same mask. CPU and CUDA generators produce different streams:
+a recipe re-merged on another device type gets different (equally distributed) masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from evomerge.methods.linear import per_source, source_sum
+from evomerge.methods.select import kth_largest_rows
+
+
+def keep_count(fraction: Tensor, numel: int) -> Tensor:
+    """``k = floor(f·n + 1/2)`` clamped to ``[0, n]``, per source: [N] int64 on ``fraction``'s device."""
+    return torch.floor(fraction.to(torch.float64) * numel + 0.5).clamp(0, numel).to(torch.int64)
+
+
+def kth_magnitudes(tau: Tensor, k: Tensor) -> Tensor:
+    """Per source, the ``k_i``-th largest ``|τ_i|`` (exact, :func:`kth_largest_rows`): [N] float32 on ``tau``'s
+    device; NaN where ``k_i = 0`` (no comparison passes NaN, so such a mask keeps nothing).
+
+    ``k`` is an int64 tensor [N] on any device (a CPU one costs no device synchronisation).
+    """
+    magnitude = tau.reshape(tau.shape[0], -1).abs()
+    threshold = kth_largest_rows(magnitude, k.clamp_min(1))
+    return torch.where(k.to(threshold.device) > 0, threshold, float("nan"))
+
+
+def magnitude_thresholds(tau: Tensor, fraction: Tensor) -> Tensor:
+    """Thresholds of :func:`top_magnitude_mask`: the ``k_i``-th largest ``|τ_i|``, ``k_i = round(fraction_i·n)``."""
+    return kth_magnitudes(tau, keep_count(fraction, tau[0].numel()))
+
+
+def top_magnitude_mask(tau: Tensor, fraction: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """Bool mask [N, *S]: per source, ``|τ| >= `` the k-th largest ``|τ|`` with ``k = round(fraction·n)``.
+
+    ``k = 0`` keeps nothing (its threshold is NaN, which no comparison passes); ties at the threshold are kept
+    (module docstring). ``threshold`` [N]: the precomputed :func:`magnitude_thresholds` of ``(tau, fraction)``
+    (e.g. cached by the engine across candidates); with it the mask is entrywise, so it can be evaluated on any
+    slice of the entries.
+    """
+    if threshold is None:
+        threshold = magnitude_thresholds(tau, fraction)
+    return tau.abs() >= per_source(threshold, tau)
+
+
+def _row_thresholds(tau: Tensor, fraction: Tensor, threshold: Tensor | None) -> Tensor:
+    """``threshold`` (or :func:`magnitude_thresholds` when None) as float32 [N] on ``tau``'s device."""
+    if threshold is None:
+        threshold = magnitude_thresholds(tau, fraction)
+    return threshold.to(device=tau.device, dtype=torch.float32)
+
+
+def magnitude_prune_rows(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> list[Tensor]:
+    """:func:`magnitude_prune` as a list of the N pruned rows (the form the merges consume: see
+    :func:`~evomerge.methods.linear.source_sum`)."""
+    t = _row_thresholds(tau, density, threshold)
+    return [torch.where(row.abs() >= t[i], row, 0.0) for i, row in enumerate(tau)]
+
+
+def magnitude_prune(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """TIES trim: keep the top-``density`` fraction of each ``τ_i`` by magnitude, zero the rest.
+
+    Kept iff ``|τ| >= t_k`` (:func:`top_magnitude_mask`). ``threshold``: precomputed
+    :func:`magnitude_thresholds` ``(tau, density)``.
+    Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
+    """
+    return torch.stack(magnitude_prune_rows(tau, density, threshold))
+
+
+def magnitude_band_prune(
+    tau: Tensor, density: Tensor, gamma: Tensor, thresholds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Breadcrumbs: drop the top-``gamma`` fraction by magnitude (outliers) and keep the next ``density`` fraction.
+
+    Kept: ``t_{k_γ+k_d} <= |τ| < t_{k_γ}`` in magnitude-rank terms, with ``k_γ = round(γ·n)`` and
+    ``k_γ + k_d = round((γ + d)·n)``; everything smaller is dropped too. ``γ = 0`` drops no outliers.
+    ``thresholds``: precomputed :func:`magnitude_thresholds` for the fractions :func:`band_fractions` returns.
+    Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV.
+    """
+    return torch.stack(magnitude_band_prune_rows(tau, density, gamma, thresholds))
+
+
+def magnitude_band_prune_rows(
+    tau: Tensor, density: Tensor, gamma: Tensor, thresholds: tuple[Tensor, Tensor] | None = None
+) -> list[Tensor]:
+    """:func:`magnitude_band_prune` as a list of the N pruned rows."""
+    outer, inner = band_fractions(density, gamma)
+    upper, lower = (None, None) if thresholds is None else thresholds
+    upper, lower = _row_thresholds(tau, outer, upper), _row_thresholds(tau, inner, lower)
+    pruned = []
+    for i, row in enumerate(tau):
+        magnitude = row.abs()
+        pruned.append(torch.where((magnitude >= upper[i]) & ~(magnitude >= lower[i]), row, 0.0))
+    return pruned
+
+
+def band_fractions(density: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """The two magnitude fractions of a breadcrumbs band: ``(γ + d, γ)`` (float32 sums, on ``gamma``'s device)."""
+    return gamma + density.to(gamma.device), gamma
+
+
+def _rescaled(tau: Tensor, keep: Tensor, keep_probability: Tensor, rescale: bool) -> Tensor:
+    """``τ · keep / p`` (``rescale``) or ``τ · keep``; entries with ``p = 0`` are never kept, so never divided."""
+    if not rescale:
+        return torch.where(keep, tau, 0.0)
+    return torch.where(keep, tau / torch.where(keep, keep_probability, 1.0), 0.0)
+
+
+def _uniform(tau: Tensor, generator: torch.Generator | None) -> Tensor:
+    if generator is None:
+        raise ValueError(
+            "random sparsification (DARE/DELLA) needs a torch.Generator: pass generator=torch.Generator(device)"
+            ".manual_seed(seed) so the merge is reproducible"
+        )
+    return torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32)
+
+
+def random_prune(
+    tau: Tensor, density: Tensor, *, rescale: bool, generator: torch.Generator | None, noise: Tensor | None = None
+) -> Tensor:
+    """DARE: keep each entry of ``τ_i`` independently with probability ``d_i`` (drop with ``p = 1 − d_i``).
+
+    Entry kept iff ``u < d_i`` with ``u ~ U[0, 1)`` from ``generator`` (so ``d = 1`` keeps all, ``d = 0`` none);
+    survivors are rescaled by ``1/d_i`` when ``rescale`` so ``E[result] = τ_i``.
+    Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+    Lunch" (DARE), ICML.
+
+    ``noise``: the draw ``u`` [N, *S] made beforehand (``torch.rand(tau.shape, generator=generator)``); with it the
+    drop is entrywise, so it can be evaluated on any slice of the entries (the engine draws once per tensor).
+    """
+    return torch.stack(random_prune_rows(tau, density, rescale=rescale, generator=generator, noise=noise))
+
+
+def random_prune_rows(
+    tau: Tensor, density: Tensor, *, rescale: bool, generator: torch.Generator | None, noise: Tensor | None = None
+) -> list[Tensor]:
+    """:func:`random_prune` as a list of the N pruned rows: ``where(u < d, τ / d, 0)`` (``τ`` without
+    ``rescale``); ``d = 0`` keeps nothing, so its division is never used."""
+    d = density.to(device=tau.device, dtype=torch.float32)
+    u = _uniform(tau, generator) if noise is None else noise
+    return [torch.where(u[i] < d[i], row / d[i] if rescale else row, 0.0) for i, row in enumerate(tau)]
+
+
+def rank_keep_probability(tau: Tensor, density: Tensor, epsilon: Tensor) -> Tensor:
+    """DELLA keep probabilities [N, *S]: ``p = (d − ε) + 2ε · r / (n − 1)``, linear in the magnitude rank.
+
+    ``r`` = number of entries of ``τ_i`` with strictly smaller ``|τ|`` (0 for the smallest, ``n − 1`` for the
+    largest; tied magnitudes share the lower rank, so the result is layout independent), ``n = numel``; a
+    1-entry tensor gets ``p = d``. Without ties the mean of ``p`` is exactly ``d``. Exact ranks need one sort
+    per tensor, so DELLA costs a sort (unlike TIES' radix select).
+    """
+    n_sources = tau.shape[0]
+    magnitude = tau.reshape(n_sources, -1).abs()
+    n = magnitude.shape[1]
+    if n == 1:
+        relative_rank = torch.full_like(magnitude, 0.5)
+    else:
+        ranks = torch.searchsorted(magnitude.sort(dim=1).values, magnitude)
+        relative_rank = ranks.to(torch.float32) / (n - 1)
+    d = density.to(device=tau.device, dtype=torch.float32).view(-1, 1)
+    eps = epsilon.to(device=tau.device, dtype=torch.float32).view(-1, 1)
+    return ((d - eps) + 2 * eps * relative_rank).view(tau.shape)
+
+
+def rank_random_prune(
+    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, generator: torch.Generator | None
+) -> Tensor:
+    """DELLA (MAGPRUNE): keep entry ``j`` of ``τ_i`` with probability ``p_j`` (:func:`rank_keep_probability`),
+    larger magnitudes more likely; survivors rescaled by ``1/p_j`` when ``rescale``.
+
+    Entry kept iff ``u < p_j``, ``u ~ U[0, 1)`` from ``generator``.
+    Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
+    """
+    p = rank_keep_probability(tau, density, epsilon)
+    return _rescaled(tau, _uniform(tau, generator) < p, p, rescale)
+
+
+def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize: bool) -> Tensor:
+    """TIES sign election + disjoint merge of (sparsified) task vectors ([N, *S] or N rows) -> [*S].
+
+    Contributions ``c_i = w_i τ_i``; elected sign ``s = sign(Σ_i c_i)`` per entry; source ``i`` takes part in an
+    entry when ``c_i ≠ 0`` and ``sign(c_i) = s`` (for positive weights: ``τ_i`` kept and agreeing).
+    Result ``Σ_{i agrees} c_i / Σ_{i agrees} w_i`` (``normalize``; 0 where no source agrees) else
+    ``Σ_{i agrees} c_i`` (sums in source order, :func:`~evomerge.methods.linear.source_sum`).
+    Yadav et al. 2023 (TIES-Merging), steps "elect" and "disjoint merge".
+    """
+    rows = list(tau)
+    w = weight.to(device=rows[0].device, dtype=torch.float32)
+    contributions = [w[i] * row for i, row in enumerate(rows)]
+    sign = torch.sign(source_sum(contributions))
+    agree = [c * sign > 0 for c in contributions]  # exact: scaling by ±1 or 0 never underflows
+    merged = source_sum([torch.where(a, c, 0.0) for a, c in zip(agree, contributions)])
+    if not normalize:
+        return merged
+    divisor = source_sum([torch.where(a, w[i], 0.0) for i, a in enumerate(agree)])
+    return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, 1.0), 0.0)

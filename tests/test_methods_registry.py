@@ -1,0 +1,106 @@
+"""The method registry: lookup, parameter validation, and that every entry matches its function."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from evomerge.methods import METHODS, MethodError, get_method, validate_params
+
+
+def test_unknown_method_lists_valid_names() -> None:
+    with pytest.raises(MethodError, match="unknown merge method 'tiez'; valid: .*slerp.*ties"):
+        get_method("tiez")
+    assert issubclass(MethodError, ValueError)
+
+
+def test_unknown_parameter_lists_valid_ones() -> None:
+    with pytest.raises(MethodError, match="unknown parameter 'densty' for method 'ties'; valid: density, lambda"):
+        validate_params(get_method("ties"), {"densty": 0.5}, 2, True)
+
+
+def test_out_of_range_value_names_param_value_and_range() -> None:
+    with pytest.raises(MethodError, match=r"'density' = 1.5 is out of range \[0.0, 1.0\]"):
+        validate_params(get_method("ties"), {"density": [0.5, 1.5]}, 2, True)
+    with pytest.raises(MethodError, match=r"'t' = -0.1 is out of range"):
+        validate_params(get_method("slerp"), {"t": [0.0, 0.5, -0.1]}, 2, False)  # a per-layer gradient
+    with pytest.raises(MethodError, match="'weight' = 3.0 is out of range"):
+        validate_params(get_method("linear"), {"weight": torch.tensor([1.0, 3.0])}, 2, False)
+
+
+def test_value_types() -> None:
+    with pytest.raises(MethodError, match="'normalize' must be true or false, got 1"):
+        validate_params(get_method("ties"), {"normalize": 1}, 2, True)
+    with pytest.raises(MethodError, match="'density' must be a number, got 'half'"):
+        validate_params(get_method("ties"), {"density": "half"}, 2, True)
+
+
+def test_source_counts_and_base() -> None:
+    with pytest.raises(MethodError, match="slerp takes exactly 2 sources, got 3"):
+        validate_params(get_method("slerp"), {"t": 0.5}, 3, False)
+    with pytest.raises(MethodError, match="model_stock takes at least 2 sources, got 1"):
+        validate_params(get_method("model_stock"), {}, 1, True)
+    with pytest.raises(MethodError, match="ties needs a base model"):
+        validate_params(get_method("ties"), {"density": 0.5}, 2, False)
+
+
+def test_missing_required_parameter() -> None:
+    with pytest.raises(MethodError, match="missing required parameter.*t"):
+        validate_params(get_method("slerp"), {}, 2, False)
+
+
+def test_della_epsilon_window_and_breadcrumbs_band() -> None:
+    della = get_method("della")
+    validate_params(della, {"density": [0.5, 0.9], "epsilon": [0.5, 0.1]}, 2, True)  # per source: fits
+    with pytest.raises(MethodError, match=r"density ± epsilon must stay within \[0, 1\].*source 1"):
+        validate_params(della, {"density": [0.5, 0.95], "epsilon": 0.1}, 2, True)
+    with pytest.raises(MethodError, match="source 0 spans"):
+        validate_params(della, {"density": 0.05}, 2, True)  # default epsilon 0.1 > density
+    with pytest.raises(MethodError, match="gamma \\+ density must be <= 1"):
+        validate_params(get_method("breadcrumbs"), {"density": 0.95, "gamma": 0.1}, 2, True)
+
+
+def test_valid_recipes_pass() -> None:
+    validate_params(get_method("task_arithmetic"), {"weight": [1.0, -0.5], "lambda": 1.2}, 2, True)
+    validate_params(get_method("ties"), {"density": [[0.2, 0.8], 0.5], "normalize": False}, 2, True)
+    validate_params(get_method("linear"), {}, 5, True)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry_matches_function_signature(name: str) -> None:
+    method = METHODS[name]
+    signature = inspect.signature(method.fn).parameters
+    assert {"generator", "stats"} <= set(signature)
+    for p in method.params:
+        assert p.key in signature, p.key
+        declared = signature[p.key].default
+        if p.per_source or p.default is None:
+            assert declared is inspect.Parameter.empty, p.name  # supplied by the engine
+        else:
+            assert declared == p.default and type(declared) is type(p.default), p.name
+        if p.default is not None and not p.is_bool and p.low is not None and p.high is not None:
+            assert p.low <= p.default <= p.high, p.name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) -> None:
+    method = METHODS[name]
+    g = torch.Generator().manual_seed(0)
+    n = max(2, method.min_sources) if method.max_sources is None else method.max_sources
+    base, sources = torch.randn(4, 3, generator=g), torch.randn(n, 4, 3, generator=g)
+    stats = {"fisher": torch.rand(n, 4, 3, generator=g), "gram": torch.eye(3).expand(n, 3, 3) * 2.0, None: None}
+    kwargs = {}
+    for p in method.params:
+        value = 0.5 if p.default is None else p.default
+        kwargs[p.key] = torch.full((n,), float(value)) if p.per_source else value
+    before = (base.clone(), sources.clone())
+    out = method.fn(
+        base if method.needs_base else None, sources, generator=torch.Generator().manual_seed(1),
+        stats=stats[method.statistic], **kwargs,
+    )
+    assert out.shape == base.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(base, before[0]) and torch.equal(sources, before[1])
+    if all(p.default is not None for p in method.params):
+        validate_params(method, {}, n, True)  # the defaults satisfy the cross-parameter constraints

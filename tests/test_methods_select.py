@@ -1,0 +1,96 @@
+"""Exact radix-select magnitude thresholds and the masks built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from evomerge.methods import magnitude_threshold
+from evomerge.methods.select import radix_kth_largest_rows, topk_kth_largest_rows
+from evomerge.methods.sparsify import keep_count, top_magnitude_mask
+
+
+def _reference(values: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(values.reshape(-1), k).values[-1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 4097, 65_537, 1_000_000])
+def test_threshold_equals_topk_on_random_tensors(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g).abs()
+    ks = {1, n, max(1, n // 2), max(1, n // 5), int(torch.randint(1, n + 1, (1,), generator=g))}
+    for k in sorted(ks):
+        assert torch.equal(magnitude_threshold(values, k), _reference(values, k)), k
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.tensor([0.0, 0.0, 0.0, 0.0]),  # all zeros
+        torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.0]),  # duplicates
+        torch.tensor([3e-39, 1e-45, 0.0, 2e-38]),  # subnormals share the lowest high-bit buckets
+        torch.tensor([float("inf"), 1.0, 2.0, float("inf")]),
+        torch.tensor([1.0, 1.0000001, 1.0000002, 0.99999994]),  # same high bits, differ in the low bits
+    ],
+)
+def test_threshold_with_ties_zeros_and_extremes(values: torch.Tensor) -> None:
+    for k in range(1, values.numel() + 1):
+        assert torch.equal(magnitude_threshold(values, k), _reference(values, k)), k
+
+
+def test_bf16_like_values_with_many_duplicates() -> None:
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(50_000, generator=g).to(torch.bfloat16).float().abs()
+    for k in [1, 17, 10_000, 25_000, 49_999, 50_000]:
+        assert torch.equal(magnitude_threshold(values, k), _reference(values, k))
+
+
+@pytest.mark.parametrize("select", [radix_kth_largest_rows, topk_kth_largest_rows])
+def test_batched_rows_are_independent(select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(4, 3000, generator=g).abs()
+    rows[1] = rows[0]  # identical rows with different k
+    rows[2, :2000] = 0.0
+    for k in [torch.tensor([1, 2999, 1500, 3000]), torch.tensor([700] * 4), torch.tensor([3000] * 4)]:
+        expected = torch.stack([_reference(rows[r], int(k[r])) for r in range(4)])
+        assert torch.equal(select(rows, k), expected), k
+
+
+def test_threshold_rejects_k_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
+        magnitude_threshold(torch.ones(3), 0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
+        magnitude_threshold(torch.ones(3), 4)
+
+
+def test_keep_count_rounds_half_up_and_clamps() -> None:
+    # exactly representable fractions: 2.5 -> 3 and 0.5 -> 1 (half up, not banker's), 2.0 -> 2, 2.8 -> 3
+    assert keep_count(torch.tensor([0.0, 0.25, 0.2, 0.28125, 1.0]), 10).tolist() == [0, 3, 2, 3, 10]
+    assert keep_count(torch.tensor([0.125, 0.375]), 4).tolist() == [1, 2]
+
+
+def test_mask_keeps_exactly_k_without_ties_and_all_ties_at_threshold() -> None:
+    tau = torch.tensor([[0.3, -5.0, 2.0, -0.1, 1.0], [1.0, -1.0, 1.0, 0.5, 0.0]])
+    mask = top_magnitude_mask(tau, torch.tensor([0.4, 0.4]))  # k = 2 per row
+    assert mask[0].tolist() == [False, True, True, False, False]  # |-5|, |2|: exactly k
+    assert mask[1].tolist() == [True, True, True, False, False]  # three entries tie at the threshold 1: all kept
+
+
+def test_mask_k_zero_keeps_nothing_and_full_density_keeps_everything() -> None:
+    tau = torch.tensor([[1.0, 0.0, -2.0], [0.0, 0.0, 0.0]])
+    assert not top_magnitude_mask(tau, torch.tensor([0.1, 0.0])).any()  # round(0.3) = 0
+    assert top_magnitude_mask(tau, torch.tensor([1.0, 1.0])).all()
+
+
+def test_mask_count_equals_reference_count_on_random_data() -> None:
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(3, 40, 25, generator=g).round(decimals=1)  # many ties
+    density = torch.tensor([0.1, 0.5, 0.9])
+    mask = top_magnitude_mask(tau, density)
+    for i in range(3):
+        k = int(keep_count(density[i : i + 1], 1000))
+        threshold = _reference(tau[i].abs(), k)
+        assert torch.equal(mask[i], tau[i].abs() >= threshold)
+        assert mask[i].sum() >= k
