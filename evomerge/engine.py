@@ -1,0 +1,684 @@
+"""MergeEngine: materializes recipes in place, into the parameters of one live ``transformers`` model.
+
+The engine reads every model of the search once (base and sources), keeps their tensors resident on the compute
+device (or in pinned CPU memory when they exceed a memory budget, streamed per tensor), and for each candidate
+recipe writes the merged tensors straight into the live model: no disk, no new model object per candidate.
+Only tensors whose resolved parameters changed since the previous candidate are merged again.
+
+Arithmetic is fp32; results are stored in the live model's dtype. Stochastic methods (DARE, DELLA) draw from a
+generator seeded per tensor from ``(recipe.seed, tensor name)``, so the same recipe on the same device gives
+bit-identical weights whatever order the tensors are merged in.
+
+Hot path (numbers in results/merge_throughput_*.md): the tensors of every model live in one flat buffer per model
+(each tensor at a 64-entry aligned offset), and the live model's merged tensors are rebound to views of one flat
+buffer in the same layout, so a run of consecutive tensors with the same parameters is one slice. Methods flagged
+``elementwise`` in the registry are merged per such run (linear, task arithmetic) or per tensor with their
+per-tensor inputs computed once for the whole tensor (TIES / breadcrumbs thresholds, cached across candidates;
+DARE uniform draws). The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
+``torch.compile`` kernel (CPU and CUDA, for models of 16M+ entries; compiled with eager numerics, so the result
+is bit-identical to the plain formula), or eagerly: on CPU in cache-sized chunks of entries (bit-identical too:
+the formula is entrywise). Non-finite results are detected with one device synchronisation per candidate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, save_hf_dir, tensor_filter
+from evomerge.methods import MergeMethod, get_method, validate_params
+from evomerge.methods.sparsify import keep_count, kth_magnitudes
+from evomerge.recipe import Recipe, RecipeError, gradient_position, resolve_value
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_ALIGN = 64  # entries: every tensor starts at a multiple of this in the flat buffers (vector loads stay aligned)
+_CPU_CHUNK = 1 << 18  # entries merged at a time on CPU: the fp32 temporaries of one chunk stay in the caches
+_CACHE_ENTRIES = 1 << 16  # bound of the threshold and device-parameter caches (entries; each a few bytes)
+# torch.compile takes seconds per method; below this many entries the eager merge is faster than that
+_COMPILE_MIN_ENTRIES = 1 << 24
+_NOISE_CACHE_SHARE = 0.25  # share of the memory free after loading that cached DARE draws may take
+
+
+class MergeError(RuntimeError):
+    """A merge that produced an unusable result (e.g. NaN/Inf); the message names the tensor."""
+
+
+@dataclass
+class MergeStats:
+    """What one :meth:`MergeEngine.materialize` call did."""
+
+    merged: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    bytes_moved: int = 0
+    names: list[str] = field(default_factory=list)
+
+
+def keep_cpu_heap() -> bool:
+    """Ask glibc to serve large allocations from its heap and keep freed memory (``mallopt``).
+
+    By default glibc maps each allocation above 32 MiB fresh from the kernel and unmaps it on free, so every merge
+    of a large tensor pays page faults and page zeroing for its fp32 temporaries (measured here: ~8x slower than
+    the arithmetic). With mmap off and a high trim threshold, the temporaries of one candidate reuse the pages of
+    the previous one. Process-wide; a no-op (returns False) off glibc or with ``EVOMERGE_KEEP_MALLOC=1``.
+    """
+    if os.environ.get("EVOMERGE_KEEP_MALLOC") == "1" or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+
+
+def all_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf: one float64 reduction (NaN/Inf propagate; fp32 values cannot overflow it)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from the recipe seed and the tensor name (stable across runs and processes)."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_class(config: object, names: Sequence[str]) -> type:
+    """A causal LM when the config's architectures say so (or, without architectures, when there is an lm_head)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith("ForCausalLM") for a in archs) if archs else "lm_head.weight" in names
+    return AutoModelForCausalLM if causal else AutoModel
+
+
+def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """Load an HF dir as a live model (causal LM when the config says so), on ``device`` in ``dtype``, eval mode."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with Checkpoint.open(path) as ck:
+        cls = model_class(config, ck.names)
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    return model.to(device).eval()
+
+
+def _nbytes(ck: Checkpoint, name: str) -> int:
+    return math.prod(ck.shape(name)) * ck.dtype(name).itemsize
+
+
+def _rows(stack: Tensor, idx: list[int]) -> Tensor:
+    """``stack[idx]``, as a view (no copy) when ``idx`` is a contiguous ascending run."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return stack[idx[0] : idx[0] + len(idx)]
+    return stack[idx]
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a tensor lives in the flat buffers: entries ``[offset, offset + numel)``."""
+
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+def _fused_merge(
+    fn: Callable[..., Tensor], out: Tensor, rows: Tensor, base_row: Tensor | None, kwargs: Mapping[str, object],
+    blocks: Mapping[str, tuple[Tensor, ...]],
+) -> Tensor:
+    """``out ← fn(base, sources)`` with the upcast to fp32 and the cast into ``out`` in the same graph (compiled,
+    one kernel for entrywise methods); returns the check value of :func:`_check_value`.
+
+    ``blocks``: keyword arguments given per block of ``_ALIGN`` entries ([N, blocks] tables, e.g. the thresholds of
+    every tensor of a run), passed to ``fn`` expanded to one value per entry (:func:`_per_entry`).
+    """
+    entries = rows.shape[1]
+    expanded = {key: tuple(_per_entry(table, entries) for table in tables) for key, tables in blocks.items()}
+    merged = fn(None if base_row is None else base_row.float(), rows.float(), **kwargs, **expanded)
+    out.copy_(merged)
+    return _check_value(merged)
+
+
+def _per_entry(table: Tensor, entries: int) -> Tensor:
+    """[N, blocks] values per block of ``_ALIGN`` entries as [N, entries] (an indexing expression when compiled)."""
+    return table.unsqueeze(-1).expand(*table.shape, _ALIGN).reshape(table.shape[0], -1)[:, :entries]
+
+
+def _check_value(merged: Tensor) -> Tensor:
+    """fp32 sum of a merge result: finite when every entry is (NaN/Inf propagate). A non-finite sum of finite
+    entries (overflow) is a false alarm that :meth:`MergeEngine._verify` clears by checking the stored entries."""
+    return merged.sum()
+
+
+# Inductor options that keep compiled arithmetic bit-identical to eager: no fused multiply-add contraction, IEEE
+# division (Triton's default x / y is approximate).
+_EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}
+
+
+def _bounded_put(cache: dict, key: object, value: object) -> None:
+    """Insert into a dict used as a FIFO cache of at most ``_CACHE_ENTRIES`` entries."""
+    if len(cache) >= _CACHE_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+class MergeEngine:
+    """Holds base + sources on a device and writes merges into a live model.
+
+    Parameters
+    ----------
+    models:
+        Paths of every model a recipe may name (base and sources), all of one architecture.
+    device:
+        ``"cuda"``, ``"cpu"`` or a torch device; default: CUDA when available.
+    dtype:
+        dtype of the live model (``"float32"``, ``"bfloat16"``, ``"float16"``); default: the first model's.
+    memory_budget:
+        bytes of source tensors allowed on the compute device; above it they stay in pinned CPU memory and are
+        streamed per tensor. Default: no limit on CPU, 80% of free memory on CUDA.
+    allow_pickle:
+        read ``pytorch_model.bin`` checkpoints (with ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | Path],
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        memory_budget: int | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        if not models:
+            raise RecipeError("MergeEngine needs at least one model path")
+        self.paths = [str(p) for p in models]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            keep_cpu_heap()
+        self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]
+        check_compatible(self.checkpoints)
+        first = self.checkpoints[0]
+        self.names = [n for n in first.names if first.dtype(n).is_floating_point]
+        self.num_layers = first.num_layers
+        self.dtype = self._dtype(dtype, first)
+        self.model = load_model(self.paths[0], device=self.device, dtype=self.dtype)
+        self._targets = self._target_tensors(self.model, first.names)
+        self._spans = self._layout(first)
+        storage = self._storage_device(memory_budget)
+        self._flat = self._allocate_sources(storage)
+        self._stacks = {n: self._read_stack(n, storage) for n in self.names}
+        self._out = self._bind_targets()
+        self._last: dict[str, tuple] = {}
+        self._statistics: dict[str, list[dict[str, Tensor]]] = {}
+        self._threshold_cache: dict[tuple, Tensor] = {}
+        self._device_params: dict[tuple, Tensor] = {}
+        self._compiled: dict[str, Callable[..., Tensor] | None] = {}
+        self._chunk = _CPU_CHUNK
+        self._noise_cache: dict[tuple[int, int], tuple[Tensor, set[str]]] = {}
+        self._noise_budget = int(_NOISE_CACHE_SHARE * self._free_memory())
+
+    # --------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _dtype(dtype: str | torch.dtype | None, first: Checkpoint) -> torch.dtype:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        if dtype is None:
+            return first.dtype(first.names[0])
+        if dtype not in DTYPES:
+            raise RecipeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+
+    @staticmethod
+    def _target_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+        live = dict(model.state_dict(keep_vars=True))
+        missing = [n for n in names if n not in live]
+        if missing:
+            raise RecipeError(
+                f"the live model has no tensor named {missing[:3]} (of {len(missing)} missing); "
+                "is the checkpoint saved by a different transformers architecture than its config says?"
+            )
+        return {n: live[n] for n in names}
+
+    def _storage_device(self, memory_budget: int | None) -> torch.device:
+        if self.device.type == "cpu":
+            return self.device
+        need = sum(_nbytes(ck, n) for ck in self.checkpoints for n in self.names)
+        budget = memory_budget if memory_budget is not None else int(0.8 * torch.cuda.mem_get_info(self.device)[0])
+        if need <= budget:
+            return self.device
+        log.info("sources need %.1f GiB > budget %.1f GiB: streaming from pinned CPU memory", need / 2**30, budget / 2**30)
+        return torch.device("cpu")
+
+    def _layout(self, first: Checkpoint) -> dict[str, _Span]:
+        """Offsets of the merged tensors in the flat buffers, in ``self.names`` order, each aligned to ``_ALIGN``."""
+        spans, offset = {}, 0
+        for name in self.names:
+            shape = torch.Size(first.shape(name))
+            spans[name] = _Span(offset, math.prod(shape), shape)
+            offset += -(-spans[name].numel // _ALIGN) * _ALIGN
+        self._total = offset
+        return spans
+
+    def _allocate_sources(self, storage: torch.device) -> Tensor:
+        """Zeroed [models, entries] buffer in the checkpoints' common dtype (pinned when streamed to CUDA)."""
+        dtype = self.checkpoints[0].dtype(self.names[0]) if self.names else torch.float32
+        for ck in self.checkpoints:
+            for name in self.names:
+                dtype = torch.promote_types(dtype, ck.dtype(name))
+        pin = storage.type == "cpu" and self.device.type == "cuda"
+        return torch.zeros(len(self.paths), self._total, dtype=dtype, device=storage, pin_memory=pin)
+
+    def _read_stack(self, name: str, storage: torch.device) -> Tensor:
+        """Read ``name`` of every model into the flat buffer; the [models, *shape] view of it there."""
+        span = self._spans[name]
+        stack = self._flat[:, span.offset : span.offset + span.numel]
+        for i, ck in enumerate(self.checkpoints):
+            tensor = ck.get(name)
+            if not all_finite(tensor):
+                raise RecipeError(f"tensor '{name}' holds NaN/Inf in ['{self.paths[i]}']; it cannot be merged")
+            stack[i].copy_(tensor.reshape(-1))
+        return stack.view(len(self.paths), *span.shape)
+
+    def _bind_targets(self) -> Tensor | None:
+        """Rebind the live model's merged tensors to views of one flat buffer laid out like the sources, so a run
+        of consecutive tensors is written as one slice. None (per-tensor writes) when they cannot share one
+        buffer: tensors shared between names (tied weights), another dtype or device, or none to merge."""
+        live = [self._targets[n] for n in self.names]
+        shared = len({t.data_ptr() for t in live}) < len(live)
+        if not live or shared or any(t.dtype != self.dtype or t.device.type != self.device.type for t in live):
+            return None
+        out = torch.zeros(self._total, dtype=self.dtype, device=live[0].device)
+        for name, tensor in zip(self.names, live):
+            span = self._spans[name]
+            view = out[span.offset : span.offset + span.numel].view(tensor.shape)
+            view.copy_(tensor)
+            tensor.data = view
+        self._bound = [t.data_ptr() for t in live]
+        return out
+
+    def _free_memory(self) -> int:
+        """Bytes free on the compute device (CUDA: free device memory; CPU: available physical memory)."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 0
+
+    def _check_binding(self) -> None:
+        """Rebind when the live tensors were replaced since (e.g. by ``model.to``), keeping their values."""
+        if self._out is not None and [self._targets[n].data_ptr() for n in self.names] != self._bound:
+            self._out = self._bind_targets()
+
+    # ------------------------------------------------------------------------------------------- recipes
+    def indices(self, recipe: Recipe) -> tuple[int | None, list[int]]:
+        """Positions of the recipe's base and sources among the engine's models."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        unknown = [p for p in recipe.model_paths() if p not in where]
+        if unknown:
+            raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {self.paths}")
+        base = where[recipe.base] if recipe.base else None
+        return base, [where[s.model] for s in recipe.sources]
+
+    def check(self, recipe: Recipe) -> MergeMethod:
+        """Validate a recipe against the registry and the loaded models before any tensor work."""
+        if recipe.method == "passthrough":
+            raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
+        method = get_method(recipe.method)
+        self.indices(recipe)
+        if recipe.dtype is not None and DTYPES[recipe.dtype] != self.dtype:
+            raise RecipeError(f"recipe dtype {recipe.dtype} differs from the live model's {self.dtype}")
+        if method.statistic and method.statistic not in self._statistics:
+            raise RecipeError(
+                f"method '{method.name}' needs '{method.statistic}' statistics; call engine.set_statistics"
+                f"('{method.statistic}', ...) (statistics from evomerge.methods.statistics: fisher_diagonal / gram_matrices, one dict per model)"
+            )
+        return method
+
+    def _params(self, recipe: Recipe, method: MergeMethod, name: str, n_sources: int) -> dict[str, object]:
+        """Resolved parameter values for one tensor: globals as scalars, per-source ones as lists."""
+        position = gradient_position(layer_index(name), self.num_layers, tensor_filter(name) == "embed")
+        resolved: dict[str, object] = {}
+        for p in method.params:
+            if p.per_source:
+                values = [
+                    self._lookup(p.name, (s.parameters, recipe.parameters), name, position) for s in recipe.sources
+                ]
+                if any(v is not None for v in values):
+                    resolved[p.name] = [p.default if v is None else v for v in values]
+            else:
+                value = self._lookup(p.name, (recipe.parameters,), name, position)
+                if value is not None:
+                    resolved[p.name] = value
+        known = {p.name for p in method.params}
+        for scope in [recipe.parameters, *(s.parameters for s in recipe.sources)]:
+            for key in scope:
+                if key not in known:
+                    resolved.setdefault(key, scope[key])  # let validate_params name the unknown key
+        return resolved
+
+    @staticmethod
+    def _lookup(key: str, scopes: Sequence[Mapping[str, object]], name: str, position: float) -> object:
+        for scope in scopes:
+            if key in scope:
+                value = resolve_value(scope[key], name, position)  # type: ignore[arg-type]
+                if value is not None:
+                    return value
+        return None
+
+    @staticmethod
+    def _kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
+        """Keyword arguments of ``method.fn``: per-source parameters as float32 CPU tensors [n], globals as is."""
+        kwargs: dict[str, object] = {}
+        for p in method.params:
+            value = params.get(p.name, p.default)
+            if p.per_source:
+                values = value if isinstance(value, list) else [value] * n
+                value = torch.tensor(values, dtype=torch.float32)
+            kwargs[p.kwarg or p.name] = value
+        return kwargs
+
+    def _on_device(self, kwargs: Mapping[str, object]) -> dict[str, object]:
+        """``kwargs`` with its tensors on the compute device (cached by value: no copy per tensor and candidate)."""
+        if self.device.type == "cpu":
+            return dict(kwargs)
+        moved: dict[str, object] = {}
+        for key, value in kwargs.items():
+            if isinstance(value, Tensor) and value.device.type == "cpu":
+                cache_key = (key, str(value.dtype), tuple(value.tolist()))
+                if cache_key not in self._device_params:
+                    _bounded_put(self._device_params, cache_key, value.to(self.device))
+                value = self._device_params[cache_key]
+            moved[key] = value
+        return moved
+
+    # --------------------------------------------------------------------------------------------- merging
+    def plan(self, recipe: Recipe) -> tuple[MergeMethod, int | None, list[int], dict[str, dict[str, object]]]:
+        """Validate ``recipe`` and resolve its parameters for every tensor, before any tensor work.
+
+        Every tensor's resolved values are checked against the method's ranges, so a gradient or a per-filter
+        value that is out of range anywhere in the stack fails here, not half-way through a merge.
+        """
+        method = self.check(recipe)
+        base, sources = self.indices(recipe)
+        resolved = {n: self._params(recipe, method, n, len(sources)) for n in self.names}
+        seen: set[str] = set()
+        for params in resolved.values():
+            key = repr(sorted(params.items()))
+            if key not in seen:
+                seen.add(key)
+                validate_params(method, params, len(sources), base is not None)
+        return method, base, sources, resolved
+
+    def materialize(self, recipe: Recipe) -> MergeStats:
+        """Write the merge described by ``recipe`` into ``self.model`` in place; returns what was done.
+
+        Raises MergeError naming the tensor when a merged tensor holds NaN/Inf; the tensors merged by that call
+        are then merged again by the next one.
+        """
+        method, base, sources, resolved = self.plan(recipe)
+        seed = recipe.seed if method.stochastic else None
+        keys = {n: (method.name, base, tuple(sources), repr(sorted(p.items())), seed) for n, p in resolved.items()}
+        stats = MergeStats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._check_binding()
+            todo = [n for n in self.names if self._last.get(n) != keys[n]]
+            for name in todo:
+                self._last.pop(name, None)
+            checks = [
+                (run, self._merge_run(method, base, sources, run, resolved[run[0]], recipe.seed))
+                for run in self._runs(method, todo, keys, recipe.seed, len(sources))
+            ]
+            self._verify(method, checks)
+        for name in todo:
+            self._last[name] = keys[name]
+            stats.bytes_moved += self._stacks[name][0].nbytes * (len(sources) + (base is not None)) + \
+                self._targets[name].nbytes
+        stats.merged, stats.skipped, stats.names = len(todo), len(self.names) - len(todo), todo
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _runs(
+        self, method: MergeMethod, todo: list[str], keys: Mapping[str, tuple], seed: int, n_sources: int
+    ) -> list[list[str]]:
+        """Tensors merged together: maximal runs of neighbours (in the flat layout) with the same parameters, for
+        entrywise methods when the live tensors share one buffer (and, for stochastic ones, when the draws of the
+        seed fit the noise store); else one each."""
+        groupable = method.elementwise and not method.statistic and self._out is not None and (
+            not method.stochastic or self._noise_store(seed, n_sources) is not None)
+        if not groupable:
+            return [[name] for name in todo]
+        position = {n: i for i, n in enumerate(self.names)}
+        runs: list[list[str]] = []
+        for name in todo:
+            last = runs[-1][-1] if runs else None
+            if last is not None and position[last] + 1 == position[name] and keys[last] == keys[name]:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        return runs
+
+    def _merge_run(
+        self, method: MergeMethod, base: int | None, sources: list[int], run: list[str],
+        params: Mapping[str, object], seed: int,
+    ) -> Tensor:
+        """Merge the tensors of ``run`` (one tensor, or a run of an entrywise method) into the live model;
+        returns a 0-d tensor that is finite iff the merged values are (checked later, all at once)."""
+        first, last = self._spans[run[0]], self._spans[run[-1]]
+        begin, end = first.offset, last.offset + last.numel
+        unbound = self._out is None and not self._targets[run[0]].is_contiguous()
+        if not method.elementwise or method.statistic or unbound:
+            merged = self._merge_whole(method, run[0], base, sources, params, seed)
+            self._targets[run[0]].copy_(merged)
+            return _check_value(merged)
+        rows = _rows(self._flat[:, begin:end], sources).to(self.device, non_blocking=True)
+        base_row = None if base is None else self._flat[base, begin:end].to(self.device, non_blocking=True)
+        out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
+        host = self._kwargs(method, params, len(sources))
+        kwargs = self._on_device(host)
+        blocks = {}
+        if method.fractions is not None:
+            blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
+        if method.stochastic:
+            kwargs["noise"] = self._noise(run, seed, len(sources))
+        compiled = self._compiled_merge(method)
+        if compiled is not None:
+            try:
+                return compiled(method.fn, out, rows, base_row, kwargs, blocks)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to the eager formula
+                log.warning("torch.compile of the %s merge failed (%s); merging eagerly", method.name, error)
+                self._compiled[method.name] = None
+        if self.device.type == "cpu":
+            return self._merge_chunks(method.fn, out, rows, base_row, kwargs, blocks)
+        return _fused_merge(method.fn, out, rows, base_row, kwargs, blocks)
+
+    def _merge_chunks(
+        self, fn: Callable[..., Tensor], out: Tensor, rows: Tensor, base_row: Tensor | None,
+        kwargs: Mapping[str, object], blocks: Mapping[str, tuple[Tensor, ...]],
+    ) -> Tensor:
+        """Eager CPU: ``out ← fn(base, sources)`` over chunks of ``self._chunk`` entries (a multiple of
+        ``_ALIGN``), each upcast, merged and cast while its fp32 temporaries are in cache (entrywise ``fn``:
+        identical to one call on all entries)."""
+        sums = []
+        for begin in range(0, out.numel(), self._chunk):
+            end = min(begin + self._chunk, out.numel())
+            chunk = dict(kwargs)
+            if "noise" in kwargs:
+                chunk["noise"] = kwargs["noise"][:, begin:end]  # type: ignore[index]
+            chunk_blocks = {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables)
+                            for key, tables in blocks.items()}
+            chunk_base = None if base_row is None else base_row[begin:end]
+            sums.append(_fused_merge(fn, out[begin:end], rows[:, begin:end], chunk_base, chunk, chunk_blocks))
+        return torch.stack(sums).sum()
+
+    def _compiled_merge(self, method: MergeMethod) -> Callable[..., Tensor] | None:
+        """:func:`_fused_merge` compiled by ``torch.compile`` (once per method; shapes are dynamic), or None when
+        disabled or an earlier call failed to compile. ``EVOMERGE_COMPILE=1`` / ``0`` forces it on / off; unset, it
+        is on for models of at least ``_COMPILE_MIN_ENTRIES`` entries (where it pays for its compile time)."""
+        if method.name not in self._compiled:
+            setting = os.environ.get("EVOMERGE_COMPILE")
+            enabled = self._total >= _COMPILE_MIN_ENTRIES if setting is None else setting != "0"
+            if enabled:
+                # one graph per method and flag combination; the default limit (8 per function) is too low
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._compiled[method.name] = torch.compile(
+                _fused_merge, dynamic=True, fullgraph=True, options=_EAGER_NUMERICS) if enabled else None
+        return self._compiled[method.name]
+
+    def _thresholds(
+        self, method: MergeMethod, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
+    ) -> tuple[Tensor, ...]:
+        """Exact magnitude thresholds [N] of ``method.fractions`` for tensor ``name``, cached per (tensor, base,
+        sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them."""
+        span = self._spans[name]
+        thresholds, tau = [], None
+        for fraction in method.fractions(host):  # type: ignore[misc]
+            counts = keep_count(fraction, span.numel)
+            key = (name, base, tuple(sources), tuple(counts.tolist()))
+            if key not in self._threshold_cache:
+                if tau is None:
+                    stack = self._flat[:, span.offset : span.offset + span.numel]
+                    tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
+                _bounded_put(self._threshold_cache, key, kth_magnitudes(tau, counts))
+            thresholds.append(self._threshold_cache[key])
+        return tuple(thresholds)
+
+    def _threshold_tables(
+        self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: Mapping[str, object]
+    ) -> tuple[Tensor, ...]:
+        """Per fraction, the thresholds of every tensor of ``run`` as an [N, blocks] table: one column per block of
+        ``_ALIGN`` entries (tensors start on block boundaries, so every block belongs to one tensor)."""
+        per_tensor = [self._thresholds(method, name, base, sources, host) for name in run]
+        if len(run) == 1:
+            columns = -(-self._spans[run[0]].numel // _ALIGN)
+            return tuple(t.view(-1, 1).expand(-1, columns) for t in per_tensor[0])
+        blocks = torch.tensor([-(-self._spans[n].numel // _ALIGN) for n in run], device=self.device)
+        total = int(sum(-(-self._spans[n].numel // _ALIGN) for n in run))
+        return tuple(
+            torch.repeat_interleave(torch.stack(column, dim=1), blocks, dim=1, output_size=total)
+            for column in zip(*per_tensor)
+        )
+
+    def _noise_store(self, seed: int, n_sources: int) -> tuple[Tensor, set[str]] | None:
+        """Flat [N, entries] buffer of the uniform draws of ``seed`` (laid out like the sources) and the tensors
+        drawn into it so far; None when it does not fit ``_NOISE_CACHE_SHARE`` of the free memory. Stores of other
+        seeds are dropped first (a search keeps one seed)."""
+        key = (seed, n_sources)
+        if key not in self._noise_cache:
+            for other in [k for k in self._noise_cache if k != key]:
+                del self._noise_cache[other]
+            if n_sources * self._total * 4 > self._noise_budget:
+                return None
+            buffer = torch.empty(n_sources, self._total, dtype=torch.float32, device=self.device)
+            self._noise_cache[key] = (buffer, set())
+        return self._noise_cache[key]
+
+    def _noise(self, run: list[str], seed: int, n_sources: int) -> Tensor:
+        """The uniform draws of a stochastic entrywise method for the tensors of ``run``, as [N, run entries]:
+        per tensor ``torch.rand((N, *shape))`` from the tensor's generator. A draw depends only on (seed, tensor,
+        N), so it is kept in the noise store (when it fits) and later candidates with the seed skip it: the CPU
+        generator takes ~3 ns per entry, serially. A kept draw is exactly the draw (same seed, same call)."""
+        def draw(name: str) -> Tensor:
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
+            shape = (n_sources, *self._spans[name].shape)
+            return torch.rand(shape, generator=generator, device=self.device, dtype=torch.float32).view(n_sources, -1)
+
+        store = self._noise_store(seed, n_sources)
+        if store is None:
+            return draw(run[0])  # runs of stochastic methods have one tensor when nothing is stored
+        buffer, drawn = store
+        for name in run:
+            if name not in drawn:
+                span = self._spans[name]
+                buffer[:, span.offset : span.offset + span.numel].copy_(draw(name))
+                drawn.add(name)
+        begin, end = self._spans[run[0]].offset, self._spans[run[-1]].offset + self._spans[run[-1]].numel
+        return buffer[:, begin:end]
+
+    def _verify(self, method: MergeMethod, checks: list[tuple[list[str], Tensor]]) -> None:
+        """One synchronisation for the whole candidate: MergeError naming the first tensor whose stored entries
+        hold NaN/Inf (only runs whose check value is non-finite are inspected, with the exact float64 check)."""
+        if not checks:
+            return
+        finite = torch.isfinite(torch.stack([c.float() for _, c in checks])).tolist()
+        for (run, _), ok in zip(checks, finite):
+            bad = [] if ok else [n for n in run if not all_finite(self._targets[n].float())]
+            if bad:
+                raise MergeError(f"merge of '{bad[0]}' with {method.name} produced NaN/Inf; check its parameters")
+
+    def merge_tensor(
+        self, method: MergeMethod, name: str, base: int | None, sources: list[int],
+        params: Mapping[str, object], seed: int,
+    ) -> Tensor:
+        """Merge one tensor (fp32) from the resident stacks; raises MergeError on a non-finite result."""
+        merged = self._merge_whole(method, name, base, sources, params, seed)
+        if not all_finite(merged):
+            raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
+        return merged
+
+    def _merge_whole(
+        self, method: MergeMethod, name: str, base: int | None, sources: list[int],
+        params: Mapping[str, object], seed: int,
+    ) -> Tensor:
+        """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
+        stack = self._stacks[name]
+        src = _rows(stack, sources).to(self.device, torch.float32, non_blocking=True)
+        base_t = stack[base].to(self.device, torch.float32, non_blocking=True) if base is not None else None
+        generator = None
+        if method.stochastic:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(tensor_seed(seed, name))
+        stats = self._tensor_statistics(method, name, sources)
+        kwargs = self._on_device(self._kwargs(method, params, len(sources)))
+        return method.fn(base_t, src, generator=generator, stats=stats, **kwargs)
+
+    def invalidate(self) -> None:
+        """Forget what the live model holds, so the next materialize merges every tensor (use after changing
+        the model's weights by other means)."""
+        self._last.clear()
+
+    # ---------------------------------------------------------------------------------------- statistics
+    def set_statistics(self, kind: str, per_model: Sequence[Mapping[str, Tensor]]) -> None:
+        """Data statistics (``fisher`` diagonals or ``gram`` matrices) for each engine model, in model order."""
+        if len(per_model) != len(self.paths):
+            raise RecipeError(f"need {kind} statistics for all {len(self.paths)} models, got {len(per_model)}")
+        self._statistics[kind] = [dict(m) for m in per_model]
+        self.invalidate()
+
+    def has_statistics(self, kind: str) -> bool:
+        return kind in self._statistics
+
+    def _tensor_statistics(self, method: MergeMethod, name: str, sources: list[int]) -> Tensor | None:
+        if not method.statistic:
+            return None
+        per_model = self._statistics[method.statistic]
+        if name not in per_model[sources[0]]:
+            return None
+        return torch.stack([per_model[i][name] for i in sources]).to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------------------------------- output
+    def state_dict(self) -> dict[str, Tensor]:
+        """The live model's tensors under the checkpoint's names (CPU copies)."""
+        return {n: t.detach().to("cpu").contiguous() for n, t in self._targets.items()}
+
+    def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
+        """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
+        files of ``tokenizer_dir`` when given."""
+        return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
+                           force=force)

@@ -1,0 +1,63 @@
+"""Recipe → merged HF dir on disk: the Python API behind ``evomerge merge``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
+from evomerge.calibration import prepare
+from evomerge.engine import MergeEngine
+from evomerge.methods import get_method
+from evomerge.recipe import Recipe, RecipeError
+from evomerge.stacking import stack_layers
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"output dir {out} exists; choose another --out or pass --force to replace it")
+
+
+def tokenizer_dir(recipe: Recipe) -> Path | None:
+    """Where the merged model's tokenizer comes from: ``tokenizer_source`` (must hold one), else the base or first
+    model when it has tokenizer files, else None (a bare weights-only model)."""
+    if recipe.tokenizer_source:
+        path = Path(recipe.tokenizer_source)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise RecipeError(f"tokenizer_source {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...)")
+        return path
+    path = Path(recipe.base or recipe.model_paths()[0])
+    return path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def merge_to_dir(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer).
+
+    All checks (existing output, recipe validity, source compatibility, parameter ranges) run before any tensor
+    work; a failure at any point leaves no output dir behind.
+    """
+    out = Path(out)
+    _refuse_existing(out, force)
+    tokenizer = tokenizer_dir(recipe)
+    if recipe.method == "passthrough":
+        checkpoints = {p: Checkpoint.open(p, allow_pickle=allow_pickle) for p in recipe.model_paths()}
+        state, config = stack_layers(recipe, checkpoints)
+        if recipe.dtype:
+            state = {n: t.to(getattr(torch, recipe.dtype)) if t.is_floating_point() else t for n, t in state.items()}
+            config.dtype = recipe.dtype
+        return save_hf_dir(state, out, config=config, tokenizer_dir=tokenizer, force=force)
+    engine = MergeEngine(recipe.model_paths(), device=device, dtype=recipe.dtype, allow_pickle=allow_pickle)
+    if get_method(recipe.method).statistic:
+        from transformers import AutoTokenizer
+
+        prepare(engine, recipe, recipe.calibration, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None)
+    engine.materialize(recipe)
+    return engine.export(out, tokenizer_dir=tokenizer, force=force)

@@ -1,0 +1,144 @@
+"""Import and export of mergekit YAML configs.
+
+A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, top-level ``parameters``, ``slices``,
+``dtype``, ``tokenizer_source``) converts to a :class:`~evomerge.recipe.Recipe` and back with the same meaning:
+
+- parameter values: scalars and gradient lists map as they are; mergekit's filter lists
+  ``[{filter: self_attn, value: V}, {value: D}]`` map to evomerge's ``{self_attn: V, default: D}``;
+- ``slerp``: mergekit interpolates from ``base_model`` (t=0) to the other model (t=1); evomerge's slerp goes from
+  ``sources[0]`` to ``sources[1]``, so the base becomes ``sources[0]``;
+- ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
+  methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
+- keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
+  option of mergekit that does not change the result) is accepted and dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from evomerge.recipe import LayerSlice, ParamValue, Recipe, RecipeError, SourceSpec
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
+MODEL_KEYS = {"model", "parameters"}
+DROPPED_PARAMETERS = {"int8_mask"}
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(f"mergekit {where}: unsupported key(s) {unknown}; evomerge understands {sorted(allowed)}")
+
+
+def _param_from_mergekit(value: Any, where: str) -> ParamValue:
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out: dict[str, Any] = {}
+        for entry in value:
+            _check_keys(entry, {"filter", "value"}, f"{where} filter entry")
+            out[entry.get("filter", "default")] = entry["value"]
+        return out
+    return value
+
+
+def _param_to_mergekit(value: ParamValue) -> Any:
+    if isinstance(value, dict):
+        return [{"value": v} if k == "default" else {"filter": k, "value": v} for k, v in value.items()]
+    return value
+
+
+def _params_from_mergekit(params: Mapping[str, Any] | None, where: str) -> dict[str, ParamValue]:
+    out = {}
+    for key, value in (params or {}).items():
+        if key in DROPPED_PARAMETERS:
+            log.warning("mergekit %s: '%s' is a mergekit memory option; ignored (it does not change the result)",
+                        where, key)
+            continue
+        out[key] = _param_from_mergekit(value, f"{where}.{key}")
+    return out
+
+
+def _model_name(entry: Any) -> str:
+    return entry if isinstance(entry, str) else entry["model"]
+
+
+def _slice_models(slices: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if len(slices) != 1 or len({tuple(s.get("layer_range", ())) for s in slices[0]["sources"]}) != 1:
+        raise RecipeError(
+            "mergekit slices with several slices or differing layer ranges are only supported for passthrough; "
+            "for other methods use 'models:' (the whole stack)"
+        )
+    return [{k: v for k, v in s.items() if k != "layer_range"} for s in slices[0]["sources"]]
+
+
+def from_mergekit(data: Mapping[str, Any]) -> Recipe:
+    """Convert a parsed mergekit config into a Recipe (errors name unsupported keys and methods)."""
+    from evomerge.methods import get_method
+
+    _check_keys(data, TOP_LEVEL_KEYS, "config")
+    method = data["merge_method"]
+    params = _params_from_mergekit(data.get("parameters"), "parameters")
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer == "union":
+        raise RecipeError("mergekit tokenizer_source 'union' is not supported; use 'base' or a model path")
+    base = data.get("base_model")
+    common = {"dtype": data.get("dtype"), "tokenizer_source": base if tokenizer == "base" else tokenizer}
+    if method == "passthrough":
+        slices = []
+        for s in data.get("slices") or []:
+            if len(s["sources"]) != 1:
+                raise RecipeError("mergekit passthrough slices must have exactly one source each")
+            src = s["sources"][0]
+            _check_keys(src, {"model", "layer_range", "parameters"}, "slice source")
+            scale = _params_from_mergekit(src.get("parameters"), "slice parameters")
+            _check_keys(scale, {"scale"}, "slice parameters")
+            slices.append(LayerSlice(model=src["model"], layer_range=tuple(src["layer_range"]),
+                                     scale=float(scale.get("scale", 1.0))))
+        return Recipe(method=method, base=base, slices=slices, **common)
+    get_method(method)  # unknown method: error lists the valid ones
+    models = data.get("models") or (_slice_models(data["slices"]) if data.get("slices") else [])
+    sources = []
+    for i, m in enumerate(models):
+        if isinstance(m, Mapping):
+            _check_keys(m, MODEL_KEYS | {"layer_range"}, f"models[{i}]")
+        sources.append(SourceSpec(model=_model_name(m),
+                                  parameters=_params_from_mergekit(m.get("parameters") if isinstance(m, Mapping)
+                                                                   else None, f"models[{i}].parameters")))
+    if method == "slerp":
+        others = [s for s in sources if s.model != base]
+        if base is None or len(others) != 1:
+            raise RecipeError("mergekit slerp needs base_model and exactly one other model")
+        sources = [SourceSpec(model=base), others[0]]
+    else:
+        sources = [s for s in sources if s.model != base or s.parameters]
+    return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
+
+
+def to_mergekit(recipe: Recipe) -> dict[str, Any]:
+    """Convert a Recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file)."""
+    out: dict[str, Any] = {"merge_method": recipe.method}
+    if recipe.method == "passthrough":
+        out["slices"] = [
+            {"sources": [{"model": s.model, "layer_range": list(s.layer_range),
+                          **({"parameters": {"scale": s.scale}} if s.scale != 1.0 else {})}]}
+            for s in recipe.slices or []
+        ]
+    else:
+        base = recipe.sources[0].model if recipe.method == "slerp" else recipe.base
+        if base is not None:
+            out["base_model"] = base
+        out["models"] = [
+            {"model": s.model, **({"parameters": {k: _param_to_mergekit(v) for k, v in s.parameters.items()}}
+                                  if s.parameters else {})}
+            for s in recipe.sources
+        ]
+    if recipe.parameters:
+        out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
+    if recipe.dtype:
+        out["dtype"] = recipe.dtype
+    if recipe.tokenizer_source:
+        out["tokenizer_source"] = "base" if recipe.tokenizer_source == recipe.base else recipe.tokenizer_source
+    return out

@@ -1,0 +1,292 @@
+"""MergeEngine: in-place materialization against hand-computed merges, re-merge tracking, errors, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evomerge.engine import MergeEngine, MergeError, tensor_seed
+from evomerge.merge import merge_to_dir
+from evomerge.recipe import Recipe
+from tiny_models import save_tiny, tiny_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, fts = tiny_family(tmp_path_factory.mktemp("family"), n=3)
+    return str(base), [str(f) for f in fts]
+
+
+@pytest.fixture(scope="module")
+def weights(family):
+    base, fts = family
+    return [load_file(f"{p}/model.safetensors") for p in [base, *fts]]
+
+
+@pytest.fixture()
+def engine(family):
+    base, fts = family
+    return MergeEngine([base, *fts], device="cpu")
+
+
+def _live(engine: MergeEngine, name: str) -> torch.Tensor:
+    return engine.model.state_dict()[name]
+
+
+def test_linear_is_weighted_mean(engine, family, weights):
+    base, fts = family
+    recipe = Recipe(method="linear", sources=[{"model": p, "parameters": {"weight": w}} for p, w in zip(fts, [0.5, 1, 2])])
+    stats = engine.materialize(recipe)
+    assert stats.merged == len(engine.names) and stats.skipped == 0
+    for name in engine.names:
+        expected = (0.5 * weights[1][name] + 1 * weights[2][name] + 2 * weights[3][name]) / 3.5
+        torch.testing.assert_close(_live(engine, name), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_task_arithmetic_gradient_and_filters(engine, family, weights):
+    base, fts = family
+    recipe = Recipe(method="task_arithmetic", base=base, parameters={"lambda": 0.5}, sources=[
+        {"model": fts[0], "parameters": {"weight": {"mlp": [0.0, 1.0], "default": 1.0}}},
+        {"model": fts[1], "parameters": {"weight": -1.0}},
+    ])
+    engine.materialize(recipe)
+    b, a, c = weights[0], weights[1], weights[2]
+    for name, w0 in [("model.layers.0.mlp.up_proj.weight", 0.0), ("model.layers.1.mlp.up_proj.weight", 1.0),
+                     ("model.layers.0.self_attn.q_proj.weight", 1.0), ("model.embed_tokens.weight", 1.0)]:
+        expected = b[name] + 0.5 * (w0 * (a[name] - b[name]) - (c[name] - b[name]))
+        torch.testing.assert_close(_live(engine, name), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_changed_tensors_are_remerged(engine, family):
+    base, fts = family
+    def recipe(mlp_weight: float) -> Recipe:
+        return Recipe(method="task_arithmetic", base=base, sources=[
+            {"model": fts[0], "parameters": {"weight": {"mlp": mlp_weight, "default": 0.5}}}, {"model": fts[1]}])
+    engine.materialize(recipe(0.5))
+    stats = engine.materialize(recipe(0.9))
+    mlp = [n for n in engine.names if ".mlp." in n]
+    assert sorted(stats.names) == sorted(mlp) and stats.skipped == len(engine.names) - len(mlp)
+    assert engine.materialize(recipe(0.9)).merged == 0
+
+
+def test_ties_one_source_density_one_is_that_source(engine, family, weights):
+    base, fts = family
+    engine.materialize(Recipe(method="ties", base=base, sources=[{"model": fts[2], "parameters": {"density": 1.0}}]))
+    for name in engine.names:
+        torch.testing.assert_close(_live(engine, name), weights[3][name], rtol=1e-6, atol=1e-6)
+
+
+def test_dare_is_reproducible_and_masks_differ_per_tensor(family):
+    base, fts = family
+    recipe = Recipe(method="dare_linear", base=base, seed=3, sources=[
+        {"model": p, "parameters": {"density": 0.5, "weight": 1.0}} for p in fts])
+    first, second = MergeEngine([base, *fts], device="cpu"), MergeEngine([base, *fts], device="cpu")
+    first.materialize(recipe)
+    second.materialize(recipe)
+    for name in first.names:
+        assert torch.equal(_live(first, name), _live(second, name))
+    other = recipe.model_copy(update={"seed": 4})
+    second.materialize(other)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(_live(first, name), _live(second, name))
+    assert tensor_seed(3, "a") != tensor_seed(3, "b") and tensor_seed(3, "a") == tensor_seed(3, "a")
+
+
+def test_engine_equals_merge_cli_and_reload(engine, family, tmp_path):
+    from evomerge.cli import main
+
+    base, fts = family
+    recipe = Recipe(method="dare_ties", base=base, seed=11, parameters={"lambda": 0.8}, sources=[
+        {"model": p, "parameters": {"density": [0.3, 0.9], "weight": 1.0}} for p in fts])
+    engine.materialize(recipe)
+    path = tmp_path / "r.yaml"
+    recipe.to_yaml(path)
+    assert main(["merge", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, t in reloaded.state_dict().items():
+        assert torch.equal(t, _live(engine, name)), name
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, engine.model(ids).logits)
+
+
+def test_bfloat16_live_model_stores_rounded_fp32_result(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu", dtype="bfloat16")
+    engine.materialize(Recipe(method="linear", sources=[{"model": p} for p in fts]))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    expected = ((weights[1][name] + weights[2][name] + weights[3][name]) / 3).to(torch.bfloat16)
+    assert _live(engine, name).dtype == torch.bfloat16
+    assert torch.equal(_live(engine, name), expected)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (dict(method="nope", sources=[{"model": "FT0"}]), "nope"),
+        (dict(method="ties", base="BASE", sources=[{"model": "FT0", "parameters": {"density": [0.5, 1.5]}}]), "density"),
+        (dict(method="slerp", sources=[{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}]), "slerp"),
+        (dict(method="ties", sources=[{"model": "FT0"}, {"model": "FT1"}]), "base"),
+        (dict(method="linear", sources=[{"model": "FT0", "parameters": {"wieght": 1}}]), "wieght"),
+        (dict(method="linear", sources=[{"model": "/not/loaded"}]), "not loaded with"),
+    ],
+)
+def test_bad_recipes_fail_before_any_write(engine, family, tmp_path, recipe, message):
+    base, fts = family
+    names = {"BASE": base, "FT0": fts[0], "FT1": fts[1], "FT2": fts[2]}
+    recipe = dict(recipe)
+    if "base" in recipe:
+        recipe["base"] = names[recipe["base"]]
+    recipe["sources"] = [{**s, "model": names.get(s["model"], s["model"])} for s in recipe["sources"]]
+    before = {n: t.clone() for n, t in engine.model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        engine.materialize(Recipe(**recipe))
+    assert all(torch.equal(before[n], t) for n, t in engine.model.state_dict().items())
+    if "/not/loaded" not in str(recipe):
+        with pytest.raises(ValueError, match=message):
+            merge_to_dir(Recipe(**recipe), tmp_path / "out", device="cpu")
+        assert not (tmp_path / "out").exists()
+
+
+def test_nan_source_and_mismatched_sources_are_refused(family, tmp_path):
+    from safetensors.torch import save_file
+
+    base, fts = family
+    bad = tmp_path / "bad"
+    save_tiny(bad, 5, noise_of=base)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="NaN"):
+        MergeEngine([base, str(bad)], device="cpu")
+    deeper = save_tiny(tmp_path / "deep", 1, num_layers=3)
+    with pytest.raises(ValueError, match="model.layers.2"):
+        MergeEngine([base, str(deeper)], device="cpu")
+
+
+def test_nan_result_raises(family, tmp_path):
+    from safetensors.torch import save_file
+
+    base, _ = family
+    huge = save_tiny(tmp_path / "huge", 6, noise_of=base)
+    tensors = load_file(huge / "model.safetensors")
+    tensors["model.norm.weight"].fill_(3e38)  # finite, but the sum of two overflows fp32
+    save_file(tensors, huge / "model.safetensors", metadata={"format": "pt"})
+    engine = MergeEngine([str(huge)], device="cpu")
+    recipe = Recipe(method="linear", parameters={"normalize": False},
+                    sources=[{"model": str(huge)}, {"model": str(huge)}])
+    with pytest.raises(MergeError, match="model.norm.weight.*NaN/Inf"):
+        engine.materialize(recipe)
+
+
+# --- hot path: chunks, runs of tensors, cached thresholds and pre-drawn noise give the plain formula's bits ----
+FAST_PATH = {
+    "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6},
+}
+
+
+def _fast_recipe(method: str, family, weights=(1.0, 0.6, 0.3), seed: int = 7) -> Recipe:
+    base, fts = family
+    return Recipe(method=method, base=None if method == "linear" else base, seed=seed, parameters=FAST_PATH[method],
+                  sources=[{"model": p, "parameters": {"weight": w}} for p, w in zip(fts, weights)])
+
+
+def _plain(recipe: Recipe, weights, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The method's pure function on the whole fp32 tensor, with the tensor's seeded generator: the reference."""
+    from evomerge.methods import get_method
+
+    method = get_method(recipe.method)
+    sources = torch.stack([weights[i][name] for i in (1, 2, 3)]).float()
+    kwargs = {p.key: recipe.parameters.get(p.name, p.default) for p in method.params if not p.per_source}
+    kwargs["weight"] = torch.tensor([s.parameters["weight"] for s in recipe.sources])
+    for p in method.params:
+        if p.per_source and p.name != "weight":
+            kwargs[p.key] = torch.full((3,), float(recipe.parameters.get(p.name, p.default)))
+    generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, name))
+    base = weights[0][name].float() if recipe.base else None
+    return method.fn(base, sources, generator=generator, **kwargs).to(dtype)
+
+
+@pytest.mark.parametrize(("compiled", "dtype"), [(False, "float32"), (False, "bfloat16"), (True, "float32")],
+                         ids=["eager-chunks-fp32", "eager-chunks-bf16", "compiled-fp32"])
+@pytest.mark.parametrize("method", sorted(FAST_PATH))
+def test_chunked_and_grouped_merge_is_bit_identical_to_the_plain_formula(family, weights, method, dtype, compiled,
+                                                                           monkeypatch):
+    """Runs of tensors, chunks, pre-drawn noise, cached thresholds, and the torch.compile kernel (eager numerics)
+    give exactly the pure function's result on the whole tensor (fp32 for the compiled kernel: no rounding to
+    bf16 could hide a last-bit difference)."""
+    base, fts = family
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1" if compiled else "0")
+    engine = MergeEngine([base, *fts], device="cpu", dtype=dtype)
+    engine._chunk = 64  # many chunks per tensor, boundaries inside tensors (the default is 2^18 entries)
+    recipe = _fast_recipe(method, family)
+    engine.materialize(recipe)
+    assert (engine._compiled[method] is not None) == compiled
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, getattr(torch, dtype))), name
+
+
+def test_cached_thresholds_give_the_uncached_bits(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    engine.materialize(_fast_recipe("ties", family))
+    cached = len(engine._threshold_cache)
+    assert cached == len(engine.names)  # one entry per tensor: (tensor, base, sources, keep counts)
+    recipe = _fast_recipe("ties", family, weights=(0.2, 1.5, 0.9))  # same densities -> thresholds reused
+    engine.materialize(recipe)
+    assert len(engine._threshold_cache) == cached
+    fresh = MergeEngine([base, *fts], device="cpu")
+    fresh.materialize(recipe)
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _live(fresh, name))
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+
+
+def test_live_tensors_replaced_from_outside_are_still_written(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    name = "model.layers.0.mlp.up_proj.weight"
+    param = dict(engine.model.named_parameters())[name]
+    param.data = torch.zeros_like(param)  # e.g. what model.to() does: the parameter gets new storage
+    recipe = _fast_recipe("linear", family)
+    engine.materialize(recipe)
+    assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+
+
+def test_a_failing_compile_falls_back_to_the_eager_formula(family, weights, monkeypatch):
+    base, fts = family
+
+    def broken_compile(*args, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = MergeEngine([base, *fts], device="cpu")
+    recipe = _fast_recipe("ties", family)
+    engine.materialize(recipe)
+    assert engine._compiled["ties"] is None  # disabled for the next candidates
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+
+
+def test_cached_dare_draws_give_the_uncached_bits(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    engine.materialize(_fast_recipe("dare_ties", family, seed=5))
+    (_, drawn), = engine._noise_cache.values()
+    assert drawn == set(engine.names)  # every tensor's draw is kept for the next candidate
+    recipe = _fast_recipe("dare_ties", family, weights=(0.3, 1.2, 0.8), seed=5)  # same seed: draws reused
+    engine.materialize(recipe)
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+    engine._noise_budget = 0  # a new seed: seed 5's draws are dropped, nothing fits: per-tensor draws, no runs
+    other = _fast_recipe("dare_ties", family, seed=6)
+    engine.materialize(other)
+    assert not engine._noise_cache
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(other, weights, name, torch.float32))

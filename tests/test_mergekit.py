@@ -1,0 +1,109 @@
+"""mergekit YAML import/export: meaning preserved, unsupported keys refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+from evomerge.mergekit import from_mergekit, to_mergekit
+from evomerge.recipe import Recipe, RecipeError
+
+TIES = """
+merge_method: ties
+base_model: /m/base
+models:
+  - model: /m/base
+  - model: /m/a
+    parameters:
+      density: [0.2, 0.8]
+      weight:
+        - filter: self_attn
+          value: [0.0, 0.5, 1.0]
+        - filter: mlp
+          value: 0.3
+        - value: 0.7
+  - model: /m/b
+    parameters: {density: 0.5, weight: 0.5}
+parameters:
+  normalize: true
+  lambda: 0.9
+dtype: bfloat16
+tokenizer_source: base
+"""
+
+
+def test_ties_import():
+    recipe = from_mergekit(yaml.safe_load(TIES))
+    assert recipe.method == "ties" and recipe.base == "/m/base" and recipe.dtype == "bfloat16"
+    assert [s.model for s in recipe.sources] == ["/m/a", "/m/b"]  # the bare base entry is not a source
+    assert recipe.sources[0].parameters["weight"] == {"self_attn": [0.0, 0.5, 1.0], "mlp": 0.3, "default": 0.7}
+    assert recipe.sources[0].parameters["density"] == [0.2, 0.8]
+    assert recipe.parameters == {"normalize": True, "lambda": 0.9}
+    assert recipe.tokenizer_source == "/m/base"
+
+
+def test_round_trip_preserves_meaning(tmp_path):
+    recipe = from_mergekit(yaml.safe_load(TIES))
+    exported = to_mergekit(recipe)
+    assert exported["models"][0]["parameters"]["weight"] == [
+        {"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"filter": "mlp", "value": 0.3}, {"value": 0.7}]
+    assert exported["tokenizer_source"] == "base"
+    assert from_mergekit(exported) == recipe
+    path = tmp_path / "mk.yaml"
+    path.write_text(yaml.safe_dump(exported))
+    assert Recipe.from_yaml(path) == recipe  # the file reader detects mergekit configs
+
+
+def test_slerp_base_is_t0_endpoint():
+    data = {"merge_method": "slerp", "base_model": "A",
+            "slices": [{"sources": [{"model": "A", "layer_range": [0, 4]}, {"model": "B", "layer_range": [0, 4]}]}],
+            "parameters": {"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}}
+    recipe = from_mergekit(data)
+    assert [s.model for s in recipe.sources] == ["A", "B"]
+    assert recipe.parameters["t"] == {"mlp": [0, 1], "default": 0.5}
+    back = to_mergekit(recipe)
+    assert back["base_model"] == "A" and from_mergekit(back) == recipe
+
+
+def test_passthrough_slices():
+    data = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "A", "layer_range": [0, 3]}]},
+        {"sources": [{"model": "B", "layer_range": [2, 4], "parameters": {"scale": 0.5}}]}]}
+    recipe = from_mergekit(data)
+    assert [(s.model, s.layer_range, s.scale) for s in recipe.slices] == [("A", (0, 3), 1.0), ("B", (2, 4), 0.5)]
+    assert from_mergekit(to_mergekit(recipe)) == recipe
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [({"chat_template": "x"}, "unsupported key.*chat_template"),
+     ({"merge_method": "karcher_x"}, "karcher_x"),
+     ({"tokenizer_source": "union"}, "union")],
+)
+def test_unsupported_is_an_error(patch, message):
+    data = {**yaml.safe_load(TIES), **patch}
+    with pytest.raises(ValueError, match=message):
+        from_mergekit(data)
+
+
+def test_unsupported_model_key_and_multi_slice():
+    data = yaml.safe_load(TIES)
+    data["models"][1]["lora"] = "x"
+    with pytest.raises(RecipeError, match="lora"):
+        from_mergekit(data)
+    multi = {"merge_method": "linear", "slices": [
+        {"sources": [{"model": "A", "layer_range": [0, 2]}, {"model": "B", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "A", "layer_range": [2, 4]}, {"model": "B", "layer_range": [2, 4]}]}]}
+    with pytest.raises(RecipeError, match="only supported for passthrough"):
+        from_mergekit(multi)
+
+
+def test_int8_mask_dropped_with_warning(caplog):
+    data = yaml.safe_load(TIES)
+    data["parameters"]["int8_mask"] = True
+    with caplog.at_level(logging.WARNING):
+        recipe = from_mergekit(data)
+    assert "int8_mask" not in recipe.parameters
+    assert "int8_mask" in caplog.text

@@ -1,0 +1,63 @@
+"""Recipe schema and parameter resolution (gradients, filters, positions)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from evomerge.recipe import Recipe, gradient_position, interpolate, resolve_value, select_filter
+
+
+@pytest.mark.parametrize(
+    ("value", "position", "expected"),
+    [(0.3, 0.7, 0.3), ([0.0, 1.0], 0.5, 0.5), ([0.0, 1.0, 0.0], 0.25, 0.5), ([2.0], 0.9, 2.0),
+     ([0.0, 0.4, 1.0], 1.0, 1.0), ([1.0, 3.0], 0.0, 1.0)],
+)
+def test_interpolate(value, position, expected):
+    assert interpolate(value, position) == pytest.approx(expected)
+
+
+def test_gradient_position():
+    assert gradient_position(0, 4, False) == 0.0
+    assert gradient_position(3, 4, False) == 1.0
+    assert gradient_position(1, 4, False) == pytest.approx(1 / 3)
+    assert gradient_position(None, 4, True) == 0.0   # embeddings: start of the gradient
+    assert gradient_position(None, 4, False) == 1.0  # final norm, lm_head: end
+    assert gradient_position(0, 1, False) == 0.0
+
+
+def test_filters_first_match_then_default():
+    value = {"self_attn": 1.0, "mlp": [0.0, 1.0], "default": 3.0}
+    assert select_filter(value, "model.layers.0.self_attn.q_proj.weight") == 1.0
+    assert resolve_value(value, "model.layers.1.mlp.up_proj.weight", 0.25) == pytest.approx(0.25)
+    assert resolve_value(value, "model.norm.weight", 1.0) == 3.0
+    assert resolve_value({"mlp": 1.0}, "model.norm.weight", 1.0) is None
+    assert resolve_value({"q_proj": 2.0, "self_attn": 1.0}, "model.layers.0.self_attn.q_proj.weight", 0) == 2.0
+
+
+def test_recipe_shape_errors():
+    with pytest.raises(ValidationError, match="needs 'slices'"):
+        Recipe(method="passthrough")
+    with pytest.raises(ValidationError, match="only used by method 'passthrough'"):
+        Recipe(method="linear", sources=[{"model": "a"}], slices=[{"model": "a", "layer_range": [0, 1]}])
+    with pytest.raises(ValidationError, match="at least one entry in 'sources'"):
+        Recipe(method="ties", base="b")
+    with pytest.raises(ValidationError, match="layer_range"):
+        Recipe(method="passthrough", slices=[{"model": "a", "layer_range": [3, 1]}])
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Recipe(method="linear", sources=[{"model": "a"}], wieghts=1)
+    with pytest.raises(ValidationError, match="dtype"):
+        Recipe(method="linear", sources=[{"model": "a"}], dtype="int8")
+
+
+def test_yaml_round_trip(tmp_path):
+    recipe = Recipe(
+        method="ties", base="b", seed=7, dtype="bfloat16",
+        sources=[{"model": "x", "parameters": {"weight": {"self_attn": [0.1, 0.9], "default": 0.5}, "density": 0.4}},
+                 {"model": "y"}],
+        parameters={"lambda": 0.8},
+    )
+    recipe.to_yaml(tmp_path / "r.yaml")
+    again = Recipe.from_yaml(tmp_path / "r.yaml")
+    assert again == recipe
+    assert again.model_paths() == ["b", "x", "y"]

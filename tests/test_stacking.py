@@ -1,0 +1,45 @@
+"""Passthrough / layer stacking: new layer count, copied layers, residual scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evomerge.merge import merge_to_dir
+from evomerge.recipe import Recipe
+from tiny_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    a = save_tiny(root / "a", 0, num_layers=3)
+    return a, save_tiny(root / "b", 1, noise_of=a, scale=0.2)
+
+
+def test_stacked_model_has_new_layer_count_and_copied_layers(pair, tmp_path):
+    a, b = pair
+    recipe = Recipe(method="passthrough", slices=[
+        {"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [1, 3], "scale": 0.5}])
+    out = merge_to_dir(recipe, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    wa, wb, got = load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), model.state_dict()
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], wa["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], wb["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], wb["model.layers.2.self_attn.q_proj.weight"])
+    # scale multiplies the residual-branch output projections only
+    torch.testing.assert_close(got["model.layers.3.mlp.down_proj.weight"], 0.5 * wb["model.layers.2.mlp.down_proj.weight"])
+    torch.testing.assert_close(got["model.layers.2.self_attn.o_proj.weight"], 0.5 * wb["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+def test_layer_range_past_the_stack(pair, tmp_path):
+    a, _ = pair
+    recipe = Recipe(method="passthrough", slices=[{"model": str(a), "layer_range": [1, 5]}])
+    with pytest.raises(ValueError, match=r"past the 3 layers"):
+        merge_to_dir(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
