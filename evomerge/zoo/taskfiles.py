@@ -1,0 +1,102 @@
+"""Task files of the zoo: JSONL splits per task and an lm-eval task YAML that reads them.
+
+Layout under the task dir (the dir to give lm-eval's ``TaskManager(include_path=...)``)::
+
+    <task_dir>/<task>/{train,validation,test}.jsonl
+    <task_dir>/zoo_<task>.yaml
+
+The YAML evaluates the local files as ``output_type: multiple_choice`` with metrics ``acc`` and
+``acc_norm``; lm-eval scores ``test_split`` when present, so :func:`task_config` returns the
+YAML's config with ``test_split`` dropped to score the validation split instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+from evomerge.zoo.tasks import Item
+
+SPLITS = ("train", "validation", "test")
+TASK_PREFIX = "zoo_"
+
+
+def lm_eval_name(task: str) -> str:
+    """lm-eval task name of a zoo task: ``zoo_<task>``."""
+    return f"{TASK_PREFIX}{task}"
+
+
+def split_path(task_dir: Path, task: str, split: str) -> Path:
+    """Path of the JSONL file of ``task``'s ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
+    return task_dir / task / f"{split}.jsonl"
+
+
+def yaml_path(task_dir: Path, task: str) -> Path:
+    """Path of ``task``'s lm-eval YAML."""
+    return task_dir / f"{lm_eval_name(task)}.yaml"
+
+
+def write_jsonl(path: Path, items: list[Item]) -> None:
+    """One JSON object per line, keys in insertion order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
+def read_jsonl(path: Path) -> list[Item]:
+    """Inverse of :func:`write_jsonl`."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def yaml_config(data_dir: Path, task: str) -> dict[str, object]:
+    """The lm-eval task config of ``task`` with ABSOLUTE data file paths under ``data_dir``."""
+    files = {split: str(split_path(data_dir.resolve(), task, split)) for split in SPLITS}
+    return {
+        "task": lm_eval_name(task),
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "training_split": "train",
+        "validation_split": "validation",
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{query}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_task_files(task_dir: Path, task: str, splits: Mapping[str, list[Item]], data_dir: Path) -> None:
+    """Write ``task``'s JSONL splits and its YAML under ``task_dir``; the YAML reads the splits
+    from ``data_dir`` (the final place of ``task_dir`` when building into a temporary dir)."""
+    for split, items in splits.items():
+        write_jsonl(split_path(task_dir, task, split), items)
+    write_yaml(task_dir, task, data_dir)
+
+
+def write_yaml(task_dir: Path, task: str, data_dir: Path) -> None:
+    """(Re)write ``task``'s YAML in ``task_dir`` so that its data file paths point into ``data_dir``."""
+    yaml_path(task_dir, task).write_text(yaml.safe_dump(yaml_config(data_dir, task), sort_keys=False))
+
+
+def task_config(task_dir: Path, task: str, split: str) -> dict[str, object]:
+    """lm-eval config dict (as in the YAML) that scores ``split`` ("validation" or "test").
+
+    Pass it in ``simple_evaluate(tasks=[...])``; its task name is ``zoo_<task>`` for the test split
+    and ``zoo_<task>_validation`` for the validation split.
+    """
+    cfg = yaml.safe_load(yaml_path(task_dir, task).read_text())
+    if split == "validation":
+        cfg.pop("test_split")
+        cfg["task"] = f"{lm_eval_name(task)}_validation"
+    elif split != "test":
+        raise ValueError(f"lm-eval scores 'validation' or 'test', not {split!r}")
+    return cfg

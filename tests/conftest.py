@@ -1,0 +1,19 @@
+"""Shared pytest fixtures: the mini zoo (built once into the zoo cache, then reused)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mini_zoo() -> Zoo:
+    """The mini zoo (``ZooConfig.mini()``), from ``$EVOMERGE_ZOO_CACHE`` or ``<repo>/.zoo``; the
+    first use on a machine builds it (about a minute on 2 CPU cores), later uses just load it."""
+    return cached_zoo(ZooConfig.mini())
