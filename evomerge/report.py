@@ -1,0 +1,571 @@
+"""Report of an evomerge study: tables and plots of a finished (or running) Optuna study.
+
+:func:`write_report` writes into ``out_dir``:
+
+- ``summary.md``: the study, its trial counts, the best trial (with several objectives: the Pareto-optimal trials),
+  the table "best vs baselines" (validation objective and metrics, test objective and metrics, timings), the best
+  recipe as YAML, links to the plots and how to open the study in optuna-dashboard;
+- ``trials.csv``: one row per trial (number, state, kind, objective value(s), metrics, timings, error);
+- ``history.png``: the objective of every trial with the best-so-far line, baselines as dashed horizontal lines;
+- ``importances.png``: fANOVA parameter importances over the completed search trials (Hutter, Hoos & Leyton-Brown
+  2014, "An Efficient Approach for Assessing Hyperparameter Importance", ICML), through
+  :func:`optuna.importance.get_param_importances`;
+- ``layers.png``: the value each layer gets from the best recipe (:func:`layer_table`), or the layer path of a
+  passthrough recipe;
+- ``pareto.png`` (several objectives): the trials in objective space, the Pareto front highlighted.
+
+"Best" is Optuna's best trial; with several objectives it is the Pareto-optimal trial with the highest first
+objective (the one the search exports). Test-split results are read from a trial's user_attrs ``test_metrics`` /
+``test_objective`` or, since finished trials are read-only in Optuna, from the study's user_attr
+``test:<trial number>`` = ``{"metrics": {...}, "objective": value}``. Trials without a ``kind`` count as search trials.
+
+Plots are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch) at 100 dpi.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.methods import get_method
+from evomerge.recipe import ParamValue, Recipe, gradient_position, resolve_value
+from evomerge.stacking import layer_plan
+
+DPI = 100
+MISSING = "—"
+#: One representative tensor per filter of decoder layer ``i`` (Llama naming); per-filter values get one row each.
+FILTER_PROBES = {"self_attn": "model.layers.{i}.self_attn.q_proj.weight", "mlp": "model.layers.{i}.mlp.up_proj.weight"}
+#: How trial states read in the summary's counts (others: the state's name in lower case).
+STATE_WORDS = {TrialState.FAIL: "failed"}
+#: Largest heatmap (rows × layers) whose cells are annotated with their values.
+MAX_ANNOTATED_CELLS = 800
+
+
+# ----------------------------------------------------------------------------------------------- storage
+@dataclass(frozen=True)
+class RunStorage:
+    """Where a run dir's study lives.
+
+    ``kind`` is ``"sqlite"`` (``study.db``), ``"journal"`` (``study.log``, an Optuna journal file) or ``"url"``
+    (the ``storage`` URL of ``run.json``, e.g. PostgreSQL shared by several workers); ``location`` is the storage
+    URL, or the journal file's path.
+    """
+
+    kind: str
+    location: str
+    study_name: str | None
+
+    def open(self) -> BaseStorage:
+        if self.kind == "journal":
+            return JournalStorage(JournalFileBackend(self.location))
+        return RDBStorage(self.location)
+
+    def dashboard_command(self) -> str:
+        """The optuna-dashboard command for this storage (a URL's password masked)."""
+        masked = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", self.location)
+        return f"optuna-dashboard {masked}"
+
+
+def locate_storage(run_dir: Path) -> RunStorage:
+    """The storage of ``run_dir``: ``study.db``, else ``study.log``, else the ``storage`` URL in ``run.json``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist; pass the output dir of `evomerge search`")
+    meta_path = run_dir / "run.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}); it should hold {{study_name, storage}}") from None
+    name = meta.get("study_name")
+    db, log = run_dir / "study.db", run_dir / "study.log"
+    if db.is_file():
+        return RunStorage("sqlite", f"sqlite:///{db.resolve()}", name)
+    if log.is_file():
+        return RunStorage("journal", str(log.resolve()), name)
+    url = meta.get("storage")
+    if url and not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()):
+        return RunStorage("url", url, name)
+    raise FileNotFoundError(
+        f"no study in {run_dir}: expected study.db (SQLite), study.log (Optuna journal file) or run.json with the"
+        f" 'storage' URL of a database that exists; point to the run dir written by `evomerge search`"
+    )
+
+
+def load_study(run_dir: Path) -> optuna.Study:
+    """The study of a run dir (see :func:`locate_storage`); its name comes from ``run.json``, or is the only study
+    in the storage."""
+    where = locate_storage(run_dir)
+    storage = where.open()
+    names = optuna.get_all_study_names(storage)
+    name = where.study_name
+    if name is None and len(names) == 1:
+        name = names[0]
+    if name not in names:
+        wanted = f"study {name!r} is" if name else "a single study is"
+        raise ValueError(
+            f"{wanted} expected in {where.location}, which holds {names or 'no study'}; "
+            f"set 'study_name' in {Path(run_dir) / 'run.json'}"
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# ------------------------------------------------------------------------------------------ trial data
+def trial_kind(trial: FrozenTrial) -> str:
+    """``"search"``, ``"baseline:<label>"`` or ``"soup:<step>"`` (user_attr ``kind``; none: a search trial)."""
+    return str(trial.user_attrs.get("kind", "search"))
+
+
+def is_baseline(trial: FrozenTrial) -> bool:
+    return trial_kind(trial).startswith("baseline:")
+
+
+def kind_label(kind: str) -> str:
+    """A short label of a trial kind: ``baseline:source:/runs/zoo/expert_a`` -> ``source: expert_a``,
+    ``baseline:uniform`` -> ``uniform``, ``soup:3`` -> ``soup: 3``."""
+    head, _, tail = kind.removeprefix("baseline:").partition(":")
+    return f"{head}: {Path(tail).name or tail}" if tail else head
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """Column names of the objective values: ``objective`` (one), ``objective: <metric>`` (several)."""
+    n = len(study.directions)
+    if n == 1:
+        return ["objective"]
+    names = study.user_attrs.get("objective")
+    names = names if isinstance(names, list) and len(names) == n else [str(i) for i in range(n)]
+    return [f"objective: {name}" for name in names]
+
+
+def scored_on_test(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> tuple[Any, dict[str, Any]]:
+    """(test objective, test metrics) of a trial: its own user_attrs, else the study's ``test:<number>``."""
+    stored = study_attrs.get(f"test:{trial.number}") or {}
+    objective = trial.user_attrs.get("test_objective", stored.get("objective"))
+    return objective, trial.user_attrs.get("test_metrics", stored.get("metrics")) or {}
+
+
+def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The best trial (one objective) or the Pareto-optimal trials, highest first objective first; [] if none."""
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+    return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the trial tables: a header and how to read its value off a trial."""
+
+    header: str
+    get: Callable[[FrozenTrial], Any]
+
+
+def _metric_names(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(name for d in dicts for name in d))
+
+
+def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Column]:
+    """Objective value(s), validation metrics, test objective and test metrics (when any trial has them), timings."""
+    columns = [
+        Column(name, lambda t, i=i: t.values[i] if t.values else None) for i, name in enumerate(objective_names(study))
+    ]
+    val = _metric_names([t.user_attrs.get("metrics") or {} for t in trials])
+    columns += [Column(f"val {m}", lambda t, m=m: (t.user_attrs.get("metrics") or {}).get(m)) for m in val]
+    attrs = study.user_attrs
+    tests = [scored_on_test(attrs, t) for t in trials]
+    if any(objective is not None for objective, _ in tests):
+        columns.append(Column("test objective", lambda t: scored_on_test(attrs, t)[0]))
+    test = _metric_names([metrics for _, metrics in tests])
+    columns += [Column(f"test {m}", lambda t, m=m: scored_on_test(attrs, t)[1].get(m)) for m in test]
+    columns += [
+        Column("merge s", lambda t: t.user_attrs.get("merge_seconds")),
+        Column("eval s", lambda t: t.user_attrs.get("eval_seconds")),
+    ]
+    return columns
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: floats to 6 significant digits, lists joined, missing values as an em dash."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def comparison_table(
+    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial]
+) -> tuple[list[str], list[list[str]]]:
+    """The "best vs baselines" table: one row for the best (or each Pareto-optimal) trial of ``best``, then one per
+    completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
+    tag = "best" if len(study.directions) == 1 else "pareto"
+    rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
+    rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
+    columns = value_columns(study, [t for _, t in rows])
+    header = ["row", "trial", *(c.header for c in columns)]
+    return header, [[label, f"#{t.number}", *(_cell(c.get(t)) for c in columns)] for label, t in rows]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_trials_csv(study: optuna.Study, trials: Sequence[FrozenTrial], path: Path) -> None:
+    """``trials.csv``: number, state, kind, the :func:`value_columns`, duration (s) and error of every trial."""
+    columns = [
+        Column("number", lambda t: t.number),
+        Column("state", lambda t: t.state.name),
+        Column("kind", trial_kind),
+        *value_columns(study, trials),
+        Column("duration s", lambda t: t.duration.total_seconds() if t.duration else None),
+        Column("error", lambda t: t.user_attrs.get("error")),
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c.header for c in columns])
+        for t in trials:
+            values = (c.get(t) for c in columns)
+            writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in values])
+
+
+# -------------------------------------------------------------------------------------------- layers
+def _unique_names(paths: Sequence[str]) -> list[str]:
+    """Last path component of each model, or the full path where two models share it."""
+    short = [Path(p).name or p for p in paths]
+    return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
+
+
+def _layer_values(
+    key: str, scopes: Sequence[Mapping[str, ParamValue]], default: float | None, probe: str, num_layers: int
+) -> np.ndarray:
+    """The value of parameter ``key`` at each layer for tensor ``probe``: the first scope that resolves it (a
+    per-filter mapping without a matching entry falls through), else the method's default (NaN if none)."""
+    out = np.full(num_layers, np.nan)
+    for layer in range(num_layers):
+        name, position = probe.format(i=layer), gradient_position(layer, num_layers, is_embedding=False)
+        resolved = (resolve_value(scope[key], name, position) for scope in scopes if key in scope)
+        value = next((v for v in resolved if v is not None), default)
+        if value is not None:
+            out[layer] = float(value)
+    return out
+
+
+def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]:
+    """Row labels and the [rows, num_layers] matrix of the values each layer's tensors get from ``recipe``.
+
+    Rows: for each source, each numeric per-source parameter the recipe sets (in the source or as a top-level
+    default), then each numeric global parameter (``t``, ``lambda``, ...). A cell is the parameter's value at layer
+    ``l`` as the engine resolves it: a gradient list interpolated linearly at position ``l / (L − 1)``
+    (:func:`evomerge.recipe.gradient_position`), a per-filter mapping resolved for one representative tensor per
+    filter (:data:`FILTER_PROBES`). A parameter whose values differ between filters gets one row per filter,
+    labelled ``"<row> [<filter>]"``. Row labels: ``"<source>: <param>"`` (source: the model's last path component,
+    its full path where two sources share one) or ``"<param>"``.
+    """
+    if recipe.method == "passthrough":
+        raise ValueError("a passthrough recipe has no per-layer parameters; its layer path is stacking.layer_plan")
+    method = get_method(recipe.method)
+    named = set(recipe.parameters).union(*(s.parameters for s in recipe.sources))
+    params = [p for p in method.params if p.name in named and not p.is_bool]
+    default_of = {p.name: None if p.default is None else float(p.default) for p in params}
+    sources = zip(_unique_names([s.model for s in recipe.sources]), recipe.sources)
+    specs = [(f"{src}: {p.name}", p.name, (s.parameters, recipe.parameters)) for src, s in sources
+             for p in params if p.per_source]
+    specs += [(p.name, p.name, (recipe.parameters,)) for p in params if not p.per_source]
+    labels: list[str] = []
+    rows: list[np.ndarray] = []
+    for label, key, scopes in specs:
+        by_filter = {f: _layer_values(key, scopes, default_of[key], probe, num_layers)
+                     for f, probe in FILTER_PROBES.items()}
+        first = next(iter(by_filter.values()))
+        if all(np.array_equal(first, v, equal_nan=True) for v in by_filter.values()):
+            labels.append(label)
+            rows.append(first)
+        else:
+            labels += [f"{label} [{f}]" for f in by_filter]
+            rows += list(by_filter.values())
+    return labels, np.array(rows, dtype=np.float64).reshape(len(rows), num_layers)
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def plot_history(study: optuna.Study, trials: Sequence[FrozenTrial], path: Path) -> None:
+    """Objective per trial (one marker per kind family: search, soup, ...) with the best-so-far line over the
+    non-baseline trials; each baseline as a dashed horizontal line labelled with its kind. One panel per objective."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    runs = [t for t in complete if not is_baseline(t)]
+    baselines = [t for t in complete if is_baseline(t)]
+    names = objective_names(study)
+    fig = Figure(figsize=(7.5, 3.2 * len(names)))
+    for i, (ax, name, direction) in enumerate(zip(fig.subplots(len(names), 1, squeeze=False)[:, 0], names,
+                                                 study.directions)):
+        for marker, family in zip("os^v", dict.fromkeys(trial_kind(t).split(":")[0] for t in runs)):
+            group = [t for t in runs if trial_kind(t).split(":")[0] == family]
+            ax.scatter([t.number for t in group], [t.values[i] for t in group], s=18, marker=marker, label=family)
+        if runs:
+            best = np.array([t.values[i] for t in runs], dtype=np.float64)
+            best = (np.maximum if direction == StudyDirection.MAXIMIZE else np.minimum).accumulate(best)
+            ax.step([t.number for t in runs], best, where="post", color="black", lw=1.2, label="best so far")
+        for j, t in enumerate(baselines):
+            ax.axhline(t.values[i], ls="--", lw=1, color=f"C{(j + 2) % 10}", label=kind_label(trial_kind(t)))
+        ax.set_xlim(-0.5, max(t.number for t in trials) + 0.5)
+        ax.set_xlabel("trial")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{study.study_name}: optimization history")
+    _save(fig, path)
+
+
+def compute_importances(
+    study: optuna.Study, trials: Sequence[FrozenTrial]
+) -> tuple[dict[str, dict[str, float]], str | None]:
+    """({objective: {param: importance}}, None): fANOVA importances (seeded) of the parameters shared by the
+    completed search trials, per objective; or ({}, why they were skipped): fewer than 2 search trials, fewer than
+    2 shared parameters, or no variance to explain."""
+    search = [t for t in trials if t.state == TrialState.COMPLETE and trial_kind(t) == "search"]
+    if len(search) < 2:
+        return {}, f"skipped: {len(search)} completed search trial(s); importances need at least 2"
+    shared = optuna.search_space.intersection_search_space(search)
+    if len(shared) < 2:
+        return {}, f"skipped: the search trials share {len(shared)} parameter(s); importances need at least 2"
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
+    try:
+        sub = optuna.create_study(directions=study.directions)
+        sub.add_trials(search)
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(objective_names(study)):
+            out[name] = optuna.importance.get_param_importances(
+                sub, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=sorted(shared),
+                target=lambda t, i=i: t.values[i],
+            )
+    except RuntimeError as exc:  # fANOVA: zero total variance (every trial scored the same)
+        return {}, f"skipped: {exc}"
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return out, None
+
+
+def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Horizontal bars of each parameter's importance, one bar per objective, most important on top."""
+    first = next(iter(importances.values()))
+    params = sorted(first, key=first.__getitem__)
+    height = 0.8 / len(importances)
+    fig = Figure(figsize=(6.5, 1.2 + 0.32 * len(params) * len(importances)))
+    ax = fig.subplots()
+    y = np.arange(len(params))
+    for k, (name, values) in enumerate(importances.items()):
+        ax.barh(y + k * height, [values[p] for p in params], height=height, label=name)
+    ax.set_yticks(y + height * (len(importances) - 1) / 2, params, fontsize=8)
+    ax.set_xlabel("importance (fANOVA, normalized)")
+    if len(importances) > 1:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_layers(recipe: Recipe, num_layers: int, path: Path) -> str | None:
+    """Heatmap of :func:`layer_table` with the values annotated, or the layer path of a passthrough recipe
+    (output layer -> source layer, coloured by source, scale annotated); why nothing was drawn, else None."""
+    if recipe.method == "passthrough":
+        _plot_layer_path(recipe, num_layers, path)
+        return None
+    labels, matrix = layer_table(recipe, num_layers)
+    if not labels:
+        return "skipped: the best recipe sets no numeric per-layer parameter"
+    fig = Figure(figsize=(min(16.0, 3.0 + 0.45 * num_layers), 1.2 + 0.4 * len(labels)))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=7)
+    ax.set_xlabel("layer")
+    if matrix.size <= MAX_ANNOTATED_CELLS:
+        low, high = np.nanmin(matrix), np.nanmax(matrix)
+        for (r, c), v in np.ndenumerate(matrix):
+            bright = high > low and (v - low) / (high - low) > 0.6
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if bright else "white")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title(f"best recipe ({recipe.method}): value per layer")
+    _save(fig, path)
+    return None
+
+
+def _plot_layer_path(recipe: Recipe, num_layers: int, path: Path) -> None:
+    plan = layer_plan(recipe, {s.model: num_layers for s in recipe.slices or []})
+    models = list(dict.fromkeys(m for m, _, _ in plan))
+    fig = Figure(figsize=(min(16.0, 3.0 + 0.3 * len(plan)), 4.0))
+    ax = fig.subplots()
+    ax.plot(range(len(plan)), [j for _, j, _ in plan], color="0.7", lw=1)
+    for model, name in zip(models, _unique_names(models)):
+        slots = [k for k, (m, _, _) in enumerate(plan) if m == model]
+        ax.scatter(slots, [plan[k][1] for k in slots], s=30, label=name, zorder=3)
+    for k, (_, j, scale) in enumerate(plan):
+        if scale != 1.0:
+            ax.annotate(f"×{scale:.2g}", (k, j), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=6)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("output layer")
+    ax.set_ylabel("source layer")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("best recipe (passthrough): layer path")
+    _save(fig, path)
+
+
+def plot_pareto(study: optuna.Study, trials: Sequence[FrozenTrial], pareto: Sequence[FrozenTrial], path: Path) -> None:
+    """Every completed trial in objective space (one panel per pair of objectives), the Pareto-optimal ones
+    highlighted (and joined, for two objectives), baselines labelled."""
+    names = objective_names(study)
+    pairs = list(combinations(range(len(names)), 2))
+    front = {t.number for t in pareto}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    fig = Figure(figsize=(5.0 * min(3, len(pairs)), 4.2 * math.ceil(len(pairs) / 3)))
+    axes = fig.subplots(math.ceil(len(pairs) / 3), min(3, len(pairs)), squeeze=False).ravel()
+    for ax, (i, j) in zip(axes, pairs):
+        rest = [t for t in complete if t.number not in front]
+        ax.scatter([t.values[i] for t in rest], [t.values[j] for t in rest], s=14, color="0.6", label="trial")
+        best = sorted(pareto, key=lambda t: t.values[i])
+        ax.scatter([t.values[i] for t in best], [t.values[j] for t in best], s=28, color="C3", label="Pareto-optimal",
+                   zorder=3)
+        if len(names) == 2:
+            ax.plot([t.values[i] for t in best], [t.values[j] for t in best], color="C3", lw=1)
+        for t in (t for t in complete if is_baseline(t)):
+            ax.annotate(kind_label(trial_kind(t)), (t.values[i], t.values[j]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(names[i])
+        ax.set_ylabel(names[j])
+        ax.legend(fontsize=7)
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------- summary
+def _dashboard_section(run_dir: Path | None) -> list[str]:
+    lines = ["## Open in optuna-dashboard", "", "```bash"]
+    if run_dir is not None:
+        lines.append(f"pip install optuna-dashboard && {locate_storage(run_dir).dashboard_command()}")
+    else:
+        lines += [
+            "pip install optuna-dashboard && optuna-dashboard sqlite:///RUN_DIR/study.db   # SQLite run dir",
+            "pip install optuna-dashboard && optuna-dashboard RUN_DIR/study.log            # journal-file run dir",
+        ]
+    return lines + ["```", ""]
+
+
+def _recipe_yaml(trial: FrozenTrial) -> str:
+    data = trial.user_attrs.get("recipe")
+    return Recipe.model_validate(data).to_yaml() if data else "# no recipe stored with this trial\n"
+
+
+def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None, run_dir: Path | None = None) -> Path:
+    """Write ``summary.md``, ``trials.csv`` and the plots (see the module docstring) into ``out_dir``.
+
+    ``run_dir`` (optional): the run dir the study was loaded from, to print its exact optuna-dashboard command.
+    Plots that do not apply (no completed trial, one objective, too few search trials) are skipped with a note in
+    the summary, and a stale file of the same name is removed. Returns the path of ``summary.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    attrs = study.user_attrs
+    counts = {STATE_WORDS.get(s, s.name.lower()): sum(t.state == s for t in trials) for s in TrialState
+              if any(t.state == s for t in trials)}
+    best = best_trials(study, trials)
+    lines = [f"# {title or f'evomerge study {study.study_name}'}", ""]
+    lines.append(f"- Study: `{study.study_name}` (kind {attrs.get('kind', 'search')}, "
+                 f"space {attrs.get('space') or MISSING})")
+    if attrs.get("sources"):
+        lines.append(f"- Base: `{attrs.get('base')}`; sources: " + ", ".join(f"`{s}`" for s in attrs["sources"]))
+    objective = attrs.get("objective")
+    directions = ", ".join(d.name.lower() for d in study.directions)
+    lines.append(f"- Objective: {', '.join(objective) if isinstance(objective, list) else objective or MISSING}"
+                 f" ({directions})")
+    lines.append(f"- Trials: {len(trials)} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    if not best:
+        lines.append("- Best trial: none yet (no completed trial)")
+    elif len(study.directions) == 1:
+        lines.append(f"- Best trial: #{best[0].number} ({kind_label(trial_kind(best[0]))}), "
+                     f"objective {_cell(best[0].values[0])}")
+    else:
+        lines.append(f"- Best trial: #{best[0].number} (highest {objective_names(study)[0]})")
+        lines.append("- Pareto-optimal trials: " + ", ".join(f"#{t.number}" for t in best))
+    lines.append("")
+
+    write_trials_csv(study, trials, out_dir / "trials.csv")
+    header, rows = comparison_table(study, trials, best)
+    lines += ["## Best vs baselines", "", "Validation objective and metrics (`val`), test split (`test`) where scored.",
+              "", markdown_table(header, rows) if rows else "No completed trial yet.", ""]
+    if best:
+        lines += [f"## Best recipe (trial #{best[0].number})", "", "```yaml", _recipe_yaml(best[0]).rstrip(), "```", ""]
+
+    notes = _write_plots(study, trials, best, out_dir)
+    lines += ["## Plots", ""]
+    lines += [f"![{name}]({name})\n" for name, note in notes.items() if not note]
+    lines += [f"- `{name}`: {note}" for name, note in notes.items() if note]
+    lines += ["", "All trials: [trials.csv](trials.csv)", ""]
+
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        lines += ["## Failed trials", ""]
+        for t in failed:
+            error = (str(t.user_attrs.get("error") or "").strip() or "no error stored").splitlines()[0]
+            lines.append(f"- #{t.number} ({kind_label(trial_kind(t))}): {error}")
+        lines.append("")
+    lines += _dashboard_section(run_dir)
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines))
+    return summary
+
+
+def _write_plots(
+    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], out_dir: Path
+) -> dict[str, str | None]:
+    """Draw every plot that applies; {file name: None if drawn, else why not}. Stale skipped files are removed."""
+    notes: dict[str, str | None] = {}
+    if best:
+        plot_history(study, trials, out_dir / "history.png")
+        notes["history.png"] = None
+    else:
+        notes["history.png"] = "skipped: no completed trial"
+    importances, why = compute_importances(study, trials)
+    if importances:
+        plot_importances(importances, out_dir / "importances.png")
+    notes["importances.png"] = why
+    num_layers = study.user_attrs.get("num_layers")
+    if not best or not best[0].user_attrs.get("recipe"):
+        notes["layers.png"] = "skipped: no completed trial with a recipe"
+    elif not num_layers:
+        notes["layers.png"] = "skipped: the study has no 'num_layers' user_attr"
+    else:
+        notes["layers.png"] = plot_layers(Recipe.model_validate(best[0].user_attrs["recipe"]), int(num_layers),
+                                          out_dir / "layers.png")
+    if len(study.directions) > 1:
+        if best:
+            plot_pareto(study, trials, best, out_dir / "pareto.png")
+        notes["pareto.png"] = None if best else "skipped: no completed trial"
+    for name, note in notes.items():
+        if note:
+            (out_dir / name).unlink(missing_ok=True)
+    return notes

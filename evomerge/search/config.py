@@ -1,0 +1,111 @@
+"""Run configuration of ``evomerge search`` / ``evomerge soup`` (one YAML file, paths relative to it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.recipe import CalibrationData
+
+SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]
+PrunerName = Literal["none", "halving", "hyperband", "wilcoxon"]
+
+
+class RunConfig(BaseModel):
+    """What a search or soup run needs: models, space, evaluators, sampler, budget, storage.
+
+    ``evaluator`` is a spec for :func:`evomerge.evaluate.build_evaluator` scored on the validation split during the
+    search; ``test_evaluator`` (default: the same spec with ``split: test``) scores the best recipe and the baselines
+    at the end. The test split is never used for selection.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="study name")
+    base: str | None = None
+    sources: list[str] = Field(min_length=1)
+    space: str | None = Field(None, description="search space YAML (search only)")
+    evaluator: dict[str, Any]
+    test_evaluator: dict[str, Any] | None = None
+    sampler: SamplerName = "auto"
+    pruner: PrunerName = "none"
+    fidelities: list[float] = Field(default_factory=lambda: [1.0])
+    n_trials: int = Field(30, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<out>/study.db")
+    heartbeat_s: int = Field(30, ge=1, description="seconds between the heartbeats of a running trial")
+    grace_s: int = Field(90, ge=1, description="a RUNNING trial silent this long (its process died) is failed and "
+                                               "retried with the same parameters; must exceed heartbeat_s")
+    out: str | None = Field(None, description="run dir; default runs/<name>")
+    seed: int = 0
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    baselines: bool = True
+    calibration: CalibrationData | None = Field(None, description="text for Fisher / RegMean statistics")
+    multi_objective: bool = Field(False, description="optimize the evaluator's metric vector (NSGA-II by default)")
+    accept: Literal[">", ">="] = Field(">", description="greedy soup acceptance (soup only)")
+
+    @model_validator(mode="after")
+    def _fidelities(self) -> RunConfig:
+        f = self.fidelities
+        if not f or any(not 0 < x <= 1 for x in f) or f != sorted(f) or f[-1] != 1.0:
+            raise ValueError(f"fidelities must increase within (0, 1] and end at 1.0, got {f}")
+        if self.pruner in ("halving", "hyperband") and len(f) < 2:
+            raise ValueError(f"pruner '{self.pruner}' needs at least two fidelities, e.g. [0.25, 0.5, 1.0]")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
+        """Read a run config; relative model/space/out/task paths are taken relative to the file's dir."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a run config is a YAML mapping")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(_absolute(data, path.parent))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or Path("runs") / self.name)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys([*([self.base] if self.base else []), *self.sources]))
+
+    def test_spec(self) -> dict[str, Any]:
+        """The final evaluator: ``test_evaluator``, else the search's lm-eval spec on the test split (other
+        evaluator types have no split: they are re-used as they are unless ``test_evaluator`` is given)."""
+        if self.test_evaluator:
+            return self.test_evaluator
+        if self.evaluator.get("type") == "lm_eval":
+            return {**self.evaluator, "split": "test"}
+        return self.evaluator
+
+
+def _absolute(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    def fix(p: Any) -> Any:
+        return str((root / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
+
+    out = dict(data)
+    for key in ("base", "space", "out"):
+        if out.get(key):
+            out[key] = fix(out[key])
+    out["sources"] = [fix(s) for s in out.get("sources", [])]
+    for key in ("evaluator", "test_evaluator"):
+        spec = out.get(key)
+        if isinstance(spec, dict):
+            spec = dict(spec)
+            if "include_path" in spec:
+                paths = spec["include_path"]
+                spec["include_path"] = [fix(p) for p in (paths if isinstance(paths, list) else [paths])]
+            if "path" in spec:
+                spec["path"] = fix(spec["path"])
+            out[key] = spec
+    return out

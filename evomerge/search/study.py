@@ -1,0 +1,368 @@
+"""The search loop: an Optuna study proposes recipes, the engine materializes them in place, an evaluator scores them.
+
+One process (``evomerge search``) or many (``evomerge worker``) share a study through an Optuna storage: a SQLite
+file in the run dir by default, PostgreSQL for several machines. Every trial stores its recipe and metrics
+(see :mod:`evomerge.search` for the user_attrs contract). Trials that crash become FAIL with the reason and the
+search goes on; trials left RUNNING by a killed process are failed after the heartbeat grace period and re-queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+from tqdm.auto import tqdm
+
+from evomerge.calibration import prepare
+from evomerge.engine import MergeEngine
+from evomerge.evaluate import EvalResult, build_evaluator
+from evomerge.merge import merge_to_dir, tokenizer_dir
+from evomerge.mergekit import to_mergekit
+from evomerge.recipe import Recipe
+from evomerge.report import trial_kind
+from evomerge.search.config import RunConfig
+from evomerge.search.space import ModelSet, SearchSpace
+from evomerge.stacking import build_stacked_model
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(name: str, *, seed: int, continuous: bool, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """The sampler for ``name``; ``auto`` is NSGA-II for several objectives, CMA-ES for continuous spaces, TPE
+    otherwise. (Optuna >= 4.4 moved CMA-ES restarts to OptunaHub, which needs network access at run time.)"""
+    if name == "auto":
+        name = "nsga2" if n_objectives > 1 else "cmaes" if continuous else "tpe"
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; use auto, cmaes, tpe, gp, random or nsga2")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """Successive halving / Hyperband over the evaluator's fidelity levels, or a Wilcoxon test on per-item scores."""
+    return {
+        "none": optuna.pruners.NopPruner,
+        "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=2),
+        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1),
+    }[name]()
+
+
+def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> optuna.storages.BaseStorage:
+    """An RDB storage (SQLite file or PostgreSQL) with heartbeats: a RUNNING trial whose process sent no heartbeat
+    for ``grace_s`` seconds (killed, machine lost) is failed by the next process that starts a trial, and re-queued
+    with the same parameters and user_attrs (at most twice; Optuna's ``retry_history`` / ``failed_trial`` system
+    attrs name the original)."""
+    if grace_s <= heartbeat_s:
+        raise ValueError(f"grace_s ({grace_s}) must exceed heartbeat_s ({heartbeat_s}), or live trials are failed "
+                         "by other workers; the defaults are 30 and 90")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                          engine_kwargs={"pool_pre_ping": True})
+
+
+@dataclass
+class Scored:
+    """A recipe and its validation result."""
+
+    recipe: Recipe
+    result: EvalResult
+    merge_seconds: float
+
+
+class Runner:
+    """Owns the live model (through the engine), the evaluators and the study of one run.
+
+    Everything that can be checked — config, space, sources, evaluator tasks — is checked in the constructor,
+    before any trial runs, so bad input never leaves a half-made study behind.
+    """
+
+    def __init__(self, config: RunConfig, *, study_kind: str = "search") -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.kind = study_kind
+        self.space = SearchSpace.from_yaml(config.space) if config.space else None
+        if study_kind == "search" and self.space is None:
+            raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
+        self.evaluator = build_evaluator(config.evaluator)
+        self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
+        self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
+        self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=config.base,
+                                                  sources=[{"model": m} for m in config.sources]))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------------- study
+    def open_study(self) -> optuna.Study:
+        n_obj = len(self.evaluator.objective.metrics) if self.config.multi_objective else 1
+        continuous = self.space.is_continuous() if self.space else False
+        sampler = make_sampler(self.config.sampler, seed=self.config.seed, continuous=continuous, n_objectives=n_obj)
+        study = optuna.create_study(
+            storage=make_storage(self.config.storage_url, heartbeat_s=self.config.heartbeat_s,
+                                 grace_s=self.config.grace_s), study_name=self.config.name, sampler=sampler,
+            pruner=make_pruner(self.config.pruner), directions=["maximize"] * n_obj, load_if_exists=True,
+        )
+        if "config" not in study.user_attrs:
+            for key, value in {
+                "config": self.config.model_dump(mode="json"), "num_layers": self.models.num_layers,
+                "sources": self.models.sources, "base": self.models.base, "kind": self.kind,
+                "space": Path(self.config.space).name if self.config.space else None,
+            }.items():
+                study.set_user_attr(key, value)
+        (self.run_dir / "run.json").write_text(json.dumps(
+            {"study_name": self.config.name, "storage": self.config.storage_url}, indent=2))
+        return study
+
+    # ------------------------------------------------------------------------------------------- scoring
+    def materialize(self, recipe: Recipe) -> tuple[nn.Module, float]:
+        """The model holding ``recipe`` and the merge time: the engine's live model, written in place, or for
+        layer stacking (a new layer count) a new model assembled from the sources' layers."""
+        if recipe.method != "passthrough":
+            prepare(self.engine, recipe, self.config.calibration, self.tokenizer)
+            return self.engine.model, self.engine.materialize(recipe).seconds
+        start = time.perf_counter()
+        model = build_stacked_model(recipe, dict(zip(self.engine.paths, self.engine.checkpoints)),
+                                    device=self.engine.device, dtype=self.engine.dtype)
+        return model, time.perf_counter() - start
+
+    def export(self, recipe: Recipe, out: Path) -> Path:
+        """Write ``recipe``'s merged model as an HF dir (replacing ``out``)."""
+        if recipe.method == "passthrough":
+            return merge_to_dir(recipe, out, device=self.engine.device, force=True)
+        self.engine.materialize(recipe)
+        return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True)
+
+    def score(self, recipe: Recipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
+        """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
+        on the growing fidelity levels and reports each to ``trial``; the pruner may stop it before the last level.
+        Otherwise it is scored once, on every validation item."""
+        model, merge_seconds = self.materialize(recipe)
+        levels = self.config.fidelities if prunable and trial is not None else [1.0]
+        for step, fidelity in enumerate(levels, start=1):  # resource = level 1, 2, ...: rung 0 is the first level
+            result = self.evaluator.score(model, self.tokenizer, fidelity=fidelity)
+            if fidelity == 1.0:
+                break
+            assert trial is not None
+            if self.config.pruner == "wilcoxon" and result.items:
+                self._report_items(trial, result)
+            else:
+                trial.report(result.objective, step)
+            if trial.should_prune():
+                trial.set_user_attr("metrics", result.metrics)
+                raise optuna.TrialPruned(f"pruned at fidelity {fidelity}")
+        return Scored(recipe, result, merge_seconds)
+
+    @staticmethod
+    def _report_items(trial: optuna.Trial, result: EvalResult) -> None:
+        items = [v for task in sorted(result.items or {}) for v in result.items[task]]
+        for i, value in enumerate(items):
+            trial.report(value, i)
+
+    def record(self, trial: optuna.Trial, recipe: Recipe, kind: str) -> float | list[float]:
+        """Score ``recipe`` as ``trial``, storing recipe, metrics and timings; errors are stored then re-raised."""
+        trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
+        trial.set_user_attr("kind", kind)
+        prunable = self.config.pruner != "none" and kind == "search"
+        try:
+            scored = self.score(recipe, trial, prunable=prunable)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise
+        trial.set_user_attr("metrics", scored.result.metrics)
+        trial.set_user_attr("merge_seconds", scored.merge_seconds)
+        trial.set_user_attr("eval_seconds", scored.result.seconds)
+        return scored.result.objectives if self.config.multi_objective else scored.result.objective
+
+    # ------------------------------------------------------------------------------------------- search
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        assert self.space is not None
+        recipe = self.space.suggest(trial, self.models)
+        recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
+        return self.record(trial, recipe, str(trial.user_attrs.get("kind", "search")))
+
+    def enqueue_baselines(self, study: optuna.Study) -> None:
+        if not self.config.baselines or study.user_attrs.get("baselines_enqueued") or self.space is None:
+            return
+        for label, params in self.space.baseline_params(self.models):
+            study.enqueue_trial(params, user_attrs={"kind": f"baseline:{label}"}, skip_if_exists=True)
+        study.set_user_attr("baselines_enqueued", True)
+
+    def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
+        """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; failed trials do not
+        count, but a round in which every trial fails ends the run (the failures are in the study and report)."""
+        total = n_trials or self.config.n_trials
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+
+        def count() -> int:
+            return len(study.get_trials(deepcopy=False, states=finished))
+
+        done = count()
+        bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+            optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
+        started = time.monotonic()
+        try:
+            while done < total:
+                timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
+                if timeout is not None and timeout <= 0:
+                    break
+                study.optimize(self.objective, n_trials=total - done, timeout=timeout, callbacks=callbacks,
+                               catch=(Exception,), gc_after_trial=False)
+                before, done = done, count()
+                if done == before:
+                    log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
+                    break
+        finally:
+            bar.close()
+
+    # ----------------------------------------------------------------------------------------- finalize
+    def finalize(self, study: optuna.Study, *, export: bool = True, also: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Best recipe (evomerge + mergekit YAML), merged HF dir, test-split scores of the best, the baselines and
+        the trials numbered in ``also``."""
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise RuntimeError(f"study {study.study_name} has no completed trial; see the FAIL reasons in the report")
+        best_trials = study.best_trials
+        best = max(best_trials, key=lambda t: t.values[0])
+        recipe = Recipe.model_validate(best.user_attrs["recipe"])
+        recipe.to_yaml(self.run_dir / "best_recipe.yaml")
+        (self.run_dir / "best_recipe.mergekit.yaml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
+        test = build_evaluator(self.config.test_spec())
+        targets = {t.number: t for t in complete
+                   if trial_kind(t).startswith("baseline") or t.number == best.number or t.number in also}
+        summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
+        for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
+            model, _ = self.materialize(Recipe.model_validate(trial.user_attrs["recipe"]))
+            result = test.score(model, self.tokenizer)
+            # finished trials are read-only in Optuna: test results live in the study's user_attrs
+            study.set_user_attr(f"test:{number}", {"metrics": result.metrics, "objective": result.objective})
+            summary["test"][f"{number}:{trial_kind(trial)}"] = result.objective
+        if export:
+            self.export(recipe, self.run_dir / "best_model")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
+    started = time.perf_counter()
+    count = [0]
+
+    def update(study: optuna.Study, trial: FrozenTrial) -> None:
+        count[0] += 1
+        bar.update(1)
+        best = None
+        try:
+            best = max(t.values[0] for t in study.best_trials)
+        except (ValueError, RuntimeError):
+            pass
+        bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", state=trial.state.name,
+                        s_per_trial=f"{(time.perf_counter() - started) / count[0]:.1f}")
+
+    return update
+
+
+def run_search(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
+    """``evomerge search``: open/resume the study, enqueue baselines, optimize, finalize, write the report."""
+    from evomerge.report import write_report
+
+    runner = Runner(config)
+    study = runner.open_study()
+    runner.enqueue_baselines(study)
+    runner.optimize(study, progress=progress)
+    summary = runner.finalize(study, export=export)
+    summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
+                                           run_dir=runner.run_dir))
+    return summary
+
+
+def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
+    """``evomerge soup``: greedy soup of the config's sources (each step a trial), uniform soup beside it, test
+    scores of every ingredient, both soups, and the report. Re-running resumes: scored recipes are not re-scored."""
+    from evomerge.report import write_report
+    from evomerge.search.soup import greedy_soup, recipe_key
+
+    if config.pruner != "none":
+        raise ValueError("soups evaluate every step fully; set pruner: none")
+    runner = Runner(config, study_kind="soup")
+    study = runner.open_study()
+    trials = {recipe_key(Recipe.model_validate(t.user_attrs["recipe"])): t
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    bar = tqdm(total=2 * len(config.sources), initial=len(trials), desc=config.name, disable=not progress,
+               unit="trial")
+
+    def kind(recipe: Recipe) -> str:
+        if len(recipe.sources) == 1:
+            return f"baseline:source:{Path(recipe.sources[0].model).name}"
+        if {s.model for s in recipe.sources} == set(config.sources):
+            return "baseline:uniform"
+        return f"soup:{len(recipe.sources)}"
+
+    def score(recipe: Recipe) -> float:
+        trial = study.ask()
+        try:
+            value = runner.record(trial, recipe, kind(recipe))
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        frozen = study.tell(trial, value)
+        trials[recipe_key(recipe)] = frozen
+        bar.update(1)
+        bar.set_postfix(last=f"{value:.4f}")
+        return value
+
+    done = {key: t.value for key, t in trials.items()}
+    result = greedy_soup(config.sources, score, accept=config.accept, done=done)
+    uniform = result.uniform_recipe()
+    if recipe_key(uniform) not in trials:
+        score(uniform)
+    bar.close()
+    greedy = trials[recipe_key(result.greedy_recipe())]
+    summary = runner.finalize(study, export=export, also=(greedy.number,))
+    summary.update(kept=[Path(m).name for m in result.kept], greedy_trial=greedy.number,
+                   individual={Path(m).name: v for m, v in result.individual_scores.items()})
+    summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name, run_dir=runner.run_dir))
+    return summary
+
+
+def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, device: str | None = None,
+               progress: bool = True) -> None:
+    """``evomerge worker``: join a study whose run config is stored in it, and run trials until it holds
+    ``n_trials`` (default: the config's) finished ones. Each worker reseeds its sampler: with the config's seed in
+    every process, random, TPE and NSGA-II samplers would propose the same parameters in each worker."""
+    if study_name not in optuna.study.get_all_study_names(storage=storage):
+        raise ValueError(f"no study named {study_name!r} in {storage}; start it with `evomerge search` first")
+    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    if attrs.get("kind") != "search" or "config" not in attrs:
+        raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {attrs.get('kind')}); "
+                         "workers join searches (a soup runs in one process; a study being created: retry)")
+    config = RunConfig.model_validate({**attrs["config"], "storage": storage, **({"device": device} if device else {})})
+    runner = Runner(config)
+    study = runner.open_study()
+    study.sampler.reseed_rng()
+    runner.optimize(study, n_trials=n_trials, progress=progress)

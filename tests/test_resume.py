@@ -1,0 +1,108 @@
+"""`evomerge search` killed with SIGKILL mid-trial: completed trials survive, the orphaned RUNNING trial is failed
+after the heartbeat grace period and retried with the same parameters, and a re-run finishes the study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search.study import make_storage
+from search_fitness import instrumented_env, logged_calls
+from tiny_models import tiny_family
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+N_TRIALS = 6
+GRACE_S = 2
+HANG_AT = 3  # the third evaluation of the first run never returns: two trials complete, the third is RUNNING
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, fts = tiny_family(tmp_path_factory.mktemp("resume-family"), n=2)
+    return str(base), [str(f) for f in fts]
+
+
+def snapshot(trial: FrozenTrial) -> tuple:
+    return trial.number, trial.state, trial.values, trial.params, trial.user_attrs, trial.datetime_complete
+
+
+def wait_for_hang(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (logs / f"{proc.pid}.hang").exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the search exited ({proc.returncode}) before its hanging trial:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no trial reached the hanging evaluation within {timeout} s")
+        time.sleep(0.1)
+
+
+def test_kill_9_mid_trial_then_resume(family, tmp_path):
+    base, fts = family
+    run = tmp_path / "run"
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        name="resume", base=base, sources=fts, space=str(SPACES / "task_arithmetic.yaml"),
+        evaluator={"type": "callable", "function": "search_fitness:instrumented_norm_sum", "metrics": ["norm_sum"]},
+        test_evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
+        n_trials=N_TRIALS, out=str(run), device="cpu", seed=1, heartbeat_s=1, grace_s=GRACE_S)))
+    command = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--no-export"]
+    storage = f"sqlite:///{run / 'study.db'}"
+    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
+    first_logs.mkdir()
+    second_logs.mkdir()
+
+    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=HANG_AT), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_hang(first, first_logs)
+    before = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+
+    complete = [t for t in before if t.state == TrialState.COMPLETE]
+    running = [t for t in before if t.state == TrialState.RUNNING]
+    assert [t.number for t in complete] == [0, 1] and [t.number for t in running] == [2]
+    assert sorted(logged_calls(first_logs)[first.pid]) == sorted(t.value for t in complete)
+    after_kill = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert [snapshot(t) for t in after_kill] == [snapshot(t) for t in before]  # nothing lost, nothing half-written
+    killed = running[0]
+    time.sleep(GRACE_S)  # the killed trial's last heartbeat is now older than the grace period, however fast the re-run
+
+    second = subprocess.run(command, env=instrumented_env(second_logs), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert [snapshot(by_number[t.number]) for t in complete] == [snapshot(t) for t in complete]
+    assert by_number[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["retry_history"] == [killed.number]
+    assert retry.params == killed.params
+    assert retry.user_attrs["recipe"] == killed.user_attrs["recipe"]
+    assert retry.user_attrs["kind"] == killed.user_attrs["kind"]
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == N_TRIALS and states.count(TrialState.FAIL) == 1
+    assert len(trials) == N_TRIALS + 1
+    # the re-run evaluated only what was missing: each new trial once, the two kept ones not again
+    (rerun_calls,) = logged_calls(second_logs).values()
+    assert sorted(rerun_calls) == sorted(t.value for t in trials
+                                         if t.state == TrialState.COMPLETE and t.number not in (0, 1))
+
+
+def test_grace_must_exceed_heartbeat(tmp_path):
+    with pytest.raises(ValueError, match=r"grace_s \(5\) must exceed heartbeat_s \(5\)"):
+        make_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=5, grace_s=5)
+    assert not (tmp_path / "study.db").exists()

@@ -1,0 +1,162 @@
+"""The search loop end to end on tiny models with a callable fitness: trials, baselines, failures, resume, seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evomerge.recipe import Recipe
+from evomerge.search.config import RunConfig
+from evomerge.search.study import run_search, run_soup
+from tiny_models import tiny_family
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, fts = tiny_family(tmp_path_factory.mktemp("search-family"), n=3)
+    return str(base), [str(f) for f in fts]
+
+
+def config(family, tmp_path: Path, **kw) -> RunConfig:
+    base, fts = family
+    data = dict(name="t", base=base, sources=fts, space=str(SPACES / "task_arithmetic.yaml"),
+                evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
+                n_trials=6, out=str(tmp_path / "run"), device="cpu", seed=1)
+    return RunConfig.model_validate({**data, **kw})
+
+
+def load(cfg: RunConfig) -> optuna.Study:
+    return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+
+
+def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
+    cfg = config(family, tmp_path)
+    summary = run_search(cfg, progress=False)
+    study = load(cfg)
+    trials = study.get_trials()
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
+    kinds = [t.user_attrs["kind"] for t in trials]
+    # baselines first: each source alone, the uniform average, the method defaults
+    assert kinds[:3] == [f"baseline:source:{Path(p).name}" for p in family[1]] or kinds[0].startswith("baseline")
+    assert any(k == "baseline:uniform" for k in kinds)
+    for t in trials:
+        recipe = Recipe.model_validate(t.user_attrs["recipe"])
+        assert recipe.method == "task_arithmetic"
+        assert t.value == pytest.approx(t.user_attrs["metrics"]["norm_sum"])
+    best = max(trials, key=lambda t: t.value)
+    assert summary["best_trial"] == best.number
+    run = Path(cfg.out)
+    assert Recipe.from_yaml(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
+    assert yaml.safe_load((run / "best_recipe.mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
+    # the exported model is the best recipe: its fitness equals the best value
+    exported = AutoModelForCausalLM.from_pretrained(run / "best_model")
+    assert float(exported.model.norm.weight.double().sum()) == pytest.approx(best.value, rel=1e-6)
+    # test-split scores of the best and of every baseline
+    tested = {int(k.split(":")[1]) for k in study.user_attrs if k.startswith("test:")}
+    assert best.number in tested
+    assert {t.number for t in trials if t.user_attrs["kind"].startswith("baseline")} <= tested
+    assert (run / "report" / "summary.md").is_file()
+
+
+def test_source_alone_baseline_reproduces_the_source(family, tmp_path):
+    cfg = config(family, tmp_path, n_trials=3)
+    run_search(cfg, progress=False, export=False)
+    study = load(cfg)
+    from search_fitness import norm_sum
+    for t in study.get_trials():
+        kind = t.user_attrs["kind"]
+        if kind.startswith("baseline:source:"):
+            path = next(p for p in family[1] if Path(p).name == kind.rsplit(":", 1)[1])
+            model = AutoModelForCausalLM.from_pretrained(path)
+            assert t.value == pytest.approx(norm_sum(model, None)["norm_sum"], rel=1e-6)
+
+
+def test_resume_and_same_seed_same_proposals(family, tmp_path):
+    first = config(family, tmp_path / "a", n_trials=5)
+    run_search(first, progress=False, export=False)
+    before = [t.params for t in load(first).get_trials()]
+    resumed = config(family, tmp_path / "a", n_trials=7)
+    run_search(resumed, progress=False, export=False)
+    after = load(resumed).get_trials()
+    assert len(after) == 7 and [t.params for t in after[:5]] == before
+    again = config(family, tmp_path / "b", n_trials=5)
+    run_search(again, progress=False, export=False)
+    assert [t.params for t in load(again).get_trials()] == before
+
+
+def test_failed_evaluation_becomes_a_failed_trial(family, tmp_path):
+    import search_fitness
+
+    search_fitness.CALLS["n"] = 0
+    cfg = config(family, tmp_path, n_trials=4, baselines=False,
+                 evaluator={"type": "callable", "function": "search_fitness:fails_on_third_call"})
+    run_search(cfg, progress=False, export=False)
+    trials = load(cfg).get_trials()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and "planted evaluation failure" in failed[0].user_attrs["error"]
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+
+
+def test_bad_config_fails_before_any_study(family, tmp_path):
+    with pytest.raises(ValueError, match="has no attribute .nope"):
+        run_search(config(family, tmp_path, evaluator={"type": "callable", "function": "search_fitness:nope"}),
+                   progress=False)
+    assert not (tmp_path / "run" / "study.db").exists()
+
+
+def test_soup_greedy_and_uniform(family, tmp_path):
+    base, fts = family
+    cfg = config(family, tmp_path, base=None, space=None, name="soup")
+    summary = run_soup(cfg, progress=False, export=False)
+    study = load(cfg)
+    kinds = {t.user_attrs["kind"]: t.value for t in study.get_trials()}
+    individual = {k.rsplit(":", 1)[1]: v for k, v in kinds.items() if k.startswith("baseline:source:")}
+    assert set(individual) == {Path(p).name for p in fts}
+    assert "baseline:uniform" in kinds
+    # the norm sum is linear in the weights: a soup's score is the mean of its members' scores, so the greedy
+    # soup keeps exactly the best ingredient (any other member lowers the mean)
+    assert summary["kept"] == [max(individual, key=individual.get)]
+    expected_uniform = sum(individual.values()) / 3
+    assert kinds["baseline:uniform"] == pytest.approx(expected_uniform, rel=1e-6)
+    again = run_soup(cfg, progress=False, export=False)  # resume: nothing is scored twice
+    assert len(load(cfg).get_trials()) == len(study.get_trials()) and again["kept"] == summary["kept"]
+
+
+def test_layer_stacking_search(family, tmp_path):
+    """The passthrough space changes the layer count: each candidate is a new model, scored like the others."""
+    cfg = config(family, tmp_path, base=None, space=str(SPACES / "layer_stacking.yaml"), n_trials=4)
+    run_search(cfg, progress=False)
+    trials = [t for t in load(cfg).get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) >= 4
+    for t in trials:
+        recipe = Recipe.model_validate(t.user_attrs["recipe"])
+        assert recipe.method == "passthrough"
+    best = max(trials, key=lambda t: t.value)
+    recipe = Recipe.model_validate(best.user_attrs["recipe"])
+    exported = AutoModelForCausalLM.from_pretrained(Path(cfg.out) / "best_model")
+    assert exported.config.num_hidden_layers == sum(s.layer_range[1] - s.layer_range[0] for s in recipe.slices)
+    assert float(exported.model.norm.weight.double().sum()) == pytest.approx(best.value, rel=1e-6)
+
+
+def test_successive_halving_prunes_on_fidelity_levels(family, tmp_path):
+    cfg = config(family, tmp_path, n_trials=10, pruner="halving", fidelities=[0.25, 1.0], sampler="random",
+                 evaluator={"type": "callable", "function": "search_fitness:noisy_by_fidelity"})
+    run_search(cfg, progress=False, export=False)
+    trials = load(cfg).get_trials()
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned, "successive halving should stop some trials at the first fidelity"
+    assert all(list(t.intermediate_values) == [1] for t in pruned)
+    for t in complete:  # the value reported at fidelity 0.25 is the full score minus 0.75
+        if t.user_attrs["kind"] == "search":
+            assert t.intermediate_values[1] == pytest.approx(t.value - 0.75)
+        else:  # baselines are never pruned: scored once, in full
+            assert t.intermediate_values == {}
+    assert len(pruned) + len(complete) == 10
