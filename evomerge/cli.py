@@ -1,0 +1,133 @@
+"""Command line: a thin layer over the Python API.
+
+    evomerge merge RECIPE.yaml --out DIR [--device cpu|cuda] [--force]     materialize a recipe into an HF dir
+    evomerge search CONFIG.yaml [--n-trials N] [--storage URL]             search for the best merge recipe
+    evomerge soup CONFIG.yaml                                              uniform and greedy model soups
+    evomerge worker --storage URL --study NAME                             join a shared study as one more worker
+    evomerge report RUN_DIR [--out DIR]                                    tables and plots of a run
+    evomerge zoo build DIR [--mini] [--force]                              build the offline tiny model zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("evomerge")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from evomerge.merge import merge_to_dir
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle)
+    print(f"merged model written to {out}")
+
+
+def _run_config(args: argparse.Namespace):  # noqa: ANN202 - RunConfig, imported lazily
+    from evomerge.search.config import RunConfig
+
+    return RunConfig.from_yaml(args.config, n_trials=args.n_trials, storage=args.storage, out=args.out,
+                               device=args.device, seed=args.seed)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from evomerge.search.study import run_search
+
+    summary = run_search(_run_config(args), export=not args.no_export)
+    print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
+
+
+def cmd_soup(args: argparse.Namespace) -> None:
+    from evomerge.search.study import run_soup
+
+    summary = run_soup(_run_config(args), export=not args.no_export)
+    print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from evomerge.search.study import run_worker
+
+    run_worker(args.storage, args.study, n_trials=args.n_trials, device=args.device)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from evomerge.report import load_study, write_report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else Path("results") / run_dir.name
+    print(f"report written to {write_report(load_study(run_dir), out, title=run_dir.name, run_dir=run_dir)}")
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> None:
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    config = ZooConfig.mini() if args.mini else ZooConfig.full()
+    zoo = build_zoo(Path(args.dir), config, force=args.force)
+    print(f"zoo ready in {zoo.root}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="materialize a recipe (evomerge or mergekit YAML) into an HF dir")
+    merge.add_argument("recipe", help="recipe YAML (evomerge format, or a mergekit config with merge_method)")
+    merge.add_argument("--out", required=True, help="output HF dir (must not exist unless --force)")
+    merge.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output dir")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="read pytorch_model.bin checkpoints (torch.load with weights_only=True)")
+    merge.set_defaults(func=cmd_merge)
+
+    for name, func, text in [("search", cmd_search, "search for the best merge recipe (Optuna study)"),
+                             ("soup", cmd_soup, "uniform and greedy model soups of the config's sources")]:
+        run = sub.add_parser(name, help=text)
+        run.add_argument("config", help="run config YAML (see README: models, space, evaluator, sampler, budget)")
+        run.add_argument("--n-trials", type=int, help="override the config's n_trials")
+        run.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run dir)")
+        run.add_argument("--out", help="run dir (default: runs/<name>)")
+        run.add_argument("--device", help="cpu or cuda")
+        run.add_argument("--seed", type=int, help="override the config's seed")
+        run.add_argument("--no-export", action="store_true", help="do not write the best merged model")
+        run.set_defaults(func=func)
+
+    worker = sub.add_parser("worker", help="run trials of an existing study (many processes / machines)")
+    worker.add_argument("--storage", required=True, help="e.g. postgresql://user:pw@host/db")
+    worker.add_argument("--study", required=True, help="study name (the config is read from the study)")
+    worker.add_argument("--n-trials", type=int, help="stop when the study holds this many finished trials")
+    worker.add_argument("--device", help="cpu or cuda")
+    worker.set_defaults(func=cmd_worker)
+
+    report = sub.add_parser("report", help="tables and plots of a run dir")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="output dir (default: results/<run dir name>)")
+    report.set_defaults(func=cmd_report)
+
+    zoo = sub.add_parser("zoo", help="the offline tiny model zoo")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="build the zoo (base, experts, soup sweep, tasks, score table)")
+    build.add_argument("dir", help="output dir")
+    build.add_argument("--mini", action="store_true", help="the small zoo used by unit tests (~1 minute)")
+    build.add_argument("--force", action="store_true", help="replace a different zoo in DIR")
+    build.set_defaults(func=cmd_zoo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # user errors: one clear line, no traceback
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
