@@ -18,6 +18,8 @@
 objective (the one the search exports). Test-split results are read from a trial's user_attrs ``test_metrics`` /
 ``test_objective`` or, since finished trials are read-only in Optuna, from the study's user_attr
 ``test:<trial number>`` = ``{"metrics": {...}, "objective": value}``. Trials without a ``kind`` count as search trials.
+Baselines the search space cannot express are scored beside the study as user_attrs ``reference:<label>`` =
+``{"recipe", "metrics", "values", "test_metrics", "test_objective", ...}`` and get rows of their own in the table.
 
 Plots are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch) at 100 dpi.
 """
@@ -221,9 +223,23 @@ def comparison_table(
     tag = "best" if len(study.directions) == 1 else "pareto"
     rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
     rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
+    rows += [(f"{kind_label(label)} (linear, outside the space)", t) for label, t in reference_trials(study)]
     columns = value_columns(study, [t for _, t in rows])
     header = ["row", "trial", *(c.header for c in columns)]
-    return header, [[label, f"#{t.number}", *(_cell(c.get(t)) for c in columns)] for label, t in rows]
+    return header, [[label, f"#{t.number}" if t.number >= 0 else MISSING, *(_cell(c.get(t)) for c in columns)]
+                    for label, t in rows]
+
+
+def reference_trials(study: optuna.Study) -> list[tuple[str, FrozenTrial]]:
+    """The study's references (user_attrs ``reference:<label>``: baselines scored beside the study because its space
+    cannot express them) as detached trials (number -1) that the table columns can read, with their labels."""
+    out = []
+    for key, ref in study.user_attrs.items():
+        if key.startswith("reference:") and isinstance(ref, dict) and ref.get("values"):
+            attrs = {k: v for k, v in ref.items() if k != "values"}
+            trial = optuna.trial.create_trial(values=ref["values"], user_attrs={"kind": key, **attrs})
+            out.append((key.removeprefix("reference:"), trial))
+    return out
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -67,4 +67,15 @@ def test_search_merge_eval_on_the_mini_zoo(mini_zoo: Zoo, tmp_path: Path) -> Non
     rescored = test.score(exported, AutoTokenizer.from_pretrained(run / "best_model"))
     recorded = study.user_attrs[f"test:{best.number}"]
     assert rescored.objective == pytest.approx(recorded["objective"], abs=1e-12)
-    assert (run / "report" / "summary.md").read_text().count("| source: ") == len(sources)
+    summary_md = (run / "report" / "summary.md").read_text()
+    assert summary_md.count("| source: ") == len(sources)
+    # the plain average, outside the dare_ties space, is scored beside the study; check it against an average
+    # made here by hand
+    uniform = study.user_attrs["reference:uniform"]
+    assert "| uniform (linear, outside the space) |" in summary_md and "test_objective" in uniform
+    experts = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in mini_zoo.experts.values()]
+    average = AutoModelForCausalLM.from_pretrained(mini_zoo.base).eval()
+    average.load_state_dict({k: sum(sd[k] for sd in experts) / len(experts) for k in experts[0]})
+    validation = LmEvalEvaluator(tasks, include_path=mini_zoo.task_dir, metrics=["acc"], include_defaults=False)
+    by_hand = validation.score(average, AutoTokenizer.from_pretrained(mini_zoo.tokenizer_dir)).objective
+    assert uniform["values"][0] == pytest.approx(by_hand, abs=0.011)  # fp32 summation order: at most one item

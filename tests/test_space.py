@@ -270,6 +270,22 @@ def test_baselines_outside_the_space_are_skipped_with_a_reason(caplog):
     assert "needs lambda = 0.3333333333333333; the space leaves it at its default 1.0" in caplog.text
 
 
+def test_references_are_the_baselines_the_space_cannot_express():
+    # task arithmetic expresses every source alone and the average: nothing to score beside the study
+    assert space(method="task_arithmetic", parameters={"weight": "search", "lambda": "search"}
+                 ).reference_recipes(MODELS) == []
+    # with density fixed at 0.5 none is expressible: each source alone and the average, as linear recipes
+    references = dict(space(method="dare_linear", parameters={"weight": "search", "density": 0.5}
+                            ).reference_recipes(MODELS))
+    assert list(references) == ["source:a", "source:b", "source:c", "uniform"]
+    base, sources = dyadic(4, 4, seed=0), dyadic(3, 4, 4, seed=1)
+    for label, recipe in references.items():
+        assert recipe.method == "linear"
+        merged = merge(get_method("linear"), resolved(recipe, "model.layers.0.mlp.up_proj.weight", 4), base, sources)
+        expected = sources.mean(0) if label == "uniform" else sources["abc".index(label[-1])]
+        assert torch.allclose(merged, expected, atol=1e-7, rtol=0)
+
+
 # --------------------------------------------------------------------------------------- layer stacking
 def test_layer_stacking_path_choices_and_baseline():
     sp = space(method="passthrough", max_layers="1.5x", window=1, scale={"low": 0.5, "high": 1.5})

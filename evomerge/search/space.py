@@ -697,6 +697,21 @@ class SearchSpace:
         """
         return self.spec.baseline_params(models)
 
+    def reference_recipes(self, models: ModelSet) -> list[tuple[str, Recipe]]:
+        """The baselines this space cannot express (e.g. the plain average under TIES, whose sign election is no
+        average), as linear recipes scored beside the study: ``uniform`` = ``Σ θ_i / N`` and ``source:<label>`` =
+        ``θ_i`` (weight 1 on it, 0 on the others, normalised), for every such label missing from
+        :meth:`baseline_params`."""
+        expressed = {label for label, _ in self.baseline_params(models)}
+        n = len(models.sources)
+        wanted = [(f"source:{label}", [float(i == j) for j in range(n)])
+                  for i, label in enumerate(_model_labels(models.sources))] + [("uniform", [1.0] * n)]
+        return [
+            (label, Recipe(method="linear", parameters={"normalize": True},
+                           sources=[SourceSpec(model=m, parameters={"weight": w}) for m, w in zip(models.sources, ws)]))
+            for label, ws in wanted if label not in expressed
+        ]
+
     def is_continuous(self) -> bool:
         """True when nothing is categorical (no method choice, no ``choice`` entry): CMA-ES applies."""
         return self.spec.is_continuous()

@@ -213,6 +213,23 @@ class Runner:
             study.enqueue_trial(params, user_attrs={"kind": f"baseline:{label}"}, skip_if_exists=True)
         study.set_user_attr("baselines_enqueued", True)
 
+    def score_references(self, study: optuna.Study) -> None:
+        """Score, once per study, the baselines the space cannot express (:meth:`SearchSpace.reference_recipes`) on
+        the validation split; each goes into the study's user_attrs as ``reference:<label>`` = ``{recipe, metrics,
+        values, merge_seconds, eval_seconds}`` (not a trial: its parameters are outside the sampler's space)."""
+        if not self.config.baselines or self.space is None:
+            return
+        for label, recipe in self.space.reference_recipes(self.models):
+            key = f"reference:{label}"
+            if key in study.user_attrs:
+                continue
+            recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
+            scored = self.score(recipe)
+            values = scored.result.objectives if self.config.multi_objective else [scored.result.objective]
+            study.set_user_attr(key, {"recipe": recipe.model_dump(mode="json"), "metrics": scored.result.metrics,
+                                      "values": values, "merge_seconds": scored.merge_seconds,
+                                      "eval_seconds": scored.result.seconds})
+
     def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
         """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; failed trials do not
         count, but a round in which every trial fails ends the run (the failures are in the study and report)."""
@@ -263,6 +280,13 @@ class Runner:
             # finished trials are read-only in Optuna: test results live in the study's user_attrs
             study.set_user_attr(f"test:{number}", {"metrics": result.metrics, "objective": result.objective})
             summary["test"][f"{number}:{trial_kind(trial)}"] = result.objective
+        for key, reference in study.user_attrs.items():
+            if key.startswith("reference:"):
+                model, _ = self.materialize(Recipe.model_validate(reference["recipe"]))
+                result = test.score(model, self.tokenizer)
+                study.set_user_attr(key, {**reference, "test_metrics": result.metrics,
+                                          "test_objective": result.objective})
+                summary["test"][key] = result.objective
         if export:
             self.export(recipe, self.run_dir / "best_model")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -294,6 +318,7 @@ def run_search(config: RunConfig, *, progress: bool = True, export: bool = True)
     runner = Runner(config)
     study = runner.open_study()
     runner.enqueue_baselines(study)
+    runner.score_references(study)
     runner.optimize(study, progress=progress)
     summary = runner.finalize(study, export=export)
     summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
