@@ -79,3 +79,25 @@ def test_search_merge_eval_on_the_mini_zoo(mini_zoo: Zoo, tmp_path: Path) -> Non
     validation = LmEvalEvaluator(tasks, include_path=mini_zoo.task_dir, metrics=["acc"], include_defaults=False)
     by_hand = validation.score(average, AutoTokenizer.from_pretrained(mini_zoo.tokenizer_dir)).objective
     assert uniform["values"][0] == pytest.approx(by_hand, abs=0.011)  # fp32 summation order: at most one item
+
+
+def test_evaluator_equals_lm_eval_simple_evaluate_on_a_saved_zoo_expert(mini_zoo: Zoo) -> None:
+    """Our reused-HFLM evaluator and lm-eval's own ``simple_evaluate(model="hf", pretrained=DIR)`` agree, per
+    document, on a zoo expert's test split."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task, path = next(iter(mini_zoo.experts.items()))
+    name = lm_eval_name(task)
+    reference = simple_evaluate(
+        model="hf", model_args=f"pretrained={path},dtype=float32", tasks=[name], device="cpu", batch_size=16,
+        bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(mini_zoo.task_dir), include_defaults=False),
+    )
+    evaluator = LmEvalEvaluator([name], include_path=mini_zoo.task_dir, split="test", metrics=["acc", "acc_norm"],
+                                include_defaults=False)
+    ours = evaluator.score(AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+    assert ours.metrics[f"{name}/acc"] == reference["results"][name]["acc,none"]
+    assert ours.metrics[f"{name}/acc_norm"] == reference["results"][name]["acc_norm,none"]
+    per_doc = {s["doc_id"]: s["acc"] for s in reference["samples"][name]}
+    assert ours.items[f"{name}/acc"] == [per_doc[i] for i in evaluator.doc_ids()[name]]
