@@ -22,9 +22,10 @@ from evomerge.zoo.taskfiles import lm_eval_name
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
-def lm_eval_spec(tasks: list[str], task_dir: Path, limit: int | None) -> dict:
+def lm_eval_spec(tasks: list[str], task_dir: Path) -> dict:
+    """lm-eval over the zoo's local task files; objective: the mean accuracy over ``tasks``."""
     return {"type": "lm_eval", "tasks": tasks, "include_path": [str(task_dir)], "split": "validation",
-            "limit": limit}
+            "metrics": ["acc"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     tasks = list(zoo.experts)
     search = RunConfig(
         name="experts", base=str(zoo.base), sources=[str(zoo.experts[t]) for t in tasks], space=args.space,
-        evaluator=lm_eval_spec([lm_eval_name(t) for t in tasks], zoo.task_dir, None), n_trials=args.trials or (12 if args.mini else 40),
+        evaluator=lm_eval_spec([lm_eval_name(t) for t in tasks], zoo.task_dir),
+        n_trials=args.trials or (12 if args.mini else 40),
         out=str(out / "search"), device=args.device, seed=0,
     )
     summary = run_search(search)
@@ -54,11 +56,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print("== 3. soups of the same-task sweep", flush=True)
     soup = RunConfig(
-        name="soup", sources=[str(p) for p in zoo.sweep], evaluator=lm_eval_spec([lm_eval_name(zoo.sweep_task)], zoo.task_dir, None),
+        name="soup", sources=[str(p) for p in zoo.sweep],
+        evaluator=lm_eval_spec([lm_eval_name(zoo.sweep_task)], zoo.task_dir),
         out=str(out / "soup"), device=args.device, seed=0,
     )
     summary = run_soup(soup)
     print((Path(summary["report"])).read_text())
+    print(f"greedy soup: kept {len(summary['kept'])} of {len(zoo.sweep)} ingredients ({', '.join(summary['kept'])})")
     print(f"runs, reports and merged models are in {out}/")
 
 

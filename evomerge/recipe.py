@@ -23,7 +23,7 @@ recipe's top-level ``parameters`` (a default for all sources), then the method's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import numpy as np
 import yaml

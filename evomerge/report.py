@@ -166,6 +166,9 @@ def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Froz
     """The best trial (one objective) or the Pareto-optimal trials, highest first objective first; [] if none."""
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return []
+    greedy = study.user_attrs.get("greedy")
+    if greedy:  # a soup: its result is the greedy soup, whatever ties the scores hold
+        return [t for t in trials if t.number == greedy["trial"]]
     if len(study.directions) == 1:
         return [study.best_trial]
     sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
@@ -222,6 +225,9 @@ def comparison_table(
     completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
     tag = "best" if len(study.directions) == 1 else "pareto"
     rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
+    if greedy := study.user_attrs.get("greedy"):
+        rows = [(f"greedy soup (kept {len(greedy['kept'])} of {greedy['of']}: {', '.join(greedy['kept'])})", t)
+                for t in best]
     rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
     rows += [(f"{kind_label(label)} (linear, outside the space)", t) for label, t in reference_trials(study)]
     columns = value_columns(study, [t for _, t in rows])
@@ -334,7 +340,7 @@ def plot_history(study: optuna.Study, trials: Sequence[FrozenTrial], path: Path)
     non-baseline trials; each baseline as a dashed horizontal line labelled with its kind. One panel per objective."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     runs = [t for t in complete if not is_baseline(t)]
-    baselines = [t for t in complete if is_baseline(t)]
+    baselines = [t for t in complete if is_baseline(t)] + [t for _, t in reference_trials(study)]
     names = objective_names(study)
     fig = Figure(figsize=(7.5, 3.2 * len(names)))
     for i, (ax, name, direction) in enumerate(zip(fig.subplots(len(names), 1, squeeze=False)[:, 0], names,

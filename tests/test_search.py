@@ -125,6 +125,10 @@ def test_soup_greedy_and_uniform(family, tmp_path):
     assert summary["kept"] == [max(individual, key=individual.get)]
     expected_uniform = sum(individual.values()) / 3
     assert kinds["baseline:uniform"] == pytest.approx(expected_uniform, rel=1e-6)
+    # the report names the greedy soup and what it kept; its test score was taken
+    kept = summary["kept"][0]
+    assert f"| greedy soup (kept 1 of 3: {kept}) | #{summary['greedy_trial']} |" in Path(summary["report"]).read_text()
+    assert f"test:{summary['greedy_trial']}" in study.user_attrs
     again = run_soup(cfg, progress=False, export=False)  # resume: nothing is scored twice
     assert len(load(cfg).get_trials()) == len(study.get_trials()) and again["kept"] == summary["kept"]
 
@@ -160,3 +164,20 @@ def test_successive_halving_prunes_on_fidelity_levels(family, tmp_path):
         else:  # baselines are never pruned: scored once, in full
             assert t.intermediate_values == {}
     assert len(pruned) + len(complete) == 10
+
+
+def test_lower_is_better_objective_is_minimized(family, tmp_path):
+    """A lower-is-better evaluator (perplexity-like) gives a minimizing study: the search exports its lowest trial
+    and the greedy soup starts from the lowest-scoring ingredient."""
+    minimize = {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"],
+                "direction": "minimize"}
+    cfg = config(family, tmp_path, evaluator=minimize)
+    summary = run_search(cfg, progress=False, export=False)
+    study = load(cfg)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    values = {t.number: t.value for t in study.get_trials() if t.value is not None}
+    assert summary["best_trial"] == min(values, key=values.get)
+    assert study.user_attrs["objective"] == ["norm_sum"]
+    soup = config(family, tmp_path / "soup", base=None, space=None, name="soup", evaluator=minimize)
+    result = run_soup(soup, progress=False, export=False)
+    assert result["kept"] == [min(result["individual"], key=result["individual"].get)]

@@ -31,6 +31,7 @@ from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.mergekit import to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.report import trial_kind
+from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
 from evomerge.stacking import build_stacked_model
@@ -40,11 +41,12 @@ log = logging.getLogger(__name__)
 
 def make_sampler(name: str, *, seed: int, continuous: bool, n_objectives: int) -> optuna.samplers.BaseSampler:
     """The sampler for ``name``; ``auto`` is NSGA-II for several objectives, CMA-ES for continuous spaces, TPE
-    otherwise. (Optuna >= 4.4 moved CMA-ES restarts to OptunaHub, which needs network access at run time.)"""
+    otherwise. CMA-ES runs with IPOP restarts (:class:`~evomerge.search.cmaes_restart.RestartCmaEsSampler`): a
+    converged run restarts from a random mean with a doubled population."""
     if name == "auto":
         name = "nsga2" if n_objectives > 1 else "cmaes" if continuous else "tpe"
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return RestartCmaEsSampler(seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     if name == "gp":
@@ -81,6 +83,12 @@ def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> optuna.storages
         return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                           engine_kwargs={"pool_pre_ping": True})
+
+
+def sign(study: optuna.Study) -> float:
+    """+1 when the study maximizes its (first) objective, -1 when it minimizes it (``sign * value``: higher is
+    better)."""
+    return 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
 
 
 @dataclass
@@ -124,13 +132,15 @@ class Runner:
         study = optuna.create_study(
             storage=make_storage(self.config.storage_url, heartbeat_s=self.config.heartbeat_s,
                                  grace_s=self.config.grace_s), study_name=self.config.name, sampler=sampler,
-            pruner=make_pruner(self.config.pruner), directions=["maximize"] * n_obj, load_if_exists=True,
+            pruner=make_pruner(self.config.pruner), directions=[self.evaluator.objective.direction] * n_obj,
+            load_if_exists=True,
         )
         if "config" not in study.user_attrs:
             for key, value in {
                 "config": self.config.model_dump(mode="json"), "num_layers": self.models.num_layers,
                 "sources": self.models.sources, "base": self.models.base, "kind": self.kind,
                 "space": Path(self.config.space).name if self.config.space else None,
+                "objective": list(self.evaluator.objective.metrics),
             }.items():
                 study.set_user_attr(key, value)
         (self.run_dir / "run.json").write_text(json.dumps(
@@ -259,20 +269,22 @@ class Runner:
             bar.close()
 
     # ----------------------------------------------------------------------------------------- finalize
-    def finalize(self, study: optuna.Study, *, export: bool = True, also: tuple[int, ...] = ()) -> dict[str, Any]:
-        """Best recipe (evomerge + mergekit YAML), merged HF dir, test-split scores of the best, the baselines and
-        the trials numbered in ``also``."""
+    def finalize(self, study: optuna.Study, *, export: bool = True, chosen: int | None = None) -> dict[str, Any]:
+        """The chosen recipe (default: the best trial's; a soup chooses its greedy soup) as evomerge + mergekit YAML
+        and a merged HF dir, and test-split scores of it and of the baselines."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise RuntimeError(f"study {study.study_name} has no completed trial; see the FAIL reasons in the report")
-        best_trials = study.best_trials
-        best = max(best_trials, key=lambda t: t.values[0])
+        if chosen is None:
+            best = max(study.best_trials, key=lambda t: sign(study) * t.values[0])
+        else:
+            best = next(t for t in complete if t.number == chosen)
         recipe = Recipe.model_validate(best.user_attrs["recipe"])
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
         (self.run_dir / "best_recipe.mergekit.yaml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
         test = build_evaluator(self.config.test_spec())
         targets = {t.number: t for t in complete
-                   if trial_kind(t).startswith("baseline") or t.number == best.number or t.number in also}
+                   if trial_kind(t).startswith("baseline") or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
             model, _ = self.materialize(Recipe.model_validate(trial.user_attrs["recipe"]))
@@ -302,7 +314,7 @@ def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
         bar.update(1)
         best = None
         try:
-            best = max(t.values[0] for t in study.best_trials)
+            best = sign(study) * max(sign(study) * t.values[0] for t in study.best_trials)
         except (ValueError, RuntimeError):
             pass
         bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", state=trial.state.name,
@@ -361,16 +373,19 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         bar.set_postfix(last=f"{value:.4f}")
         return value
 
-    done = {key: t.value for key, t in trials.items()}
-    result = greedy_soup(config.sources, score, accept=config.accept, done=done)
+    # greedy_soup maximizes: a lower-is-better objective (e.g. perplexity) is handed to it negated
+    done = {key: sign(study) * t.value for key, t in trials.items()}
+    result = greedy_soup(config.sources, lambda recipe: sign(study) * score(recipe), accept=config.accept, done=done)
     uniform = result.uniform_recipe()
     if recipe_key(uniform) not in trials:
         score(uniform)
     bar.close()
     greedy = trials[recipe_key(result.greedy_recipe())]
-    summary = runner.finalize(study, export=export, also=(greedy.number,))
-    summary.update(kept=[Path(m).name for m in result.kept], greedy_trial=greedy.number,
-                   individual={Path(m).name: v for m, v in result.individual_scores.items()})
+    kept = [Path(m).name for m in result.kept]
+    study.set_user_attr("greedy", {"trial": greedy.number, "kept": kept, "of": len(config.sources)})
+    summary = runner.finalize(study, export=export, chosen=greedy.number)
+    summary.update(kept=kept, greedy_trial=greedy.number,
+                   individual={Path(m).name: sign(study) * v for m, v in result.individual_scores.items()})
     summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name, run_dir=runner.run_dir))
     return summary
 
