@@ -17,7 +17,8 @@ per-tensor inputs computed once for the whole tensor (TIES / breadcrumbs thresho
 DARE uniform draws). The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
 ``torch.compile`` kernel (CPU and CUDA, for models of 16M+ entries; compiled with eager numerics, so the result
 is bit-identical to the plain formula), or eagerly: on CPU in cache-sized chunks of entries (bit-identical too:
-the formula is entrywise). Non-finite results are detected with one device synchronisation per candidate.
+the formula is entrywise). Non-finite results are detected on the stored entries (min and max per run) with one
+device synchronisation per candidate.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _fused_merge(
     blocks: Mapping[str, tuple[Tensor, ...]],
 ) -> Tensor:
     """``out ← fn(base, sources)`` with the upcast to fp32 and the cast into ``out`` in the same graph (compiled,
-    one kernel for entrywise methods); returns the check value of :func:`_check_value`.
+    one kernel for entrywise methods).
 
     ``blocks``: keyword arguments given per block of ``_ALIGN`` entries ([N, blocks] tables, e.g. the thresholds of
     every tensor of a run), passed to ``fn`` expanded to one value per entry (:func:`_per_entry`).
@@ -151,7 +152,6 @@ def _fused_merge(
     expanded = {key: tuple(_per_entry(table, entries) for table in tables) for key, tables in blocks.items()}
     merged = fn(None if base_row is None else base_row.float(), rows.float(), **kwargs, **expanded)
     out.copy_(merged)
-    return _check_value(merged)
 
 
 def _per_entry(table: Tensor, entries: int) -> Tensor:
@@ -159,10 +159,12 @@ def _per_entry(table: Tensor, entries: int) -> Tensor:
     return table.unsqueeze(-1).expand(*table.shape, _ALIGN).reshape(table.shape[0], -1)[:, :entries]
 
 
-def _check_value(merged: Tensor) -> Tensor:
-    """fp32 sum of a merge result: finite when every entry is (NaN/Inf propagate). A non-finite sum of finite
-    entries (overflow) is a false alarm that :meth:`MergeEngine._verify` clears by checking the stored entries."""
-    return merged.sum()
+def _check_value(stored: Tensor) -> Tensor:
+    """``[min, max]`` of the stored entries of a merge: both finite iff every entry is (NaN propagates into both,
+    ``±inf`` shows in one). Taken on the stored dtype, it also catches fp32 values that overflow a bf16/fp16 model.
+    One cheap pass after the merge kernel, not inside it: compiled on CPU, any reduction fused into the merge
+    makes the kernel about 4x slower."""
+    return torch.stack(torch.aminmax(stored.reshape(-1)))
 
 
 # Inductor options that keep compiled arithmetic bit-identical to eager: no fused multiply-add contraction, IEEE
@@ -486,7 +488,7 @@ class MergeEngine:
         if not method.elementwise or method.statistic or unbound:
             merged = self._merge_whole(method, run[0], base, sources, params, seed)
             self._targets[run[0]].copy_(merged)
-            return _check_value(merged)
+            return _check_value(self._targets[run[0]])
         rows = _rows(self._flat[:, begin:end], sources).to(self.device, non_blocking=True)
         base_row = None if base is None else self._flat[base, begin:end].to(self.device, non_blocking=True)
         out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
@@ -500,22 +502,24 @@ class MergeEngine:
         compiled = self._compiled_merge(method)
         if compiled is not None:
             try:
-                return compiled(method.fn, out, rows, base_row, kwargs, blocks)
+                compiled(method.fn, out, rows, base_row, kwargs, blocks)
+                return _check_value(out)
             except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to the eager formula
                 log.warning("torch.compile of the %s merge failed (%s); merging eagerly", method.name, error)
                 self._compiled[method.name] = None
         if self.device.type == "cpu":
-            return self._merge_chunks(method.fn, out, rows, base_row, kwargs, blocks)
-        return _fused_merge(method.fn, out, rows, base_row, kwargs, blocks)
+            self._merge_chunks(method.fn, out, rows, base_row, kwargs, blocks)
+        else:
+            _fused_merge(method.fn, out, rows, base_row, kwargs, blocks)
+        return _check_value(out)
 
     def _merge_chunks(
         self, fn: Callable[..., Tensor], out: Tensor, rows: Tensor, base_row: Tensor | None,
         kwargs: Mapping[str, object], blocks: Mapping[str, tuple[Tensor, ...]],
-    ) -> Tensor:
+    ) -> None:
         """Eager CPU: ``out ← fn(base, sources)`` over chunks of ``self._chunk`` entries (a multiple of
         ``_ALIGN``), each upcast, merged and cast while its fp32 temporaries are in cache (entrywise ``fn``:
         identical to one call on all entries)."""
-        sums = []
         for begin in range(0, out.numel(), self._chunk):
             end = min(begin + self._chunk, out.numel())
             chunk = dict(kwargs)
@@ -524,8 +528,7 @@ class MergeEngine:
             chunk_blocks = {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables)
                             for key, tables in blocks.items()}
             chunk_base = None if base_row is None else base_row[begin:end]
-            sums.append(_fused_merge(fn, out[begin:end], rows[:, begin:end], chunk_base, chunk, chunk_blocks))
-        return torch.stack(sums).sum()
+            _fused_merge(fn, out[begin:end], rows[:, begin:end], chunk_base, chunk, chunk_blocks)
 
     def _compiled_merge(self, method: MergeMethod) -> Callable[..., Tensor] | None:
         """:func:`_fused_merge` compiled by ``torch.compile`` (once per method; shapes are dynamic), or None when
@@ -616,7 +619,7 @@ class MergeEngine:
         hold NaN/Inf (only runs whose check value is non-finite are inspected, with the exact float64 check)."""
         if not checks:
             return
-        finite = torch.isfinite(torch.stack([c.float() for _, c in checks])).tolist()
+        finite = torch.isfinite(torch.stack([c.float() for _, c in checks])).all(1).tolist()
         for (run, _), ok in zip(checks, finite):
             bad = [] if ok else [n for n in run if not all_finite(self._targets[n].float())]
             if bad:

@@ -181,6 +181,18 @@ def test_nan_result_raises(family, tmp_path):
         engine.materialize(recipe)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_value_is_finite_iff_every_stored_entry_is(dtype):
+    from evomerge.engine import _check_value
+
+    finite = torch.tensor([6e4, -6e4, 1.0, -0.0] * 64).to(dtype)  # summed, these would overflow fp16
+    assert torch.isfinite(_check_value(finite)).all()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = finite.clone()
+        tensor[100] = bad
+        assert not torch.isfinite(_check_value(tensor)).all()
+
+
 # --- hot path: chunks, runs of tensors, cached thresholds and pre-drawn noise give the plain formula's bits ----
 FAST_PATH = {
     "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
