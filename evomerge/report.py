@@ -162,8 +162,16 @@ def scored_on_test(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> tuple[
     return objective, trial.user_attrs.get("test_metrics", stored.get("metrics")) or {}
 
 
+def direction_sign(study: optuna.Study) -> float:
+    """+1 when the study maximizes its (first) objective, -1 when it minimizes it (``sign * value``: higher is
+    better)."""
+    return 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+
+
 def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The best trial (one objective) or the Pareto-optimal trials, highest first objective first; [] if none."""
+    """The result of the study, first the one a run exports; [] if no trial completed: a soup's greedy soup (study
+    user_attr ``greedy``), else the best trial (one objective) or the Pareto-optimal trials, best first objective
+    first."""
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return []
     greedy = study.user_attrs.get("greedy")
@@ -171,7 +179,7 @@ def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Froz
         return [t for t in trials if t.number == greedy["trial"]]
     if len(study.directions) == 1:
         return [study.best_trial]
-    sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+    sign = direction_sign(study)
     return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
 
 
@@ -223,11 +231,12 @@ def comparison_table(
 ) -> tuple[list[str], list[list[str]]]:
     """The "best vs baselines" table: one row for the best (or each Pareto-optimal) trial of ``best``, then one per
     completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
-    tag = "best" if len(study.directions) == 1 else "pareto"
-    rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
     if greedy := study.user_attrs.get("greedy"):
         rows = [(f"greedy soup (kept {len(greedy['kept'])} of {greedy['of']}: {', '.join(greedy['kept'])})", t)
                 for t in best]
+    else:
+        tag = "best" if len(study.directions) == 1 else "pareto"
+        rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
     rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
     rows += [(f"{kind_label(label)} (linear, outside the space)", t) for label, t in reference_trials(study)]
     columns = value_columns(study, [t for _, t in rows])

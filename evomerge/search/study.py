@@ -30,7 +30,7 @@ from evomerge.evaluate import EvalResult, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.mergekit import to_mergekit
 from evomerge.recipe import Recipe
-from evomerge.report import trial_kind
+from evomerge.report import best_trials, direction_sign, trial_kind
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
@@ -83,12 +83,6 @@ def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> optuna.storages
         return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                           engine_kwargs={"pool_pre_ping": True})
-
-
-def sign(study: optuna.Study) -> float:
-    """+1 when the study maximizes its (first) objective, -1 when it minimizes it (``sign * value``: higher is
-    better)."""
-    return 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
 
 
 @dataclass
@@ -269,16 +263,14 @@ class Runner:
             bar.close()
 
     # ----------------------------------------------------------------------------------------- finalize
-    def finalize(self, study: optuna.Study, *, export: bool = True, chosen: int | None = None) -> dict[str, Any]:
-        """The chosen recipe (default: the best trial's; a soup chooses its greedy soup) as evomerge + mergekit YAML
-        and a merged HF dir, and test-split scores of it and of the baselines."""
+    def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
+        """The study's result (:func:`~evomerge.report.best_trials`: the best trial, or a soup's greedy soup) as
+        evomerge + mergekit YAML and a merged HF dir, and test-split scores of it, the baselines and the
+        references."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise RuntimeError(f"study {study.study_name} has no completed trial; see the FAIL reasons in the report")
-        if chosen is None:
-            best = max(study.best_trials, key=lambda t: sign(study) * t.values[0])
-        else:
-            best = next(t for t in complete if t.number == chosen)
+        best = best_trials(study, complete)[0]
         recipe = Recipe.model_validate(best.user_attrs["recipe"])
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
         (self.run_dir / "best_recipe.mergekit.yaml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
@@ -286,16 +278,19 @@ class Runner:
         targets = {t.number: t for t in complete
                    if trial_kind(t).startswith("baseline") or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
+
+        def scored(recipe_data: dict[str, Any]) -> EvalResult:
+            model, _ = self.materialize(Recipe.model_validate(recipe_data))
+            return test.score(model, self.tokenizer)
+
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
-            model, _ = self.materialize(Recipe.model_validate(trial.user_attrs["recipe"]))
-            result = test.score(model, self.tokenizer)
+            result = scored(trial.user_attrs["recipe"])
             # finished trials are read-only in Optuna: test results live in the study's user_attrs
             study.set_user_attr(f"test:{number}", {"metrics": result.metrics, "objective": result.objective})
             summary["test"][f"{number}:{trial_kind(trial)}"] = result.objective
         for key, reference in study.user_attrs.items():
             if key.startswith("reference:"):
-                model, _ = self.materialize(Recipe.model_validate(reference["recipe"]))
-                result = test.score(model, self.tokenizer)
+                result = scored(reference["recipe"])
                 study.set_user_attr(key, {**reference, "test_metrics": result.metrics,
                                           "test_objective": result.objective})
                 summary["test"][key] = result.objective
@@ -314,7 +309,8 @@ def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
         bar.update(1)
         best = None
         try:
-            best = sign(study) * max(sign(study) * t.values[0] for t in study.best_trials)
+            sign = direction_sign(study)
+            best = sign * max(sign * t.values[0] for t in study.best_trials)
         except (ValueError, RuntimeError):
             pass
         bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", state=trial.state.name,
@@ -374,8 +370,9 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         return value
 
     # greedy_soup maximizes: a lower-is-better objective (e.g. perplexity) is handed to it negated
-    done = {key: sign(study) * t.value for key, t in trials.items()}
-    result = greedy_soup(config.sources, lambda recipe: sign(study) * score(recipe), accept=config.accept, done=done)
+    sign = direction_sign(study)
+    done = {key: sign * t.value for key, t in trials.items()}
+    result = greedy_soup(config.sources, lambda recipe: sign * score(recipe), accept=config.accept, done=done)
     uniform = result.uniform_recipe()
     if recipe_key(uniform) not in trials:
         score(uniform)
@@ -383,9 +380,9 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
     greedy = trials[recipe_key(result.greedy_recipe())]
     kept = [Path(m).name for m in result.kept]
     study.set_user_attr("greedy", {"trial": greedy.number, "kept": kept, "of": len(config.sources)})
-    summary = runner.finalize(study, export=export, chosen=greedy.number)
+    summary = runner.finalize(study, export=export)
     summary.update(kept=kept, greedy_trial=greedy.number,
-                   individual={Path(m).name: sign(study) * v for m, v in result.individual_scores.items()})
+                   individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
     summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name, run_dir=runner.run_dir))
     return summary
 
