@@ -5,16 +5,17 @@ device (or in pinned CPU memory when they exceed a memory budget, streamed per t
 recipe writes the merged tensors straight into the live model: no disk, no new model object per candidate.
 Only tensors whose resolved parameters changed since the previous candidate are merged again.
 
-Arithmetic is fp32; results are stored in the live model's dtype. Stochastic methods (DARE, DELLA) draw from a
-generator seeded per tensor from ``(recipe.seed, tensor name)``, so the same recipe on the same device gives
-bit-identical weights whatever order the tensors are merged in.
+Arithmetic is fp32; results are stored in the live model's dtype. Stochastic methods (DARE, DELLA) draw from the
+counter-based generator of :mod:`evomerge.methods.counter_rng` keyed per tensor by ``(recipe.seed, tensor name)``,
+so the same recipe gives the same masks on CPU and CUDA, whatever order the tensors are merged in.
 
 Hot path (numbers in results/merge_throughput_*.md): the tensors of every model live in one flat buffer per model
 (each tensor at a 64-entry aligned offset), and the live model's merged tensors are rebound to views of one flat
 buffer in the same layout, so a run of consecutive tensors with the same parameters is one slice. Methods flagged
 ``elementwise`` in the registry are merged per such run (linear, task arithmetic) or per tensor with their
-per-tensor inputs computed once for the whole tensor (TIES / breadcrumbs thresholds, cached across candidates;
-DARE uniform draws). The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
+per-tensor inputs computed once for the whole tensor (TIES / breadcrumbs thresholds, cached across candidates);
+DARE's uniform draws are counter-based (a hash of seed, tensor and position): kept per seed in a noise store when
+it fits in memory (a new seed refills it at hash speed), else computed inside the merge kernel. The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
 ``torch.compile`` kernel (CPU and CUDA, for models of 16M+ entries; compiled with eager numerics, so the result
 is bit-identical to the plain formula), or eagerly: on CPU in cache-sized chunks of entries (bit-identical too:
 the formula is entrywise). Non-finite results are detected on the stored entries (min and max per run) with one
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, save_hf_dir, tensor_filter
 from evomerge.methods import MergeMethod, get_method, validate_params
+from evomerge.methods.counter_rng import row_keys, uniform
 from evomerge.methods.sparsify import keep_count, kth_magnitudes
 from evomerge.recipe import Recipe, RecipeError, gradient_position, resolve_value
 
@@ -51,7 +53,7 @@ _CPU_CHUNK = 1 << 18  # entries merged at a time on CPU: the fp32 temporaries of
 _CACHE_ENTRIES = 1 << 16  # bound of the threshold and device-parameter caches (entries; each a few bytes)
 # torch.compile takes seconds per method; below this many entries the eager merge is faster than that
 _COMPILE_MIN_ENTRIES = 1 << 24
-_NOISE_CACHE_SHARE = 0.25  # share of the memory free after loading that cached DARE draws may take
+_NOISE_CACHE_SHARE = 0.25  # share of the memory free after loading that stored DARE draws may take
 
 
 class MergeError(RuntimeError):
@@ -138,20 +140,48 @@ class _Span:
     shape: torch.Size
 
 
+@dataclass
+class _Inputs:
+    """What a merge kernel reads besides base and sources, by how it is sliced into chunks of entries.
+
+    ``entries``: keyword arguments with one value per entry ([N, entries], e.g. stored DARE draws); ``blocks``: one
+    value per block of ``_ALIGN`` entries ([N, blocks] tables, e.g. the thresholds of every tensor of a run), given
+    to ``fn`` expanded per entry (:func:`_per_entry`); ``keys``: a stochastic method's
+    :func:`~evomerge.methods.counter_rng.row_keys` [N, 2] when its draws are not stored: ``fn`` gets ``noise``
+    computed in the kernel for entries ``start ..`` of the tensor.
+    """
+
+    entries: dict[str, Tensor] = field(default_factory=dict)
+    blocks: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)
+    keys: Tensor | None = None
+    start: int = 0
+
+    def chunk(self, begin: int, end: int) -> _Inputs:
+        """The inputs of entries ``[begin, end)`` (``begin`` a multiple of ``_ALIGN``)."""
+        return _Inputs(
+            {key: t[:, begin:end] for key, t in self.entries.items()},
+            {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables) for key, tables in self.blocks.items()},
+            self.keys, self.start + begin)
+
+
 def _fused_merge(
     fn: Callable[..., Tensor], out: Tensor, rows: Tensor, base_row: Tensor | None, kwargs: Mapping[str, object],
-    blocks: Mapping[str, tuple[Tensor, ...]],
-) -> Tensor:
+    inputs: _Inputs,
+) -> None:
     """``out ← fn(base, sources)`` with the upcast to fp32 and the cast into ``out`` in the same graph (compiled,
-    one kernel for entrywise methods).
-
-    ``blocks``: keyword arguments given per block of ``_ALIGN`` entries ([N, blocks] tables, e.g. the thresholds of
-    every tensor of a run), passed to ``fn`` expanded to one value per entry (:func:`_per_entry`).
-    """
-    entries = rows.shape[1]
-    expanded = {key: tuple(_per_entry(table, entries) for table in tables) for key, tables in blocks.items()}
-    merged = fn(None if base_row is None else base_row.float(), rows.float(), **kwargs, **expanded)
+    one kernel for entrywise methods)."""
+    size = rows.shape[1]
+    extra: dict[str, object] = dict(inputs.entries)
+    extra.update({key: tuple(_per_entry(table, size) for table in tables) for key, tables in inputs.blocks.items()})
+    if inputs.keys is not None:
+        extra["noise"] = uniform(inputs.keys, torch.arange(size, device=rows.device) + inputs.start)
+    merged = fn(None if base_row is None else base_row.float(), rows.float(), **kwargs, **extra)
     out.copy_(merged)
+
+
+def _draw_into(out: Tensor, keys: Tensor, start: int = 0) -> None:
+    """``out`` [N, M] ← the counter-based draws of entries ``start .. start + M`` of a tensor with ``keys``."""
+    out.copy_(uniform(keys, torch.arange(out.shape[1], device=out.device) + start))
 
 
 def _per_entry(table: Tensor, entries: int) -> Tensor:
@@ -494,55 +524,50 @@ class MergeEngine:
         out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
         host = self._kwargs(method, params, len(sources))
         kwargs = self._on_device(host)
-        blocks = {}
+        inputs = _Inputs()
         if method.fractions is not None:
-            blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
-        if method.stochastic:
-            kwargs["noise"] = self._noise(run, seed, len(sources))
-        compiled = self._compiled_merge(method)
-        if compiled is not None:
-            try:
-                compiled(method.fn, out, rows, base_row, kwargs, blocks)
-                return _check_value(out)
-            except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to the eager formula
-                log.warning("torch.compile of the %s merge failed (%s); merging eagerly", method.name, error)
-                self._compiled[method.name] = None
-        if self.device.type == "cpu":
-            self._merge_chunks(method.fn, out, rows, base_row, kwargs, blocks)
-        else:
-            _fused_merge(method.fn, out, rows, base_row, kwargs, blocks)
+            inputs.blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
+        if method.stochastic and self._noise_store(seed, len(sources)) is not None:
+            inputs.entries["noise"] = self._noise(run, seed, len(sources))
+        elif method.stochastic:  # nothing stored: the run is one tensor (_runs), drawn in the kernel
+            inputs.keys = row_keys(tensor_seed(seed, run[0]), len(sources)).to(self.device, non_blocking=True)
+        self._kernel(method.name, _fused_merge, out.shape[0],
+                     lambda begin, end, f: f(method.fn, out[begin:end], rows[:, begin:end],
+                                             None if base_row is None else base_row[begin:end], kwargs,
+                                             inputs.chunk(begin, end)))
         return _check_value(out)
 
-    def _merge_chunks(
-        self, fn: Callable[..., Tensor], out: Tensor, rows: Tensor, base_row: Tensor | None,
-        kwargs: Mapping[str, object], blocks: Mapping[str, tuple[Tensor, ...]],
-    ) -> None:
-        """Eager CPU: ``out ← fn(base, sources)`` over chunks of ``self._chunk`` entries (a multiple of
-        ``_ALIGN``), each upcast, merged and cast while its fp32 temporaries are in cache (entrywise ``fn``:
-        identical to one call on all entries)."""
-        for begin in range(0, out.numel(), self._chunk):
-            end = min(begin + self._chunk, out.numel())
-            chunk = dict(kwargs)
-            if "noise" in kwargs:
-                chunk["noise"] = kwargs["noise"][:, begin:end]  # type: ignore[index]
-            chunk_blocks = {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables)
-                            for key, tables in blocks.items()}
-            chunk_base = None if base_row is None else base_row[begin:end]
-            _fused_merge(fn, out[begin:end], rows[:, begin:end], chunk_base, chunk, chunk_blocks)
+    def _kernel(self, name: str, fn: Callable[..., None], size: int,
+                call: Callable[[int, int, Callable[..., None]], None]) -> None:
+        """Run an entrywise kernel over ``size`` entries: ``call(begin, end, f)`` applies ``f`` (``fn`` or its
+        compiled form) to entries ``[begin, end)``. Compiled (:meth:`_compiled_fn`): once over all entries, falling
+        back to eager for good when compiling fails; eager on CPU: in chunks of ``self._chunk`` entries, each
+        upcast, computed and cast while its fp32 temporaries are in cache (entrywise: identical to one call)."""
+        compiled = self._compiled_fn(name, fn)
+        if compiled is not None:
+            try:
+                call(0, size, compiled)
+                return
+            except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to the eager formula
+                log.warning("torch.compile of the %s kernel failed (%s); running it eagerly", name, error)
+                self._compiled[name] = None
+        step = self._chunk if self.device.type == "cpu" else max(size, 1)
+        for begin in range(0, size, step):
+            call(begin, min(begin + step, size), fn)
 
-    def _compiled_merge(self, method: MergeMethod) -> Callable[..., Tensor] | None:
-        """:func:`_fused_merge` compiled by ``torch.compile`` (once per method; shapes are dynamic), or None when
+    def _compiled_fn(self, name: str, fn: Callable[..., None]) -> Callable[..., None] | None:
+        """``fn`` compiled by ``torch.compile`` (once per name, e.g. a method; shapes are dynamic), or None when
         disabled or an earlier call failed to compile. ``EVOMERGE_COMPILE=1`` / ``0`` forces it on / off; unset, it
         is on for models of at least ``_COMPILE_MIN_ENTRIES`` entries (where it pays for its compile time)."""
-        if method.name not in self._compiled:
+        if name not in self._compiled:
             setting = os.environ.get("EVOMERGE_COMPILE")
             enabled = self._total >= _COMPILE_MIN_ENTRIES if setting is None else setting != "0"
             if enabled:
                 # one graph per method and flag combination; the default limit (8 per function) is too low
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._compiled[method.name] = torch.compile(
-                _fused_merge, dynamic=True, fullgraph=True, options=_EAGER_NUMERICS) if enabled else None
-        return self._compiled[method.name]
+            self._compiled[name] = torch.compile(
+                fn, dynamic=True, fullgraph=True, options=_EAGER_NUMERICS) if enabled else None
+        return self._compiled[name]
 
     def _thresholds(
         self, method: MergeMethod, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
@@ -581,35 +606,33 @@ class MergeEngine:
     def _noise_store(self, seed: int, n_sources: int) -> tuple[Tensor, set[str]] | None:
         """Flat [N, entries] buffer of the uniform draws of ``seed`` (laid out like the sources) and the tensors
         drawn into it so far; None when it does not fit ``_NOISE_CACHE_SHARE`` of the free memory. Stores of other
-        seeds are dropped first (a search keeps one seed)."""
+        seeds are dropped first (a search keeps one seed); a dropped buffer of the same size is reused (no new pages
+        to fault in)."""
         key = (seed, n_sources)
         if key not in self._noise_cache:
+            reuse = None
             for other in [k for k in self._noise_cache if k != key]:
-                del self._noise_cache[other]
+                buffer, _ = self._noise_cache.pop(other)
+                reuse = buffer if other[1] == n_sources else None
             if n_sources * self._total * 4 > self._noise_budget:
                 return None
-            buffer = torch.empty(n_sources, self._total, dtype=torch.float32, device=self.device)
-            self._noise_cache[key] = (buffer, set())
+            if reuse is None:
+                reuse = torch.empty(n_sources, self._total, dtype=torch.float32, device=self.device)
+            self._noise_cache[key] = (reuse, set())
         return self._noise_cache[key]
 
     def _noise(self, run: list[str], seed: int, n_sources: int) -> Tensor:
-        """The uniform draws of a stochastic entrywise method for the tensors of ``run``, as [N, run entries]:
-        per tensor ``torch.rand((N, *shape))`` from the tensor's generator. A draw depends only on (seed, tensor,
-        N), so it is kept in the noise store (when it fits) and later candidates with the seed skip it: the CPU
-        generator takes ~3 ns per entry, serially. A kept draw is exactly the draw (same seed, same call)."""
-        def draw(name: str) -> Tensor:
-            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(seed, name))
-            shape = (n_sources, *self._spans[name].shape)
-            return torch.rand(shape, generator=generator, device=self.device, dtype=torch.float32).view(n_sources, -1)
-
-        store = self._noise_store(seed, n_sources)
-        if store is None:
-            return draw(run[0])  # runs of stochastic methods have one tensor when nothing is stored
-        buffer, drawn = store
+        """The stored uniform draws of the tensors of ``run`` as [N, run entries] (tensors not drawn yet for
+        ``seed`` are drawn into the store first: :func:`_draw_into`, one fused hash kernel when compiled). Reading
+        the store is cheaper than hashing again in the merge kernel on CPU (~1 ns per entry and source on 2 cores)."""
+        buffer, drawn = self._noise_store(seed, n_sources)  # type: ignore[misc]
         for name in run:
             if name not in drawn:
                 span = self._spans[name]
-                buffer[:, span.offset : span.offset + span.numel].copy_(draw(name))
+                target = buffer[:, span.offset : span.offset + span.numel]
+                keys = row_keys(tensor_seed(seed, name), n_sources).to(self.device, non_blocking=True)
+                self._kernel("draws", _draw_into, span.numel,
+                             lambda begin, end, f: f(target[:, begin:end], keys, begin))
                 drawn.add(name)
         begin, end = self._spans[run[0]].offset, self._spans[run[-1]].offset + self._spans[run[-1]].numel
         return buffer[:, begin:end]
@@ -643,13 +666,9 @@ class MergeEngine:
         stack = self._stacks[name]
         src = _rows(stack, sources).to(self.device, torch.float32, non_blocking=True)
         base_t = stack[base].to(self.device, torch.float32, non_blocking=True) if base is not None else None
-        generator = None
-        if method.stochastic:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(tensor_seed(seed, name))
         stats = self._tensor_statistics(method, name, sources)
         kwargs = self._on_device(self._kwargs(method, params, len(sources)))
-        return method.fn(base_t, src, generator=generator, stats=stats, **kwargs)
+        return method.fn(base_t, src, seed=tensor_seed(seed, name) if method.stochastic else None, stats=stats, **kwargs)
 
     def invalidate(self) -> None:
         """Forget what the live model holds, so the next materialize merges every tensor (use after changing

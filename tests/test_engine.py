@@ -193,7 +193,7 @@ def test_check_value_is_finite_iff_every_stored_entry_is(dtype):
         assert not torch.isfinite(_check_value(tensor)).all()
 
 
-# --- hot path: chunks, runs of tensors, cached thresholds and pre-drawn noise give the plain formula's bits ----
+# --- hot path: chunks, runs of tensors, cached thresholds and in-kernel draws give the plain formula's bits ---
 FAST_PATH = {
     "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
     "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6},
@@ -207,7 +207,7 @@ def _fast_recipe(method: str, family, weights=(1.0, 0.6, 0.3), seed: int = 7) ->
 
 
 def _plain(recipe: Recipe, weights, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """The method's pure function on the whole fp32 tensor, with the tensor's seeded generator: the reference."""
+    """The method's pure function on the whole fp32 tensor, with the tensor's seed: the reference."""
     from evomerge.methods import get_method
 
     method = get_method(recipe.method)
@@ -217,9 +217,8 @@ def _plain(recipe: Recipe, weights, name: str, dtype: torch.dtype) -> torch.Tens
     for p in method.params:
         if p.per_source and p.name != "weight":
             kwargs[p.key] = torch.full((3,), float(recipe.parameters.get(p.name, p.default)))
-    generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, name))
     base = weights[0][name].float() if recipe.base else None
-    return method.fn(base, sources, generator=generator, **kwargs).to(dtype)
+    return method.fn(base, sources, seed=tensor_seed(recipe.seed, name), **kwargs).to(dtype)
 
 
 @pytest.mark.parametrize(("compiled", "dtype"), [(False, "float32"), (False, "bfloat16"), (True, "float32")],
@@ -227,7 +226,7 @@ def _plain(recipe: Recipe, weights, name: str, dtype: torch.dtype) -> torch.Tens
 @pytest.mark.parametrize("method", sorted(FAST_PATH))
 def test_chunked_and_grouped_merge_is_bit_identical_to_the_plain_formula(family, weights, method, dtype, compiled,
                                                                            monkeypatch):
-    """Runs of tensors, chunks, pre-drawn noise, cached thresholds, and the torch.compile kernel (eager numerics)
+    """Runs of tensors, chunks, in-kernel DARE draws, cached thresholds, and the torch.compile kernel (eager numerics)
     give exactly the pure function's result on the whole tensor (fp32 for the compiled kernel: no rounding to
     bf16 could hide a last-bit difference)."""
     base, fts = family
@@ -286,9 +285,10 @@ def test_a_failing_compile_falls_back_to_the_eager_formula(family, weights, monk
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
 
 
-def test_cached_dare_draws_give_the_uncached_bits(family, weights):
+def test_stored_dare_draws_give_the_unstored_bits(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
+    engine._chunk = 64
     engine.materialize(_fast_recipe("dare_ties", family, seed=5))
     (_, drawn), = engine._noise_cache.values()
     assert drawn == set(engine.names)  # every tensor's draw is kept for the next candidate
@@ -296,9 +296,25 @@ def test_cached_dare_draws_give_the_uncached_bits(family, weights):
     engine.materialize(recipe)
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
-    engine._noise_budget = 0  # a new seed: seed 5's draws are dropped, nothing fits: per-tensor draws, no runs
+    engine._noise_budget = 0  # a new seed: seed 5's draws are dropped, nothing fits: drawn in the merge kernel
     other = _fast_recipe("dare_ties", family, seed=6)
     engine.materialize(other)
     assert not engine._noise_cache
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(other, weights, name, torch.float32))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))  # new seed, new masks
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "in-kernel"])
+def test_compiled_dare_draws_give_the_plain_formula(family, weights, stored, monkeypatch):
+    base, fts = family
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+    engine = MergeEngine([base, *fts], device="cpu")
+    if not stored:
+        engine._noise_budget = 0
+    recipe = _fast_recipe("dare_linear", family, seed=9)
+    engine.materialize(recipe)
+    assert engine._compiled["dare_linear"] is not None and (engine._compiled.get("draws") is not None) == stored
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))

@@ -1,8 +1,8 @@
 """CUDA path of the merge core: the same recipe on CUDA and CPU gives the same weights (within fp32 rounding).
 
 Run on a GPU machine: ``python -m pytest -m gpu tests/test_engine_cuda.py``.
-DARE/DELLA draw their masks from the device's generator (CPU and CUDA streams differ), so for them the test checks
-bit-reproducibility on CUDA and the kept fraction instead of equality with CPU.
+DARE/DELLA draw their masks from the counter-based generator (evomerge.methods.counter_rng), the same on both
+devices, so they are compared with CPU like the deterministic methods.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from tiny_models import tiny_family
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-DETERMINISTIC = {
+METHODS = {
     "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4}, "breadcrumbs": {"density": 0.5, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05}, "model_stock": {}, "multislerp": {},
+    "dare_linear": {"density": 0.4}, "dare_ties": {"density": 0.4}, "della": {"density": 0.4, "epsilon": 0.1},
 }
-STOCHASTIC = {"dare_linear": {"density": 0.4}, "dare_ties": {"density": 0.4}, "della": {"density": 0.4, "epsilon": 0.1}}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def live(engine: MergeEngine) -> dict[str, torch.Tensor]:
     return {n: t.detach().float().cpu() for n, t in engine.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", sorted(DETERMINISTIC))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_cuda_matches_cpu(engines, family, method):
-    r = recipe(method, DETERMINISTIC[method], family)
+    r = recipe(method, METHODS[method], family, seed=5)
     engines["cpu"].materialize(r)
     engines["cuda"].materialize(r)
     cpu, cuda = live(engines["cpu"]), live(engines["cuda"])
@@ -65,16 +65,6 @@ def test_slerp_cuda_matches_cpu(engines, family):
     cpu, cuda = live(engines["cpu"]), live(engines["cuda"])
     for name in cpu:
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", sorted(STOCHASTIC))
-def test_stochastic_methods_reproducible_on_cuda(family, method):
-    base, fts = family
-    a, b = (MergeEngine([base, *fts], device="cuda") for _ in range(2))
-    r = recipe(method, STOCHASTIC[method], family, seed=5)
-    a.materialize(r)
-    b.materialize(r)
-    assert all(torch.equal(x, y) for x, y in zip(live(a).values(), live(b).values()))
 
 
 def test_bf16_cuda_matches_cpu(family):
@@ -93,7 +83,7 @@ FUSED = {"linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0
 
 
 def plain(engine: MergeEngine, r: Recipe, name: str, device: str) -> torch.Tensor:
-    """The method's pure function on the whole fp32 tensor on ``device`` (tensor's seeded generator there)."""
+    """The method's pure function on the whole fp32 tensor on ``device`` (with the tensor's seed)."""
     from evomerge.engine import tensor_seed
 
     method = get_method(r.method)
@@ -104,15 +94,14 @@ def plain(engine: MergeEngine, r: Recipe, name: str, device: str) -> torch.Tenso
         if p.per_source:
             values = [s.parameters.get(p.name, r.parameters.get(p.name, p.default)) for s in r.sources]
             kwargs[p.key] = torch.tensor(values, dtype=torch.float32)
-    generator = torch.Generator(device=device).manual_seed(tensor_seed(r.seed, name))
-    return method.fn(None if base is None else stack[base], stack[sources], generator=generator, **kwargs)
+    return method.fn(None if base is None else stack[base], stack[sources], seed=tensor_seed(r.seed, name), **kwargs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", sorted(FUSED))
 def test_compiled_cuda_merge_is_bit_identical_to_the_plain_formula(family, method, dtype, monkeypatch):
-    """Deterministic methods: equal to the formula on CPU (IEEE ops, no FMA contraction, IEEE division);
-    DARE: equal to the formula on CUDA with the tensor's CUDA generator (same uniform draws)."""
+    """Equal to the formula on CPU (IEEE ops, no FMA contraction, IEEE division; DARE's draws are integer
+    arithmetic, the same on both devices)."""
     monkeypatch.setenv("EVOMERGE_COMPILE", "1")  # the tiny family is below the size where compiling is automatic
     engine = MergeEngine([family[0], *family[1]], device="cuda", dtype=dtype)
     r = recipe(method, FUSED[method], family, seed=3)
@@ -120,9 +109,8 @@ def test_compiled_cuda_merge_is_bit_identical_to_the_plain_formula(family, metho
         r = r.model_copy(update={"base": None})
     engine.materialize(r)
     assert engine._compiled.get(method) is not None, "torch.compile fell back to eager"
-    device = "cuda" if get_method(method).stochastic else "cpu"
     live_model = live(engine)
     for name in engine.names:
-        expected = plain(engine, r, name, device).to(getattr(torch, dtype)).float().cpu()
+        expected = plain(engine, r, name, "cpu").to(getattr(torch, dtype)).float().cpu()
         got = live_model[name]
         assert torch.equal(got, expected), f"{method} {name}: max diff {(got - expected).abs().max()}"

@@ -1,4 +1,4 @@
-"""CUDA checks of the merge methods: exact thresholds on the device, CPU/CUDA agreement, device generators."""
+"""CUDA checks of the merge methods: exact thresholds on the device, CPU/CUDA agreement (DARE draws included)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from evomerge.methods import METHODS, magnitude_threshold
+from evomerge.methods.counter_rng import row_keys, uniform
 from evomerge.methods.sparsify import random_prune
 
 pytestmark = [
@@ -23,8 +24,8 @@ def test_cuda_threshold_equals_topk(n: int) -> None:
         assert torch.equal(magnitude_threshold(values, k), torch.topk(values, k).values[-1]), k
 
 
-@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if not m.stochastic])
-def test_deterministic_methods_agree_between_cpu_and_cuda(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_methods_agree_between_cpu_and_cuda(name: str) -> None:
     method = METHODS[name]
     g = torch.Generator().manual_seed(0)
     n = 2 if method.max_sources == 2 else 3
@@ -41,16 +42,21 @@ def test_deterministic_methods_agree_between_cpu_and_cuda(name: str) -> None:
     def run(device: str) -> torch.Tensor:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         b = base.to(device) if method.needs_base else None
-        return method.fn(b, sources.to(device), stats=None if stats is None else stats.to(device), **moved)
+        return method.fn(b, sources.to(device), seed=7, stats=None if stats is None else stats.to(device), **moved)
 
     assert torch.allclose(run("cuda").cpu(), run("cpu"), atol=1e-4, rtol=1e-4)
 
 
-def test_cuda_generator_reproducible_and_keep_rate() -> None:
+def test_counter_draws_are_identical_on_cuda_and_cpu() -> None:
+    keys = row_keys(123, 3)
+    index = torch.arange(2**31 - 5_000_000, 2**31 + 5_000_000, dtype=torch.int64)  # across the int32 wrap
+    assert torch.equal(uniform(keys.cuda(), index.cuda()).cpu(), uniform(keys, index))
+
+
+def test_cuda_dare_keep_rate() -> None:
     tau = torch.ones(2, 1_000_000, device="cuda")
     density = torch.tensor([0.2, 0.7], device="cuda")
-    first = random_prune(tau, density, rescale=True, generator=torch.Generator(device="cuda").manual_seed(1))
-    again = random_prune(tau, density, rescale=True, generator=torch.Generator(device="cuda").manual_seed(1))
-    assert torch.equal(first, again)
+    first = random_prune(tau, density, rescale=True, seed=1)
+    assert torch.equal(first.cpu(), random_prune(tau.cpu(), density.cpu(), rescale=True, seed=1))
     rates = (first != 0).float().mean(1).cpu()
     assert torch.allclose(rates, torch.tensor([0.2, 0.7]), atol=0.005)

@@ -72,7 +72,7 @@ def test_valid_recipes_pass() -> None:
 def test_registry_matches_function_signature(name: str) -> None:
     method = METHODS[name]
     signature = inspect.signature(method.fn).parameters
-    assert {"generator", "stats"} <= set(signature)
+    assert {"seed", "stats"} <= set(signature)
     for p in method.params:
         assert p.key in signature, p.key
         declared = signature[p.key].default
@@ -97,7 +97,7 @@ def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) ->
         kwargs[p.key] = torch.full((n,), float(value)) if p.per_source else value
     before = (base.clone(), sources.clone())
     out = method.fn(
-        base if method.needs_base else None, sources, generator=torch.Generator().manual_seed(1),
+        base if method.needs_base else None, sources, seed=1,
         stats=stats[method.statistic], **kwargs,
     )
     assert out.shape == base.shape and out.dtype == torch.float32 and torch.isfinite(out).all()

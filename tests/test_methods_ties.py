@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from evomerge.methods.counter_rng import uniform_like
 from evomerge.methods.linear import task_arithmetic
 from evomerge.methods.sparsify import (
     disjoint_merge,
@@ -100,18 +101,18 @@ def test_breadcrumbs_and_breadcrumbs_ties_hand_values() -> None:
     assert torch.allclose(breadcrumbs_ties(BASE, SOURCES, **kwargs), BASE + W([-1.0, 2.0, 1.0, -2.0]))
 
 
-def test_dare_follows_the_generator_contract() -> None:
+def test_dare_follows_the_draw_contract() -> None:
     base, sources = _random_case(1)
     tau = sources - base
     density, weight = W([0.3, 0.6, 0.9]), W([1.0, 0.5, 2.0])
-    u = torch.rand(tau.shape, generator=_generator(7))  # the documented draw: keep iff u < d
+    u = uniform_like(tau, 7)  # the documented draw: keep iff u < d
     kept = torch.where(u < density.view(-1, 1, 1), tau / density.view(-1, 1, 1), 0.0)
     expected = base + 0.8 * (weight.view(-1, 1, 1) * kept).sum(0)
-    out = dare_linear(base, sources, weight=weight, density=density, lam=0.8, generator=_generator(7))
+    out = dare_linear(base, sources, weight=weight, density=density, lam=0.8, seed=7)
     assert torch.allclose(out, expected, atol=1e-6)
     unscaled = base + 0.8 * (weight.view(-1, 1, 1) * torch.where(u < density.view(-1, 1, 1), tau, 0.0)).sum(0)
     out = dare_linear(
-        base, sources, weight=weight, density=density, lam=0.8, rescale=False, generator=_generator(7)
+        base, sources, weight=weight, density=density, lam=0.8, rescale=False, seed=7
     )
     assert torch.allclose(out, unscaled, atol=1e-6)
 
@@ -119,16 +120,16 @@ def test_dare_follows_the_generator_contract() -> None:
 def test_dare_same_seed_same_mask_different_seed_different_mask() -> None:
     tau = torch.randn(2, 50, 40, generator=_generator(0))
     density = W([0.5, 0.5])
-    first = random_prune(tau, density, rescale=True, generator=_generator(3))
-    again = random_prune(tau, density, rescale=True, generator=_generator(3))
-    other = random_prune(tau, density, rescale=True, generator=_generator(4))
+    first = random_prune(tau, density, rescale=True, seed=3)
+    again = random_prune(tau, density, rescale=True, seed=3)
+    other = random_prune(tau, density, rescale=True, seed=4)
     assert torch.equal(first, again)
     assert not torch.equal(first != 0, other != 0)
 
 
 def test_dare_keep_rate_and_unbiased_rescale() -> None:
     tau = torch.ones(1, 200_000)
-    out = random_prune(tau, W([0.3]), rescale=True, generator=_generator(0))
+    out = random_prune(tau, W([0.3]), rescale=True, seed=0)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))
@@ -139,21 +140,21 @@ def test_dare_density_one_is_task_arithmetic_and_zero_is_base() -> None:
     base, sources = _random_case(2)
     weight = W([0.5, 1.0, -0.5])
     expected = task_arithmetic(base, sources, weight=weight, lam=1.5)
-    out = dare_linear(base, sources, weight=weight, density=torch.ones(3), lam=1.5, generator=_generator(0))
+    out = dare_linear(base, sources, weight=weight, density=torch.ones(3), lam=1.5, seed=0)
     assert torch.allclose(out, expected, atol=1e-5)
-    out = dare_ties(base, sources, weight=torch.ones(3), density=torch.zeros(3), generator=_generator(0))
+    out = dare_ties(base, sources, weight=torch.ones(3), density=torch.zeros(3), seed=0)
     assert torch.equal(out, base)
 
 
 def test_dare_ties_full_density_equals_ties_full_density() -> None:
     base, sources = _random_case(3)
     kwargs = dict(weight=W([1.0, 2.0, 0.5]), density=torch.ones(3), lam=0.7)
-    assert torch.allclose(dare_ties(base, sources, generator=_generator(0), **kwargs), ties(base, sources, **kwargs))
+    assert torch.allclose(dare_ties(base, sources, seed=0, **kwargs), ties(base, sources, **kwargs))
 
 
-def test_random_methods_require_a_generator() -> None:
+def test_random_methods_require_a_seed() -> None:
     base, sources = _random_case()
-    with pytest.raises(ValueError, match="needs a torch.Generator"):
+    with pytest.raises(ValueError, match="needs a seed"):
         dare_ties(base, sources, weight=torch.ones(3), density=torch.ones(3))
 
 
@@ -167,37 +168,37 @@ def test_della_keep_probability_hand_values_and_ties() -> None:
     assert torch.allclose(rank_keep_probability(W([[7.0]]), W([0.4]), W([0.1])), W([[0.4]]))
 
 
-def test_della_follows_the_generator_contract() -> None:
+def test_della_follows_the_draw_contract() -> None:
     base = torch.zeros(4)
     sources = W([[0.1, -0.4, 0.3, -0.2]])
     p = W([0.3, 0.7, 0.3 + 0.8 / 3, 0.3 + 0.4 / 3])
-    u = torch.rand(1, 4, generator=_generator(5))
+    u = uniform_like(sources - base, 5)
     expected = torch.where(u[0] < p, sources[0] / p, 0.0)
-    out = della_linear(base, sources, weight=W([1.0]), density=W([0.5]), epsilon=W([0.2]), generator=_generator(5))
+    out = della_linear(base, sources, weight=W([1.0]), density=W([0.5]), epsilon=W([0.2]), seed=5)
     assert torch.allclose(out, expected)
 
 
 def test_della_zero_probability_entries_never_produce_nan() -> None:
     base, sources = _random_case(4)
     out = della(base, sources, weight=torch.ones(3), density=torch.full((3,), 0.2), epsilon=torch.full((3,), 0.2),
-                generator=_generator(0))
+                seed=0)
     assert torch.isfinite(out).all()
 
 
 def test_della_without_spread_is_dare() -> None:
     base, sources = _random_case(5)
     kwargs = dict(weight=W([1.0, 0.5, 2.0]), density=W([0.4, 0.6, 0.8]), lam=1.1)
-    della_out = della(base, sources, epsilon=torch.zeros(3), generator=_generator(9), **kwargs)
-    assert torch.allclose(della_out, dare_ties(base, sources, generator=_generator(9), **kwargs), atol=1e-6)
-    linear_out = della_linear(base, sources, epsilon=torch.zeros(3), generator=_generator(9), **kwargs)
-    assert torch.allclose(linear_out, dare_linear(base, sources, generator=_generator(9), **kwargs), atol=1e-6)
+    della_out = della(base, sources, epsilon=torch.zeros(3), seed=9, **kwargs)
+    assert torch.allclose(della_out, dare_ties(base, sources, seed=9, **kwargs), atol=1e-6)
+    linear_out = della_linear(base, sources, epsilon=torch.zeros(3), seed=9, **kwargs)
+    assert torch.allclose(linear_out, dare_linear(base, sources, seed=9, **kwargs), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", [ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear])
 def test_task_vector_methods_need_base_and_keep_inputs(method: Callable[..., torch.Tensor]) -> None:
     base, sources = _random_case(6)
     before = (base.clone(), sources.clone())
-    kwargs = dict(weight=torch.ones(3), density=torch.full((3,), 0.5), generator=_generator(0))
+    kwargs = dict(weight=torch.ones(3), density=torch.full((3,), 0.5), seed=0)
     if method in (breadcrumbs, breadcrumbs_ties):
         kwargs["gamma"] = torch.full((3,), 0.1)
     if method in (della, della_linear):

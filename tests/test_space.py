@@ -63,8 +63,7 @@ def merge(method: MergeMethod, params: dict[str, object], base: torch.Tensor, so
         if p.per_source:
             value = torch.tensor(value if isinstance(value, list) else [value] * len(sources), dtype=torch.float32)
         kwargs[p.key] = value
-    generator = torch.Generator().manual_seed(0) if method.stochastic else None
-    return method.fn(base, sources, generator=generator, stats=stats, **kwargs)
+    return method.fn(base, sources, seed=0, stats=stats, **kwargs)
 
 
 def dyadic(*shape: int, seed: int) -> torch.Tensor:

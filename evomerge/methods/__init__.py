@@ -1,8 +1,9 @@
 """Merge methods: pure per-tensor functions, one module per family, and a registry of them.
 
-Calling convention (every method): ``fn(base, sources, *, <params>, generator=None, stats=None) -> Tensor``
+Calling convention (every method): ``fn(base, sources, *, <params>, seed=None, stats=None) -> Tensor``
 with ``sources`` [N, *S] float32, ``base`` [*S] or None, per-source parameters as float32 tensors [N],
-global parameters as python scalars; the result is a new float32 tensor [*S] on the inputs' device.
+global parameters as python scalars, ``seed`` the tensor's seed (stochastic methods draw from it:
+:mod:`evomerge.methods.counter_rng`); the result is a new float32 tensor [*S] on the inputs' device.
 """
 
 from evomerge.methods.registry import METHODS, MergeMethod, MethodError, Param, get_method, validate_params

@@ -51,7 +51,7 @@ def linear(
     *,
     weight: Tensor,
     normalize: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """Linear merge / model soup: ``Σ_i w_i θ_i / Σ_i w_i`` (``normalize``), else ``Σ_i w_i θ_i``.
@@ -70,7 +70,7 @@ def task_arithmetic(
     weight: Tensor,
     lam: float = 1.0,
     normalize: bool = False,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """Task arithmetic: ``θ0 + λ Σ_i w_i τ_i`` with task vectors ``τ_i = θ_i − θ0``.

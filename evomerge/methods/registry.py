@@ -69,14 +69,14 @@ class MergeMethod:
     needs_base: bool
     min_sources: int = 1
     max_sources: int | None = None
-    stochastic: bool = False  # uses `generator`
+    stochastic: bool = False  # draws from `seed` (counter_rng)
     statistic: str | None = None  # None | "fisher" | "gram": what `stats` must hold
     constraint: Constraint | None = None
     doc: str = ""
     # Entrywise: given the per-tensor inputs below (thresholds, noise), output entry j depends only on entry j of
     # base and sources, so fn may be applied to any slice of the flattened entries (or to several tensors at
     # once when no per-tensor input is needed) with bit-identical results. Stochastic entrywise methods take the
-    # uniform draw as `noise` ([N, *S], torch.rand with the tensor's generator).
+    # uniform draw as `noise` ([N, *S], counter_rng.uniform_like(tau, seed), or the slice of it).
     elementwise: bool = False
     # Magnitude fractions (from the method's tensor kwargs) whose exact thresholds fn takes as `thresholds=`
     # (sparsify.magnitude_thresholds of the whole task vectors), so thresholds can be computed once and cached.

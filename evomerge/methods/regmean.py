@@ -11,7 +11,7 @@ def regmean(
     sources: Tensor,
     *,
     alpha: float = 0.9,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """RegMean for an ``nn.Linear`` weight ``W`` [out, in] (``y = x Wᵀ``), from input Gram matrices.

@@ -47,7 +47,7 @@ def slerp(
     sources: Tensor,
     *,
     t: float,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """SLERP between ``a = sources[0]`` (``t = 0``) and ``b = sources[1]`` (``t = 1``); ``base`` is unused.
@@ -96,7 +96,7 @@ def multislerp(
     sources: Tensor,
     *,
     weight: Tensor,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """N-model SLERP: weighted spherical (Karcher) mean of the sources, or of task vectors when ``base`` is given.

@@ -13,9 +13,9 @@ magnitude (:func:`evomerge.methods.select.kth_largest_rows`, bit-identical to ``
 entries are kept, and entries equal to the k-th largest are all kept (the count exceeds ``k`` by the number of
 extra ties). This is independent of memory layout (no index tie-break) and identical on CPU and CUDA.
 
-Randomness (DARE, DELLA): drawn only from the ``generator`` passed in, with ``torch.rand`` of the task vectors'
-shape, so the same generator state gives the same mask. CPU and CUDA generators produce different streams:
-a recipe re-merged on another device type gets different (equally distributed) masks.
+Randomness (DARE, DELLA): the uniform draws come from the tensor's ``seed`` through the counter-based generator of
+:mod:`evomerge.methods.counter_rng` (entry ``j`` of source ``i`` gets ``H(row_keys(seed, N)[i], j)``), so the same
+seed gives the same mask on CPU and CUDA, eagerly or compiled, whole or in chunks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from evomerge.methods.counter_rng import uniform_like
 from evomerge.methods.linear import per_source, source_sum
 from evomerge.methods.select import kth_largest_rows
 
@@ -128,39 +129,39 @@ def _rescaled(tau: Tensor, keep: Tensor, keep_probability: Tensor, rescale: bool
     return torch.where(keep, tau / torch.where(keep, keep_probability, 1.0), 0.0)
 
 
-def _uniform(tau: Tensor, generator: torch.Generator | None) -> Tensor:
-    if generator is None:
+def _uniform(tau: Tensor, seed: int | None) -> Tensor:
+    if seed is None:
         raise ValueError(
-            "random sparsification (DARE/DELLA) needs a torch.Generator: pass generator=torch.Generator(device)"
-            ".manual_seed(seed) so the merge is reproducible"
+            "random sparsification (DARE/DELLA) needs a seed: pass seed=<int> (the engine passes each tensor's "
+            "seed, evomerge.engine.tensor_seed(recipe seed, tensor name)) so the merge is reproducible"
         )
-    return torch.rand(tau.shape, generator=generator, device=tau.device, dtype=torch.float32)
+    return uniform_like(tau, seed)
 
 
 def random_prune(
-    tau: Tensor, density: Tensor, *, rescale: bool, generator: torch.Generator | None, noise: Tensor | None = None
+    tau: Tensor, density: Tensor, *, rescale: bool, seed: int | None, noise: Tensor | None = None
 ) -> Tensor:
     """DARE: keep each entry of ``τ_i`` independently with probability ``d_i`` (drop with ``p = 1 − d_i``).
 
-    Entry kept iff ``u < d_i`` with ``u ~ U[0, 1)`` from ``generator`` (so ``d = 1`` keeps all, ``d = 0`` none);
-    survivors are rescaled by ``1/d_i`` when ``rescale`` so ``E[result] = τ_i``.
+    Entry kept iff ``u < d_i`` with ``u ~ U[0, 1)`` drawn for ``seed`` (module docstring), so ``d = 1`` keeps all
+    and ``d = 0`` none; survivors are rescaled by ``1/d_i`` when ``rescale`` so ``E[result] = τ_i``.
     Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
     Lunch" (DARE), ICML.
 
-    ``noise``: the draw ``u`` [N, *S] made beforehand (``torch.rand(tau.shape, generator=generator)``); with it the
-    drop is entrywise, so it can be evaluated on any slice of the entries (the engine draws once per tensor).
+    ``noise``: the draw ``u`` [N, *S] made beforehand (``counter_rng.uniform_like(tau, seed)``, or a slice of it
+    with the matching slice of ``tau``): with it the drop is entrywise.
     """
-    return torch.stack(random_prune_rows(tau, density, rescale=rescale, generator=generator, noise=noise))
+    return torch.stack(random_prune_rows(tau, density, rescale=rescale, seed=seed, noise=noise))
 
 
 def random_prune_rows(
-    tau: Tensor, density: Tensor, *, rescale: bool, generator: torch.Generator | None, noise: Tensor | None = None
+    tau: Tensor, density: Tensor, *, rescale: bool, seed: int | None, noise: Tensor | None = None
 ) -> list[Tensor]:
     """:func:`random_prune` as a list of the N pruned rows: ``where(u < d, τ / d, 0)`` (``τ`` without
     ``rescale``); ``d = 0`` keeps nothing, so its division is never used."""
     d = density.to(device=tau.device, dtype=torch.float32)
     divisor = torch.where(d > 0, d, 1.0)  # [N]: d = 0 keeps nothing, so any finite divisor gives the same zeros
-    u = _uniform(tau, generator) if noise is None else noise
+    u = _uniform(tau, seed) if noise is None else noise
     return [(row / divisor[i] if rescale else row) * keep_mask(u[i], d[i]) for i, row in enumerate(tau)]
 
 
@@ -192,16 +193,16 @@ def rank_keep_probability(tau: Tensor, density: Tensor, epsilon: Tensor) -> Tens
 
 
 def rank_random_prune(
-    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, generator: torch.Generator | None
+    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, seed: int | None
 ) -> Tensor:
     """DELLA (MAGPRUNE): keep entry ``j`` of ``τ_i`` with probability ``p_j`` (:func:`rank_keep_probability`),
     larger magnitudes more likely; survivors rescaled by ``1/p_j`` when ``rescale``.
 
-    Entry kept iff ``u < p_j``, ``u ~ U[0, 1)`` from ``generator``.
+    Entry kept iff ``u < p_j``, ``u ~ U[0, 1)`` drawn for ``seed``.
     Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
     """
     p = rank_keep_probability(tau, density, epsilon)
-    return _rescaled(tau, _uniform(tau, generator) < p, p, rescale)
+    return _rescaled(tau, _uniform(tau, seed) < p, p, rescale)
 
 
 def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize: bool) -> Tensor:

@@ -58,7 +58,7 @@ def ties(
     density: Tensor,
     lam: float = 1.0,
     normalize: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
     thresholds: tuple[Tensor] | None = None,
 ) -> Tensor:
@@ -84,7 +84,7 @@ def dare_linear(
     lam: float = 1.0,
     normalize: bool = False,
     rescale: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
     noise: Tensor | None = None,
 ) -> Tensor:
@@ -95,7 +95,7 @@ def dare_linear(
     Lunch", ICML.
     """
     return sparse_task_merge(
-        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, generator=generator, noise=noise),
+        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, seed=seed, noise=noise),
         weight=weight, lam=lam, normalize=normalize, sign_election=False,
     )
 
@@ -109,14 +109,14 @@ def dare_ties(
     lam: float = 1.0,
     normalize: bool = True,
     rescale: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
     noise: Tensor | None = None,
 ) -> Tensor:
     """DARE drop-and-rescale of each ``τ_i``, then TIES sign election and disjoint merge (``noise`` as in
     :func:`dare_linear`). Yu et al. 2024."""
     return sparse_task_merge(
-        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, generator=generator, noise=noise),
+        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, seed=seed, noise=noise),
         weight=weight, lam=lam, normalize=normalize, sign_election=True,
     )
 
@@ -130,7 +130,7 @@ def breadcrumbs(
     gamma: Tensor,
     lam: float = 1.0,
     normalize: bool = False,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
     thresholds: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
@@ -154,7 +154,7 @@ def breadcrumbs_ties(
     gamma: Tensor,
     lam: float = 1.0,
     normalize: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
     thresholds: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
@@ -175,7 +175,7 @@ def della(
     lam: float = 1.0,
     normalize: bool = True,
     rescale: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """DELLA-Merging: magnitude-ranked random drop (keep prob in ``[d − ε, d + ε]``), rescale ``1/p``, TIES elect
@@ -183,7 +183,7 @@ def della(
     Magnitude-Based Sampling".
     """
     return sparse_task_merge(
-        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, generator=generator),
+        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed),
         weight=weight, lam=lam, normalize=normalize, sign_election=True,
     )
 
@@ -198,11 +198,11 @@ def della_linear(
     lam: float = 1.0,
     normalize: bool = False,
     rescale: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """DELLA drop-and-rescale of each ``τ_i`` followed by a plain weighted sum (no sign election). Deep et al. 2024."""
     return sparse_task_merge(
-        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, generator=generator),
+        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed),
         weight=weight, lam=lam, normalize=normalize, sign_election=False,
     )
