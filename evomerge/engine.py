@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, save_hf_dir, tensor_filter
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.methods.counter_rng import row_keys, uniform
+from evomerge.methods.select import SortedMagnitudes
 from evomerge.methods.sparsify import keep_count, kth_magnitudes
 from evomerge.recipe import Recipe, RecipeError, gradient_position, resolve_value
 
@@ -54,6 +55,7 @@ _CACHE_ENTRIES = 1 << 16  # bound of the threshold and device-parameter caches (
 # torch.compile takes seconds per method; below this many entries the eager merge is faster than that
 _COMPILE_MIN_ENTRIES = 1 << 24
 _NOISE_CACHE_SHARE = 0.25  # share of the memory free after loading that stored DARE draws may take
+_SORTED_CACHE_SHARE = 0.25  # ... and that sorted task-vector magnitudes (CPU thresholds for any density) may take
 
 
 class MergeError(RuntimeError):
@@ -262,7 +264,10 @@ class MergeEngine:
         self._compiled: dict[str, Callable[..., Tensor] | None] = {}
         self._chunk = _CPU_CHUNK
         self._noise_cache: dict[tuple[int, int], tuple[Tensor, set[str]]] = {}
-        self._noise_budget = int(_NOISE_CACHE_SHARE * self._free_memory())
+        free = self._free_memory()
+        self._noise_budget = int(_NOISE_CACHE_SHARE * free)
+        self._sorted: dict[tuple[str, int, int], SortedMagnitudes] = {}
+        self._sorted_budget = int(_SORTED_CACHE_SHARE * free) if self.device.type == "cpu" else 0
 
     # --------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -573,19 +578,42 @@ class MergeEngine:
         self, method: MergeMethod, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
     ) -> tuple[Tensor, ...]:
         """Exact magnitude thresholds [N] of ``method.fractions`` for tensor ``name``, cached per (tensor, base,
-        sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them."""
+        sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them. New
+        counts are looked up in the sorted magnitudes of each task vector (CPU, when they fit their budget: a
+        search over densities then sorts each task vector once), else found by :func:`kth_magnitudes`."""
         span = self._spans[name]
         thresholds, tau = [], None
         for fraction in method.fractions(host):  # type: ignore[misc]
             counts = keep_count(fraction, span.numel)
             key = (name, base, tuple(sources), tuple(counts.tolist()))
             if key not in self._threshold_cache:
-                if tau is None:
-                    stack = self._flat[:, span.offset : span.offset + span.numel]
-                    tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
-                _bounded_put(self._threshold_cache, key, kth_magnitudes(tau, counts))
+                rows = self._sorted_rows(name, base, sources)  # type: ignore[arg-type]
+                if rows is not None:
+                    found = [row.kth_largest(k) if k > 0 else math.nan for row, k in zip(rows, counts.tolist())]
+                    value = torch.tensor(found, dtype=torch.float32, device=self.device)
+                else:
+                    if tau is None:
+                        stack = self._flat[:, span.offset : span.offset + span.numel]
+                        tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
+                    value = kth_magnitudes(tau, counts)
+                _bounded_put(self._threshold_cache, key, value)
             thresholds.append(self._threshold_cache[key])
         return tuple(thresholds)
+
+    def _sorted_rows(self, name: str, base: int, sources: list[int]) -> list[SortedMagnitudes] | None:
+        """The sorted magnitudes of ``τ_i = source_i − base`` for tensor ``name``, each sorted once per (tensor,
+        base, source) and kept; None when the missing ones do not fit the budget (always on CUDA, where
+        ``torch.topk`` is fast)."""
+        missing = [i for i in dict.fromkeys(sources) if (name, base, i) not in self._sorted]
+        need = len(missing) * self._spans[name].numel * 2
+        if need > self._sorted_budget:
+            return None
+        stack = self._flat[:, self._spans[name].offset : self._spans[name].offset + self._spans[name].numel]
+        for i in missing:
+            built = SortedMagnitudes.build((stack[i].float() - stack[base].float()).abs_())
+            self._sorted[(name, base, i)] = built
+            self._sorted_budget -= built.nbytes
+        return [self._sorted[(name, base, i)] for i in sources]
 
     def _threshold_tables(
         self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: Mapping[str, object]

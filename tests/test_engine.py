@@ -256,6 +256,23 @@ def test_cached_thresholds_give_the_uncached_bits(family, weights):
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
 
 
+def test_new_densities_look_up_the_sorted_magnitudes_and_match_the_radix_select(family, weights):
+    """Each task vector is sorted once (per tensor, base and source); candidates with new densities read their
+    thresholds from it, bit-identical to the engine without that cache (radix select of every tensor)."""
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    plain_engine = MergeEngine([base, *fts], device="cpu")
+    plain_engine._sorted_budget = 0
+    for density in (0.4, 0.13, 0.77):
+        recipe = _fast_recipe("ties", family).model_copy(update={"parameters": {"density": density}})
+        engine.materialize(recipe)
+        plain_engine.materialize(recipe)
+        assert len(engine._sorted) == 3 * len(engine.names) and not plain_engine._sorted
+        for name in engine.names:
+            assert torch.equal(_live(engine, name), _live(plain_engine, name)), (density, name)
+            assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32)), (density, name)
+
+
 def test_live_tensors_replaced_from_outside_are_still_written(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")

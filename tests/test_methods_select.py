@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evomerge.methods import magnitude_threshold
-from evomerge.methods.select import radix_kth_largest_rows, topk_kth_largest_rows
+from evomerge.methods.select import SortedMagnitudes, radix_kth_largest_rows, topk_kth_largest_rows
 from evomerge.methods.sparsify import keep_count, top_magnitude_mask
 
 
@@ -94,3 +94,18 @@ def test_mask_count_equals_reference_count_on_random_data() -> None:
         threshold = _reference(tau[i].abs(), k)
         assert torch.equal(mask[i], tau[i].abs() >= threshold)
         assert mask[i].sum() >= k
+
+
+def test_sorted_magnitudes_answer_every_k_like_topk() -> None:
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(20_000, generator=g).abs()
+    values[:5000] = values[:5000].to(torch.bfloat16).float()  # many ties
+    values[5000:5100] = 0.0
+    values[5100] = 1e-40  # a subnormal
+    table = SortedMagnitudes.build(values.view(100, 200))
+    assert table.numel == 20_000 and table.nbytes < 20_000 * 2 + 32768 * 12
+    ordered = torch.sort(values, descending=True).values
+    for k in [1, 2, 99, 5000, 14_899, 14_900, 14_901, 19_999, 20_000]:
+        assert table.kth_largest(k) == ordered[k - 1].item(), k
+    with pytest.raises(ValueError, match="k must be in"):
+        table.kth_largest(0)

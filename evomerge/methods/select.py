@@ -23,10 +23,18 @@ CUDA and the histograms elsewhere.
 
 Inputs must be NaN-free magnitudes (``tau.abs()``): ``+0.0`` is the smallest value; ``-0.0`` or a negative
 entry is rejected by ``bincount``.
+
+A search that changes densities every candidate asks for a new k of the same task vector each time. For that,
+:class:`SortedMagnitudes` sorts the magnitudes of a row once (NumPy's vectorized sort of the int32 bit patterns,
+~9 ns per entry on one core here, about the price of one radix select) and keeps them in 2 bytes per entry; any
+later k costs a binary search over the distinct high halves.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,3 +119,42 @@ def magnitude_threshold(abs_tau: Tensor, k: int) -> Tensor:
         raise ValueError(f"k must be in [1, {n}] for a tensor of {n} entries, got k={k}")
     row = abs_tau.reshape(1, -1).to(torch.float32)
     return kth_largest_rows(row, torch.tensor([k], device=abs_tau.device))[0]
+
+
+@dataclass(frozen=True)
+class SortedMagnitudes:
+    """The magnitudes of one task vector row in ascending order, 2 bytes per entry: exact k-th largest for any k.
+
+    The sorted int32 bit patterns are kept split: ``low`` holds the low 16 bits of every entry, and the high 16
+    bits, which are non-decreasing along the sorted order, are kept run-length encoded (``high[i]`` is the high
+    half of positions ``ends[i-1] .. ends[i] - 1``).
+    """
+
+    low: np.ndarray  # uint16 [n]
+    high: np.ndarray  # int32 [runs], ascending
+    ends: np.ndarray  # int64 [runs], exclusive end position of each run; ends[-1] == n
+
+    @classmethod
+    def build(cls, magnitudes: Tensor) -> SortedMagnitudes:
+        """Sort the entries of a non-negative, NaN-free float32 tensor (any shape, any device)."""
+        bits = np.sort(magnitudes.detach().reshape(-1).to("cpu", torch.float32).contiguous().view(torch.int32).numpy())
+        high = bits >> 16
+        ends = np.append(np.flatnonzero(high[1:] != high[:-1]) + 1, high.size).astype(np.int64)
+        return cls(low=(bits & 0xFFFF).astype(np.uint16), high=high[ends - 1].astype(np.int32), ends=ends)
+
+    @property
+    def numel(self) -> int:
+        return int(self.low.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.low.nbytes + self.high.nbytes + self.ends.nbytes)
+
+    def kth_largest(self, k: int) -> float:
+        """The exact k-th largest magnitude (``1 <= k <= numel``), as a float (a float32 value)."""
+        if not 1 <= k <= self.numel:
+            raise ValueError(f"k must be in [1, {self.numel}], got {k}")
+        position = self.numel - k  # ascending order
+        run = int(np.searchsorted(self.ends, position, side="right"))
+        bits = np.array([(int(self.high[run]) << 16) | int(self.low[position])], dtype=np.int32)
+        return float(bits.view(np.float32)[0])
