@@ -260,6 +260,7 @@ class MergeEngine:
         self._last: dict[str, tuple] = {}
         self._statistics: dict[str, list[dict[str, Tensor]]] = {}
         self._threshold_cache: dict[tuple, Tensor] = {}
+        self._gram_cache: dict[tuple, Tensor] = {}  # MergeMethod.gram per (method, tensor, base, sources, flags)
         self._device_params: dict[tuple, Tensor] = {}
         self._compiled: dict[str, Callable[..., Tensor] | None] = {}
         self._chunk = _CPU_CHUNK
@@ -496,8 +497,8 @@ class MergeEngine:
     ) -> list[list[str]]:
         """Tensors merged together: maximal runs of neighbours (in the flat layout) with the same parameters, for
         entrywise methods when the live tensors share one buffer (and, for stochastic ones, when the draws of the
-        seed fit the noise store); else one each."""
-        groupable = method.elementwise and not method.statistic and self._out is not None and (
+        seed fit the noise store); else one each (angle-based methods: coefficients per tensor)."""
+        groupable = method.elementwise and not method.statistic and method.gram is None and self._out is not None and (
             not method.stochastic or self._noise_store(seed, n_sources) is not None)
         if not groupable:
             return [[name] for name in todo]
@@ -520,14 +521,17 @@ class MergeEngine:
         first, last = self._spans[run[0]], self._spans[run[-1]]
         begin, end = first.offset, last.offset + last.numel
         unbound = self._out is None and not self._targets[run[0]].is_contiguous()
-        if not method.elementwise or method.statistic or unbound:
+        host = self._kwargs(method, params, len(sources))
+        if method.gram is not None:
+            host["coefficients"] = self._coefficients(method, run[0], base, sources, host)
+        per_row = method.gram is not None and host["coefficients"].shape[0] > 1  # type: ignore[union-attr]
+        if not method.elementwise or method.statistic or unbound or per_row:
             merged = self._merge_whole(method, run[0], base, sources, params, seed)
             self._targets[run[0]].copy_(merged)
             return _check_value(self._targets[run[0]])
         rows = _rows(self._flat[:, begin:end], sources).to(self.device, non_blocking=True)
         base_row = None if base is None else self._flat[base, begin:end].to(self.device, non_blocking=True)
         out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
-        host = self._kwargs(method, params, len(sources))
         kwargs = self._on_device(host)
         inputs = _Inputs()
         if method.fractions is not None:
@@ -631,6 +635,20 @@ class MergeEngine:
             for column in zip(*per_tensor)
         )
 
+    def _coefficients(
+        self, method: MergeMethod, name: str, base: int | None, sources: list[int], kwargs: Mapping[str, object]
+    ) -> Tensor:
+        """An angle-based method's combination for tensor ``name`` (``method.coefficients`` of its Gram matrices,
+        which are computed once per (method, tensor, base, sources, flags) and kept), on the compute device."""
+        flags = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool)))
+        key = (method.name, name, base, tuple(sources), flags)
+        if key not in self._gram_cache:
+            stack = self._stacks[name]
+            src = _rows(stack, sources).to(self.device, torch.float32)
+            base_t = None if base is None else stack[base].to(self.device, torch.float32)
+            _bounded_put(self._gram_cache, key, method.gram(base_t, src, kwargs))  # type: ignore[misc]
+        return method.coefficients(self._gram_cache[key], kwargs).to(self.device, torch.float32)  # type: ignore[misc]
+
     def _noise_store(self, seed: int, n_sources: int) -> tuple[Tensor, set[str]] | None:
         """Flat [N, entries] buffer of the uniform draws of ``seed`` (laid out like the sources) and the tensors
         drawn into it so far; None when it does not fit ``_NOISE_CACHE_SHARE`` of the free memory. Stores of other
@@ -696,6 +714,8 @@ class MergeEngine:
         base_t = stack[base].to(self.device, torch.float32, non_blocking=True) if base is not None else None
         stats = self._tensor_statistics(method, name, sources)
         kwargs = self._on_device(self._kwargs(method, params, len(sources)))
+        if method.gram is not None:
+            kwargs["coefficients"] = self._coefficients(method, name, base, sources, kwargs)
         return method.fn(base_t, src, seed=tensor_seed(seed, name) if method.stochastic else None, stats=stats, **kwargs)
 
     def invalidate(self) -> None:

@@ -104,3 +104,25 @@ def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) ->
     assert torch.equal(base, before[0]) and torch.equal(sources, before[1])
     if all(p.default is not None for p in method.params):
         validate_params(method, {}, n, True)  # the defaults satisfy the cross-parameter constraints
+
+
+@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.gram is not None])
+def test_precomputed_coefficients_give_the_same_bits(name: str) -> None:
+    """Angle-based methods give exactly their own result when handed ``coefficients(gram(...))`` (what the engine
+    computes once per tensor and candidate), and the combination is entrywise when it has one row."""
+    method = METHODS[name]
+    assert method.coefficients is not None
+    g = torch.Generator().manual_seed(2)
+    n = 2 if method.max_sources == 2 else 3
+    base, sources = torch.randn(5, 4, generator=g), torch.randn(n, 5, 4, generator=g)
+    for flags in ({}, {"filter_wise": True}) if name == "model_stock" else ({},):
+        kwargs: dict[str, object] = dict(flags)
+        for p in method.params:
+            if p.key not in kwargs and not p.is_bool:
+                kwargs[p.key] = torch.full((n,), 0.7) if p.per_source else 0.3
+        coefficients = method.coefficients(method.gram(base, sources, kwargs), kwargs)
+        out = method.fn(base, sources, coefficients=coefficients, **kwargs)
+        assert torch.equal(out, method.fn(base, sources, **kwargs))
+        if coefficients.shape[0] == 1:  # entrywise: any slice of the flattened entries gives that slice
+            part = method.fn(base.view(-1)[3:11], sources.view(n, -1)[:, 3:11], coefficients=coefficients, **kwargs)
+            assert torch.equal(part, out.view(-1)[3:11])

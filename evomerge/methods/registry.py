@@ -14,9 +14,16 @@ from torch import Tensor
 
 from evomerge.methods.fisher import fisher
 from evomerge.methods.linear import linear, task_arithmetic
-from evomerge.methods.model_stock import model_stock
+from evomerge.methods.model_stock import model_stock, model_stock_coefficients, model_stock_gram
 from evomerge.methods.regmean import regmean
-from evomerge.methods.slerp import multislerp, slerp
+from evomerge.methods.slerp import (
+    multislerp,
+    multislerp_coefficients,
+    multislerp_gram,
+    slerp,
+    slerp_coefficients,
+    slerp_gram,
+)
 from evomerge.methods.sparsify import band_fractions
 from evomerge.methods.ties import (
     breadcrumbs,
@@ -81,6 +88,12 @@ class MergeMethod:
     # Magnitude fractions (from the method's tensor kwargs) whose exact thresholds fn takes as `thresholds=`
     # (sparsify.magnitude_thresholds of the whole task vectors), so thresholds can be computed once and cached.
     fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None
+    # Angle-based methods (evomerge.methods.angles): `gram` gives the Gram matrices fn measures angles on, from
+    # (base, sources, kwargs), depending on the models and the method's flags only (computed once per tensor);
+    # `coefficients` turns them and the kwargs into the combination fn takes as `coefficients=` (then entrywise
+    # when it has one row).
+    gram: Callable[[Tensor | None, Tensor, Mapping[str, object]], Tensor] | None = None
+    coefficients: Callable[[Tensor, Mapping[str, object]], Tensor] | None = None
 
     def param(self, name: str) -> Param:
         """The parameter called ``name`` (recipe key); MethodError listing the valid ones if there is none."""
@@ -213,15 +226,18 @@ _ALL: tuple[MergeMethod, ...] = (
     MergeMethod(
         "slerp", slerp, (Param("t", None, 0.0, 1.0, doc="interpolation factor: 0 -> first source, 1 -> second"),),
         needs_base=False, min_sources=2, max_sources=2, doc="spherical interpolation of two sources",
+        elementwise=True, gram=slerp_gram, coefficients=slerp_coefficients,
     ),
     MergeMethod(
-        "multislerp", multislerp, (_weight(),), needs_base=False,
+        "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True, gram=multislerp_gram,
+        coefficients=multislerp_coefficients,
         doc="weighted spherical (Karcher) mean of the sources, or of task vectors when a base is given",
     ),
     MergeMethod(
         "model_stock", model_stock,
         (Param("filter_wise", False, doc="one interpolation ratio per output row instead of per tensor"),),
         needs_base=True, min_sources=2, doc="average moved towards the base by the task vectors' angle",
+        elementwise=True, gram=model_stock_gram, coefficients=model_stock_coefficients,
     ),
     MergeMethod(
         "fisher", fisher,
