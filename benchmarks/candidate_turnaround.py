@@ -333,8 +333,10 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         "materialize, what calling mergekit's `run_merge` from a long-lived process would save.",
         "- evomerge 1st merge: the warm-up candidate of each method (first allocation and first touch of its "
         "temporaries), paid once per method in a search.",
-        "- every candidate changes the densities, so evomerge's cached TIES thresholds are never reused here; a "
-        "search that changes only weights reuses them and is faster.",
+        "- every candidate changes the weights and densities, as a search does, and the seed (a search keeps one: "
+        "a new seed is the worse case): evomerge's per-keep-count thresholds are never reused; new densities are "
+        "looked up in each task vector's sorted magnitudes (sorted during the warm-up candidate, on CPU) and a new "
+        "seed refills the counter-based DARE draws.",
         "- from_pretrained maps the safetensors file (a private mapping of the page cache) rather than reading it, "
         "which is why it is cheap; the first forward pass pays the page faults.",
         "",
@@ -346,8 +348,8 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         "check of the 2M-entry lm_head, one source had 2 entries equal to the k-th magnitude), a few entries per "
         "model, each off by about one task-vector entry. Other densities can differ by one more entry per tensor.",
         "- DARE rescale: evomerge divides survivors by `d` (the paper's `1/(1−p)`); mergekit 0.1.5 rescales the "
-        "kept entries so the L1 norm of each task vector is unchanged. Random masks differ as well (different "
-        "generators), so DARE weights are not compared.",
+        "kept entries so the L1 norm of each task vector is unchanged. Random masks differ as well (mergekit draws from "
+        "torch's generator, evomerge from its counter-based one), so DARE weights are not compared.",
         "- `normalize` defaults differ for `dare_ties` and `breadcrumbs_ties` (evomerge True, mergekit False); the "
         "exported YAML carries only what the recipe sets, so the dare_ties candidates set `normalize: true`.",
         "- dtype: mergekit computes the task-vector methods in the checkpoint dtype (linear in fp32), evomerge all "

@@ -39,10 +39,12 @@ METHODS: dict[str, dict] = {
     "dare_linear": {"base": True, "params": {"density": 0.3}},
     "dare_linear_new_seed": {"base": True, "params": {"density": 0.3}, "method": "dare_linear", "vary": "seed"},
     "dare_ties": {"base": True, "params": {"density": 0.3}},
+    "dare_ties_new_seed": {"base": True, "params": {"density": 0.3}, "method": "dare_ties", "vary": "seed"},
     "breadcrumbs": {"base": True, "params": {"density": 0.3, "gamma": 0.01}},
     "della": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}},
     "model_stock": {"base": True, "params": {}},
     "slerp": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2},
+    "slerp_new_t": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2, "method": "slerp", "vary": "t"},
 }
 
 
@@ -106,17 +108,18 @@ def copy_bandwidth(nbytes: int, device: torch.device, reps: int) -> float:
 
 def recipe_for(method: str, paths: list[str], rep: int) -> Recipe:
     """The benchmark recipe of ``method`` for repetition ``rep``: seed 0 (as in a search, whose recipes keep the
-    default seed), except for the ``vary`` rows, which change that parameter (the seed, or a density) every
-    repetition so nothing cached for the previous candidate can be reused."""
+    default seed), except for the ``vary`` rows, which change that parameter (the seed, a density, slerp's t)
+    every repetition, as a search does."""
     spec = METHODS[method]
-    params = dict(spec["params"])
+    params, globals_ = dict(spec["params"]), dict(spec.get("globals", {}))
     vary = spec.get("vary")
-    if vary is not None and vary != "seed":
-        params[vary] = round(params[vary] + 0.01 * rep, 4)
+    for scope in (params, globals_):
+        if vary in scope:
+            scope[vary] = round(scope[vary] + 0.01 * rep, 4)
     sources = paths[1 : 1 + spec.get("sources", len(paths))]
     return Recipe(method=spec.get("method", method), base=paths[0] if spec["base"] else None,
                   seed=rep if vary == "seed" else 0,
-                  parameters=spec.get("globals", {}), sources=[{"model": p, "parameters": params} for p in sources])
+                  parameters=globals_, sources=[{"model": p, "parameters": params} for p in sources])
 
 
 def main() -> None:
@@ -186,10 +189,12 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, n_p
         f"- merge: median of {args.reps} candidates (`MergeStats.seconds`: every tensor merged and written into the live"
         " model, NaN check included, recipe planning excluded); with plan: wall time of `materialize` including"
         " recipe resolution; first: the first candidate (compilation, threshold cache filled)",
-        "- candidates differ in nothing but are merged in full (`invalidate`); seed 0 like a search's recipes. Cached"
-        " across candidates: TIES/breadcrumbs thresholds (per tensor and keep count), DARE uniform draws (per seed"
-        " and tensor). `ties_new_density` / `dare_linear_new_seed` change the density / seed every candidate, so"
-        " those caches miss (the cost of a search whose every trial has a new density)", "",
+        "- candidates are merged in full (`invalidate`); seed 0 like a search's recipes. Kept across candidates"
+        " (what depends on the models only, or on the seed): TIES/breadcrumbs thresholds per keep count and, on CPU,"
+        " each task vector's sorted magnitudes (any new density is a lookup); DARE's counter-based uniform draws per"
+        " seed (a new seed refills them with one hash kernel); slerp/multislerp/model stock Gram matrices. Rows"
+        " `*_new_density` / `*_new_seed` / `*_new_t` change that parameter every candidate, as a search does; `first`"
+        " is the first candidate (compilation, sorting, Gram matrices)", "",
         "| method | merge (ms) | merge GB/s | copy GB/s | ratio to copy | with plan (ms) | first (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *[f"| {r['method']} | {r['merge_s']*1e3:.1f} | {r['merge_GBps']:.2f} | {r['copy_GBps']:.2f} | {r['ratio']:.2f}x"
