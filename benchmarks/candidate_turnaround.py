@@ -326,7 +326,8 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         *[f"| {r.method} | {r.evomerge_materialize_s * 1e3:.0f} | {r.mergekit_merge_write_s:.1f} | "
           f"{r.from_pretrained_s:.2f} | {r.mergekit_total_s:.1f} | {r.speedup:.0f}x | "
           + ("n/a (random) | n/a |" if r.max_abs_dw is None else f"{r.max_abs_dw:.1e} | {r.differing_entries} |")
-          + f" {r.speedup_without_startup:.0f}x | {r.evomerge_first_s:.1f} |"
+          + (f" {r.speedup_without_startup:.0f}x |" if r.speedup_without_startup > 0 else " n/a (start-up ≥ total) |")
+          + f" {r.evomerge_first_s:.1f} |"
           for r in rows],
         "",
         "- speed-up = mergekit total ÷ evomerge materialize; w/o start-up: (mergekit total − CLI start-up) ÷ evomerge "
