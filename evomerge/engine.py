@@ -42,7 +42,7 @@ from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, save_
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.methods.counter_rng import row_keys, uniform
 from evomerge.methods.select import SortedMagnitudes
-from evomerge.methods.sparsify import keep_count, kth_magnitudes
+from evomerge.methods.sparsify import keep_count, kth_magnitudes, relative_ranks
 from evomerge.recipe import Recipe, RecipeError, gradient_position, resolve_value
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ _CACHE_ENTRIES = 1 << 16  # bound of the threshold and device-parameter caches (
 # torch.compile takes seconds per method; below this many entries the eager merge is faster than that
 _COMPILE_MIN_ENTRIES = 1 << 24
 _NOISE_CACHE_SHARE = 0.25  # share of the memory free after loading that stored DARE draws may take
-_SORTED_CACHE_SHARE = 0.25  # ... and that sorted task-vector magnitudes (CPU thresholds for any density) may take
+# ... and that per-entry facts of the task vectors may take: sorted magnitudes (CPU thresholds for any density),
+# relative magnitude ranks (DELLA)
+_TASK_CACHE_SHARE = 0.25
 
 
 class MergeError(RuntimeError):
@@ -268,7 +270,8 @@ class MergeEngine:
         free = self._free_memory()
         self._noise_budget = int(_NOISE_CACHE_SHARE * free)
         self._sorted: dict[tuple[str, int, int], SortedMagnitudes] = {}
-        self._sorted_budget = int(_SORTED_CACHE_SHARE * free) if self.device.type == "cpu" else 0
+        self._ranks: dict[tuple[str, int, tuple[int, ...]], Tensor] = {}
+        self._task_budget = int(_TASK_CACHE_SHARE * free)
 
     # --------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -497,9 +500,10 @@ class MergeEngine:
     ) -> list[list[str]]:
         """Tensors merged together: maximal runs of neighbours (in the flat layout) with the same parameters, for
         entrywise methods when the live tensors share one buffer (and, for stochastic ones, when the draws of the
-        seed fit the noise store); else one each (angle-based methods: coefficients per tensor)."""
-        groupable = method.elementwise and not method.statistic and method.gram is None and self._out is not None and (
-            not method.stochastic or self._noise_store(seed, n_sources) is not None)
+        seed fit the noise store); else one each (angle-based methods: coefficients per tensor; DELLA: ranks)."""
+        per_tensor_inputs = method.gram is not None or method.ranked
+        groupable = method.elementwise and not method.statistic and not per_tensor_inputs and self._out is not None \
+            and (not method.stochastic or self._noise_store(seed, n_sources) is not None)
         if not groupable:
             return [[name] for name in todo]
         position = {n: i for i, n in enumerate(self.names)}
@@ -525,7 +529,8 @@ class MergeEngine:
         if method.gram is not None:
             host["coefficients"] = self._coefficients(method, run[0], base, sources, host)
         per_row = method.gram is not None and host["coefficients"].shape[0] > 1  # type: ignore[union-attr]
-        if not method.elementwise or method.statistic or unbound or per_row:
+        ranks = self._relative_ranks(run[0], base, sources) if method.ranked else None  # type: ignore[arg-type]
+        if not method.elementwise or method.statistic or unbound or per_row or (method.ranked and ranks is None):
             merged = self._merge_whole(method, run[0], base, sources, params, seed)
             self._targets[run[0]].copy_(merged)
             return _check_value(self._targets[run[0]])
@@ -534,6 +539,8 @@ class MergeEngine:
         out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
         kwargs = self._on_device(host)
         inputs = _Inputs()
+        if ranks is not None:
+            inputs.entries["ranks"] = ranks
         if method.fractions is not None:
             inputs.blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
         if method.stochastic and self._noise_store(seed, len(sources)) is not None:
@@ -610,13 +617,13 @@ class MergeEngine:
         ``torch.topk`` is fast)."""
         missing = [i for i in dict.fromkeys(sources) if (name, base, i) not in self._sorted]
         need = len(missing) * self._spans[name].numel * 2
-        if need > self._sorted_budget:
+        if self.device.type != "cpu" or need > self._task_budget:
             return None
         stack = self._flat[:, self._spans[name].offset : self._spans[name].offset + self._spans[name].numel]
         for i in missing:
             built = SortedMagnitudes.build((stack[i].float() - stack[base].float()).abs_())
             self._sorted[(name, base, i)] = built
-            self._sorted_budget -= built.nbytes
+            self._task_budget -= built.nbytes
         return [self._sorted[(name, base, i)] for i in sources]
 
     def _threshold_tables(
@@ -634,6 +641,21 @@ class MergeEngine:
             torch.repeat_interleave(torch.stack(column, dim=1), blocks, dim=1, output_size=total)
             for column in zip(*per_tensor)
         )
+
+    def _relative_ranks(self, name: str, base: int, sources: list[int]) -> Tensor | None:
+        """:func:`relative_ranks` of the task vectors of ``sources`` for tensor ``name`` as [N, numel] on the compute
+        device, computed once per (tensor, base, sources) and kept; None when they do not fit the budget."""
+        key = (name, base, tuple(sources))
+        if key not in self._ranks:
+            span = self._spans[name]
+            need = len(sources) * span.numel * 4
+            if need > self._task_budget:
+                return None
+            stack = self._flat[:, span.offset : span.offset + span.numel]
+            tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
+            self._ranks[key] = relative_ranks(tau)
+            self._task_budget -= need
+        return self._ranks[key]
 
     def _coefficients(
         self, method: MergeMethod, name: str, base: int | None, sources: list[int], kwargs: Mapping[str, object]

@@ -197,6 +197,7 @@ def test_check_value_is_finite_iff_every_stored_entry_is(dtype):
 FAST_PATH = {
     "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
     "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6},
+    "della": {"density": 0.5, "epsilon": 0.2}, "della_linear": {"density": 0.5, "epsilon": 0.2},
 }
 
 
@@ -262,7 +263,7 @@ def test_new_densities_look_up_the_sorted_magnitudes_and_match_the_radix_select(
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
     plain_engine = MergeEngine([base, *fts], device="cpu")
-    plain_engine._sorted_budget = 0
+    plain_engine._task_budget = 0
     for density in (0.4, 0.13, 0.77):
         recipe = _fast_recipe("ties", family).model_copy(update={"parameters": {"density": density}})
         engine.materialize(recipe)
@@ -300,6 +301,23 @@ def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(fami
             expected = fn(None if model_base is None else weights[0][name].float(), stack, **kwargs)
             assert torch.equal(_live(engine, name), expected), (method, params, per_source, name)
         assert len(engine._gram_cache) - before == (len(engine.names) if new_grams else 0), (method, params)
+
+
+def test_della_keeps_its_ranks_and_falls_back_when_they_do_not_fit(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    for density in (0.5, 0.3):  # new parameters: the ranks of the task vectors are reused
+        recipe = _fast_recipe("della", family).model_copy(update={"parameters": {"density": density, "epsilon": 0.1}})
+        engine.materialize(recipe)
+        assert len(engine._ranks) == len(engine.names)
+        for name in engine.names:
+            assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32)), (density, name)
+    small = MergeEngine([base, *fts], device="cpu")
+    small._task_budget = 0  # nothing fits: every tensor merged whole by the pure function
+    small.materialize(recipe)
+    assert not small._ranks
+    for name in engine.names:
+        assert torch.equal(_live(small, name), _live(engine, name))
 
 
 def test_live_tensors_replaced_from_outside_are_still_written(family, weights):

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from evomerge.methods import magnitude_threshold
-from evomerge.methods.select import SortedMagnitudes, radix_kth_largest_rows, topk_kth_largest_rows
+from evomerge.methods.select import (
+    SortedMagnitudes,
+    magnitude_ranks,
+    radix_kth_largest_rows,
+    topk_kth_largest_rows,
+)
 from evomerge.methods.sparsify import keep_count, top_magnitude_mask
 
 
@@ -109,3 +114,13 @@ def test_sorted_magnitudes_answer_every_k_like_topk() -> None:
         assert table.kth_largest(k) == ordered[k - 1].item(), k
     with pytest.raises(ValueError, match="k must be in"):
         table.kth_largest(0)
+
+
+def test_magnitude_ranks_count_the_strictly_smaller_entries() -> None:
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(3, 700, generator=g).abs().to(torch.bfloat16).float()  # many ties
+    values[1, :50] = 0.0
+    ranks = magnitude_ranks(values)
+    expected = (values.unsqueeze(1) < values.unsqueeze(2)).sum(2)  # [r, j] = #{m : v[r, m] < v[r, j]}
+    assert ranks.dtype == torch.int64 and torch.equal(ranks, expected)
+    assert torch.equal(magnitude_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.5]])), torch.tensor([[2, 1, 2, 0]]))

@@ -80,14 +80,18 @@ class MergeMethod:
     statistic: str | None = None  # None | "fisher" | "gram": what `stats` must hold
     constraint: Constraint | None = None
     doc: str = ""
-    # Entrywise: given the per-tensor inputs below (thresholds, noise), output entry j depends only on entry j of
-    # base and sources, so fn may be applied to any slice of the flattened entries (or to several tensors at
-    # once when no per-tensor input is needed) with bit-identical results. Stochastic entrywise methods take the
-    # uniform draw as `noise` ([N, *S], counter_rng.uniform_like(tau, seed), or the slice of it).
+    # Entrywise: given the per-tensor inputs below (thresholds, noise, ranks, coefficients), output entry j
+    # depends only on entry j of base and sources, so fn may be applied to any slice of the flattened entries (or
+    # to several tensors at once when no per-tensor input is needed) with bit-identical results. Stochastic
+    # entrywise methods take the uniform draw as `noise` ([N, *S], counter_rng.uniform_like(tau, seed), or the
+    # slice of it).
     elementwise: bool = False
     # Magnitude fractions (from the method's tensor kwargs) whose exact thresholds fn takes as `thresholds=`
     # (sparsify.magnitude_thresholds of the whole task vectors), so thresholds can be computed once and cached.
     fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None
+    # fn takes the relative magnitude ranks of the task vectors as `ranks=` (sparsify.relative_ranks of the whole
+    # task vectors, [N, *S] or the matching slice): they depend on the models only, so they can be kept.
+    ranked: bool = False
     # Angle-based methods (evomerge.methods.angles): `gram` gives the Gram matrices fn measures angles on, from
     # (base, sources, kwargs), depending on the models and the method's flags only (computed once per tensor);
     # `coefficients` turns them and the kwargs into the combination fn takes as `coefficients=` (then entrywise
@@ -179,12 +183,13 @@ _DELLA = (
 def _task_vector_method(
     fn: Callable[..., Tensor], params: tuple[Param, ...], *, stochastic: bool = False,
     constraint: Constraint | None = None, elementwise: bool = False,
-    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None,
+    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None, ranked: bool = False,
 ) -> MergeMethod:
     """A method of the sparsify -> (elect) -> merge family (:mod:`evomerge.methods.ties`)."""
     return MergeMethod(
         fn.__name__, fn, (_weight(), *params, _LAMBDA), needs_base=True, stochastic=stochastic,
         constraint=constraint, doc=(fn.__doc__ or "").split("\n")[0], elementwise=elementwise, fractions=fractions,
+        ranked=ranked,
     )
 
 
@@ -219,9 +224,13 @@ _ALL: tuple[MergeMethod, ...] = (
         breadcrumbs_ties, (*_BREADCRUMBS, _normalize(True)), constraint=_breadcrumbs_band, elementwise=True,
         fractions=_band_fractions,
     ),
-    _task_vector_method(della, (*_DELLA, _normalize(True), _RESCALE), stochastic=True, constraint=_della_window),
     _task_vector_method(
-        della_linear, (*_DELLA, _normalize(False), _RESCALE), stochastic=True, constraint=_della_window
+        della, (*_DELLA, _normalize(True), _RESCALE), stochastic=True, constraint=_della_window, elementwise=True,
+        ranked=True,
+    ),
+    _task_vector_method(
+        della_linear, (*_DELLA, _normalize(False), _RESCALE), stochastic=True, constraint=_della_window,
+        elementwise=True, ranked=True,
     ),
     MergeMethod(
         "slerp", slerp, (Param("t", None, 0.0, 1.0, doc="interpolation factor: 0 -> first source, 1 -> second"),),

@@ -158,3 +158,30 @@ class SortedMagnitudes:
         run = int(np.searchsorted(self.ends, position, side="right"))
         bits = np.array([(int(self.high[run]) << 16) | int(self.low[position])], dtype=np.int32)
         return float(bits.view(np.float32)[0])
+
+
+def magnitude_ranks(values: Tensor) -> Tensor:
+    """Per row of a non-negative float32 matrix [R, M] (NaN-free), each entry's rank: the number of entries of its
+    row strictly smaller (tied entries share the lower rank). int64 [R, M] on ``values``' device.
+
+    CPU: one NumPy sort per row of 64-bit keys ``(bits << 32) | index`` (its vectorized sort; ~16 ns per entry
+    here, vs ~140 for a float sort plus ``searchsorted``), then the first position of every run of equal values,
+    scattered back. Other devices: ``torch.sort`` and ``torch.searchsorted``.
+    """
+    if values.dim() != 2 or values.dtype != torch.float32:
+        raise ValueError(f"magnitude_ranks needs a 2-D float32 tensor, got {values.dim()}-D {values.dtype}")
+    if values.device.type != "cpu":
+        ordered = values.sort(dim=1).values
+        return torch.searchsorted(ordered, values.contiguous())
+    n = values.shape[1]
+    out = np.empty(values.shape, dtype=np.int64)
+    index = np.arange(n, dtype=np.int64)
+    for row, bits in enumerate(values.contiguous().view(torch.int32).numpy()):
+        keys = np.sort((bits.astype(np.int64) << 32) | index)
+        ordered = keys >> 32
+        first = np.zeros(n, dtype=np.int64)  # sorted position -> first position of its run of equal values
+        starts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+        first[starts] = starts
+        np.maximum.accumulate(first, out=first)
+        out[row, keys & 0xFFFFFFFF] = first
+    return torch.from_numpy(out)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from evomerge.methods.counter_rng import uniform_like
 from evomerge.methods.linear import per_source, source_sum
-from evomerge.methods.select import kth_largest_rows
+from evomerge.methods.select import kth_largest_rows, magnitude_ranks
 
 
 def keep_count(fraction: Tensor, numel: int) -> Tensor:
@@ -123,10 +123,11 @@ def band_fractions(density: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _rescaled(tau: Tensor, keep: Tensor, keep_probability: Tensor, rescale: bool) -> Tensor:
-    """``τ · keep / p`` (``rescale``) or ``τ · keep``; entries with ``p = 0`` are never kept, so never divided."""
+    """``τ · keep / p`` (``rescale``) or ``τ · keep`` for a float 0/1 mask ``keep``; a dropped entry is divided by
+    ``p + 1`` instead (never 0, and multiplied by 0 after), a kept one by ``p + 0 = p`` exactly."""
     if not rescale:
-        return torch.where(keep, tau, 0.0)
-    return torch.where(keep, tau / torch.where(keep, keep_probability, 1.0), 0.0)
+        return tau * keep
+    return tau / (keep_probability + (1.0 - keep)) * keep
 
 
 def _uniform(tau: Tensor, seed: int | None) -> Tensor:
@@ -171,38 +172,46 @@ def keep_mask(u: Tensor, d: Tensor) -> Tensor:
     return (d - u).gt_(0)
 
 
-def rank_keep_probability(tau: Tensor, density: Tensor, epsilon: Tensor) -> Tensor:
-    """DELLA keep probabilities [N, *S]: ``p = (d − ε) + 2ε · r / (n − 1)``, linear in the magnitude rank.
-
-    ``r`` = number of entries of ``τ_i`` with strictly smaller ``|τ|`` (0 for the smallest, ``n − 1`` for the
-    largest; tied magnitudes share the lower rank, so the result is layout independent), ``n = numel``; a
-    1-entry tensor gets ``p = d``. Without ties the mean of ``p`` is exactly ``d``. Exact ranks need one sort
-    per tensor, so DELLA costs a sort (unlike TIES' radix select).
-    """
+def relative_ranks(tau: Tensor) -> Tensor:
+    """``r / (n − 1)`` for every entry of each ``τ_i`` [N, *S]: ``r`` = number of entries of ``τ_i`` with strictly
+    smaller ``|τ|`` (tied magnitudes share the lower rank, so the result is layout independent), ``n = numel``;
+    0.5 for a 1-entry tensor. float32, ``tau``'s shape and device. Depends on the task vectors only (the engine
+    computes it once per tensor and sources)."""
     n_sources = tau.shape[0]
     magnitude = tau.reshape(n_sources, -1).abs()
     n = magnitude.shape[1]
     if n == 1:
-        relative_rank = torch.full_like(magnitude, 0.5)
-    else:
-        ranks = torch.searchsorted(magnitude.sort(dim=1).values, magnitude)
-        relative_rank = ranks.to(torch.float32) / (n - 1)
-    d = density.to(device=tau.device, dtype=torch.float32).view(-1, 1)
-    eps = epsilon.to(device=tau.device, dtype=torch.float32).view(-1, 1)
-    return ((d - eps) + 2 * eps * relative_rank).view(tau.shape)
+        return torch.full_like(tau, 0.5, dtype=torch.float32)
+    return (magnitude_ranks(magnitude).to(device=tau.device, dtype=torch.float32) / (n - 1)).view(tau.shape)
+
+
+def rank_keep_probability(tau: Tensor, density: Tensor, epsilon: Tensor, ranks: Tensor | None = None) -> Tensor:
+    """DELLA keep probabilities [N, *S]: ``p = (d − ε) + 2ε · r / (n − 1)``, linear in the magnitude rank.
+
+    ``r / (n − 1)``: :func:`relative_ranks` of ``tau`` (or ``ranks``, computed beforehand: then the formula is
+    entrywise and ``tau`` may be any slice of the entries). Without ties the mean of ``p`` is exactly ``d``.
+    """
+    relative_rank = relative_ranks(tau) if ranks is None else ranks
+    shape = (-1, *([1] * (tau.dim() - 1)))
+    d = density.to(device=tau.device, dtype=torch.float32).view(shape)
+    eps = epsilon.to(device=tau.device, dtype=torch.float32).view(shape)
+    return (d - eps) + 2 * eps * relative_rank
 
 
 def rank_random_prune(
-    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, seed: int | None
+    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, seed: int | None,
+    noise: Tensor | None = None, ranks: Tensor | None = None,
 ) -> Tensor:
     """DELLA (MAGPRUNE): keep entry ``j`` of ``τ_i`` with probability ``p_j`` (:func:`rank_keep_probability`),
     larger magnitudes more likely; survivors rescaled by ``1/p_j`` when ``rescale``.
 
-    Entry kept iff ``u < p_j``, ``u ~ U[0, 1)`` drawn for ``seed``.
+    Entry kept iff ``u < p_j``, ``u ~ U[0, 1)`` drawn for ``seed``. ``noise`` / ``ranks``: the draws and
+    :func:`relative_ranks` made beforehand (with both, entrywise).
     Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
     """
-    p = rank_keep_probability(tau, density, epsilon)
-    return _rescaled(tau, _uniform(tau, seed) < p, p, rescale)
+    p = rank_keep_probability(tau, density, epsilon, ranks)
+    u = _uniform(tau, seed) if noise is None else noise
+    return _rescaled(tau, keep_mask(u, p), p, rescale)
 
 
 def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize: bool) -> Tensor:

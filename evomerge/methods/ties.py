@@ -177,13 +177,16 @@ def della(
     rescale: bool = True,
     seed: int | None = None,
     stats: Tensor | None = None,
+    noise: Tensor | None = None,
+    ranks: Tensor | None = None,
 ) -> Tensor:
     """DELLA-Merging: magnitude-ranked random drop (keep prob in ``[d − ε, d + ε]``), rescale ``1/p``, TIES elect
-    and disjoint merge. Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through
-    Magnitude-Based Sampling".
+    and disjoint merge (``noise`` / ``ranks`` made beforehand: :func:`~evomerge.methods.sparsify.rank_random_prune`).
+    Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
     """
     return sparse_task_merge(
-        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed),
+        base, sources,
+        lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
         weight=weight, lam=lam, normalize=normalize, sign_election=True,
     )
 
@@ -200,9 +203,13 @@ def della_linear(
     rescale: bool = True,
     seed: int | None = None,
     stats: Tensor | None = None,
+    noise: Tensor | None = None,
+    ranks: Tensor | None = None,
 ) -> Tensor:
-    """DELLA drop-and-rescale of each ``τ_i`` followed by a plain weighted sum (no sign election). Deep et al. 2024."""
+    """DELLA drop-and-rescale of each ``τ_i`` followed by a plain weighted sum (no sign election; ``noise`` /
+    ``ranks`` as in :func:`della`). Deep et al. 2024."""
     return sparse_task_merge(
-        base, sources, lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed),
+        base, sources,
+        lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
         weight=weight, lam=lam, normalize=normalize, sign_election=False,
     )
