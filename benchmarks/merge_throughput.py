@@ -42,6 +42,7 @@ METHODS: dict[str, dict] = {
     "dare_ties_new_seed": {"base": True, "params": {"density": 0.3}, "method": "dare_ties", "vary": "seed"},
     "breadcrumbs": {"base": True, "params": {"density": 0.3, "gamma": 0.01}},
     "della": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}},
+    "della_new_density": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}, "method": "della", "vary": "density"},
     "model_stock": {"base": True, "params": {}},
     "slerp": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2},
     "slerp_new_t": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2, "method": "slerp", "vary": "t"},

@@ -522,24 +522,44 @@ class MergeEngine:
     ) -> Tensor:
         """Merge the tensors of ``run`` (one tensor, or a run of an entrywise method) into the live model;
         returns a 0-d tensor that is finite iff the merged values are (checked later, all at once)."""
-        first, last = self._spans[run[0]], self._spans[run[-1]]
-        begin, end = first.offset, last.offset + last.numel
-        unbound = self._out is None and not self._targets[run[0]].is_contiguous()
         host = self._kwargs(method, params, len(sources))
-        if method.gram is not None:
-            host["coefficients"] = self._coefficients(method, run[0], base, sources, host)
-        per_row = method.gram is not None and host["coefficients"].shape[0] > 1  # type: ignore[union-attr]
-        ranks = self._relative_ranks(run[0], base, sources) if method.ranked else None  # type: ignore[arg-type]
-        if not method.elementwise or method.statistic or unbound or per_row or (method.ranked and ranks is None):
+        inputs = self._entrywise_inputs(method, run, base, sources, host, seed)
+        if inputs is None:
             merged = self._merge_whole(method, run[0], base, sources, params, seed)
             self._targets[run[0]].copy_(merged)
             return _check_value(self._targets[run[0]])
+        begin, end = self._spans[run[0]].offset, self._spans[run[-1]].offset + self._spans[run[-1]].numel
         rows = _rows(self._flat[:, begin:end], sources).to(self.device, non_blocking=True)
         base_row = None if base is None else self._flat[base, begin:end].to(self.device, non_blocking=True)
         out = self._out[begin:end] if self._out is not None else self._targets[run[0]].view(-1)
         kwargs = self._on_device(host)
+        self._kernel(method.name, _fused_merge, out.shape[0],
+                     lambda begin, end, f: f(method.fn, out[begin:end], rows[:, begin:end],
+                                             None if base_row is None else base_row[begin:end], kwargs,
+                                             inputs.chunk(begin, end)))
+        return _check_value(out)
+
+    def _entrywise_inputs(
+        self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: dict[str, object],
+        seed: int,
+    ) -> _Inputs | None:
+        """What makes ``method`` entrywise on ``run``: thresholds, draws, ranks (returned) and angle-based
+        coefficients (added to ``host``). None when the run must be merged whole by the plain formula: a method
+        that is not entrywise or needs data statistics, a live tensor that is not contiguous and not bound, a
+        combination per output row, ranks that do not fit their budget."""
+        if not method.elementwise or method.statistic:
+            return None
+        if self._out is None and not self._targets[run[0]].is_contiguous():
+            return None
         inputs = _Inputs()
-        if ranks is not None:
+        if method.gram is not None:
+            host["coefficients"] = self._coefficients(method, run[0], base, sources, host)
+            if host["coefficients"].shape[0] > 1:  # type: ignore[union-attr]
+                return None
+        if method.ranked:
+            ranks = self._relative_ranks(run[0], base, sources)  # type: ignore[arg-type]
+            if ranks is None:
+                return None
             inputs.entries["ranks"] = ranks
         if method.fractions is not None:
             inputs.blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
@@ -547,11 +567,7 @@ class MergeEngine:
             inputs.entries["noise"] = self._noise(run, seed, len(sources))
         elif method.stochastic:  # nothing stored: the run is one tensor (_runs), drawn in the kernel
             inputs.keys = row_keys(tensor_seed(seed, run[0]), len(sources)).to(self.device, non_blocking=True)
-        self._kernel(method.name, _fused_merge, out.shape[0],
-                     lambda begin, end, f: f(method.fn, out[begin:end], rows[:, begin:end],
-                                             None if base_row is None else base_row[begin:end], kwargs,
-                                             inputs.chunk(begin, end)))
-        return _check_value(out)
+        return inputs
 
     def _kernel(self, name: str, fn: Callable[..., None], size: int,
                 call: Callable[[int, int, Callable[..., None]], None]) -> None:
@@ -700,7 +716,7 @@ class MergeEngine:
                 target = buffer[:, span.offset : span.offset + span.numel]
                 keys = row_keys(tensor_seed(seed, name), n_sources).to(self.device, non_blocking=True)
                 self._kernel("draws", _draw_into, span.numel,
-                             lambda begin, end, f: f(target[:, begin:end], keys, begin))
+                             lambda begin, end, f, target=target, keys=keys: f(target[:, begin:end], keys, begin))
                 drawn.add(name)
         begin, end = self._spans[run[0]].offset, self._spans[run[-1]].offset + self._spans[run[-1]].numel
         return buffer[:, begin:end]
