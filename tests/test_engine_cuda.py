@@ -79,7 +79,8 @@ def test_bf16_cuda_matches_cpu(family):
 
 # --- the compiled CUDA hot path against the plain formula -------------------------------------------------------
 FUSED = {"linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
-         "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6}}
+         "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6},
+         "della": {"density": 0.5, "epsilon": 0.2}}
 
 
 def plain(engine: MergeEngine, r: Recipe, name: str, device: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from evomerge.methods.select import (
     SortedMagnitudes,
     magnitude_ranks,
     radix_kth_largest_rows,
+    sorted_search_ranks,
     topk_kth_largest_rows,
 )
 from evomerge.methods.sparsify import keep_count, top_magnitude_mask
@@ -123,4 +124,5 @@ def test_magnitude_ranks_count_the_strictly_smaller_entries() -> None:
     ranks = magnitude_ranks(values)
     expected = (values.unsqueeze(1) < values.unsqueeze(2)).sum(2)  # [r, j] = #{m : v[r, m] < v[r, j]}
     assert ranks.dtype == torch.int64 and torch.equal(ranks, expected)
+    assert torch.equal(sorted_search_ranks(values), expected)  # the CUDA path, run here on CPU
     assert torch.equal(magnitude_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.5]])), torch.tensor([[2, 1, 2, 0]]))

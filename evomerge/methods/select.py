@@ -171,8 +171,7 @@ def magnitude_ranks(values: Tensor) -> Tensor:
     if values.dim() != 2 or values.dtype != torch.float32:
         raise ValueError(f"magnitude_ranks needs a 2-D float32 tensor, got {values.dim()}-D {values.dtype}")
     if values.device.type != "cpu":
-        ordered = values.sort(dim=1).values
-        return torch.searchsorted(ordered, values.contiguous())
+        return sorted_search_ranks(values)
     n = values.shape[1]
     out = np.empty(values.shape, dtype=np.int64)
     index = np.arange(n, dtype=np.int64)
@@ -185,3 +184,10 @@ def magnitude_ranks(values: Tensor) -> Tensor:
         np.maximum.accumulate(first, out=first)
         out[row, keys & 0xFFFFFFFF] = first
     return torch.from_numpy(out)
+
+
+def sorted_search_ranks(values: Tensor) -> Tensor:
+    """:func:`magnitude_ranks` by ``torch.sort`` and ``torch.searchsorted`` (the first position of each value in its
+    sorted row): the device path, usable on any device."""
+    ordered = values.sort(dim=1).values
+    return torch.searchsorted(ordered, values.contiguous())
