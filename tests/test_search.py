@@ -65,9 +65,19 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
     assert (run / "report" / "summary.md").is_file()
 
 
-def test_source_alone_baseline_reproduces_the_source(family, tmp_path):
+def test_source_alone_baseline_reproduces_the_source(family, tmp_path, caplog):
     cfg = config(family, tmp_path, n_trials=3)
-    run_search(cfg, progress=False, export=False)
+    import optuna
+
+    optuna.logging.enable_propagation()  # Optuna's log lines reach caplog
+    try:
+        with caplog.at_level("INFO", logger="optuna"):
+            run_search(cfg, progress=True, export=False)
+    finally:
+        optuna.logging.disable_propagation()
+    # the progress bar replaces Optuna's per-trial INFO line (which repeats every parameter); its level is restored
+    assert not [r for r in caplog.records if "finished with value" in r.getMessage()]
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
     study = load(cfg)
     from search_fitness import norm_sum
     for t in study.get_trials():

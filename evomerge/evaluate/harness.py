@@ -326,9 +326,17 @@ class LmEvalEvaluator:
         owner = self._lm_owner
         if self._lm is None or owner is None or owner[0] is not model or owner[1] is not tokenizer:
             self.check(model)
-            self._lm = FastHFLM(
-                pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length
-            )
+            # HFLM warns that a model object (not a name) was passed and that it assumes a single process: both
+            # are this evaluator's design, not the user's mistake
+            hf_log = logging.getLogger("lm_eval.models.huggingface")
+            level = hf_log.level
+            hf_log.setLevel(logging.ERROR)
+            try:
+                self._lm = FastHFLM(
+                    pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length
+                )
+            finally:
+                hf_log.setLevel(level)
             self._lm_owner = (model, tokenizer)
         return self._lm
 

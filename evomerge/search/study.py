@@ -245,6 +245,9 @@ class Runner:
 
         done = count()
         bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
+        verbosity = optuna.logging.get_verbosity()
+        if progress:  # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
         started = time.monotonic()
@@ -261,6 +264,7 @@ class Runner:
                     break
         finally:
             bar.close()
+            optuna.logging.set_verbosity(verbosity)
 
     # ----------------------------------------------------------------------------------------- finalize
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
@@ -357,7 +361,9 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         return f"soup:{len(recipe.sources)}"
 
     def score(recipe: Recipe) -> float:
-        trial = study.ask()
+        with warnings.catch_warnings():  # Optuna: heartbeats are meant for optimize (a killed soup re-runs its step)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = study.ask()
         try:
             value = runner.record(trial, recipe, kind(recipe))
         except Exception:
