@@ -69,15 +69,18 @@ def test_source_alone_baseline_reproduces_the_source(family, tmp_path, caplog):
     cfg = config(family, tmp_path, n_trials=3)
     import optuna
 
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
     optuna.logging.enable_propagation()  # Optuna's log lines reach caplog
     try:
         with caplog.at_level("INFO", logger="optuna"):
             run_search(cfg, progress=True, export=False)
+        # the progress bar replaces Optuna's per-trial INFO line (which repeats every parameter); level restored
+        assert not [r for r in caplog.records if "finished with value" in r.getMessage()]
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
     finally:
         optuna.logging.disable_propagation()
-    # the progress bar replaces Optuna's per-trial INFO line (which repeats every parameter); its level is restored
-    assert not [r for r in caplog.records if "finished with value" in r.getMessage()]
-    assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        optuna.logging.set_verbosity(before)
     study = load(cfg)
     from search_fitness import norm_sum
     for t in study.get_trials():
