@@ -12,6 +12,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 
 
+@pytest.fixture
+def quiet_optuna():
+    """Optuna's INFO lines (a line per study and trial) off during a test, its verbosity restored after."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(level)
+
+
 @pytest.fixture(scope="session")
 def mini_zoo() -> Zoo:
     """The mini zoo (``ZooConfig.mini()``), from ``$EVOMERGE_ZOO_CACHE`` or ``<repo>/.zoo``; the

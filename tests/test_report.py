@@ -25,13 +25,9 @@ from PIL import Image
 from evomerge.recipe import Recipe
 from evomerge.report import RunStorage, kind_label, layer_table, load_study, write_report
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    """Optuna's per-study INFO lines off for this module's tests only."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
 
 SOURCES = ["/zoo/expert_a", "/zoo/expert_b"]
 DIST = {"w_a": FloatDistribution(-1.0, 1.0), "w_b": FloatDistribution(-1.0, 1.0), "lam": FloatDistribution(0.0, 2.0)}

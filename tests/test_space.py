@@ -16,13 +16,9 @@ from evomerge.recipe import Recipe, gradient_position, resolve_value
 from evomerge.search.space import ModelSet, SearchSpace, SpaceError, source_alone_targets, uniform_targets
 from evomerge.stacking import layer_plan
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    """Optuna's per-study INFO lines off for this module's tests only."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 MODELS = ModelSet(base="zoo/base", sources=["zoo/a", "zoo/b", "zoo/c"], num_layers=4)
