@@ -30,8 +30,10 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +274,7 @@ class MergeEngine:
         self._sorted: dict[tuple[str, int, int], SortedMagnitudes] = {}
         self._ranks: dict[tuple[str, int, tuple[int, ...]], Tensor] = {}
         self._task_budget = int(_TASK_CACHE_SHARE * free)
+        self._budget_lock = threading.Lock()
 
     # --------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -482,6 +485,7 @@ class MergeEngine:
             todo = [n for n in self.names if self._last.get(n) != keys[n]]
             for name in todo:
                 self._last.pop(name, None)
+            self._prefetch(method, todo, base, sources)
             checks = [
                 (run, self._merge_run(method, base, sources, run, resolved[run[0]], recipe.seed))
                 for run in self._runs(method, todo, keys, recipe.seed, len(sources))
@@ -627,19 +631,44 @@ class MergeEngine:
             thresholds.append(self._threshold_cache[key])
         return tuple(thresholds)
 
+    def _prefetch(self, method: MergeMethod, names: list[str], base: int | None, sources: list[int]) -> None:
+        """Before a candidate's merges, compute the per-task-vector facts its tensors miss (sorted magnitudes for
+        CPU thresholds, DELLA's ranks) in ``torch.get_num_threads()`` threads, a tensor per job: their numpy sorts
+        release the GIL. Whatever does not fit the budget is left to the per-candidate path."""
+        if base is None:
+            return
+        jobs: list[Callable[[], object]] = []
+        if method.fractions is not None and self.device.type == "cpu":
+            jobs += [lambda name=name: self._sorted_rows(name, base, sources) for name in names]
+        if method.ranked:
+            jobs += [lambda name=name: self._relative_ranks(name, base, sources) for name in names]
+        workers = min(len(jobs), torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="evomerge-prefetch") as pool:
+                list(pool.map(lambda job: job(), jobs))
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` (may be negative: a correction) from the budget of per-task-vector facts; False, taking
+        nothing, when a positive amount does not fit."""
+        with self._budget_lock:
+            if nbytes > 0 and nbytes > self._task_budget:
+                return False
+            self._task_budget -= nbytes
+            return True
+
     def _sorted_rows(self, name: str, base: int, sources: list[int]) -> list[SortedMagnitudes] | None:
         """The sorted magnitudes of ``τ_i = source_i − base`` for tensor ``name``, each sorted once per (tensor,
         base, source) and kept; None when the missing ones do not fit the budget (always on CUDA, where
         ``torch.topk`` is fast)."""
         missing = [i for i in dict.fromkeys(sources) if (name, base, i) not in self._sorted]
-        need = len(missing) * self._spans[name].numel * 2
-        if self.device.type != "cpu" or need > self._task_budget:
+        estimate = len(missing) * self._spans[name].numel * 2
+        if self.device.type != "cpu" or not self._reserve(estimate):
             return None
         stack = self._flat[:, self._spans[name].offset : self._spans[name].offset + self._spans[name].numel]
         for i in missing:
             built = SortedMagnitudes.build((stack[i].float() - stack[base].float()).abs_())
             self._sorted[(name, base, i)] = built
-            self._task_budget -= built.nbytes
+            self._reserve(built.nbytes - built.numel * 2)  # the run-length table beyond the estimate
         return [self._sorted[(name, base, i)] for i in sources]
 
     def _threshold_tables(
@@ -664,13 +693,11 @@ class MergeEngine:
         key = (name, base, tuple(sources))
         if key not in self._ranks:
             span = self._spans[name]
-            need = len(sources) * span.numel * 4
-            if need > self._task_budget:
+            if not self._reserve(len(sources) * span.numel * 4):
                 return None
             stack = self._flat[:, span.offset : span.offset + span.numel]
             tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
             self._ranks[key] = relative_ranks(tau)
-            self._task_budget -= need
         return self._ranks[key]
 
     def _coefficients(
