@@ -175,14 +175,20 @@ def magnitude_ranks(values: Tensor) -> Tensor:
     n = values.shape[1]
     out = np.empty(values.shape, dtype=np.int64)
     index = np.arange(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)  # sorted position -> first position of its run of equal values
+    change = np.empty(n, dtype=bool)
+    change[0] = True
     for row, bits in enumerate(values.contiguous().view(torch.int32).numpy()):
-        keys = np.sort((bits.astype(np.int64) << 32) | index)
+        keys = bits.astype(np.int64)
+        keys <<= 32
+        keys |= index
+        keys.sort()
         ordered = keys >> 32
-        first = np.zeros(n, dtype=np.int64)  # sorted position -> first position of its run of equal values
-        starts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-        first[starts] = starts
+        np.not_equal(ordered[1:], ordered[:-1], out=change[1:])
+        np.multiply(index, change, out=first)
         np.maximum.accumulate(first, out=first)
-        out[row, keys & 0xFFFFFFFF] = first
+        keys &= 0xFFFFFFFF
+        out[row, keys] = first
     return torch.from_numpy(out)
 
 
