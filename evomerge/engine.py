@@ -106,6 +106,27 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def compute_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available, else CPU); RecipeError naming the problem when this
+    machine cannot compute on it (an unknown device string, CUDA not available, a CUDA index past the last GPU)."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:  # torch lists every device type it knows, most irrelevant here
+        raise RecipeError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise RecipeError(f"device {str(resolved)!r} requested but CUDA is not available ({build}, torch "
+                              f"{torch.__version__}); use --device cpu, or leave the device unset to use a GPU when "
+                              "there is one")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise RecipeError(f"device {str(resolved)!r} requested but this machine has {torch.cuda.device_count()} "
+                              "GPU(s)")
+    elif resolved.type != "cpu":
+        raise RecipeError(f"device {str(resolved)!r} is not supported by the merge engine; use 'cpu' or 'cuda'")
+    return resolved
+
+
 def model_class(config: object, names: Sequence[str]) -> type:
     """A causal LM when the config's architectures say so (or, without architectures, when there is an lm_head)."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -245,7 +266,7 @@ class MergeEngine:
         if not models:
             raise RecipeError("MergeEngine needs at least one model path")
         self.paths = [str(p) for p in models]
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = compute_device(device)
         if self.device.type == "cpu":
             keep_cpu_heap()
         self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from evomerge.engine import MergeEngine, MergeError, tensor_seed
+from evomerge.engine import MergeEngine, MergeError, compute_device, tensor_seed
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
 from tiny_models import save_tiny, tiny_family
@@ -148,6 +148,23 @@ def test_bad_recipes_fail_before_any_write(engine, family, tmp_path, recipe, mes
         with pytest.raises(ValueError, match=message):
             merge_to_dir(Recipe(**recipe), tmp_path / "out", device="cpu")
         assert not (tmp_path / "out").exists()
+
+
+def test_devices_this_machine_cannot_use_are_refused_before_loading(family, tmp_path):
+    from evomerge.recipe import RecipeError
+
+    assert compute_device("cpu") == torch.device("cpu")
+    for device, message in [("gpu", "unknown device 'gpu'"), ("mps", "not supported by the merge engine")]:
+        with pytest.raises(RecipeError, match=message):
+            compute_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="CUDA is not available.*--device cpu"):
+            MergeEngine([family[0], *family[1]], device="cuda")
+        assert compute_device(None) == torch.device("cpu")
+    recipe = _fast_recipe("linear", family)
+    with pytest.raises(RecipeError, match="unknown device"):
+        merge_to_dir(recipe, tmp_path / "out", device="gpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_source_and_mismatched_sources_are_refused(family, tmp_path):
