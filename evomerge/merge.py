@@ -9,7 +9,7 @@ import torch
 from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
-from evomerge.methods import get_method
+from evomerge.methods import get_method, validate_params
 from evomerge.recipe import Recipe, RecipeError
 from evomerge.stacking import stack_layers
 
@@ -31,6 +31,16 @@ def tokenizer_dir(recipe: Recipe) -> Path | None:
     return path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
 
 
+def check_values(recipe: Recipe) -> None:
+    """The recipe's method, sources and every number it sets, against the registry, before any model is loaded
+    (MethodError naming the problem). The engine checks again per tensor, with the values resolved."""
+    if recipe.method == "passthrough":
+        return
+    method = get_method(recipe.method)
+    for scope in (recipe.parameters, *(s.parameters for s in recipe.sources)):
+        validate_params(method, scope, len(recipe.sources), recipe.base is not None, resolved=False)
+
+
 def merge_to_dir(
     recipe: Recipe,
     out: str | Path,
@@ -46,6 +56,7 @@ def merge_to_dir(
     """
     out = Path(out)
     _refuse_existing(out, force)
+    check_values(recipe)
     tokenizer = tokenizer_dir(recipe)
     if recipe.method == "passthrough":
         checkpoints = {p: Checkpoint.open(p, allow_pickle=allow_pickle) for p in recipe.model_paths()}

@@ -22,6 +22,8 @@ recipe's top-level ``parameters`` (a default for all sources), then the method's
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Union
 
@@ -41,6 +43,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class RecipeError(ValueError):
     """A recipe that cannot be merged; the message names the field and the fix."""
+
+
+def _refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object], where: str) -> None:
+    """RecipeError naming the keys of ``data`` that are not in ``known``, with the closest known key for each."""
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(str(key), known, 1))
+                 for key in unknown]
+        raise RecipeError(f"{where}: unknown key {', '.join(hints)}; valid keys: {', '.join(known)}")
 
 
 class _Strict(BaseModel):
@@ -129,6 +140,10 @@ class Recipe(_Strict):
             from evomerge.mergekit import from_mergekit
 
             return from_mergekit(data)
+        _refuse_unknown_keys(data, cls.model_fields, f"{path}")
+        for i, source in enumerate(data.get("sources") or []):
+            if isinstance(source, dict):
+                _refuse_unknown_keys(source, SourceSpec.model_fields, f"{path}: sources[{i}]")
         return cls.model_validate(data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:

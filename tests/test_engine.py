@@ -150,6 +150,33 @@ def test_bad_recipes_fail_before_any_write(engine, family, tmp_path, recipe, mes
         assert not (tmp_path / "out").exists()
 
 
+def test_values_a_recipe_sets_are_checked_before_any_model_loads(family, tmp_path, monkeypatch):
+    import evomerge.merge
+
+    base, fts = family
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("models were loaded before the recipe's values were checked")
+
+    monkeypatch.setattr(evomerge.merge, "MergeEngine", no_engine)
+    bad = [
+        ({"density": {"mlp": 0.5, "self_attn": 1.3, "default": 0.2}}, "'density' = 1.3 is out of range"),  # a filter
+        ({"density": [0.1, 1.2]}, "'density' = 1.2 is out of range"),  # a gradient
+        ({"densty": 0.5}, "unknown parameter 'densty'"),
+    ]
+    for params, message in bad:
+        recipe = Recipe(method="ties", base=base, sources=[{"model": fts[0], "parameters": params}])
+        with pytest.raises(ValueError, match=message):
+            merge_to_dir(recipe, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    # a gradient whose per-layer values satisfy breadcrumbs' gamma + density <= 1 although max + max > 1 passes the
+    # early check (the band constraint is checked per tensor, on resolved values)
+    ok = Recipe(method="breadcrumbs", base=base, sources=[
+        {"model": fts[0], "parameters": {"gamma": [0.0, 0.5], "density": [0.9, 0.4]}}])
+    with pytest.raises(AssertionError, match="models were loaded"):
+        merge_to_dir(ok, tmp_path / "out")
+
+
 def test_devices_this_machine_cannot_use_are_refused_before_loading(family, tmp_path):
     from evomerge.recipe import RecipeError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from evomerge.recipe import Recipe, gradient_position, interpolate, resolve_value, select_filter
+from evomerge.recipe import Recipe, RecipeError, gradient_position, interpolate, resolve_value, select_filter
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,13 @@ def test_yaml_round_trip(tmp_path):
     again = Recipe.from_yaml(tmp_path / "r.yaml")
     assert again == recipe
     assert again.model_paths() == ["b", "x", "y"]
+
+
+def test_a_misspelt_key_is_named_with_the_closest_valid_one(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: ties\nbase: b\nsourcs:\n  - model: a\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'sourcs' \(did you mean 'sources'\?\); valid keys: method"):
+        Recipe.from_yaml(path)
+    path.write_text("method: ties\nbase: b\nsources:\n  - model: a\n    parametrs: {density: 0.5}\n")
+    with pytest.raises(RecipeError, match=r"sources\[0\]: unknown key 'parametrs' \(did you mean 'parameters'\?\)"):
+        Recipe.from_yaml(path)

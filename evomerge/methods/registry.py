@@ -109,9 +109,12 @@ class MergeMethod:
 
 
 def _leaves(value: object) -> list[object]:
-    """Scalars inside a value: a scalar, a (nested) sequence of them (per source / per-layer gradient), a tensor."""
+    """Scalars inside a value: a scalar, a (nested) sequence of them (per source / per-layer gradient), a tensor, a
+    per-filter mapping of any of those."""
     if isinstance(value, Tensor):
         return value.detach().flatten().tolist()
+    if isinstance(value, Mapping):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [leaf for item in value for leaf in _leaves(item)]
     return [value]
@@ -297,13 +300,17 @@ def _check_value(method: MergeMethod, param: Param, value: object) -> None:
             )
 
 
-def validate_params(method: MergeMethod, params: Mapping[str, object], n_sources: int, has_base: bool) -> None:
+def validate_params(
+    method: MergeMethod, params: Mapping[str, object], n_sources: int, has_base: bool, *, resolved: bool = True
+) -> None:
     """Raise MethodError if ``params`` (recipe keys -> values) do not fit ``method`` with these sources.
 
     Checks: number of sources, base model present when needed, unknown and missing (required) parameters,
     value types and ranges, and cross-parameter constraints (breadcrumbs ``γ + d ≤ 1``, DELLA ``d ± ε`` in
     ``[0, 1]``). A value may be a scalar, a sequence (one entry per source and/or a per-layer gradient,
-    possibly nested) or a tensor; every number in it is checked.
+    possibly nested), a tensor or a per-filter mapping; every number in it is checked. ``resolved=False``: one
+    scope of a recipe as written (before the values of a tensor are picked from scopes, filters and gradients):
+    names, types and ranges only, no required-parameter or cross-parameter checks.
     """
     _check_sources(method, n_sources)
     if method.needs_base and not has_base:
@@ -312,6 +319,8 @@ def validate_params(method: MergeMethod, params: Mapping[str, object], n_sources
         )
     for name, value in params.items():
         _check_value(method, method.param(name), value)
+    if not resolved:
+        return
     missing = [p.name for p in method.params if p.default is None and p.name not in params]
     if missing:
         raise MethodError(f"{method.name}: missing required parameter(s) {', '.join(missing)}")
