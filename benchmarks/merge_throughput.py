@@ -140,8 +140,10 @@ def main() -> None:
         paths = write_checkpoints(root, config, args.sources, dtype, device)
         engine = MergeEngine(paths, device=device, dtype=dtype)
         n_params = sum(math.prod(engine._stacks[n].shape[1:]) for n in engine.names)
+        model_bytes = n_params * dtype.itemsize
         rows = []
         for method in args.methods.split(","):
+            engine.clear_caches()  # each row pays and reports its own kept inputs
             times, walls, moved, first = [], [], 0, 0.0
             for rep in range(args.reps + 1):  # the first repetition warms up (compiles, fills caches)
                 engine.invalidate()  # every tensor is merged again
@@ -156,12 +158,15 @@ def main() -> None:
                     first = wall
             merge_bw = moved / statistics.median(times)
             copy_bw = copy_bandwidth(moved, device, args.reps)
+            kept = sum(engine.cache_bytes().values())
             rows.append({"method": method, "merge_s": statistics.median(times), "merge_GBps": merge_bw / 1e9,
                          "copy_GBps": copy_bw / 1e9, "ratio": merge_bw / copy_bw,
-                         "with_plan_s": statistics.median(walls), "first_s": first})
+                         "with_plan_s": statistics.median(walls), "first_s": first, "kept_GB": kept / 1e9,
+                         "kept_per_model": kept / model_bytes})
             print(f"{method:16s} {rows[-1]['merge_s']*1e3:9.1f} ms  {rows[-1]['merge_GBps']:7.1f} GB/s  "
                   f"copy {rows[-1]['copy_GBps']:7.1f} GB/s  ratio {rows[-1]['ratio']:.2f}x  "
-                  f"with plan {rows[-1]['with_plan_s']*1e3:.1f} ms  first {first*1e3:.0f} ms", flush=True)
+                  f"with plan {rows[-1]['with_plan_s']*1e3:.1f} ms  first {first*1e3:.0f} ms  "
+                  f"kept {rows[-1]['kept_GB']:.2f} GB", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     write_results(Path(args.out), args, device, n_params, rows)
@@ -174,6 +179,7 @@ def machine(device: torch.device) -> str:
 
 
 def write_results(out: Path, args: argparse.Namespace, device: torch.device, n_params: int, rows: list[dict]) -> None:
+    model_bytes = n_params * getattr(torch, args.dtype).itemsize
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"merge_throughput_{device.type}"
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -195,11 +201,15 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, n_p
         " each task vector's sorted magnitudes (any new density is a lookup); DARE's counter-based uniform draws per"
         " seed (a new seed refills them with one hash kernel); slerp/multislerp/model stock Gram matrices. Rows"
         " `*_new_density` / `*_new_seed` / `*_new_t` change that parameter every candidate, as a search does; `first`"
-        " is the first candidate (compilation, sorting, Gram matrices)", "",
-        "| method | merge (ms) | merge GB/s | copy GB/s | ratio to copy | with plan (ms) | first (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        " is the first candidate (compilation, sorting, Gram matrices); kept: memory those inputs hold after the"
+        " row's candidates (`MergeEngine.cache_bytes`, caches cleared between rows), in GB and in model sizes"
+        f" ({model_bytes / 1e9:.2f} GB of {args.dtype} weights per model)", "",
+        "| method | merge (ms) | merge GB/s | copy GB/s | ratio to copy | with plan (ms) | first (ms) | kept (GB) |"
+        " kept (models) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {r['method']} | {r['merge_s']*1e3:.1f} | {r['merge_GBps']:.2f} | {r['copy_GBps']:.2f} | {r['ratio']:.2f}x"
-          f" | {r['with_plan_s']*1e3:.1f} | {r['first_s']*1e3:.0f} |" for r in rows],
+          f" | {r['with_plan_s']*1e3:.1f} | {r['first_s']*1e3:.0f} | {r['kept_GB']:.2f} | {r['kept_per_model']:.2f} |"
+          for r in rows],
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md")

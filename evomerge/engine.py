@@ -809,6 +809,29 @@ class MergeEngine:
         the model's weights by other means)."""
         self._last.clear()
 
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes held by what the engine keeps across candidates (beyond the models themselves): stored DARE/DELLA
+        draws, sorted task-vector magnitudes, DELLA ranks, Gram matrices, thresholds."""
+        return {
+            "draws": sum(buffer.nbytes for buffer, _ in self._noise_cache.values()),
+            "sorted_magnitudes": sum(entry.nbytes for entry in self._sorted.values()),
+            "ranks": sum(t.nbytes for t in self._ranks.values()),
+            "gram": sum(t.nbytes for t in self._gram_cache.values()),
+            "thresholds": sum(t.nbytes for t in self._threshold_cache.values()),
+        }
+
+    def clear_caches(self) -> None:
+        """Drop everything :meth:`cache_bytes` counts (e.g. before switching to a search over other sources); it is
+        recomputed when needed."""
+        self._noise_cache.clear()
+        with self._budget_lock:
+            self._task_budget += sum(entry.nbytes for entry in self._sorted.values())
+            self._task_budget += sum(t.nbytes for t in self._ranks.values())
+        self._sorted.clear()
+        self._ranks.clear()
+        self._gram_cache.clear()
+        self._threshold_cache.clear()
+
     # ---------------------------------------------------------------------------------------- statistics
     def set_statistics(self, kind: str, per_model: Sequence[Mapping[str, Tensor]]) -> None:
         """Data statistics (``fisher`` diagonals or ``gram`` matrices) for each engine model, in model order."""

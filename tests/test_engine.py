@@ -364,6 +364,25 @@ def test_della_keeps_its_ranks_and_falls_back_when_they_do_not_fit(family, weigh
         assert torch.equal(_live(small, name), _live(engine, name))
 
 
+def test_cache_bytes_count_what_is_kept_and_clear_caches_frees_it(family, weights):
+    base, fts = family
+    engine = MergeEngine([base, *fts], device="cpu")
+    numel = sum(engine._spans[n].numel for n in engine.names)
+    engine.materialize(_fast_recipe("dare_ties", family))
+    engine.materialize(_fast_recipe("ties", family))
+    held = engine.cache_bytes()
+    assert held["draws"] == 3 * engine._total * 4  # float32 draws for 3 sources, laid out like the models
+    assert 3 * numel * 2 <= held["sorted_magnitudes"] < 3 * numel * 2 + 3 * len(engine.names) * 32768 * 12
+    assert held["ranks"] == 0 and held["gram"] == 0 and held["thresholds"] > 0
+    budget = engine._task_budget
+    engine.clear_caches()
+    assert not any(engine.cache_bytes().values()) and engine._task_budget == budget + held["sorted_magnitudes"]
+    recipe = _fast_recipe("ties", family, weights=(0.4, 0.2, 1.1))
+    engine.materialize(recipe)  # recomputed when needed, same bits
+    for name in engine.names:
+        assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+
+
 def test_live_tensors_replaced_from_outside_are_still_written(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
