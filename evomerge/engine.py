@@ -13,9 +13,11 @@ Hot path (numbers in results/merge_throughput_*.md): the tensors of every model 
 (each tensor at a 64-entry aligned offset), and the live model's merged tensors are rebound to views of one flat
 buffer in the same layout, so a run of consecutive tensors with the same parameters is one slice. Methods flagged
 ``elementwise`` in the registry are merged per such run (linear, task arithmetic) or per tensor with their
-per-tensor inputs computed once for the whole tensor (TIES / breadcrumbs thresholds, cached across candidates);
-DARE's uniform draws are counter-based (a hash of seed, tensor and position): kept per seed in a noise store when
-it fits in memory (a new seed refills it at hash speed), else computed inside the merge kernel. The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
+per-tensor inputs computed once for the whole tensor and kept across candidates when they depend on the models
+only (TIES / breadcrumbs thresholds and sorted magnitudes, DELLA's magnitude ranks, the Gram matrices of the
+angle-based methods). DARE's uniform draws are counter-based (a hash of seed, tensor and position): kept per seed
+in a noise store when it fits in memory (a new seed refills it at hash speed), else computed inside the merge
+kernel. The merge itself -- upcast, the method's formula, cast into the live tensor -- is one
 ``torch.compile`` kernel (CPU and CUDA, for models of 16M+ entries; compiled with eager numerics, so the result
 is bit-identical to the plain formula), or eagerly: on CPU in cache-sized chunks of entries (bit-identical too:
 the formula is entrywise). Non-finite results are detected on the stored entries (min and max per run) with one
@@ -187,7 +189,8 @@ class _Inputs:
         """The inputs of entries ``[begin, end)`` (``begin`` a multiple of ``_ALIGN``)."""
         return _Inputs(
             {key: t[:, begin:end] for key, t in self.entries.items()},
-            {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables) for key, tables in self.blocks.items()},
+            {key: tuple(t[:, begin // _ALIGN : -(-end // _ALIGN)] for t in tables)
+             for key, tables in self.blocks.items()},
             self.keys, self.start + begin)
 
 
@@ -802,7 +805,8 @@ class MergeEngine:
         kwargs = self._on_device(self._kwargs(method, params, len(sources)))
         if method.gram is not None:
             kwargs["coefficients"] = self._coefficients(method, name, base, sources, kwargs)
-        return method.fn(base_t, src, seed=tensor_seed(seed, name) if method.stochastic else None, stats=stats, **kwargs)
+        seed_of_tensor = tensor_seed(seed, name) if method.stochastic else None
+        return method.fn(base_t, src, seed=seed_of_tensor, stats=stats, **kwargs)
 
     def invalidate(self) -> None:
         """Forget what the live model holds, so the next materialize merges every tensor (use after changing

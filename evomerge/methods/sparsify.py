@@ -209,9 +209,19 @@ def rank_random_prune(
     :func:`relative_ranks` made beforehand (with both, entrywise).
     Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
     """
+    return torch.stack(rank_random_prune_rows(tau, density, epsilon, rescale=rescale, seed=seed, noise=noise,
+                                              ranks=ranks))
+
+
+def rank_random_prune_rows(
+    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, seed: int | None,
+    noise: Tensor | None = None, ranks: Tensor | None = None,
+) -> list[Tensor]:
+    """:func:`rank_random_prune` as a list of the N pruned rows (what the merges consume; as rows, a compiled merge
+    keeps every intermediate in registers instead of writing [N, *S] buffers)."""
     p = rank_keep_probability(tau, density, epsilon, ranks)
     u = _uniform(tau, seed) if noise is None else noise
-    return _rescaled(tau, keep_mask(u, p), p, rescale)
+    return [_rescaled(row, keep_mask(u[i], p[i]), p[i], rescale) for i, row in enumerate(tau)]
 
 
 def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize: bool) -> Tensor:

@@ -21,7 +21,7 @@ from evomerge.methods.sparsify import (
     magnitude_band_prune_rows,
     magnitude_prune_rows,
     random_prune_rows,
-    rank_random_prune,
+    rank_random_prune_rows,
 )
 
 
@@ -185,7 +185,8 @@ def della(
     """
     return sparse_task_merge(
         base, sources,
-        lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
+        lambda tau: rank_random_prune_rows(
+            tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
         weight=weight, lam=lam, normalize=normalize, sign_election=True,
     )
 
@@ -209,6 +210,7 @@ def della_linear(
     ``ranks`` as in :func:`della`). Deep et al. 2024."""
     return sparse_task_merge(
         base, sources,
-        lambda tau: rank_random_prune(tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
+        lambda tau: rank_random_prune_rows(
+            tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
         weight=weight, lam=lam, normalize=normalize, sign_election=False,
     )
