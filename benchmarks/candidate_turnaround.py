@@ -215,8 +215,9 @@ def bench_method(
               total_s / evo_s, (total_s - startup) / evo_s,
               max(d[0] for d in diffs) if diffs else None, max(d[1] for d in diffs) if diffs else None)
     dw = f"{row.max_abs_dw:.2e} ({row.differing_entries} entries > {DIFF_TOL:g})" if diffs else "n/a (random masks)"
-    print(f"{method:16s} evomerge {row.evomerge_materialize_s * 1e3:8.1f} ms | mergekit {row.mergekit_merge_write_s:6.1f}"
-          f" s + load {row.from_pretrained_s:5.2f} s = {row.mergekit_total_s:6.1f} s | {row.speedup:6.0f}x | "
+    print(f"{method:16s} evomerge {row.evomerge_materialize_s * 1e3:8.1f} ms | "
+          f"mergekit {row.mergekit_merge_write_s:6.1f} s + load {row.from_pretrained_s:5.2f} s = "
+          f"{row.mergekit_total_s:6.1f} s | {row.speedup:6.0f}x | "
           f"max|dw| {dw}", flush=True)
     return row
 
@@ -349,8 +350,8 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         "check of the 2M-entry lm_head, one source had 2 entries equal to the k-th magnitude), a few entries per "
         "model, each off by about one task-vector entry. Other densities can differ by one more entry per tensor.",
         "- DARE rescale: evomerge divides survivors by `d` (the paper's `1/(1−p)`); mergekit 0.1.5 rescales the "
-        "kept entries so the L1 norm of each task vector is unchanged. Random masks differ as well (mergekit draws from "
-        "torch's generator, evomerge from its counter-based one), so DARE weights are not compared.",
+        "kept entries so the L1 norm of each task vector is unchanged. Random masks differ as well (mergekit draws "
+        "from torch's generator, evomerge from its counter-based one), so DARE weights are not compared.",
         "- `normalize` defaults differ for `dare_ties` and `breadcrumbs_ties` (evomerge True, mergekit False); the "
         "exported YAML carries only what the recipe sets, so the dare_ties candidates set `normalize: true`.",
         "- dtype: mergekit computes the task-vector methods in the checkpoint dtype (linear in fp32), evomerge all "

@@ -42,7 +42,8 @@ METHODS: dict[str, dict] = {
     "dare_ties_new_seed": {"base": True, "params": {"density": 0.3}, "method": "dare_ties", "vary": "seed"},
     "breadcrumbs": {"base": True, "params": {"density": 0.3, "gamma": 0.01}},
     "della": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}},
-    "della_new_density": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}, "method": "della", "vary": "density"},
+    "della_new_density": {"base": True, "params": {"density": 0.3, "epsilon": 0.1}, "method": "della",
+                          "vary": "density"},
     "model_stock": {"base": True, "params": {}},
     "slerp": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2},
     "slerp_new_t": {"base": False, "params": {}, "globals": {"t": 0.3}, "sources": 2, "method": "slerp", "vary": "t"},
@@ -193,13 +194,15 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, n_p
         f"- model: Llama-shaped, {n_params / 1e6:.0f}M parameters, {args.dtype}, {args.sources} sources + base",
         "- bytes moved per merge: every base and source tensor read once + the result written once",
         "- ratio: merge bytes/s ÷ torch copy bytes/s of the same number of bytes on the same device, same run",
-        f"- merge: median of {args.reps} candidates (`MergeStats.seconds`: every tensor merged and written into the live"
+        f"- merge: median of {args.reps} candidates (`MergeStats.seconds`: every tensor merged and written into the"
+        " live"
         " model, NaN check included, recipe planning excluded); with plan: wall time of `materialize` including"
         " recipe resolution; first: the first candidate (compilation, threshold cache filled)",
         "- candidates are merged in full (`invalidate`); seed 0 like a search's recipes. Kept across candidates"
         " (what depends on the models only, or on the seed): TIES/breadcrumbs thresholds per keep count and, on CPU,"
         " each task vector's sorted magnitudes (any new density is a lookup); DARE's counter-based uniform draws per"
-        " seed (a new seed refills them with one hash kernel); slerp/multislerp/model stock Gram matrices; DELLA's magnitude ranks. Rows"
+        " seed (a new seed refills them with one hash kernel); slerp/multislerp/model stock Gram matrices; DELLA's"
+        " magnitude ranks. Rows"
         " `*_new_density` / `*_new_seed` / `*_new_t` change that parameter every candidate, as a search does; `first`"
         " is the first candidate (compilation, sorting, Gram matrices); kept: memory those inputs hold after the"
         " row's candidates (`MergeEngine.cache_bytes`, caches cleared between rows), in GB and in model sizes"

@@ -33,7 +33,8 @@ def load_texts(data: CalibrationData) -> list[str]:
         elif {"query", "choices", "gold"} <= set(row):
             texts.append(f"{row['query']} {row['choices'][row['gold']]}")
         else:
-            raise RecipeError(f"{path}:{number}: no '{data.text_field}' field (nor query/choices/gold) in {sorted(row)}")
+            raise RecipeError(
+                f"{path}:{number}: no '{data.text_field}' field (nor query/choices/gold) in {sorted(row)}")
     return texts
 
 

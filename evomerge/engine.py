@@ -329,7 +329,8 @@ class MergeEngine:
         budget = memory_budget if memory_budget is not None else int(0.8 * torch.cuda.mem_get_info(self.device)[0])
         if need <= budget:
             return self.device
-        log.info("sources need %.1f GiB > budget %.1f GiB: streaming from pinned CPU memory", need / 2**30, budget / 2**30)
+        log.info("sources need %.1f GiB > budget %.1f GiB: streaming from pinned CPU memory",
+                 need / 2**30, budget / 2**30)
         return torch.device("cpu")
 
     def _layout(self, first: Checkpoint) -> dict[str, _Span]:
@@ -414,7 +415,8 @@ class MergeEngine:
         if method.statistic and method.statistic not in self._statistics:
             raise RecipeError(
                 f"method '{method.name}' needs '{method.statistic}' statistics; call engine.set_statistics"
-                f"('{method.statistic}', ...) (statistics from evomerge.methods.statistics: fisher_diagonal / gram_matrices, one dict per model)"
+                f"('{method.statistic}', ...) (statistics from evomerge.methods.statistics: fisher_diagonal / "
+                "gram_matrices, one dict per model)"
             )
         return method
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.calibration import prepare
+from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.engine import MergeEngine
 from evomerge.methods import get_method, validate_params
 from evomerge.recipe import Recipe, RecipeError

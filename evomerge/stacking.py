@@ -22,7 +22,8 @@ from evomerge.recipe import Recipe, RecipeError
 
 #: Residual-branch output projections across families (Llama/Mistral/Qwen: o_proj, down_proj; GPT-2: attn.c_proj,
 #: mlp.c_proj; GPT-NeoX: attention.dense, dense_4h_to_h; BERT: attention.output.dense, output.dense).
-OUTPUT_PROJECTION = re.compile(r"(o_proj|down_proj|c_proj|attention\.dense|dense_4h_to_h|output\.dense)\.(weight|bias)$")
+OUTPUT_PROJECTION = re.compile(
+    r"(o_proj|down_proj|c_proj|attention\.dense|dense_4h_to_h|output\.dense)\.(weight|bias)$")
 
 
 def layer_plan(recipe: Recipe, num_layers: Mapping[str, int]) -> list[tuple[str, int, float]]:

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_family
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from evomerge.merge import merge_to_dir
 from evomerge.methods import get_method
 from evomerge.methods.statistics import fisher_diagonal, gram_matrices
-from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe, RecipeError
-from tiny_models import tiny_family
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +="
 

@@ -9,15 +9,15 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import postgres
 import pytest
 from optuna.trial import TrialState
+from search_fitness import instrumented_env, logged_calls
+from tiny_models import tiny_family
 
-import postgres
 from evomerge.report import write_report
 from evomerge.search.config import RunConfig
 from evomerge.search.study import Runner, run_worker
-from search_fitness import instrumented_env, logged_calls
-from tiny_models import tiny_family
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 WORKERS = 2

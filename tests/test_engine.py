@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny, tiny_family
 from transformers import AutoModelForCausalLM
 
 from evomerge.engine import MergeEngine, MergeError, compute_device, tensor_seed
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
-from tiny_models import save_tiny, tiny_family
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def _live(engine: MergeEngine, name: str) -> torch.Tensor:
 
 def test_linear_is_weighted_mean(engine, family, weights):
     base, fts = family
-    recipe = Recipe(method="linear", sources=[{"model": p, "parameters": {"weight": w}} for p, w in zip(fts, [0.5, 1, 2])])
+    recipe = Recipe(method="linear",
+                    sources=[{"model": p, "parameters": {"weight": w}} for p, w in zip(fts, [0.5, 1, 2])])
     stats = engine.materialize(recipe)
     assert stats.merged == len(engine.names) and stats.skipped == 0
     for name in engine.names:
@@ -126,7 +127,8 @@ def test_bfloat16_live_model_stores_rounded_fp32_result(family, weights):
     ("recipe", "message"),
     [
         (dict(method="nope", sources=[{"model": "FT0"}]), "nope"),
-        (dict(method="ties", base="BASE", sources=[{"model": "FT0", "parameters": {"density": [0.5, 1.5]}}]), "density"),
+        (dict(method="ties", base="BASE", sources=[{"model": "FT0", "parameters": {"density": [0.5, 1.5]}}]),
+         "density"),
         (dict(method="slerp", sources=[{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}]), "slerp"),
         (dict(method="ties", sources=[{"model": "FT0"}, {"model": "FT1"}]), "base"),
         (dict(method="linear", sources=[{"model": "FT0", "parameters": {"wieght": 1}}]), "wieght"),
@@ -333,7 +335,8 @@ def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(fami
     cases += [("model_stock", base, 3, {"filter_wise": f}, {}, True) for f in (False, True)]
     for method, model_base, n, params, per_source, new_grams in cases:
         recipe = Recipe(method=method, base=model_base, parameters=params,
-                        sources=[{"model": p, "parameters": per_source if i == 0 else {}} for i, p in enumerate(fts[:n])])
+                        sources=[{"model": p, "parameters": per_source if i == 0 else {}}
+                                 for i, p in enumerate(fts[:n])])
         before = len(engine._gram_cache)
         engine.materialize(recipe)
         fn = get_method(method).fn

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_family
 
 from evomerge.engine import MergeEngine
 from evomerge.methods import get_method
 from evomerge.recipe import Recipe
-from tiny_models import tiny_family
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 METHODS = {
-    "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4}, "breadcrumbs": {"density": 0.5, "gamma": 0.05},
+    "linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05}, "model_stock": {}, "multislerp": {},
     "dare_linear": {"density": 0.4}, "dare_ties": {"density": 0.4}, "della": {"density": 0.4, "epsilon": 0.1},
 }
@@ -79,7 +80,8 @@ def test_bf16_cuda_matches_cpu(family):
 
 # --- the compiled CUDA hot path against the plain formula -------------------------------------------------------
 FUSED = {"linear": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
-         "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6}, "dare_ties": {"density": 0.6},
+         "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "dare_linear": {"density": 0.6},
+         "dare_ties": {"density": 0.6},
          "della": {"density": 0.5, "epsilon": 0.2}}
 
 

@@ -25,7 +25,6 @@ from PIL import Image
 from evomerge.recipe import Recipe
 from evomerge.report import RunStorage, kind_label, layer_table, load_study, write_report
 
-
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 

@@ -3,7 +3,6 @@ after the heartbeat grace period and retried with the same parameters, and a re-
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,10 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import FrozenTrial, TrialState
-
-from evomerge.search.study import make_storage
 from search_fitness import instrumented_env, logged_calls
 from tiny_models import tiny_family
+
+from evomerge.search.study import make_storage
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 N_TRIALS = 6

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
+from tiny_models import tiny_family
 from transformers import AutoModelForCausalLM
 
 from evomerge.recipe import Recipe
 from evomerge.search.config import RunConfig
 from evomerge.search.study import run_search, run_soup
-from tiny_models import tiny_family
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 

@@ -16,7 +16,6 @@ from evomerge.recipe import Recipe, gradient_position, resolve_value
 from evomerge.search.space import ModelSet, SearchSpace, SpaceError, source_alone_targets, uniform_targets
 from evomerge.stacking import layer_plan
 
-
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
-from tiny_models import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,9 @@ def test_stacked_model_has_new_layer_count_and_copied_layers(pair, tmp_path):
     assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], wb["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], wb["model.layers.2.self_attn.q_proj.weight"])
     # scale multiplies the residual-branch output projections only
-    torch.testing.assert_close(got["model.layers.3.mlp.down_proj.weight"], 0.5 * wb["model.layers.2.mlp.down_proj.weight"])
-    torch.testing.assert_close(got["model.layers.2.self_attn.o_proj.weight"], 0.5 * wb["model.layers.1.self_attn.o_proj.weight"])
+    for got_name, source_name in [("model.layers.3.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"),
+                                  ("model.layers.2.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight")]:
+        torch.testing.assert_close(got[got_name], 0.5 * wb[source_name])
     assert torch.equal(got["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
 

@@ -64,7 +64,8 @@ def ties(
     """TIES-Merging: trim each ``τ_i`` to its top-``d_i`` magnitudes, elect signs, disjoint mean; ``θ0 + λ·m``.
 
     ``thresholds``: ``(t,)`` with ``t`` = :func:`~evomerge.methods.sparsify.magnitude_thresholds` of the whole
-    task vectors and ``density``, computed beforehand (then the merge is entrywise; registry: ``MergeMethod.fractions``).
+    task vectors and ``density``, computed beforehand (then the merge is entrywise; registry:
+    ``MergeMethod.fractions``).
     Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
     """
     threshold = None if thresholds is None else thresholds[0]
