@@ -30,7 +30,8 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -383,22 +384,31 @@ def compute_importances(
     shared = optuna.search_space.intersection_search_space(search)
     if len(shared) < 2:
         return {}, f"skipped: the search trials share {len(shared)} parameter(s); importances need at least 2"
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
     try:
-        sub = optuna.create_study(directions=study.directions)
-        sub.add_trials(search)
-        out: dict[str, dict[str, float]] = {}
-        for i, name in enumerate(objective_names(study)):
-            out[name] = optuna.importance.get_param_importances(
-                sub, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=sorted(shared),
-                target=lambda t, i=i: t.values[i],
-            )
+        with quiet_optuna():  # no "new study created in memory" line
+            sub = optuna.create_study(directions=study.directions)
+            sub.add_trials(search)
+            out: dict[str, dict[str, float]] = {}
+            for i, name in enumerate(objective_names(study)):
+                out[name] = optuna.importance.get_param_importances(
+                    sub, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=sorted(shared),
+                    target=lambda t, i=i: t.values[i],
+                )
     except RuntimeError as exc:  # fANOVA: zero total variance (every trial scored the same)
         return {}, f"skipped: {exc}"
+    return out, None
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines (one per study created and per trial finished) off inside the block; its verbosity is
+    restored after."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return out, None
 
 
 def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path) -> None:

@@ -15,12 +15,10 @@ from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 @pytest.fixture
 def quiet_optuna():
     """Optuna's INFO lines (a line per study and trial) off during a test, its verbosity restored after."""
-    import optuna
+    from evomerge.report import quiet_optuna
 
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+    with quiet_optuna():
+        yield
 
 
 @pytest.fixture(scope="session")

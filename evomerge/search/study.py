@@ -8,6 +8,7 @@ search goes on; trials left RUNNING by a killed process are failed after the hea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from evomerge.evaluate import EvalResult, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.mergekit import to_mergekit
 from evomerge.recipe import Recipe
-from evomerge.report import best_trials, direction_sign, trial_kind
+from evomerge.report import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
@@ -245,13 +246,12 @@ class Runner:
 
         done = count()
         bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
-        verbosity = optuna.logging.get_verbosity()
-        if progress:  # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
+        quiet = quiet_optuna() if progress else contextlib.nullcontext()
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
         started = time.monotonic()
-        try:
+        with quiet, bar:  # the bar closes however the loop ends
             while done < total:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
                 if timeout is not None and timeout <= 0:
@@ -262,9 +262,6 @@ class Runner:
                 if done == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
-        finally:
-            bar.close()
-            optuna.logging.set_verbosity(verbosity)
 
     # ----------------------------------------------------------------------------------------- finalize
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
