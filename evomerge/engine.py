@@ -204,14 +204,19 @@ def _fused_merge(
     extra: dict[str, object] = dict(inputs.entries)
     extra.update({key: tuple(_per_entry(table, size) for table in tables) for key, tables in inputs.blocks.items()})
     if inputs.keys is not None:
-        extra["noise"] = uniform(inputs.keys, torch.arange(size, device=rows.device) + inputs.start)
+        extra["noise"] = _draws(inputs.keys, inputs.start, size, rows.device)
     merged = fn(None if base_row is None else base_row.float(), rows.float(), **kwargs, **extra)
     out.copy_(merged)
 
 
+def _draws(keys: Tensor, start: int, size: int, device: torch.device) -> Tensor:
+    """The counter-based draws [N, size] of entries ``start .. start + size`` of a tensor with ``keys``."""
+    return uniform(keys, torch.arange(size, device=device) + start)
+
+
 def _draw_into(out: Tensor, keys: Tensor, start: int = 0) -> None:
-    """``out`` [N, M] ← the counter-based draws of entries ``start .. start + M`` of a tensor with ``keys``."""
-    out.copy_(uniform(keys, torch.arange(out.shape[1], device=out.device) + start))
+    """``out`` [N, M] ← :func:`_draws` of entries ``start .. start + M``."""
+    out.copy_(_draws(keys, start, out.shape[1], out.device))
 
 
 def _per_entry(table: Tensor, entries: int) -> Tensor:
@@ -650,8 +655,7 @@ class MergeEngine:
                     value = torch.tensor(found, dtype=torch.float32, device=self.device)
                 else:
                     if tau is None:
-                        stack = self._flat[:, span.offset : span.offset + span.numel]
-                        tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
+                        tau = self._task_vectors(name, base, sources)  # type: ignore[arg-type]
                     value = kth_magnitudes(tau, counts)
                 _bounded_put(self._threshold_cache, key, value)
             thresholds.append(self._threshold_cache[key])
@@ -690,9 +694,8 @@ class MergeEngine:
         estimate = len(missing) * self._spans[name].numel * 2
         if self.device.type != "cpu" or not self._reserve(estimate):
             return None
-        stack = self._flat[:, self._spans[name].offset : self._spans[name].offset + self._spans[name].numel]
         for i in missing:
-            built = SortedMagnitudes.build((stack[i].float() - stack[base].float()).abs_())
+            built = SortedMagnitudes.build(self._task_vectors(name, base, [i]).abs_())
             self._sorted[(name, base, i)] = built
             self._reserve(built.nbytes - built.numel * 2)  # the run-length table beyond the estimate
         return [self._sorted[(name, base, i)] for i in sources]
@@ -718,13 +721,23 @@ class MergeEngine:
         device, computed once per (tensor, base, sources) and kept; None when they do not fit the budget."""
         key = (name, base, tuple(sources))
         if key not in self._ranks:
-            span = self._spans[name]
-            if not self._reserve(len(sources) * span.numel * 4):
+            if not self._reserve(len(sources) * self._spans[name].numel * 4):
                 return None
-            stack = self._flat[:, span.offset : span.offset + span.numel]
-            tau = _rows(stack, sources).to(self.device).float() - stack[base].to(self.device).float()
-            self._ranks[key] = relative_ranks(tau)
+            self._ranks[key] = relative_ranks(self._task_vectors(name, base, sources))
         return self._ranks[key]
+
+    def _fp32(self, name: str, base: int | None, sources: list[int]) -> tuple[Tensor | None, Tensor]:
+        """Tensor ``name`` of the base ([*S], None without a base) and of the sources ([N, *S]), fp32 on the compute
+        device."""
+        stack = self._stacks[name]
+        src = _rows(stack, sources).to(self.device, torch.float32, non_blocking=True)
+        base_t = None if base is None else stack[base].to(self.device, torch.float32, non_blocking=True)
+        return base_t, src
+
+    def _task_vectors(self, name: str, base: int, sources: list[int]) -> Tensor:
+        """``τ_i = source_i − base`` of tensor ``name`` as [N, numel], fp32 on the compute device."""
+        base_t, src = self._fp32(name, base, sources)
+        return (src - base_t).view(len(sources), -1)
 
     def _coefficients(
         self, method: MergeMethod, name: str, base: int | None, sources: list[int], kwargs: Mapping[str, object]
@@ -734,9 +747,7 @@ class MergeEngine:
         flags = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool)))
         key = (method.name, name, base, tuple(sources), flags)
         if key not in self._gram_cache:
-            stack = self._stacks[name]
-            src = _rows(stack, sources).to(self.device, torch.float32)
-            base_t = None if base is None else stack[base].to(self.device, torch.float32)
+            base_t, src = self._fp32(name, base, sources)
             _bounded_put(self._gram_cache, key, method.gram(base_t, src, kwargs))  # type: ignore[misc]
         return method.coefficients(self._gram_cache[key], kwargs).to(self.device, torch.float32)  # type: ignore[misc]
 
@@ -800,9 +811,7 @@ class MergeEngine:
         params: Mapping[str, object], seed: int,
     ) -> Tensor:
         """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
-        stack = self._stacks[name]
-        src = _rows(stack, sources).to(self.device, torch.float32, non_blocking=True)
-        base_t = stack[base].to(self.device, torch.float32, non_blocking=True) if base is not None else None
+        base_t, src = self._fp32(name, base, sources)
         stats = self._tensor_statistics(method, name, sources)
         kwargs = self._on_device(self._kwargs(method, params, len(sources)))
         if method.gram is not None:
@@ -829,10 +838,9 @@ class MergeEngine:
     def clear_caches(self) -> None:
         """Drop everything :meth:`cache_bytes` counts (e.g. before switching to a search over other sources); it is
         recomputed when needed."""
+        held = self.cache_bytes()
+        self._reserve(-held["sorted_magnitudes"] - held["ranks"])  # give their budget back
         self._noise_cache.clear()
-        with self._budget_lock:
-            self._task_budget += sum(entry.nbytes for entry in self._sorted.values())
-            self._task_budget += sum(t.nbytes for t in self._ranks.values())
         self._sorted.clear()
         self._ranks.clear()
         self._gram_cache.clear()
