@@ -12,11 +12,15 @@ from evomerge.methods.angles import combine, gram_matrix
 _ZERO_NORM = 1e-12
 
 
+def _require_base(base: Tensor | None) -> None:
+    if base is None:
+        raise ValueError("model_stock needs a base model: the angle is measured between task vectors θ_i − θ0")
+
+
 def model_stock_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object]) -> Tensor:
     """Gram matrices of the task vectors ``θ_i − θ0``: [1, N, N] for the whole tensor, or [rows, N, N] per output
     row when ``params["filter_wise"]`` and the tensor is at least 2-D."""
-    if base is None:
-        raise ValueError("model_stock needs a base model: the angle is measured between task vectors θ_i − θ0")
+    _require_base(base)
     rows = sources.shape[1] if params.get("filter_wise") and sources.dim() >= 3 else 1
     return gram_matrix(sources - base, rows)
 
@@ -53,8 +57,7 @@ def model_stock(
     Computed as ``Σ (t/N) θ_i + (1 − t) θ0`` (:func:`model_stock_coefficients`, or ``coefficients`` computed
     beforehand). Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models", ECCV.
     """
-    if base is None:
-        raise ValueError("model_stock needs a base model: the angle is measured between task vectors θ_i − θ0")
+    _require_base(base)
     n = sources.shape[0]
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 sources to measure an angle, got {n}")
