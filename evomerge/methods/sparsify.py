@@ -192,9 +192,7 @@ def rank_keep_probability(tau: Tensor, density: Tensor, epsilon: Tensor, ranks: 
     entrywise and ``tau`` may be any slice of the entries). Without ties the mean of ``p`` is exactly ``d``.
     """
     relative_rank = relative_ranks(tau) if ranks is None else ranks
-    shape = (-1, *([1] * (tau.dim() - 1)))
-    d = density.to(device=tau.device, dtype=torch.float32).view(shape)
-    eps = epsilon.to(device=tau.device, dtype=torch.float32).view(shape)
+    d, eps = per_source(density, tau), per_source(epsilon, tau)
     return (d - eps) + 2 * eps * relative_rank
 
 
