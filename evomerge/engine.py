@@ -664,14 +664,17 @@ class MergeEngine:
     def _prefetch(self, method: MergeMethod, names: list[str], base: int | None, sources: list[int]) -> None:
         """Before a candidate's merges, compute the per-task-vector facts its tensors miss (sorted magnitudes for
         CPU thresholds, DELLA's ranks) in ``torch.get_num_threads()`` threads, a tensor per job: their numpy sorts
-        release the GIL. Whatever does not fit the budget is left to the per-candidate path."""
+        release the GIL. Nothing to do (no job, no thread pool) once they are kept; whatever does not fit the
+        budget is left to the per-candidate path."""
         if base is None:
             return
         jobs: list[Callable[[], object]] = []
         if method.fractions is not None and self.device.type == "cpu":
-            jobs += [lambda name=name: self._sorted_rows(name, base, sources) for name in names]
+            jobs += [lambda name=name: self._sorted_rows(name, base, sources) for name in names
+                     if any((name, base, i) not in self._sorted for i in sources)]
         if method.ranked:
-            jobs += [lambda name=name: self._relative_ranks(name, base, sources) for name in names]
+            jobs += [lambda name=name: self._relative_ranks(name, base, sources) for name in names
+                     if (name, base, tuple(sources)) not in self._ranks]
         workers = min(len(jobs), torch.get_num_threads())
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="evomerge-prefetch") as pool:
