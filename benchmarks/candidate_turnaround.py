@@ -4,7 +4,7 @@ Same recipes, same checkpoints, same run. Per candidate:
 
 * evomerge: ``engine.materialize(recipe)`` writes the merge into the engine's live ``transformers`` model in
   place (the engine, built once, is not timed per candidate; its one-time load is reported apart);
-* mergekit: the recipe exported with :func:`evomerge.mergekit.to_mergekit` runs as an external tool,
+* mergekit: the recipe exported with :func:`evomerge.recipe.mergekit.to_mergekit` runs as an external tool,
   ``mergekit-yaml config.yml OUT --copy-tokenizer`` (``--cuda`` on a CUDA device), which writes OUT to disk, then
   ``AutoModelForCausalLM.from_pretrained(OUT)`` moves it onto the device: mergekit total = merge+write + load.
 
@@ -49,8 +49,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.engine import MergeEngine
-from evomerge.mergekit import to_mergekit
 from evomerge.recipe import Recipe
+from evomerge.recipe.mergekit import to_mergekit
 
 DEFAULT_VENV_BIN = Path("/tmp/venv-bench/bin/mergekit-yaml")
 INSTALL_HINT = (

@@ -20,9 +20,9 @@ log = logging.getLogger("evomerge")
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from evomerge.merge import merge_to_dir
-    from evomerge.recipe import Recipe
+    from evomerge.recipe import load_recipe
 
-    recipe = Recipe.from_yaml(args.recipe)
+    recipe = load_recipe(args.recipe)
     out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle)
     print(f"merged model written to {out}")
 

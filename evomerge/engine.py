@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from evomerge.checkpoint import Checkpoint, check_compatible, layer_index, save_hf_dir, tensor_filter
+from evomerge.checkpoint import Checkpoint, check_compatible, save_hf_dir
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.methods.counter_rng import row_keys, uniform
 from evomerge.methods.select import SortedMagnitudes
 from evomerge.methods.sparsify import keep_count, kth_magnitudes, relative_ranks
-from evomerge.recipe import Recipe, RecipeError, gradient_position, resolve_value
+from evomerge.recipe import Recipe, RecipeError, resolve_params
 
 log = logging.getLogger(__name__)
 
@@ -425,37 +425,6 @@ class MergeEngine:
             )
         return method
 
-    def _params(self, recipe: Recipe, method: MergeMethod, name: str, n_sources: int) -> dict[str, object]:
-        """Resolved parameter values for one tensor: globals as scalars, per-source ones as lists."""
-        position = gradient_position(layer_index(name), self.num_layers, tensor_filter(name) == "embed")
-        resolved: dict[str, object] = {}
-        for p in method.params:
-            if p.per_source:
-                values = [
-                    self._lookup(p.name, (s.parameters, recipe.parameters), name, position) for s in recipe.sources
-                ]
-                if any(v is not None for v in values):
-                    resolved[p.name] = [p.default if v is None else v for v in values]
-            else:
-                value = self._lookup(p.name, (recipe.parameters,), name, position)
-                if value is not None:
-                    resolved[p.name] = value
-        known = {p.name for p in method.params}
-        for scope in [recipe.parameters, *(s.parameters for s in recipe.sources)]:
-            for key in scope:
-                if key not in known:
-                    resolved.setdefault(key, scope[key])  # let validate_params name the unknown key
-        return resolved
-
-    @staticmethod
-    def _lookup(key: str, scopes: Sequence[Mapping[str, object]], name: str, position: float) -> object:
-        for scope in scopes:
-            if key in scope:
-                value = resolve_value(scope[key], name, position)  # type: ignore[arg-type]
-                if value is not None:
-                    return value
-        return None
-
     @staticmethod
     def _kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
         """Keyword arguments of ``method.fn``: per-source parameters as float32 CPU tensors [n], globals as is."""
@@ -491,7 +460,7 @@ class MergeEngine:
         """
         method = self.check(recipe)
         base, sources = self.indices(recipe)
-        resolved = {n: self._params(recipe, method, n, len(sources)) for n in self.names}
+        resolved = {n: resolve_params(recipe, method, n, self.num_layers) for n in self.names}
         seen: set[str] = set()
         for params in resolved.values():
             key = repr(sorted(params.items()))

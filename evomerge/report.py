@@ -47,8 +47,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.methods import get_method
-from evomerge.recipe import ParamValue, Recipe, gradient_position, resolve_value
+from evomerge.methods import Param, get_method
+from evomerge.recipe import Recipe, resolve_params
 from evomerge.stacking import layer_plan
 
 DPI = 100
@@ -288,29 +288,14 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
     return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
 
 
-def _layer_values(
-    key: str, scopes: Sequence[Mapping[str, ParamValue]], default: float | None, probe: str, num_layers: int
-) -> np.ndarray:
-    """The value of parameter ``key`` at each layer for tensor ``probe``: the first scope that resolves it (a
-    per-filter mapping without a matching entry falls through), else the method's default (NaN if none)."""
-    out = np.full(num_layers, np.nan)
-    for layer in range(num_layers):
-        name, position = probe.format(i=layer), gradient_position(layer, num_layers, is_embedding=False)
-        resolved = (resolve_value(scope[key], name, position) for scope in scopes if key in scope)
-        value = next((v for v in resolved if v is not None), default)
-        if value is not None:
-            out[layer] = float(value)
-    return out
-
-
 def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]:
     """Row labels and the [rows, num_layers] matrix of the values each layer's tensors get from ``recipe``.
 
     Rows: for each source, each numeric per-source parameter the recipe sets (in the source or as a top-level
     default), then each numeric global parameter (``t``, ``lambda``, ...). A cell is the parameter's value at layer
-    ``l`` as the engine resolves it: a gradient list interpolated linearly at position ``l / (L − 1)``
-    (:func:`evomerge.recipe.gradient_position`), a per-filter mapping resolved for one representative tensor per
-    filter (:data:`FILTER_PROBES`). A parameter whose values differ between filters gets one row per filter,
+    ``l`` as the engine resolves it (:func:`evomerge.recipe.resolve_params`): a gradient list interpolated linearly
+    at position ``l / (L − 1)``, a per-filter mapping resolved for one representative tensor per filter
+    (:data:`FILTER_PROBES`). A parameter whose values differ between filters gets one row per filter,
     labelled ``"<row> [<filter>]"``. Row labels: ``"<source>: <param>"`` (source: the model's last path component,
     its full path where two sources share one) or ``"<param>"``.
     """
@@ -319,16 +304,22 @@ def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]
     method = get_method(recipe.method)
     named = set(recipe.parameters).union(*(s.parameters for s in recipe.sources))
     params = [p for p in method.params if p.name in named and not p.is_bool]
-    default_of = {p.name: None if p.default is None else float(p.default) for p in params}
-    sources = zip(_unique_names([s.model for s in recipe.sources]), recipe.sources)
-    specs = [(f"{src}: {p.name}", p.name, (s.parameters, recipe.parameters)) for src, s in sources
-             for p in params if p.per_source]
-    specs += [(p.name, p.name, (recipe.parameters,)) for p in params if not p.per_source]
+    # filter -> layer -> the values the engine resolves for that filter's representative tensor at that layer
+    resolved = {f: [resolve_params(recipe, method, probe.format(i=layer), num_layers) for layer in range(num_layers)]
+                for f, probe in FILTER_PROBES.items()}
+
+    def values(p: Param, source: int | None, f: str) -> np.ndarray:
+        picked = (r.get(p.name, p.default) for r in resolved[f])
+        cells = [v[source] if isinstance(v, list) and source is not None else v for v in picked]
+        return np.array([np.nan if v is None else float(v) for v in cells], dtype=np.float64)
+
+    names = _unique_names([s.model for s in recipe.sources])
+    specs = [(f"{names[i]}: {p.name}", p, i) for i in range(len(recipe.sources)) for p in params if p.per_source]
+    specs += [(p.name, p, None) for p in params if not p.per_source]
     labels: list[str] = []
     rows: list[np.ndarray] = []
-    for label, key, scopes in specs:
-        by_filter = {f: _layer_values(key, scopes, default_of[key], probe, num_layers)
-                     for f, probe in FILTER_PROBES.items()}
+    for label, p, source in specs:
+        by_filter = {f: values(p, source, f) for f in FILTER_PROBES}
         first = next(iter(by_filter.values()))
         if all(np.array_equal(first, v, equal_nan=True) for v in by_filter.values()):
             labels.append(label)

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from evomerge.checkpoint import Checkpoint, layer_index, with_layer_index
+from evomerge.checkpoint import Checkpoint
+from evomerge.naming import layer_index, with_layer_index
 from evomerge.recipe import Recipe, RecipeError
 
 #: Residual-branch output projections across families (Llama/Mistral/Qwen: o_proj, down_proj; GPT-2: attn.c_proj,

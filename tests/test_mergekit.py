@@ -7,8 +7,9 @@ import logging
 import pytest
 import yaml
 
-from evomerge.mergekit import from_mergekit, to_mergekit
-from evomerge.recipe import Recipe, RecipeError
+from evomerge.merge import check_values
+from evomerge.recipe import RecipeError, load_recipe
+from evomerge.recipe.mergekit import from_mergekit, to_mergekit
 
 TIES = """
 merge_method: ties
@@ -53,7 +54,7 @@ def test_round_trip_preserves_meaning(tmp_path):
     assert from_mergekit(exported) == recipe
     path = tmp_path / "mk.yaml"
     path.write_text(yaml.safe_dump(exported))
-    assert Recipe.from_yaml(path) == recipe  # the file reader detects mergekit configs
+    assert load_recipe(path) == recipe  # the file reader detects mergekit configs
 
 
 def test_slerp_base_is_t0_endpoint():
@@ -79,13 +80,20 @@ def test_passthrough_slices():
 @pytest.mark.parametrize(
     ("patch", "message"),
     [({"chat_template": "x"}, "unsupported key.*chat_template"),
-     ({"merge_method": "karcher_x"}, "karcher_x"),
      ({"tokenizer_source": "union"}, "union")],
 )
 def test_unsupported_is_an_error(patch, message):
     data = {**yaml.safe_load(TIES), **patch}
     with pytest.raises(ValueError, match=message):
         from_mergekit(data)
+
+
+def test_unknown_method_is_named_before_any_model_loads():
+    """The file format is read without the method registry; the registry check (run by ``evomerge merge`` before
+    loading) names the unknown method and lists the valid ones."""
+    recipe = from_mergekit({**yaml.safe_load(TIES), "merge_method": "karcher_x"})
+    with pytest.raises(ValueError, match="karcher_x.*ties"):
+        check_values(recipe)
 
 
 def test_unsupported_model_key_and_multi_slice():

@@ -10,7 +10,7 @@ import yaml
 from tiny_models import tiny_family
 from transformers import AutoModelForCausalLM
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, load_recipe
 from evomerge.search.config import RunConfig
 from evomerge.search.study import run_search, run_soup
 
@@ -52,7 +52,7 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
     best = max(trials, key=lambda t: t.value)
     assert summary["best_trial"] == best.number
     run = Path(cfg.out)
-    assert Recipe.from_yaml(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
+    assert load_recipe(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
     assert yaml.safe_load((run / "best_recipe.mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
     # the exported model is the best recipe: its fitness equals the best value
     exported = AutoModelForCausalLM.from_pretrained(run / "best_model")

@@ -10,9 +10,8 @@ import pytest
 import torch
 from optuna.trial import FixedTrial
 
-from evomerge.checkpoint import layer_index, tensor_filter
 from evomerge.methods import METHODS, MergeMethod, get_method, validate_params
-from evomerge.recipe import Recipe, gradient_position, resolve_value
+from evomerge.recipe import Recipe, resolve_params
 from evomerge.search.space import ModelSet, SearchSpace, SpaceError, source_alone_targets, uniform_targets
 from evomerge.stacking import layer_plan
 
@@ -34,25 +33,12 @@ def tensor_names(num_layers: int) -> list[str]:
 
 
 def resolved(recipe: Recipe, name: str, num_layers: int) -> dict[str, object]:
-    """The parameters one tensor gets (source's own value, else the recipe's, else the method default)."""
+    """The parameters one tensor gets (source's own value, else the recipe's, else the method default), every
+    parameter of the method present, as the engine passes them."""
     method = get_method(recipe.method)
-    position = gradient_position(layer_index(name), num_layers, tensor_filter(name) == "embed")
-
-    def lookup(key: str, scopes: list[dict]) -> object:
-        for scope in scopes:
-            if key in scope and (value := resolve_value(scope[key], name, position)) is not None:
-                return value
-        return None
-
-    out: dict[str, object] = {}
-    for p in method.params:
-        if p.per_source:
-            values = [lookup(p.name, [s.parameters, recipe.parameters]) for s in recipe.sources]
-            out[p.name] = [p.default if v is None else v for v in values]
-        else:
-            value = lookup(p.name, [recipe.parameters])
-            out[p.name] = p.default if value is None else value
-    return out
+    values = resolve_params(recipe, method, name, num_layers)
+    n = len(recipe.sources)
+    return {p.name: values.get(p.name, [p.default] * n if p.per_source else p.default) for p in method.params}
 
 
 def merge(method: MergeMethod, params: dict[str, object], base: torch.Tensor, sources: torch.Tensor,

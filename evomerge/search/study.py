@@ -29,8 +29,8 @@ from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
 from evomerge.evaluate import EvalResult, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
-from evomerge.mergekit import to_mergekit
 from evomerge.recipe import Recipe
+from evomerge.recipe.mergekit import to_mergekit
 from evomerge.report import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig

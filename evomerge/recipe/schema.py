@@ -2,22 +2,8 @@
 
 A :class:`Recipe` is the contract between the search and the merge core: the search writes recipes, the engine
 materializes them, and ``evomerge merge recipe.yaml`` reproduces one bit-identically (given the same seed and device).
-
-Parameter values
-----------------
-Every method parameter (see :mod:`evomerge.methods`) takes one of:
-
-- a scalar (``0.5``, ``true``);
-- a list of floats, a *gradient* interpolated linearly across the layer stack (mergekit semantics):
-  ``[0.0, 1.0]`` goes from 0 at the first layer to 1 at the last. Tensors outside the stack take the value at the
-  start (embeddings) or the end (final norm, lm_head) of the gradient;
-- a mapping from filter to either of the above, with an optional ``default`` key:
-  ``{self_attn: [0, 1], mlp: 0.5, default: 0.3}``. A filter matches a tensor name as described in
-  :func:`evomerge.checkpoint.matches_filter` (``self_attn``, ``mlp``, ``embed``, ``norm``, ``lm_head`` or any substring
-  of the name); the first matching key wins, in the order written.
-
-Per-source parameters (``weight``, ``density``, ...) are looked up in the source's ``parameters`` first, then in the
-recipe's top-level ``parameters`` (a default for all sources), then the method's default.
+How a parameter value (scalar, gradient, per-filter mapping; per source or global) becomes the value of one tensor
+is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is :mod:`evomerge.recipe.io`.
 """
 
 from __future__ import annotations
@@ -27,25 +13,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Union
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from evomerge.checkpoint import matches_filter
 
 Scalar = Union[bool, float]
 Gradient = list[float]
 Value = Union[Scalar, Gradient]
 ParamValue = Union[Scalar, Gradient, dict[str, Value]]
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 class RecipeError(ValueError):
     """A recipe that cannot be merged; the message names the field and the fix."""
 
 
-def _refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object], where: str) -> None:
+def refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object], where: str) -> None:
     """RecipeError naming the keys of ``data`` that are not in ``known``, with the closest known key for each."""
     unknown = [key for key in data if key not in known]
     if unknown:
@@ -130,58 +111,8 @@ class Recipe(_Strict):
         return list(dict.fromkeys(paths))
 
     # ------------------------------------------------------------------------------------------------ files
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Recipe:
-        """Read an evomerge recipe; a mergekit config (``merge_method:``) is converted on the way."""
-        data = yaml.safe_load(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
-        if "merge_method" in data:
-            from evomerge.mergekit import from_mergekit
-
-            return from_mergekit(data)
-        _refuse_unknown_keys(data, cls.model_fields, f"{path}")
-        for i, source in enumerate(data.get("sources") or []):
-            if isinstance(source, dict):
-                _refuse_unknown_keys(source, SourceSpec.model_fields, f"{path}: sources[{i}]")
-        return cls.model_validate(data)
-
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
-
-
-# ---------------------------------------------------------------------------------------------- resolution
-def gradient_position(layer: int | None, num_layers: int, is_embedding: bool) -> float:
-    """Position in [0, 1] along the layer stack: layer / (L − 1); embeddings 0, other non-layer tensors 1."""
-    if layer is None:
-        return 0.0 if is_embedding else 1.0
-    return layer / (num_layers - 1) if num_layers > 1 else 0.0
-
-
-def interpolate(value: Value, position: float) -> Scalar:
-    """A scalar as is; a gradient list interpolated linearly at ``position`` ∈ [0, 1] (mergekit's gradient)."""
-    if isinstance(value, list):
-        if len(value) == 1:
-            return float(value[0])
-        anchors = np.linspace(0.0, 1.0, len(value))
-        return float(np.interp(position, anchors, np.asarray(value, dtype=np.float64)))
-    return value
-
-
-def select_filter(value: ParamValue, name: str) -> Value | None:
-    """The entry of a per-filter mapping that applies to tensor ``name`` (``default`` last); non-mappings as is."""
-    if not isinstance(value, dict):
-        return value
-    for key, entry in value.items():
-        if key != "default" and matches_filter(name, key):
-            return entry
-    return value.get("default")
-
-
-def resolve_value(value: ParamValue, name: str, position: float) -> Scalar | None:
-    """The scalar a parameter value takes for tensor ``name`` at stack ``position``; None if no filter matches."""
-    entry = select_filter(value, name)
-    return None if entry is None else interpolate(entry, position)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from evomerge.recipe import LayerSlice, ParamValue, Recipe, RecipeError, SourceSpec
+from evomerge.recipe.schema import LayerSlice, ParamValue, Recipe, RecipeError, SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ def _slice_models(slices: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def from_mergekit(data: Mapping[str, Any]) -> Recipe:
-    """Convert a parsed mergekit config into a Recipe (errors name unsupported keys and methods)."""
-    from evomerge.methods import get_method
-
+    """Convert a parsed mergekit config into a Recipe (errors name unsupported keys; an unknown method is named
+    when the recipe is checked against the registry, :func:`evomerge.merge.check_values`)."""
     _check_keys(data, TOP_LEVEL_KEYS, "config")
     method = data["merge_method"]
     params = _params_from_mergekit(data.get("parameters"), "parameters")
@@ -98,7 +97,6 @@ def from_mergekit(data: Mapping[str, Any]) -> Recipe:
             slices.append(LayerSlice(model=src["model"], layer_range=tuple(src["layer_range"]),
                                      scale=float(scale.get("scale", 1.0))))
         return Recipe(method=method, base=base, slices=slices, **common)
-    get_method(method)  # unknown method: error lists the valid ones
     models = data.get("models") or (_slice_models(data["slices"]) if data.get("slices") else [])
     sources = []
     for i, m in enumerate(models):

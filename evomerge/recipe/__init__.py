@@ -1,0 +1,34 @@
+"""Recipes: the plain-data contract between search and merge (no torch or transformers import).
+
+- :mod:`~evomerge.recipe.schema`: :class:`Recipe` and its parts;
+- :mod:`~evomerge.recipe.resolve`: which value each tensor gets (:func:`resolve_params`);
+- :mod:`~evomerge.recipe.mergekit`: mergekit YAML <-> recipe;
+- :mod:`~evomerge.recipe.io`: :func:`load_recipe`, evomerge or mergekit YAML.
+"""
+
+from evomerge.recipe.io import load_recipe
+from evomerge.recipe.resolve import (
+    gradient_position,
+    interpolate,
+    resolve_params,
+    resolve_value,
+    select_filter,
+    tensor_position,
+)
+from evomerge.recipe.schema import (
+    CalibrationData,
+    Gradient,
+    LayerSlice,
+    ParamValue,
+    Recipe,
+    RecipeError,
+    Scalar,
+    SourceSpec,
+    Value,
+)
+
+__all__ = [
+    "CalibrationData", "Gradient", "LayerSlice", "ParamValue", "Recipe", "RecipeError", "Scalar", "SourceSpec",
+    "Value", "gradient_position", "interpolate", "load_recipe", "resolve_params", "resolve_value", "select_filter",
+    "tensor_position",
+]
