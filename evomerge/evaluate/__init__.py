@@ -8,7 +8,7 @@ built-in), :class:`PerplexityEvaluator` (sliding-window perplexity / bits per by
 from evomerge.evaluate.base import EvalResult, EvaluationError, Evaluator, Objective
 from evomerge.evaluate.factory import EVALUATORS, build_evaluator
 from evomerge.evaluate.function import CallableEvaluator
-from evomerge.evaluate.harness import LmEvalEvaluator
+from evomerge.evaluate.lm_eval_evaluator import LmEvalEvaluator
 from evomerge.evaluate.local_tasks import write_multiple_choice_task
 from evomerge.evaluate.perplexity import PerplexityEvaluator
 

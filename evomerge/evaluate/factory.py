@@ -13,7 +13,7 @@ from typing import Any
 
 from evomerge.evaluate.base import EvaluationError, Evaluator
 from evomerge.evaluate.function import CallableEvaluator
-from evomerge.evaluate.harness import LmEvalEvaluator
+from evomerge.evaluate.lm_eval_evaluator import LmEvalEvaluator
 from evomerge.evaluate.perplexity import PerplexityEvaluator
 
 EVALUATORS: dict[str, type] = {
