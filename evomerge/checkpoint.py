@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -378,6 +379,10 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         """Torch dtype of tensor ``name``, from the file header (no data read)."""
         return self._reader_for(name).dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes tensor ``name`` takes in its stored dtype, from the file header (no data read)."""
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
 
     def get(self, name: str, device: str | torch.device = "cpu") -> Tensor:
         """Read tensor ``name`` and place it on ``device``."""

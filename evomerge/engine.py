@@ -83,8 +83,8 @@ def keep_cpu_heap() -> bool:
     """Ask glibc to serve large allocations from its heap and keep freed memory (``mallopt``).
 
     By default glibc maps each allocation above 32 MiB fresh from the kernel and unmaps it on free, so every merge
-    of a large tensor pays page faults and page zeroing for its fp32 temporaries (measured here: ~8x slower than
-    the arithmetic). With mmap off and a high trim threshold, the temporaries of one candidate reuse the pages of
+    of a large tensor pays page faults and page zeroing for its fp32 temporaries (which then cost more than the
+    arithmetic). With mmap off and a high trim threshold, the temporaries of one candidate reuse the pages of
     the previous one. Process-wide; a no-op (returns False) off glibc or with ``EVOMERGE_KEEP_MALLOC=1``.
     """
     if os.environ.get("EVOMERGE_KEEP_MALLOC") == "1" or platform.system() != "Linux":
@@ -147,10 +147,6 @@ def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dty
         cls = model_class(config, ck.names)
     model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     return model.to(device).eval()
-
-
-def _nbytes(ck: Checkpoint, name: str) -> int:
-    return math.prod(ck.shape(name)) * ck.dtype(name).itemsize
 
 
 def _rows(stack: Tensor, idx: list[int]) -> Tensor:
@@ -224,11 +220,11 @@ def _per_entry(table: Tensor, entries: int) -> Tensor:
     return table.unsqueeze(-1).expand(*table.shape, _ALIGN).reshape(table.shape[0], -1)[:, :entries]
 
 
-def _check_value(stored: Tensor) -> Tensor:
+def _value_range(stored: Tensor) -> Tensor:
     """``[min, max]`` of the stored entries of a merge: both finite iff every entry is (NaN propagates into both,
     ``±inf`` shows in one). Taken on the stored dtype, it also catches fp32 values that overflow a bf16/fp16 model.
-    One cheap pass after the merge kernel, not inside it: compiled on CPU, any reduction fused into the merge
-    makes the kernel about 4x slower."""
+    One cheap pass after the merge kernel, not inside it: compiled on CPU, a reduction fused into the merge kernel
+    slows the kernel down several times."""
     return torch.stack(torch.aminmax(stored.reshape(-1)))
 
 
@@ -330,7 +326,7 @@ class MergeEngine:
     def _storage_device(self, memory_budget: int | None) -> torch.device:
         if self.device.type == "cpu":
             return self.device
-        need = sum(_nbytes(ck, n) for ck in self.checkpoints for n in self.names)
+        need = sum(ck.nbytes(n) for ck in self.checkpoints for n in self.names)
         budget = memory_budget if memory_budget is not None else int(0.8 * torch.cuda.mem_get_info(self.device)[0])
         if need <= budget:
             return self.device
@@ -531,7 +527,7 @@ class MergeEngine:
         if inputs is None:
             merged = self._merge_whole(method, run[0], base, sources, params, seed)
             self._targets[run[0]].copy_(merged)
-            return _check_value(self._targets[run[0]])
+            return _value_range(self._targets[run[0]])
         begin, end = self._spans[run[0]].offset, self._spans[run[-1]].offset + self._spans[run[-1]].numel
         rows = _rows(self._flat[:, begin:end], sources).to(self.device, non_blocking=True)
         base_row = None if base is None else self._flat[base, begin:end].to(self.device, non_blocking=True)
@@ -541,7 +537,7 @@ class MergeEngine:
                      lambda begin, end, f: f(method.fn, out[begin:end], rows[:, begin:end],
                                              None if base_row is None else base_row[begin:end], kwargs,
                                              inputs.chunk(begin, end)))
-        return _check_value(out)
+        return _value_range(out)
 
     def _entrywise_inputs(
         self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: dict[str, object],
@@ -767,16 +763,6 @@ class MergeEngine:
             bad = [] if ok else [n for n in run if not all_finite(self._targets[n].float())]
             if bad:
                 raise MergeError(f"merge of '{bad[0]}' with {method.name} produced NaN/Inf; check its parameters")
-
-    def merge_tensor(
-        self, method: MergeMethod, name: str, base: int | None, sources: list[int],
-        params: Mapping[str, object], seed: int,
-    ) -> Tensor:
-        """Merge one tensor (fp32) from the resident stacks; raises MergeError on a non-finite result."""
-        merged = self._merge_whole(method, name, base, sources, params, seed)
-        if not all_finite(merged):
-            raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
-        return merged
 
     def _merge_whole(
         self, method: MergeMethod, name: str, base: int | None, sources: list[int],

@@ -49,6 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.methods import Param, get_method
 from evomerge.recipe import Recipe, resolve_params
+from evomerge.recipe.schema import model_labels
 from evomerge.stacking import layer_plan
 
 DPI = 100
@@ -282,12 +283,6 @@ def write_trials_csv(study: optuna.Study, trials: Sequence[FrozenTrial], path: P
 
 
 # -------------------------------------------------------------------------------------------- layers
-def _unique_names(paths: Sequence[str]) -> list[str]:
-    """Last path component of each model, or the full path where two models share it."""
-    short = [Path(p).name or p for p in paths]
-    return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
-
-
 def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]:
     """Row labels and the [rows, num_layers] matrix of the values each layer's tensors get from ``recipe``.
 
@@ -313,7 +308,7 @@ def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]
         cells = [v[source] if isinstance(v, list) and source is not None else v for v in picked]
         return np.array([np.nan if v is None else float(v) for v in cells], dtype=np.float64)
 
-    names = _unique_names([s.model for s in recipe.sources])
+    names = model_labels([s.model for s in recipe.sources])
     specs = [(f"{names[i]}: {p.name}", p, i) for i in range(len(recipe.sources)) for p in params if p.per_source]
     specs += [(p.name, p, None) for p in params if not p.per_source]
     labels: list[str] = []
@@ -451,7 +446,7 @@ def _plot_layer_path(recipe: Recipe, num_layers: int, path: Path) -> None:
     fig = Figure(figsize=(min(16.0, 3.0 + 0.3 * len(plan)), 4.0))
     ax = fig.subplots()
     ax.plot(range(len(plan)), [j for _, j, _ in plan], color="0.7", lw=1)
-    for model, name in zip(models, _unique_names(models)):
+    for model, name in zip(models, model_labels(models)):
         slots = [k for k, (m, _, _) in enumerate(plan) if m == model]
         ax.scatter(slots, [plan[k][1] for k in slots], s=30, label=name, zorder=3)
     for k, (_, j, scale) in enumerate(plan):

@@ -228,15 +228,15 @@ def test_nan_result_raises(family, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_check_value_is_finite_iff_every_stored_entry_is(dtype):
-    from evomerge.engine import _check_value
+def test_value_range_is_finite_iff_every_stored_entry_is(dtype):
+    from evomerge.engine import _value_range
 
     finite = torch.tensor([6e4, -6e4, 1.0, -0.0] * 64).to(dtype)  # summed, these would overflow fp16
-    assert torch.isfinite(_check_value(finite)).all()
+    assert torch.isfinite(_value_range(finite)).all()
     for bad in (float("nan"), float("inf"), float("-inf")):
         tensor = finite.clone()
         tensor[100] = bad
-        assert not torch.isfinite(_check_value(tensor)).all()
+        assert not torch.isfinite(_value_range(tensor)).all()
 
 
 # --- hot path: chunks, runs of tensors, cached thresholds and in-kernel draws give the plain formula's bits ---

@@ -1,8 +1,9 @@
 """Exact k-th-largest selection for magnitude masks: a two-pass radix select (CPU) or ``torch.topk`` (CUDA).
 
-Why: TIES-style trimming needs the k-th largest |τ| of every tensor, and ``torch.kthvalue`` (a sort) dominates a
-whole merge: 20.5 s for the masks of a TinyLlama-shaped 1.1B model with 3 sources on an H100, where a linear merge
-takes 24 ms. Both selections below are exact (bit-identical to ``torch.topk``) and read the data a few times.
+Why: TIES-style trimming needs the k-th largest |τ| of every tensor, and ``torch.kthvalue`` (a sort) costs far
+more than the merge arithmetic itself (DESIGN.md, "What fast means here"; TIES vs linear rows of
+results/merge_throughput_cpu.md and results/merge_throughput_cuda.md). Both selections below are exact
+(bit-identical to ``torch.topk``) and read the data a few times.
 
 Radix select: for non-negative IEEE-754 float32 values, the bit pattern read as a (signed) int32 is ordered
 exactly like the float, so the k-th largest float is the k-th largest int:
@@ -15,18 +16,17 @@ exactly like the float, so the k-th largest float is the k-th largest int:
 The threshold is ``(b << 16) | low`` read back as float32. Rows of a 2-D input share one histogram per pass
 (every row's bucket ids are offset), so a stack of N task vectors costs one call, not N.
 
-Device choice (measured; numbers in the methods report): on CUDA ``torch.topk`` is itself a radix select and
-beats this torch-op version, whose ``bincount`` atomics contend on the few buckets real task vectors fill
-([3, 11.5M] rows on an H100: topk 0.6-1 ms, histograms 5 ms). On CPU the histograms win (4M entries, 16
-threads: 6 ms vs 53 ms ``kthvalue`` and 73 ms ``topk``). So :func:`kth_largest_rows` uses ``torch.topk`` on
-CUDA and the histograms elsewhere.
+Device choice: on CUDA ``torch.topk`` is itself a radix select and beats this torch-op version, whose
+``bincount`` atomics contend on the few buckets real task vectors fill; on CPU the histograms beat both
+``kthvalue`` and ``topk``. So :func:`kth_largest_rows` uses ``torch.topk`` on CUDA and the histograms elsewhere
+(the TIES rows of the throughput results above measure the chosen path per device).
 
 Inputs must be NaN-free magnitudes (``tau.abs()``): ``+0.0`` is the smallest value; ``-0.0`` or a negative
 entry is rejected by ``bincount``.
 
 A search that changes densities every candidate asks for a new k of the same task vector each time. For that,
 :class:`SortedMagnitudes` sorts the magnitudes of a row once (NumPy's vectorized sort of the int32 bit patterns,
-~9 ns per entry on one core here, about the price of one radix select) and keeps them in 2 bytes per entry; any
+about the price of one radix select) and keeps them in 2 bytes per entry; any
 later k costs a binary search over the distinct high halves.
 """
 

@@ -9,7 +9,7 @@ is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Union
 
@@ -35,18 +35,20 @@ def refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object],
         raise RecipeError(f"{where}: unknown key {', '.join(hints)}; valid keys: {', '.join(known)}")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Plain, immutable config data: unknown keys are an error (recipes, search spaces)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SourceSpec(_Strict):
+class SourceSpec(StrictModel):
     """One source checkpoint and its per-source parameters."""
 
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
-class LayerSlice(_Strict):
+class LayerSlice(StrictModel):
     """Layers ``[start, end)`` of ``model``, optionally scaled (layer stacking / passthrough)."""
 
     model: str
@@ -61,7 +63,7 @@ class LayerSlice(_Strict):
         return v
 
 
-class CalibrationData(_Strict):
+class CalibrationData(StrictModel):
     """Text for data-aware methods (Fisher, RegMean): a ``.txt`` file (one text per line) or a ``.jsonl`` file with
     a ``text`` field (or, as in the zoo's task files, ``query`` + the gold choice); see :mod:`evomerge.calibration`."""
 
@@ -72,7 +74,7 @@ class CalibrationData(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """How to build one merged model.
 
     ``method`` names a registered method; ``base`` is the model task vectors are taken against (required by
@@ -116,3 +118,9 @@ class Recipe(_Strict):
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def model_labels(paths: Sequence[str]) -> list[str]:
+    """Short names of models for labels (baselines, report rows): the dir name, the full path where names collide."""
+    names = [Path(p).name or p for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]

@@ -84,9 +84,7 @@ from typing import Annotated, Any, Literal, Union
 import optuna
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Discriminator,
     Field,
     PrivateAttr,
@@ -96,11 +94,11 @@ from pydantic import (
 )
 
 from evomerge.methods import MergeMethod, MethodError, Param, get_method, validate_params
-from evomerge.recipe import LayerSlice, ParamValue, Recipe, SourceSpec
+from evomerge.recipe import LayerSlice, ParamValue, Recipe, Scalar, SourceSpec
+from evomerge.recipe.schema import StrictModel, model_labels
 
 log = logging.getLogger(__name__)
 
-Scalar = Union[bool, float]
 Cell = tuple[Union[int, None], Union[str, None]]  # (layer group, filter) of one searched value; None = not split
 
 
@@ -128,11 +126,7 @@ class _NoFit(Exception):
 
 
 # --------------------------------------------------------------------------------------------- value specs
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RangeSpec(_Strict):
+class RangeSpec(StrictModel):
     """A float searched in ``[low, high]`` (``trial.suggest_float``); bounds default to the registry's."""
 
     low: float | None = None
@@ -157,7 +151,7 @@ class RangeSpec(_Strict):
         return f"range [{self.low}, {self.high}]" + (f" step {self.step}" if self.step else "")
 
 
-class ChoiceSpec(_Strict):
+class ChoiceSpec(StrictModel):
     """A categorical choice among numbers or booleans (``trial.suggest_categorical``)."""
 
     choice: list[Scalar] = Field(min_length=1)
@@ -170,7 +164,7 @@ class ChoiceSpec(_Strict):
         return f"choice {self.choice}"
 
 
-class FixedSpec(_Strict):
+class FixedSpec(StrictModel):
     """A fixed recipe value (scalar, gradient list or per-filter mapping); not searched."""
 
     value: ParamValue
@@ -210,7 +204,7 @@ ParamSpec = Annotated[
 Searched = Union[RangeSpec, ChoiceSpec]
 
 
-class MethodChoice(_Strict):
+class MethodChoice(StrictModel):
     """``method: {choice: [...]}``: the method is a searched categorical."""
 
     choice: list[str] = Field(min_length=1)
@@ -252,12 +246,6 @@ class _Layout:
         if not self.filters:
             return profile(None)
         return {f: profile(f) for f in self.filters}
-
-
-def _model_labels(paths: Sequence[str]) -> list[str]:
-    """Short names of the models for baseline labels: the dir name, the full path where names collide."""
-    names = [Path(p).name or p for p in paths]
-    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -323,7 +311,7 @@ def _check_models(method: MergeMethod, models: ModelSet) -> None:
 
 
 # ------------------------------------------------------------------------------------------ merge space
-class MergeSpace(_Strict):
+class MergeSpace(StrictModel):
     """A parameter space over one method or a choice of methods (module docstring)."""
 
     method: Union[str, MethodChoice]
@@ -421,7 +409,7 @@ class MergeSpace(_Strict):
     def baseline_params(self, models: ModelSet) -> list[tuple[str, dict[str, Any]]]:
         n = len(models.sources)
         wanted: list[tuple[str, list[tuple[str, dict[str, object]]]]] = []
-        for i, label in enumerate(_model_labels(models.sources)):
+        for i, label in enumerate(model_labels(models.sources)):
             wanted.append((f"source:{label}", [(m, t) for m in self.methods
                                                for t in source_alone_targets(get_method(m), i, n)]))
         wanted.append(("uniform", [(m, t) for m in self.methods for t in uniform_targets(get_method(m), n)]))
@@ -547,7 +535,7 @@ def _check_against_registry(method: MergeMethod, plan: Mapping[str, ParamSpec]) 
 _MULTIPLE = re.compile(r"^(\d+(?:\.\d+)?)x$")
 
 
-class StackingSpace(_Strict):
+class StackingSpace(StrictModel):
     """A searched layer path with per-slot scales (module docstring; Akiba et al. 2024)."""
 
     method: Literal["passthrough"]
@@ -611,7 +599,7 @@ class StackingSpace(_Strict):
     def baseline_params(self, models: ModelSet) -> list[tuple[str, dict[str, Any]]]:
         """Each source alone (its layers in order, scale 1), when the embeddings would be that source's too."""
         out = []
-        for i, label in enumerate(_model_labels(models.sources)):
+        for i, label in enumerate(model_labels(models.sources)):
             try:
                 out.append((f"source:{label}", self._source_path(i, models)))
             except _NoFit as why:
@@ -705,7 +693,7 @@ class SearchSpace:
         expressed = {label for label, _ in self.baseline_params(models)}
         n = len(models.sources)
         wanted = [(f"source:{label}", [float(i == j) for j in range(n)])
-                  for i, label in enumerate(_model_labels(models.sources))] + [("uniform", [1.0] * n)]
+                  for i, label in enumerate(model_labels(models.sources))] + [("uniform", [1.0] * n)]
         return [
             (label, Recipe(method="linear", parameters={"normalize": True},
                            sources=[SourceSpec(model=m, parameters={"weight": w}) for m, w in zip(models.sources, ws)]))
