@@ -30,13 +30,22 @@ def test_interpolate(value, position, expected):
     assert interpolate(value, position) == pytest.approx(expected)
 
 
-def test_gradient_position():
-    assert gradient_position(0, 4, False) == 0.0
-    assert gradient_position(3, 4, False) == 1.0
-    assert gradient_position(1, 4, False) == pytest.approx(1 / 3)
-    assert gradient_position(None, 4, True) == 0.0   # embeddings: start of the gradient
-    assert gradient_position(None, 4, False) == 1.0  # final norm, lm_head: end
-    assert gradient_position(0, 1, False) == 0.0
+def test_gradient_position_is_mergekits():
+    # mergekit/plan.py: t = i / (L - 1) in the stack, 1 for a 1-layer stack, 0 for every tensor outside the stack
+    assert gradient_position(0, 4) == 0.0
+    assert gradient_position(3, 4) == 1.0
+    assert gradient_position(1, 4) == pytest.approx(1 / 3)
+    assert gradient_position(None, 4) == 0.0  # embeddings, final norm and lm_head alike (was 1 for norm / head)
+    assert gradient_position(0, 1) == 1.0
+
+
+def test_interpolate_is_bitwise_mergekits_formula():
+    # mergekit's (1 - f) * v[i] + f * v[i + 1] at s = t (n - 1); np.interp's v[i] + slope (s - i) rounds otherwise
+    value, t = [0.1, 0.7, 0.3], 0.3
+    s = t * 2
+    assert interpolate(value, t) == (1 - s) * 0.1 + s * 0.7
+    assert interpolate([0.0, 1.0, 0.5, 0.25, 2.0], 1.0) == 2.0
+    assert interpolate([0.4], 0.7) == 0.4
 
 
 def test_filters_first_match_then_default():

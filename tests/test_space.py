@@ -84,7 +84,8 @@ def test_step_groups_and_filters_from_fixed_trial():
     # Through the recipe's own resolution: layer 2's MLP is not self_attn -> default of group 1.
     assert resolved(recipe, "model.layers.2.mlp.up_proj.weight", 4)["weight"] == [0.078125, 0.328125, 0.578125]
     assert resolved(recipe, "model.layers.1.self_attn.q_proj.weight", 4)["density"] == [0.125, 0.375, 0.625]
-    assert resolved(recipe, "lm_head.weight", 4)["weight"] == [0.078125, 0.328125, 0.578125]  # end: last group
+    # outside the stack, t = 0 (mergekit's convention): the first group's default
+    assert resolved(recipe, "lm_head.weight", 4)["weight"] == [0.015625, 0.265625, 0.515625]
 
 
 def test_uneven_groups_all_clamp_and_scalar():

@@ -5,6 +5,7 @@ Every method parameter (see :mod:`evomerge.methods`) takes one of:
 - a scalar (``0.5``, ``true``);
 - a list of floats, a *gradient* interpolated linearly across the layer stack (mergekit semantics):
   ``[0.0, 1.0]`` goes from 0 at the first layer to 1 at the last (:func:`gradient_position`, :func:`interpolate`);
+  tensors outside the stack (embeddings, final norm, lm_head) take the value at the start, as in mergekit;
 - a mapping from filter to either of the above, with an optional ``default`` key:
   ``{self_attn: [0, 1], mlp: 0.5, default: 0.3}``. A filter matches a tensor name as described in
   :func:`evomerge.naming.matches_filter` (``self_attn``, ``mlp``, ``embed``, ``norm``, ``lm_head`` or any substring
@@ -20,9 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import numpy as np
 
-from evomerge.naming import layer_index, matches_filter, tensor_filter
+from evomerge.naming import layer_index, matches_filter
 from evomerge.recipe.schema import ParamValue, Recipe, Scalar, Value
 
 __all__ = ["gradient_position", "interpolate", "resolve_params", "resolve_value", "select_filter", "tensor_position"]
@@ -42,20 +42,27 @@ class MethodSpec(Protocol):
     params: Sequence[ParamSpec]
 
 
-def gradient_position(layer: int | None, num_layers: int, is_embedding: bool) -> float:
-    """Position in [0, 1] along the layer stack: layer / (L − 1); embeddings 0, other non-layer tensors 1."""
+def gradient_position(layer: int | None, num_layers: int) -> float:
+    """Position ``t`` in [0, 1] along the layer stack, as mergekit evaluates gradients (``mergekit/plan.py``):
+    ``layer / (L − 1)`` for a layer of a stack of ``L > 1`` layers, 1 for the only layer of a 1-layer stack, and 0
+    for every tensor outside the stack (embeddings, final norm, lm_head: mergekit plans them with ``t = 0``)."""
     if layer is None:
-        return 0.0 if is_embedding else 1.0
-    return layer / (num_layers - 1) if num_layers > 1 else 0.0
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def interpolate(value: Value, position: float) -> Scalar:
-    """A scalar as is; a gradient list interpolated linearly at ``position`` ∈ [0, 1] (mergekit's gradient)."""
+    """A scalar as is; a gradient list interpolated linearly at ``position`` ∈ [0, 1] (mergekit's gradient).
+
+    Evaluated as mergekit does (``mergekit/config.py: evaluate_setting``), so the float64 value is the same bit for
+    bit: ``s = t·(n − 1)``, ``i = floor(s)``, ``f = s − i``, ``(1 − f)·v[i] + f·v[min(i + 1, n − 1)]``.
+    """
     if isinstance(value, list):
-        if len(value) == 1:
-            return float(value[0])
-        anchors = np.linspace(0.0, 1.0, len(value))
-        return float(np.interp(position, anchors, np.asarray(value, dtype=np.float64)))
+        scaled = position * (len(value) - 1)
+        i0 = int(scaled)
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * float(value[i0]) + frac * float(value[i1])
     return value
 
 
@@ -77,7 +84,7 @@ def resolve_value(value: ParamValue, name: str, position: float) -> Scalar | Non
 
 def tensor_position(name: str, num_layers: int) -> float:
     """The gradient position of tensor ``name`` in a stack of ``num_layers`` layers (:func:`gradient_position`)."""
-    return gradient_position(layer_index(name), num_layers, tensor_filter(name) == "embed")
+    return gradient_position(layer_index(name), num_layers)
 
 
 def _first(key: str, scopes: Sequence[Mapping[str, ParamValue]], name: str, position: float) -> Scalar | None:

