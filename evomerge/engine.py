@@ -46,7 +46,7 @@ from evomerge.checkpoint import Checkpoint, check_compatible, save_hf_dir
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.methods.counter_rng import row_keys, uniform
 from evomerge.methods.select import SortedMagnitudes
-from evomerge.methods.sparsify import keep_count, kth_magnitudes, relative_ranks
+from evomerge.methods.sparsify import kth_magnitudes, relative_ranks
 from evomerge.recipe import Recipe, RecipeError, resolve_params
 
 log = logging.getLogger(__name__)
@@ -423,13 +423,14 @@ class MergeEngine:
 
     @staticmethod
     def _kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
-        """Keyword arguments of ``method.fn``: per-source parameters as float32 CPU tensors [n], globals as is."""
+        """Keyword arguments of ``method.fn``: per-source parameters as float64 CPU tensors [n] (the recipe's values
+        as mergekit's Python floats hold them: keep counts ``⌊d·n⌋`` are counted from them), globals as is."""
         kwargs: dict[str, object] = {}
         for p in method.params:
             value = params.get(p.name, p.default)
             if p.per_source:
                 values = value if isinstance(value, list) else [value] * n
-                value = torch.tensor(values, dtype=torch.float32)
+                value = torch.tensor(values, dtype=torch.float64)
             kwargs[p.kwarg or p.name] = value
         return kwargs
 
@@ -561,7 +562,7 @@ class MergeEngine:
             if ranks is None:
                 return None
             inputs.entries["ranks"] = ranks
-        if method.fractions is not None:
+        if method.keep_counts is not None:
             inputs.blocks["thresholds"] = self._threshold_tables(method, run, base, sources, host)
         if method.stochastic and self._noise_store(seed, len(sources)) is not None:
             inputs.entries["noise"] = self._noise(run, seed, len(sources))
@@ -604,14 +605,13 @@ class MergeEngine:
     def _thresholds(
         self, method: MergeMethod, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
     ) -> tuple[Tensor, ...]:
-        """Exact magnitude thresholds [N] of ``method.fractions`` for tensor ``name``, cached per (tensor, base,
+        """Exact magnitude thresholds [N] of ``method.keep_counts`` for tensor ``name``, cached per (tensor, base,
         sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them. New
         counts are looked up in the sorted magnitudes of each task vector (CPU, when they fit their budget: a
         search over densities then sorts each task vector once), else found by :func:`kth_magnitudes`."""
         span = self._spans[name]
         thresholds, tau = [], None
-        for fraction in method.fractions(host):  # type: ignore[misc]
-            counts = keep_count(fraction, span.numel)
+        for counts in method.keep_counts(host, span.numel):  # type: ignore[misc]
             key = (name, base, tuple(sources), tuple(counts.tolist()))
             if key not in self._threshold_cache:
                 rows = self._sorted_rows(name, base, sources)  # type: ignore[arg-type]
@@ -634,7 +634,7 @@ class MergeEngine:
         if base is None:
             return
         jobs: list[Callable[[], object]] = []
-        if method.fractions is not None and self.device.type == "cpu":
+        if method.keep_counts is not None and self.device.type == "cpu":
             jobs += [lambda name=name: self._sorted_rows(name, base, sources) for name in names
                      if any((name, base, i) not in self._sorted for i in sources)]
         if method.ranked:

@@ -1,7 +1,9 @@
 """Passthrough / layer stacking: a model assembled from layer ranges of several sources (a "frankenmerge").
 
-Output layer k is a copy of layer j of one source, for the layer plan given by the recipe's ``slices``; the
-embeddings, final norm and head come from ``recipe.base`` (or the first slice's model). A slice's ``scale`` s
+Output layer k is a copy of layer j of one source, for the layer plan given by the recipe's ``slices``; as in
+mergekit (``mergekit/plan.py``: pre-weights planned with the first slice's sources, post-weights with the last
+slice's), the embeddings come from the first slice's model and the final norm and head (every other tensor outside
+the stack) from the last slice's model; ``recipe.base`` is not read. A slice's ``scale`` s
 multiplies the weights (and biases) of the layer's residual-branch output projections (attention output and MLP
 down projection), so the layer computes h + s·attn(h) + s·mlp(h'): its contribution to the residual stream is
 scaled by s, as in the per-layer scaling of Sakana AI's data-flow merge space (Akiba et al. 2024, arXiv:2403.13187).
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.naming import layer_index, with_layer_index
+from evomerge.naming import layer_index, tensor_filter, with_layer_index
 from evomerge.recipe import Recipe, RecipeError
 
 #: Residual-branch output projections across families (Llama/Mistral/Qwen: o_proj, down_proj; GPT-2: attn.c_proj,
@@ -41,11 +43,20 @@ def layer_plan(recipe: Recipe, num_layers: Mapping[str, int]) -> list[tuple[str,
     return plan
 
 
+def is_pre_stack(name: str) -> bool:
+    """Whether a tensor outside the layer stack sits before it (embeddings, incl. BERT's ``embeddings.LayerNorm``)
+    rather than after it (final norm, lm_head / GPT-NeoX ``embed_out``, BERT pooler)."""
+    kind = tensor_filter(name)
+    return kind == "embed" or (kind != "lm_head" and "embed" in name)
+
+
 def stack_layers(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> tuple[dict[str, Tensor], object]:
-    """Build the stacked model's state dict and config (a copy of the outer model's, with the new layer count)."""
+    """Build the stacked model's state dict and config (a copy of the first slice's model's, with the new layer
+    count): embeddings from the first slice's model, the other non-layer tensors from the last one's (module doc)."""
     plan = layer_plan(recipe, {p: ck.num_layers for p, ck in checkpoints.items()})
-    outer = checkpoints[recipe.base or recipe.slices[0].model]  # type: ignore[index]
-    state: dict[str, Tensor] = {n: outer.get(n) for n in outer.names if layer_index(n) is None}
+    first, last = checkpoints[recipe.slices[0].model], checkpoints[recipe.slices[-1].model]  # type: ignore[index]
+    state: dict[str, Tensor] = {n: (first if is_pre_stack(n) else last).get(n)
+                                for n in first.names if layer_index(n) is None}
     for k, (model, j, scale) in enumerate(plan):
         ck = checkpoints[model]
         for name in (n for n in ck.names if layer_index(n) == j):
@@ -53,7 +64,7 @@ def stack_layers(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> tuple
             if scale != 1.0 and OUTPUT_PROJECTION.search(name):
                 tensor = (tensor.to(torch.float32) * scale).to(tensor.dtype)
             state[with_layer_index(name, k)] = tensor
-    config = copy.deepcopy(outer.config)
+    config = copy.deepcopy(first.config)
     config.num_hidden_layers = len(plan)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:

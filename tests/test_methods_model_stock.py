@@ -49,3 +49,19 @@ def test_needs_base_and_two_sources() -> None:
         model_stock(None, torch.ones(2, 3))
     with pytest.raises(ValueError, match="at least 2 sources"):
         model_stock(torch.zeros(3), torch.ones(1, 3))
+
+
+def test_model_stock_hand_computed_and_mergekit_guards() -> None:
+    base = torch.zeros(2)
+    # cos(τ1, τ2) = 1/√2, t = 2c / (1 + c); result t · mean(θ)
+    out = model_stock(base, torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    c = 2 ** -0.5
+    t = 2 * c / (1 + c)
+    torch.testing.assert_close(out, torch.tensor([t * 1.0, t * 0.5]), rtol=1e-6, atol=0)
+    # opposite task vectors: 1 + (N - 1) cos = 0 -> t = 0, the base (mergekit's singular guard)
+    assert torch.equal(model_stock(base + 3, torch.tensor([[4.0, 3.0], [2.0, 3.0]])), torch.full((2,), 3.0))
+    # anti-correlated but not opposite: mergekit does not clamp cos to [0, 1], t goes negative (was t = 0)
+    out = model_stock(base, torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))
+    c = -(2 ** -0.5)
+    t = 2 * c / (1 + c)
+    torch.testing.assert_close(out, torch.tensor([0.0, t * 0.5]), rtol=1e-6, atol=1e-7)

@@ -15,7 +15,7 @@ from evomerge.methods.select import (
     sorted_search_ranks,
     topk_kth_largest_rows,
 )
-from evomerge.methods.sparsify import keep_count, top_magnitude_mask
+from evomerge.methods.sparsify import band_keep_counts, ties_keep_count, top_magnitude_mask
 
 
 def _reference(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,10 +71,20 @@ def test_threshold_rejects_k_out_of_range() -> None:
         magnitude_threshold(torch.ones(3), 4)
 
 
-def test_keep_count_rounds_half_up_and_clamps() -> None:
-    # exactly representable fractions: 2.5 -> 3 and 0.5 -> 1 (half up, not banker's), 2.0 -> 2, 2.8 -> 3
-    assert keep_count(torch.tensor([0.0, 0.25, 0.2, 0.28125, 1.0]), 10).tolist() == [0, 3, 2, 3, 10]
-    assert keep_count(torch.tensor([0.125, 0.375]), 4).tolist() == [1, 2]
+def test_ties_keep_count_is_mergekits_floor_with_at_least_one() -> None:
+    # mergekit/sparsify.py magnitude(): d >= 1 all, d <= 0 none, else max(1, int(d * n)) (was round half up)
+    assert ties_keep_count(torch.tensor([0.0, 0.25, 0.2, 0.28125, 1.0, 0.05]), 10).tolist() == [0, 2, 2, 2, 10, 1]
+    assert ties_keep_count(torch.tensor([0.125, 0.375, 1.5, -0.1]), 4).tolist() == [1, 1, 4, 0]
+    # counted from the float64 value as mergekit's Python float: 0.35 * 100 = 35 (float32's 0.35 would give 34)
+    assert ties_keep_count(torch.tensor([0.35], dtype=torch.float64), 100).tolist() == [35]
+
+
+def test_band_keep_counts_shrink_the_outlier_drop_like_mergekit() -> None:
+    # magnitude_outliers(): k_d = int(d n), n_top = int(g n), kept ranks [n - k_d - k_top, n - k_top) ascending
+    outer, top = band_keep_counts(torch.tensor([0.5, 0.9, 0.95, 1.0], dtype=torch.float64),
+                                  torch.tensor([0.1, 0.2, 0.01, 0.3], dtype=torch.float64), 100)
+    assert top.tolist() == [10, 10, 1, 0]  # 0.9 + 0.2 > 1: only n - k_d = 10 outliers go; d = 1 keeps all
+    assert outer.tolist() == [60, 100, 96, 100]
 
 
 def test_mask_keeps_exactly_k_without_ties_and_all_ties_at_threshold() -> None:
@@ -86,7 +96,7 @@ def test_mask_keeps_exactly_k_without_ties_and_all_ties_at_threshold() -> None:
 
 def test_mask_k_zero_keeps_nothing_and_full_density_keeps_everything() -> None:
     tau = torch.tensor([[1.0, 0.0, -2.0], [0.0, 0.0, 0.0]])
-    assert not top_magnitude_mask(tau, torch.tensor([0.1, 0.0])).any()  # round(0.3) = 0
+    assert top_magnitude_mask(tau, torch.tensor([0.1, 0.0])).tolist() == [[False, False, True], [False] * 3]
     assert top_magnitude_mask(tau, torch.tensor([1.0, 1.0])).all()
 
 
@@ -96,7 +106,7 @@ def test_mask_count_equals_reference_count_on_random_data() -> None:
     density = torch.tensor([0.1, 0.5, 0.9])
     mask = top_magnitude_mask(tau, density)
     for i in range(3):
-        k = int(keep_count(density[i : i + 1], 1000))
+        k = int(ties_keep_count(density[i : i + 1], 1000))
         threshold = _reference(tau[i].abs(), k)
         assert torch.equal(mask[i], tau[i].abs() >= threshold)
         assert mask[i].sum() >= k

@@ -37,7 +37,7 @@ def test_slerp_endpoints_and_base_unused() -> None:
     [
         (W([1.0, 2.0]), W([2.0, 4.0])),  # parallel
         (W([1.0, 2.0]), W([-3.0, -6.0])),  # anti-parallel
-        (W([0.0, 0.0]), W([2.0, 4.0])),  # zero norm
+        (W([1.0, 1.0]), W([1.0, 1.02])),  # cos = 0.99990 > mergekit's 0.9995 (norm-weight-like)
     ],
 )
 def test_slerp_degenerate_falls_back_to_linear(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -88,3 +88,16 @@ def test_multislerp_single_source_and_bad_weights() -> None:
     assert torch.allclose(multislerp(None, source, weight=W([0.5])), source[0])
     with pytest.raises(ValueError, match="positive sum"):
         multislerp(None, torch.ones(2, 2), weight=W([0.0, 0.0]))
+
+
+def test_slerp_zero_norm_is_a_right_angle_like_mergekit() -> None:
+    # mergekit replaces a norm <= 1e-8 by 1: the zero vector has cos 0 with anything, Ω = π/2 (was: linear fallback)
+    out = slerp(None, torch.stack([W([0.0, 0.0]), W([2.0, 4.0])]), t=0.25)
+    torch.testing.assert_close(out, math.sin(0.25 * math.pi / 2) * W([2.0, 4.0]), rtol=1e-6, atol=0)
+
+
+def test_slerp_just_below_the_colinear_threshold_interpolates_on_the_sphere() -> None:
+    a, b = W([1.0, 0.0]), W([1.0, 0.035])  # cos = 0.99939 < 0.9995
+    omega = math.acos(1 / math.hypot(1.0, 0.035))
+    expected = math.sin(0.5 * omega) / math.sin(omega) * (a + b)
+    torch.testing.assert_close(slerp(None, torch.stack([a, b]), t=0.5), expected, rtol=1e-5, atol=0)

@@ -44,3 +44,25 @@ def test_layer_range_past_the_stack(pair, tmp_path):
     with pytest.raises(ValueError, match=r"past the 3 layers"):
         merge_to_dir(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_non_layer_tensors_come_from_first_and_last_slice_like_mergekit(pair, tmp_path):
+    # mergekit/plan.py: pre-weights with slices[0]'s sources, post-weights with slices[-1]'s; the base is not read
+    a, b = pair
+    recipe = Recipe(method="passthrough", base=str(a), slices=[
+        {"model": str(a), "layer_range": [0, 1]}, {"model": str(b), "layer_range": [1, 3]}])
+    got = load_file(merge_to_dir(recipe, tmp_path / "out") / "model.safetensors")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert torch.equal(got["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], wb["model.norm.weight"])  # was the base's (a)
+    assert torch.equal(got["lm_head.weight"], wb["lm_head.weight"])
+    assert not torch.equal(wa["lm_head.weight"], wb["lm_head.weight"])
+
+
+def test_pre_stack_tensors_by_family():
+    from evomerge.stacking import is_pre_stack
+
+    assert is_pre_stack("model.embed_tokens.weight") and is_pre_stack("embeddings.LayerNorm.weight")
+    assert is_pre_stack("transformer.wte.weight")
+    assert not any(is_pre_stack(n) for n in ["model.norm.weight", "lm_head.weight", "embed_out.weight",
+                                             "pooler.dense.weight", "transformer.ln_f.weight"])

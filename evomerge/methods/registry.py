@@ -1,7 +1,8 @@
 """Registry of merge methods: name -> function, parameters (defaults, valid ranges), requirements; validation.
 
 Parameter names are mergekit's recipe keys ("weight", "density", "lambda", "t", "gamma", "epsilon", ...).
-Per-source parameters reach the function as a float32 tensor [N]; global ones as a python float / bool.
+Per-source parameters reach the function as a float64 tensor [N] (the engine's; functions take any float
+dtype and compute in float32); global ones as a python float / bool.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from evomerge.methods.slerp import (
     slerp_coefficients,
     slerp_gram,
 )
-from evomerge.methods.sparsify import band_fractions
+from evomerge.methods.sparsify import band_keep_counts, ties_keep_count
 from evomerge.methods.ties import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -86,9 +87,10 @@ class MergeMethod:
     # entrywise methods take the uniform draw as `noise` ([N, *S], counter_rng.uniform_like(tau, seed), or the
     # slice of it).
     elementwise: bool = False
-    # Magnitude fractions (from the method's tensor kwargs) whose exact thresholds fn takes as `thresholds=`
-    # (sparsify.magnitude_thresholds of the whole task vectors), so thresholds can be computed once and cached.
-    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None
+    # Magnitude keep counts (from the method's tensor kwargs and the tensor's number of entries) whose exact
+    # thresholds fn takes as `thresholds=` (sparsify.kth_magnitudes of the whole task vectors), so thresholds can be
+    # computed once and cached.
+    keep_counts: Callable[[Mapping[str, object], int], tuple[Tensor, ...]] | None = None
     # fn takes the relative magnitude ranks of the task vectors as `ranks=` (sparsify.relative_ranks of the whole
     # task vectors, [N, *S] or the matching slice): they depend on the models only, so they can be kept.
     ranked: bool = False
@@ -179,29 +181,29 @@ _BREADCRUMBS = (
 )
 _DELLA = (
     Param("density", 0.5, 0.0, 1.0, per_source=True, doc="mean keep probability"),
-    Param("epsilon", 0.1, 0.0, 0.5, per_source=True, doc="keep probability spread: [d − ε, d + ε]"),
+    Param("epsilon", 0.15, 0.0, 0.5, per_source=True, doc="keep probability spread: [d − ε, d + ε]"),
 )
 
 
 def _task_vector_method(
     fn: Callable[..., Tensor], params: tuple[Param, ...], *, stochastic: bool = False,
     constraint: Constraint | None = None, elementwise: bool = False,
-    fractions: Callable[[Mapping[str, object]], tuple[Tensor, ...]] | None = None, ranked: bool = False,
+    keep_counts: Callable[[Mapping[str, object], int], tuple[Tensor, ...]] | None = None, ranked: bool = False,
 ) -> MergeMethod:
     """A method of the sparsify -> (elect) -> merge family (:mod:`evomerge.methods.ties`)."""
     return MergeMethod(
         fn.__name__, fn, (_weight(), *params, _LAMBDA), needs_base=True, stochastic=stochastic,
-        constraint=constraint, doc=(fn.__doc__ or "").split("\n")[0], elementwise=elementwise, fractions=fractions,
+        constraint=constraint, doc=(fn.__doc__ or "").split("\n")[0], elementwise=elementwise, keep_counts=keep_counts,
         ranked=ranked,
     )
 
 
-def _density_fraction(kwargs: Mapping[str, object]) -> tuple[Tensor, ...]:
-    return (kwargs["density"],)  # type: ignore[return-value]
+def _ties_counts(kwargs: Mapping[str, object], numel: int) -> tuple[Tensor, ...]:
+    return (ties_keep_count(kwargs["density"], numel),)  # type: ignore[arg-type]
 
 
-def _band_fractions(kwargs: Mapping[str, object]) -> tuple[Tensor, ...]:
-    return band_fractions(kwargs["density"], kwargs["gamma"])  # type: ignore[arg-type]
+def _band_counts(kwargs: Mapping[str, object], numel: int) -> tuple[Tensor, ...]:
+    return band_keep_counts(kwargs["density"], kwargs["gamma"], numel)  # type: ignore[arg-type]
 
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -214,18 +216,20 @@ _ALL: tuple[MergeMethod, ...] = (
         (_weight(-2.0, 2.0), _LAMBDA, _normalize(False)), needs_base=True, elementwise=True,
         doc="base + lambda * weighted sum of task vectors",
     ),
-    _task_vector_method(ties, (_DENSITY, _normalize(True)), elementwise=True, fractions=_density_fraction),
+    _task_vector_method(ties, (_DENSITY, _normalize(True)), elementwise=True, keep_counts=_ties_counts),
     _task_vector_method(
         dare_linear, (_DENSITY, _normalize(False), _RESCALE), stochastic=True, elementwise=True
     ),
-    _task_vector_method(dare_ties, (_DENSITY, _normalize(True), _RESCALE), stochastic=True, elementwise=True),
+    # normalize defaults as mergekit's registry (GeneralizedTaskArithmeticMerge.default_normalize): dare_ties and
+    # breadcrumbs_ties do not divide by the agreeing weights unless asked to
+    _task_vector_method(dare_ties, (_DENSITY, _normalize(False), _RESCALE), stochastic=True, elementwise=True),
     _task_vector_method(
         breadcrumbs, (*_BREADCRUMBS, _normalize(False)), constraint=_breadcrumbs_band, elementwise=True,
-        fractions=_band_fractions,
+        keep_counts=_band_counts,
     ),
     _task_vector_method(
-        breadcrumbs_ties, (*_BREADCRUMBS, _normalize(True)), constraint=_breadcrumbs_band, elementwise=True,
-        fractions=_band_fractions,
+        breadcrumbs_ties, (*_BREADCRUMBS, _normalize(False)), constraint=_breadcrumbs_band, elementwise=True,
+        keep_counts=_band_counts,
     ),
     _task_vector_method(
         della, (*_DELLA, _normalize(True), _RESCALE), stochastic=True, constraint=_della_window, elementwise=True,

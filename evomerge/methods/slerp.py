@@ -2,10 +2,14 @@
 
 Both work on each tensor flattened to a vector. Angles come from the unit directions; the interpolation
 coefficients are then applied to the unnormalised vectors (as Shoemake's formula and mergekit do), so two
-vectors of equal norm ``r`` interpolate on the sphere of radius ``r``. When the directions are (anti-)parallel
-(``|cos| > 1 − 1e-6``) or a vector has norm ``<= 1e-8`` the angle is meaningless and the result falls back to
-the linear interpolation with the same weights. Dot products are accumulated in float64 (no TF32 matmul):
-:func:`~evomerge.methods.angles.gram_matrix`. The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose
+vectors of equal norm ``r`` interpolate on the sphere of radius ``r``.
+
+SLERP follows mergekit (``mergekit/merge_methods/slerp.py``) operation for operation in float32, so an fp32 merge on
+CPU gives its bits: norms of chunks of 2^20 entries, then the norm of those; a norm ``<= 1e-8`` is replaced by 1 (the
+vector is not a direction: its cosine is 0, not a linear fallback); the dot product of the normalised chunks,
+clamped to ``[-1, 1]``; linear interpolation when ``|cos| > 0.9995`` (nearly (anti-)parallel, e.g. norm weights).
+Multi-SLERP falls back to the linear combination when ``|cos| > 1 − 1e-6`` for every pair or a norm is ``<= 1e-8``,
+with dot products accumulated in float64 (no TF32 matmul): :func:`~evomerge.methods.angles.gram_matrix`. The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose
 coefficients depend on the Gram matrix and the parameters only: the engine computes the Gram matrix once per
 tensor (``MergeMethod.gram``) and the coefficients once per candidate, and merges entrywise.
 """
@@ -22,13 +26,28 @@ from evomerge.methods.angles import combine, gram_matrix
 
 _COLINEAR = 1.0 - 1e-6
 _ZERO_NORM = 1e-8
+_SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp(dot_threshold=0.9995, eps=1e-8)
+_SLERP_CHUNK = 1 << 20
 _KARCHER_TOL = 1e-12
 _KARCHER_MAX_ITER = 100
 
 
 def slerp_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object]) -> Tensor:
-    """The Gram matrix [1, 2, 2] :func:`slerp` measures its angle on (of the sources; ``base`` is unused)."""
-    return gram_matrix(sources)
+    """What :func:`slerp` measures its angle on, as mergekit computes it in float32 (module docstring): a float64 CPU
+    tensor [1, 2, 2] holding the float32 values ``[[|a|, cos], [cos, |b|]]`` (norms ``<= 1e-8`` replaced by 1, cos
+    clamped to ``[-1, 1]``) of ``a, b = sources``; ``base`` is unused."""
+    a, b = (row.reshape(1, -1).float() for row in sources)
+    chunks = range(0, a.shape[1], _SLERP_CHUNK)
+
+    def norm(x: Tensor) -> Tensor:
+        parts = [torch.linalg.vector_norm(x[:, i : i + _SLERP_CHUNK], dim=1, keepdim=True) for i in chunks]
+        value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+        return torch.where(value > _ZERO_NORM, value, 1)
+
+    norm_a, norm_b = norm(a), norm(b)
+    dot = torch.stack([(a[:, i : i + _SLERP_CHUNK] / norm_a * (b[:, i : i + _SLERP_CHUNK] / norm_b)).sum(
+        dim=1, keepdim=True) for i in chunks]).sum(dim=0).clamp(-1, 1)
+    return torch.stack([torch.cat([norm_a, dot], 1), torch.cat([dot, norm_b], 1)], 1).double().cpu()
 
 
 def multislerp_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object]) -> Tensor:
@@ -47,16 +66,18 @@ def _cosines(gram: Tensor) -> Tensor | None:
 
 
 def slerp_coefficients(gram: Tensor, params: Mapping[str, object]) -> Tensor:
-    """:func:`slerp`'s combination ``[[c_a, c_b, 0]]`` (float64 [1, 3], :func:`~evomerge.methods.angles.combine`):
-    ``c_a = sin((1 − t)Ω)/sin Ω``, ``c_b = sin(tΩ)/sin Ω``, or ``(1 − t, t)`` without a meaningful angle."""
-    t = float(params["t"])  # type: ignore[arg-type]
-    cosine = _cosines(gram[0])
-    if cosine is None:
-        return torch.tensor([[1.0 - t, t, 0.0]], dtype=torch.float64)
-    omega = math.acos(float(cosine[0, 1]))
-    sin_omega = math.sin(omega)
-    return torch.tensor([[math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega, 0.0]],
-                        dtype=torch.float64)
+    """:func:`slerp`'s combination ``[[c_a, c_b, 0]]`` (float32 values, float64 [1, 3],
+    :func:`~evomerge.methods.angles.combine`) from :func:`slerp_gram`, in float32 as mergekit:
+    ``c_a = sin((1 − t)Ω)/sin Ω``, ``c_b = sin(tΩ)/sin Ω`` with ``Ω = arccos(cos)``, or ``(1 − t, t)`` when
+    ``|cos| > 0.9995``."""
+    t = torch.tensor(float(params["t"]), dtype=torch.float32)  # type: ignore[arg-type]
+    dot = gram[0, 0, 1].float()
+    linear = dot.abs() > _SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return torch.stack([coef_a, coef_b, torch.zeros(())]).view(1, 3).double()
 
 
 def slerp(
@@ -71,7 +92,7 @@ def slerp(
     """SLERP between ``a = sources[0]`` (``t = 0``) and ``b = sources[1]`` (``t = 1``); ``base`` is unused.
 
     ``Ω = arccos(â·b̂)``, ``slerp = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`` on the unnormalised vectors;
-    ``(1 − t)a + tb`` when nearly (anti-)parallel or a norm is ~0 (module docstring).
+    ``(1 − t)a + tb`` when nearly (anti-)parallel, ``|cos| > 0.9995`` (module docstring: mergekit's convention).
     Shoemake 1985, "Animating rotation with quaternion curves", SIGGRAPH.
     ``coefficients``: :func:`slerp_coefficients` of :func:`slerp_gram`, computed beforehand (then entrywise).
     """

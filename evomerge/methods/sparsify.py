@@ -4,14 +4,20 @@ Every sparsifier takes the stacked task vectors ``tau`` [N, *S] and per-source p
 sparsified (and, for the random ones, rescaled) task vectors [N, *S]; "per tensor" below means per source
 ``i`` over all entries of ``tau[i]``.
 
-Counting convention (all magnitude ranks): a fraction ``f`` of a tensor with ``n`` entries is
-``k = floor(f·n + 1/2)`` entries (round half up), clamped to ``[0, n]``, evaluated in float64 from the float32
-value passed in (so a decimal that float32 cannot hold rounds from its float32 value: 0.35 -> 0.3499999940).
+Counting convention: mergekit's (``mergekit/sparsify.py``), evaluated in float64 like mergekit's Python floats (the
+engine passes per-source parameters as float64, so ``0.35·100`` is 35 as in mergekit, not 34 from float32's
+0.3499999940). TIES (:func:`ties_keep_count`): ``d >= 1`` keeps all, ``d <= 0`` none, else
+``k = max(1, floor(d·n))``. Breadcrumbs (:func:`band_keep_counts`): ``d >= 1`` keeps all (no outlier is dropped),
+else ``k_d = floor(d·n)`` entries below the ``k_γ = min(floor(γ·n), n − k_d)`` largest (mergekit shrinks the outlier
+drop so that ``k_d`` entries remain).
 
 Tie convention for magnitude masks: an entry is kept when ``|τ| >= t_k`` where ``t_k`` is the exact k-th largest
 magnitude (:func:`evomerge.methods.select.kth_largest_rows`, bit-identical to ``torch.topk``). So at least ``k``
 entries are kept, and entries equal to the k-th largest are all kept (the count exceeds ``k`` by the number of
-extra ties). This is independent of memory layout (no index tie-break) and identical on CPU and CUDA.
+extra ties). This is independent of memory layout (no index tie-break) and identical on CPU and CUDA. mergekit
+keeps exactly ``k`` (the first ``k`` of ``torch.argsort``, an unstable sort): only when the k-th largest magnitude
+occurs several times, at the threshold, do the two tools keep different entries (evomerge all of them, mergekit the
+ones its sort puts first); with bf16 task vectors such ties are common, with fp32 ones rare.
 
 Randomness (DARE, DELLA): the uniform draws come from the tensor's ``seed`` through the counter-based generator of
 :mod:`evomerge.methods.counter_rng` (entry ``j`` of source ``i`` gets ``H(row_keys(seed, N)[i], j)``), so the same
@@ -30,9 +36,24 @@ from evomerge.methods.linear import per_source, source_sum
 from evomerge.methods.select import kth_largest_rows, magnitude_ranks
 
 
-def keep_count(fraction: Tensor, numel: int) -> Tensor:
-    """``k = floor(f·n + 1/2)`` clamped to ``[0, n]``, per source: [N] int64 on ``fraction``'s device."""
-    return torch.floor(fraction.to(torch.float64) * numel + 0.5).clamp(0, numel).to(torch.int64)
+def ties_keep_count(density: Tensor, numel: int) -> Tensor:
+    """TIES keep counts as mergekit's ``magnitude``: ``n`` for ``d >= 1``, 0 for ``d <= 0``, else ``max(1, ⌊d·n⌋)``
+    (a positive density keeps at least one entry), in float64, per source: [N] int64 on ``density``'s device."""
+    d = density.to(torch.float64)
+    k = torch.floor(d * numel).clamp(1, numel)
+    return torch.where(d >= 1, float(numel), torch.where(d <= 0, 0.0, k)).to(torch.int64)
+
+
+def band_keep_counts(density: Tensor, gamma: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+    """Breadcrumbs keep counts as mergekit's ``magnitude_outliers``: ``(k_γ + k_d, k_γ)`` (the top ``k_γ + k_d``
+    magnitudes without the top ``k_γ``) with ``k_d = ⌊d·n⌋``, ``k_γ = min(⌊γ·n⌋, n − k_d)``; ``d >= 1`` keeps all:
+    ``(n, 0)``. float64, per source: two [N] int64 tensors on ``density``'s device."""
+    d, g = density.to(torch.float64), gamma.to(device=density.device, dtype=torch.float64)
+    kept = torch.floor(d * numel).clamp(0, numel)
+    top = torch.minimum(torch.floor(g * numel).clamp_min(0), numel - kept)
+    whole = d >= 1
+    return (torch.where(whole, float(numel), top + kept).to(torch.int64),
+            torch.where(whole, 0.0, top).to(torch.int64))
 
 
 def kth_magnitudes(tau: Tensor, k: Tensor) -> Tensor:
@@ -46,28 +67,21 @@ def kth_magnitudes(tau: Tensor, k: Tensor) -> Tensor:
     return torch.where(k.to(threshold.device) > 0, threshold, float("nan"))
 
 
-def magnitude_thresholds(tau: Tensor, fraction: Tensor) -> Tensor:
-    """Thresholds of :func:`top_magnitude_mask`: the ``k_i``-th largest ``|τ_i|``, ``k_i = round(fraction_i·n)``."""
-    return kth_magnitudes(tau, keep_count(fraction, tau[0].numel()))
-
-
-def top_magnitude_mask(tau: Tensor, fraction: Tensor, threshold: Tensor | None = None) -> Tensor:
-    """Bool mask [N, *S]: per source, ``|τ| >= `` the k-th largest ``|τ|`` with ``k = round(fraction·n)``.
+def top_magnitude_mask(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """Bool mask [N, *S]: per source, ``|τ| >= `` the k-th largest ``|τ|`` with ``k`` = :func:`ties_keep_count`.
 
     ``k = 0`` keeps nothing (its threshold is NaN, which no comparison passes); ties at the threshold are kept
-    (module docstring). ``threshold`` [N]: the precomputed :func:`magnitude_thresholds` of ``(tau, fraction)``
+    (module docstring). ``threshold`` [N]: the precomputed ``kth_magnitudes(tau, ties_keep_count(density, n))``
     (e.g. cached by the engine across candidates); with it the mask is entrywise, so it can be evaluated on any
     slice of the entries.
     """
-    if threshold is None:
-        threshold = magnitude_thresholds(tau, fraction)
-    return tau.abs() >= per_source(threshold, tau)
+    return tau.abs() >= per_source(_row_thresholds(tau, density, threshold), tau)
 
 
-def _row_thresholds(tau: Tensor, fraction: Tensor, threshold: Tensor | None) -> Tensor:
-    """``threshold`` (or :func:`magnitude_thresholds` when None) as float32 [N] on ``tau``'s device."""
+def _row_thresholds(tau: Tensor, density: Tensor, threshold: Tensor | None) -> Tensor:
+    """``threshold`` (or the TIES thresholds of ``density`` when None) as float32 [N] on ``tau``'s device."""
     if threshold is None:
-        threshold = magnitude_thresholds(tau, fraction)
+        threshold = kth_magnitudes(tau, ties_keep_count(density, tau[0].numel()))
     return threshold.to(device=tau.device, dtype=torch.float32)
 
 
@@ -81,8 +95,7 @@ def magnitude_prune_rows(tau: Tensor, density: Tensor, threshold: Tensor | None 
 def magnitude_prune(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> Tensor:
     """TIES trim: keep the top-``density`` fraction of each ``τ_i`` by magnitude, zero the rest.
 
-    Kept iff ``|τ| >= t_k`` (:func:`top_magnitude_mask`). ``threshold``: precomputed
-    :func:`magnitude_thresholds` ``(tau, density)``.
+    Kept iff ``|τ| >= t_k`` (:func:`top_magnitude_mask`). ``threshold``: precomputed thresholds (as there).
     Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
     """
     return torch.stack(magnitude_prune_rows(tau, density, threshold))
@@ -93,9 +106,9 @@ def magnitude_band_prune(
 ) -> Tensor:
     """Breadcrumbs: drop the top-``gamma`` fraction by magnitude (outliers) and keep the next ``density`` fraction.
 
-    Kept: ``t_{k_γ+k_d} <= |τ| < t_{k_γ}`` in magnitude-rank terms, with ``k_γ = round(γ·n)`` and
-    ``k_γ + k_d = round((γ + d)·n)``; everything smaller is dropped too. ``γ = 0`` drops no outliers.
-    ``thresholds``: precomputed :func:`magnitude_thresholds` for the fractions :func:`band_fractions` returns.
+    Kept: ``t_{k_γ+k_d} <= |τ| < t_{k_γ}`` in magnitude-rank terms, with the counts of :func:`band_keep_counts`;
+    everything smaller is dropped too. ``γ = 0`` drops no outliers.
+    ``thresholds``: precomputed ``kth_magnitudes`` of ``tau`` for the two counts :func:`band_keep_counts` returns.
     Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV.
     """
     return torch.stack(magnitude_band_prune_rows(tau, density, gamma, thresholds))
@@ -105,9 +118,9 @@ def magnitude_band_prune_rows(
     tau: Tensor, density: Tensor, gamma: Tensor, thresholds: tuple[Tensor, Tensor] | None = None
 ) -> list[Tensor]:
     """:func:`magnitude_band_prune` as a list of the N pruned rows."""
-    outer, inner = band_fractions(density, gamma)
-    upper, lower = (None, None) if thresholds is None else thresholds
-    upper, lower = _row_thresholds(tau, outer, upper), _row_thresholds(tau, inner, lower)
+    if thresholds is None:
+        thresholds = tuple(kth_magnitudes(tau, k) for k in band_keep_counts(density, gamma, tau[0].numel()))
+    upper, lower = (t.to(device=tau.device, dtype=torch.float32) for t in thresholds)
     pruned = []
     for i, row in enumerate(tau):
         magnitude = row.abs()
@@ -115,11 +128,6 @@ def magnitude_band_prune_rows(
         inside.sub_(magnitude.ge_(lower[i]))  # ... and not |τ| >= t_γ (a subset: t_γ >= t_{γ+d})
         pruned.append(row * inside)
     return pruned
-
-
-def band_fractions(density: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """The two magnitude fractions of a breadcrumbs band: ``(γ + d, γ)`` (float32 sums, on ``gamma``'s device)."""
-    return gamma + density.to(gamma.device), gamma
 
 
 def _rescaled(tau: Tensor, keep: Tensor, keep_probability: Tensor, rescale: bool) -> Tensor:

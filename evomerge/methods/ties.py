@@ -63,9 +63,9 @@ def ties(
 ) -> Tensor:
     """TIES-Merging: trim each ``τ_i`` to its top-``d_i`` magnitudes, elect signs, disjoint mean; ``θ0 + λ·m``.
 
-    ``thresholds``: ``(t,)`` with ``t`` = :func:`~evomerge.methods.sparsify.magnitude_thresholds` of the whole
-    task vectors and ``density``, computed beforehand (then the merge is entrywise; registry:
-    ``MergeMethod.fractions``).
+    ``thresholds``: ``(t,)`` with ``t`` = :func:`~evomerge.methods.sparsify.kth_magnitudes` of the whole task
+    vectors for :func:`~evomerge.methods.sparsify.ties_keep_count` ``(density, n)`` (mergekit's count,
+    ``max(1, ⌊d·n⌋)``), computed beforehand (then the merge is entrywise; registry: ``MergeMethod.keep_counts``).
     Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
     """
     threshold = None if thresholds is None else thresholds[0]
@@ -107,7 +107,7 @@ def dare_ties(
     weight: Tensor,
     density: Tensor,
     lam: float = 1.0,
-    normalize: bool = True,
+    normalize: bool = False,
     rescale: bool = True,
     seed: int | None = None,
     stats: Tensor | None = None,
@@ -136,7 +136,7 @@ def breadcrumbs(
 ) -> Tensor:
     """Model Breadcrumbs: per ``τ_i`` drop the top-``γ_i`` magnitudes and keep the next ``d_i``; weighted sum.
 
-    ``thresholds``: precomputed magnitude thresholds of the band's two fractions (``sparsify.band_fractions``).
+    ``thresholds``: precomputed magnitude thresholds of the band's two counts (``sparsify.band_keep_counts``).
     Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV.
     """
     return sparse_task_merge(
@@ -153,7 +153,7 @@ def breadcrumbs_ties(
     density: Tensor,
     gamma: Tensor,
     lam: float = 1.0,
-    normalize: bool = True,
+    normalize: bool = False,
     seed: int | None = None,
     stats: Tensor | None = None,
     thresholds: tuple[Tensor, Tensor] | None = None,

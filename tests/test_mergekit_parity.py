@@ -1,0 +1,63 @@
+"""Parity with mergekit itself (marker ``mergekit``): the quick recipes of ``benchmarks/mergekit_parity.py`` through
+``mergekit-yaml`` and ``evomerge merge``, and the other direction (a recipe exported with ``to_mergekit``, run by
+mergekit, gives the tensors of evomerge's own export). Needs mergekit in its own venv:
+``/tmp/venv-bench/bin/mergekit-yaml`` or ``$EVOMERGE_MERGEKIT_BIN``; skipped without it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import mergekit_parity as parity  # noqa: E402
+
+from evomerge.mergekit import to_mergekit  # noqa: E402
+from evomerge.merge import merge_to_dir  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+
+pytestmark = pytest.mark.mergekit
+
+BINARY = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml"))
+if not BINARY.is_file():
+    pytestmark = [pytestmark, pytest.mark.skip(
+        reason=f"mergekit-yaml not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
+               "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
+
+QUICK = [c for c in parity.CASES if c.quick and c.tolerance != "random"]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> parity.Families:
+    return parity.Families(tmp_path_factory.mktemp("families"))
+
+
+@pytest.mark.parametrize("case", QUICK, ids=[c.name for c in QUICK])
+def test_mergekit_yaml_gives_mergekits_tensors(case: parity.Case, families: parity.Families, tmp_path: Path) -> None:
+    result = parity.run_case(case, families, BINARY, tmp_path)
+    assert result.error is None, result.error
+    limit = 0 if case.tolerance == "exact" else 1
+    worst = {g: d.max_ulp for g, d in result.diffs.items()}
+    assert set(worst) >= {"layers", "embeddings"}
+    assert all(ulp <= limit for ulp in worst.values()), f"{case.name}: max ulp per group {worst} > {limit}"
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": [0.3, 0.7], "weight": 0.6}),
+                                           ("linear", {"weight": [0.2, 0.9]})])
+def test_exported_recipe_run_by_mergekit_gives_evomerges_export(
+    method: str, params: dict, families: parity.Families, tmp_path: Path
+) -> None:
+    paths = families.paths("llama", "float32")
+    recipe = Recipe(method=method, base=paths["BASE"] if method == "ties" else None,
+                    sources=[{"model": paths["M1"], "parameters": params}, {"model": paths["M2"]}],
+                    parameters={"lambda": 0.9} if method == "ties" else {})
+    ours = merge_to_dir(recipe, tmp_path / "evomerge")
+    config = tmp_path / "exported.yml"
+    config.write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
+    parity.run_mergekit(BINARY, config, tmp_path / "mergekit")
+    diffs = parity.compare(parity.read_tensors(ours), parity.read_tensors(tmp_path / "mergekit"))
+    assert all(d.max_ulp == 0 for d in diffs.values()), {g: d.max_ulp for g, d in diffs.items()}
