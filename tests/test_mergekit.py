@@ -115,3 +115,13 @@ def test_int8_mask_dropped_with_warning(caplog):
         recipe = from_mergekit(data)
     assert "int8_mask" not in recipe.parameters
     assert "int8_mask" in caplog.text
+
+
+def test_exported_dare_yaml_says_how_mergekit_differs():
+    from evomerge.recipe.mergekit import to_mergekit_yaml
+
+    recipe = Recipe(method="dare_ties", base="b", sources=[{"model": "a", "parameters": {"density": 0.5}}], seed=7)
+    text = to_mergekit_yaml(recipe)
+    assert text.startswith("# evomerge draws the dare_ties masks") and "seed 7" in text
+    assert yaml.safe_load(text)["merge_method"] == "dare_ties"  # still a plain mergekit config
+    assert not to_mergekit_yaml(Recipe(method="ties", base="b", sources=[{"model": "a"}])).startswith("#")

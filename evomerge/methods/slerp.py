@@ -9,9 +9,10 @@ CPU gives its bits: norms of chunks of 2^20 entries, then the norm of those; a n
 vector is not a direction: its cosine is 0, not a linear fallback); the dot product of the normalised chunks,
 clamped to ``[-1, 1]``; linear interpolation when ``|cos| > 0.9995`` (nearly (anti-)parallel, e.g. norm weights).
 Multi-SLERP falls back to the linear combination when ``|cos| > 1 − 1e-6`` for every pair or a norm is ``<= 1e-8``,
-with dot products accumulated in float64 (no TF32 matmul): :func:`~evomerge.methods.angles.gram_matrix`. The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose
-coefficients depend on the Gram matrix and the parameters only: the engine computes the Gram matrix once per
-tensor (``MergeMethod.gram``) and the coefficients once per candidate, and merges entrywise.
+with dot products accumulated in float64 (no TF32 matmul): :func:`~evomerge.methods.angles.gram_matrix`.
+The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose coefficients depend on the angle statistics and the
+parameters only: the engine computes the statistics once per tensor (``MergeMethod.gram``) and the coefficients
+once per candidate, and merges entrywise.
 """
 
 from __future__ import annotations

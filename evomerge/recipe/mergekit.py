@@ -19,6 +19,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import yaml
+
 from evomerge.recipe.schema import LayerSlice, ParamValue, Recipe, RecipeError, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -140,3 +142,21 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     if recipe.tokenizer_source:
         out["tokenizer_source"] = "base" if recipe.tokenizer_source == recipe.base else recipe.tokenizer_source
     return out
+
+
+#: Methods whose masks evomerge draws from its counter-based generator: mergekit draws them with torch.bernoulli,
+#: so the same recipe gives other (equally distributed) masks there.
+RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
+RANDOM_NOTE = (
+    "# evomerge draws the {method} masks from a counter-based generator (seed {seed}, the same masks on any device),\n"
+    "# mergekit from torch.bernoulli: mergekit's result has other, equally distributed masks, not evomerge's tensors.\n"
+    "# evomerge rescales kept entries by 1/p when rescale is true; mergekit rescales each task vector to its L1 norm.\n"
+)
+
+
+def to_mergekit_yaml(recipe: Recipe) -> str:
+    """:func:`to_mergekit` as YAML text, with a comment on where mergekit's result differs (DARE / DELLA draws)."""
+    text = yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
+    if recipe.method in RANDOM_METHODS:
+        text = RANDOM_NOTE.format(method=recipe.method, seed=recipe.seed) + text
+    return text

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
@@ -30,7 +29,7 @@ from evomerge.engine import MergeEngine
 from evomerge.evaluate import EvalResult, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.recipe import Recipe
-from evomerge.recipe.mergekit import to_mergekit
+from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.report import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
@@ -274,7 +273,7 @@ class Runner:
         best = best_trials(study, complete)[0]
         recipe = Recipe.model_validate(best.user_attrs["recipe"])
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
-        (self.run_dir / "best_recipe.mergekit.yaml").write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
+        (self.run_dir / "best_recipe.mergekit.yaml").write_text(to_mergekit_yaml(recipe))
         test = build_evaluator(self.config.test_spec())
         targets = {t.number: t for t in complete
                    if trial_kind(t).startswith("baseline") or t.number == best.number}
