@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from test
 from candidate_turnaround import find_mergekit, machine, mergekit_versions, revision  # noqa: E402
 from merge_throughput import write_checkpoints  # noqa: E402
 
-from evomerge.naming import layer_index, tensor_filter  # noqa: E402
 from evomerge.merge import merge_to_dir  # noqa: E402
+from evomerge.naming import layer_index, tensor_filter  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 
 LINEAR_FAMILY = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "passthrough"}

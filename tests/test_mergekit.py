@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evomerge.merge import check_values
-from evomerge.recipe import RecipeError, load_recipe
+from evomerge.recipe import Recipe, RecipeError, load_recipe
 from evomerge.recipe.mergekit import from_mergekit, to_mergekit
 
 TIES = """
@@ -118,7 +118,7 @@ def test_int8_mask_dropped_with_warning(caplog):
 
 
 def test_exported_dare_yaml_says_how_mergekit_differs():
-    from evomerge.recipe.mergekit import to_mergekit_yaml
+    from evomerge.recipe.mergekit import to_mergekit_yaml  # noqa: I001
 
     recipe = Recipe(method="dare_ties", base="b", sources=[{"model": "a", "parameters": {"density": 0.5}}], seed=7)
     text = to_mergekit_yaml(recipe)

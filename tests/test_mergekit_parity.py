@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import mergekit_parity as parity  # noqa: E402
 
 from evomerge.merge import merge_to_dir  # noqa: E402
-from evomerge.recipe.mergekit import to_mergekit  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.recipe.mergekit import to_mergekit  # noqa: E402
 
 pytestmark = pytest.mark.mergekit
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-
 from evomerge.naming import layer_index, matches_filter
 from evomerge.recipe.schema import ParamValue, Recipe, Scalar, Value
 
