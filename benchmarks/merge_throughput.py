@@ -140,7 +140,7 @@ def main() -> None:
     try:
         paths = write_checkpoints(root, config, args.sources, dtype, device)
         engine = MergeEngine(paths, device=device, dtype=dtype)
-        n_params = sum(math.prod(engine._stacks[n].shape[1:]) for n in engine.names)
+        n_params = sum(math.prod(engine.sources.stack(n).shape[1:]) for n in engine.names)
         model_bytes = n_params * dtype.itemsize
         rows = []
         for method in args.methods.split(","):

@@ -229,14 +229,14 @@ def test_nan_result_raises(family, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_value_range_is_finite_iff_every_stored_entry_is(dtype):
-    from evomerge.engine import _value_range
+    from evomerge.engine.kernels import value_range
 
     finite = torch.tensor([6e4, -6e4, 1.0, -0.0] * 64).to(dtype)  # summed, these would overflow fp16
-    assert torch.isfinite(_value_range(finite)).all()
+    assert torch.isfinite(value_range(finite)).all()
     for bad in (float("nan"), float("inf"), float("-inf")):
         tensor = finite.clone()
         tensor[100] = bad
-        assert not torch.isfinite(_value_range(tensor)).all()
+        assert not torch.isfinite(value_range(tensor)).all()
 
 
 # --- hot path: chunks, runs of tensors, cached thresholds and in-kernel draws give the plain formula's bits ---
@@ -278,11 +278,11 @@ def test_chunked_and_grouped_merge_is_bit_identical_to_the_plain_formula(family,
     bf16 could hide a last-bit difference)."""
     base, fts = family
     monkeypatch.setenv("EVOMERGE_COMPILE", "1" if compiled else "0")
-    engine = MergeEngine([base, *fts], device="cpu", dtype=dtype)
-    engine._chunk = 64  # many chunks per tensor, boundaries inside tensors (the default is 2^18 entries)
+    # many chunks per tensor, boundaries inside tensors (the default is 2^18 entries)
+    engine = MergeEngine([base, *fts], device="cpu", dtype=dtype, chunk_entries=64)
     recipe = _fast_recipe(method, family)
     engine.materialize(recipe)
-    assert (engine._compiled[method] is not None) == compiled
+    assert engine.kernels.is_compiled(method) == compiled
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, getattr(torch, dtype))), name
 
@@ -291,11 +291,11 @@ def test_cached_thresholds_give_the_uncached_bits(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
     engine.materialize(_fast_recipe("ties", family))
-    cached = len(engine._threshold_cache)
+    cached = engine.inputs.counts()["thresholds"]
     assert cached == len(engine.names)  # one entry per tensor: (tensor, base, sources, keep counts)
     recipe = _fast_recipe("ties", family, weights=(0.2, 1.5, 0.9))  # same densities -> thresholds reused
     engine.materialize(recipe)
-    assert len(engine._threshold_cache) == cached
+    assert engine.inputs.counts()["thresholds"] == cached
     fresh = MergeEngine([base, *fts], device="cpu")
     fresh.materialize(recipe)
     for name in engine.names:
@@ -308,13 +308,13 @@ def test_new_densities_look_up_the_sorted_magnitudes_and_match_the_radix_select(
     thresholds from it, bit-identical to the engine without that cache (radix select of every tensor)."""
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
-    plain_engine = MergeEngine([base, *fts], device="cpu")
-    plain_engine._task_budget = 0
+    plain_engine = MergeEngine([base, *fts], device="cpu", kept_budget=0)
     for density in (0.4, 0.13, 0.77):
         recipe = _fast_recipe("ties", family).model_copy(update={"parameters": {"density": density}})
         engine.materialize(recipe)
         plain_engine.materialize(recipe)
-        assert len(engine._sorted) == 3 * len(engine.names) and not plain_engine._sorted
+        assert engine.inputs.counts()["sorted_magnitudes"] == 3 * len(engine.names)
+        assert not plain_engine.inputs.counts()["sorted_magnitudes"]
         for name in engine.names:
             assert torch.equal(_live(engine, name), _live(plain_engine, name)), (density, name)
             assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32)), (density, name)
@@ -328,8 +328,7 @@ def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(fami
 
     monkeypatch.setenv("EVOMERGE_COMPILE", "1" if compiled else "0")
     base, fts = family
-    engine = MergeEngine([base, *fts], device="cpu")
-    engine._chunk = 64
+    engine = MergeEngine([base, *fts], device="cpu", chunk_entries=64)
     cases = [("slerp", None, 2, {"t": t}, {}, t == 0.3) for t in (0.3, 0.8)]  # last: Grams computed for it?
     cases += [("multislerp", base, 3, {}, {"weight": w}, w == 0.5) for w in (0.5, 2.0)]
     cases += [("model_stock", base, 3, {"filter_wise": f}, {}, True) for f in (False, True)]
@@ -337,7 +336,7 @@ def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(fami
         recipe = Recipe(method=method, base=model_base, parameters=params,
                         sources=[{"model": p, "parameters": per_source if i == 0 else {}}
                                  for i, p in enumerate(fts[:n])])
-        before = len(engine._gram_cache)
+        before = engine.inputs.counts()["gram"]
         engine.materialize(recipe)
         fn = get_method(method).fn
         for name in engine.names:
@@ -347,7 +346,7 @@ def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(fami
                 kwargs["weight"] = torch.tensor([per_source["weight"], 1.0, 1.0])
             expected = fn(None if model_base is None else weights[0][name].float(), stack, **kwargs)
             assert torch.equal(_live(engine, name), expected), (method, params, per_source, name)
-        assert len(engine._gram_cache) - before == (len(engine.names) if new_grams else 0), (method, params)
+        assert engine.inputs.counts()["gram"] - before == (len(engine.names) if new_grams else 0), (method, params)
 
 
 def test_della_keeps_its_ranks_and_falls_back_when_they_do_not_fit(family, weights):
@@ -356,13 +355,12 @@ def test_della_keeps_its_ranks_and_falls_back_when_they_do_not_fit(family, weigh
     for density in (0.5, 0.3):  # new parameters: the ranks of the task vectors are reused
         recipe = _fast_recipe("della", family).model_copy(update={"parameters": {"density": density, "epsilon": 0.1}})
         engine.materialize(recipe)
-        assert len(engine._ranks) == len(engine.names)
+        assert engine.inputs.counts()["ranks"] == len(engine.names)
         for name in engine.names:
             assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32)), (density, name)
-    small = MergeEngine([base, *fts], device="cpu")
-    small._task_budget = 0  # nothing fits: every tensor merged whole by the pure function
+    small = MergeEngine([base, *fts], device="cpu", kept_budget=0)  # nothing fits: merged whole by the pure function
     small.materialize(recipe)
-    assert not small._ranks
+    assert not small.inputs.counts()["ranks"]
     for name in engine.names:
         assert torch.equal(_live(small, name), _live(engine, name))
 
@@ -370,16 +368,18 @@ def test_della_keeps_its_ranks_and_falls_back_when_they_do_not_fit(family, weigh
 def test_cache_bytes_count_what_is_kept_and_clear_caches_frees_it(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu")
-    numel = sum(engine._spans[n].numel for n in engine.names)
+    numel = sum(engine.sources.spans[n].numel for n in engine.names)
     engine.materialize(_fast_recipe("dare_ties", family))
     engine.materialize(_fast_recipe("ties", family))
     held = engine.cache_bytes()
-    assert held["draws"] == 3 * engine._total * 4  # float32 draws for 3 sources, laid out like the models
+    assert held["draws"] == 3 * engine.sources.total * 4  # float32 draws for 3 sources, laid out like the models
     assert 3 * numel * 2 <= held["sorted_magnitudes"] < 3 * numel * 2 + 3 * len(engine.names) * 32768 * 12
     assert held["ranks"] == 0 and held["gram"] == 0 and held["thresholds"] > 0
-    budget = engine._task_budget
+    assert engine.inputs.kept_budget.used == held["sorted_magnitudes"]
+    assert engine.inputs.draws_budget.used == held["draws"]
     engine.clear_caches()
-    assert not any(engine.cache_bytes().values()) and engine._task_budget == budget + held["sorted_magnitudes"]
+    assert not any(engine.cache_bytes().values())
+    assert engine.inputs.kept_budget.used == 0 and engine.inputs.draws_budget.used == 0
     recipe = _fast_recipe("ties", family, weights=(0.4, 0.2, 1.1))
     engine.materialize(recipe)  # recomputed when needed, same bits
     for name in engine.names:
@@ -410,26 +410,24 @@ def test_a_failing_compile_falls_back_to_the_eager_formula(family, weights, monk
     engine = MergeEngine([base, *fts], device="cpu")
     recipe = _fast_recipe("ties", family)
     engine.materialize(recipe)
-    assert engine._compiled["ties"] is None  # disabled for the next candidates
+    assert not engine.kernels.is_compiled("ties")  # disabled for the next candidates
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
 
 
 def test_stored_dare_draws_give_the_unstored_bits(family, weights):
     base, fts = family
-    engine = MergeEngine([base, *fts], device="cpu")
-    engine._chunk = 64
+    engine = MergeEngine([base, *fts], device="cpu", chunk_entries=64)
     engine.materialize(_fast_recipe("dare_ties", family, seed=5))
-    (_, drawn), = engine._noise_cache.values()
-    assert drawn == set(engine.names)  # every tensor's draw is kept for the next candidate
+    assert engine.inputs.counts()["draws"] == len(engine.names)  # every tensor's draw is kept for the next candidate
     recipe = _fast_recipe("dare_ties", family, weights=(0.3, 1.2, 0.8), seed=5)  # same seed: draws reused
     engine.materialize(recipe)
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
-    engine._noise_budget = 0  # a new seed: seed 5's draws are dropped, nothing fits: drawn in the merge kernel
+    engine.inputs.draws_budget.limit = 0  # a new seed: seed 5's draws are dropped, nothing fits: drawn in the kernel
     other = _fast_recipe("dare_ties", family, seed=6)
     engine.materialize(other)
-    assert not engine._noise_cache
+    assert not engine.cache_bytes()["draws"]
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(other, weights, name, torch.float32))
     name = "model.layers.0.mlp.up_proj.weight"
@@ -440,11 +438,34 @@ def test_stored_dare_draws_give_the_unstored_bits(family, weights):
 def test_compiled_dare_draws_give_the_plain_formula(family, weights, stored, monkeypatch):
     base, fts = family
     monkeypatch.setenv("EVOMERGE_COMPILE", "1")
-    engine = MergeEngine([base, *fts], device="cpu")
-    if not stored:
-        engine._noise_budget = 0
+    engine = MergeEngine([base, *fts], device="cpu", **({} if stored else {"draws_budget": 0}))
     recipe = _fast_recipe("dare_linear", family, seed=9)
     engine.materialize(recipe)
-    assert engine._compiled["dare_linear"] is not None and (engine._compiled.get("draws") is not None) == stored
+    assert engine.kernels.is_compiled("dare_linear") and engine.kernels.is_compiled("draws") == stored
     for name in engine.names:
         assert torch.equal(_live(engine, name), _plain(recipe, weights, name, torch.float32))
+
+
+def test_budget_refuses_what_does_not_fit_and_takes_nothing():
+    from evomerge.engine.inputs import Budget
+
+    budget = Budget(100)
+    assert budget.reserve(60) and not budget.reserve(41) and budget.used == 60  # a refusal takes nothing
+    assert budget.reserve(40) and budget.used == 100
+    budget.limit = 0  # lowered: what is held stays, nothing new fits
+    assert not budget.reserve(1) and budget.reserve(-10) and budget.used == 90
+    budget.release(90)
+    assert budget.used == 0 and not budget.reserve(1)
+
+
+def test_kernel_settings_are_checked_and_override_the_environment(family, monkeypatch):
+    from evomerge.engine.kernels import Kernels
+
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+    assert not Kernels(torch.device("cpu"), 10, compile=False).compile
+    assert Kernels(torch.device("cpu"), 10).compile  # the environment decides when unset
+    monkeypatch.delenv("EVOMERGE_COMPILE")
+    assert not Kernels(torch.device("cpu"), 10, compile_min_entries=11).compile
+    assert Kernels(torch.device("cpu"), 11, compile_min_entries=11).compile
+    with pytest.raises(ValueError, match="multiple of 64"):
+        MergeEngine(list(family[:1]), device="cpu", chunk_entries=100)

@@ -91,7 +91,7 @@ def plain(engine: MergeEngine, r: Recipe, name: str, device: str) -> torch.Tenso
 
     method = get_method(r.method)
     base, sources = engine.indices(r)
-    stack = engine._stacks[name].to(device, torch.float32)
+    stack = engine.sources.stack(name).to(device, torch.float32)
     kwargs = {p.key: r.parameters.get(p.name, p.default) for p in method.params if not p.per_source}
     for p in method.params:
         if p.per_source:
@@ -111,7 +111,7 @@ def test_compiled_cuda_merge_is_bit_identical_to_the_plain_formula(family, metho
     if method == "linear":
         r = r.model_copy(update={"base": None})
     engine.materialize(r)
-    assert engine._compiled.get(method) is not None, "torch.compile fell back to eager"
+    assert engine.kernels.is_compiled(method), "torch.compile fell back to eager"
     live_model = live(engine)
     for name in engine.names:
         expected = plain(engine, r, name, "cpu").to(getattr(torch, dtype)).float().cpu()

@@ -1,0 +1,404 @@
+"""MergeEngine: materializes recipes in place, into the parameters of one live ``transformers`` model.
+
+The engine reads every model of the search once (base and sources), keeps their tensors resident on the compute
+device (or in pinned CPU memory when they exceed a memory budget, streamed per tensor), and for each candidate
+recipe writes the merged tensors straight into the live model: no disk, no new model object per candidate.
+Only tensors whose resolved parameters changed since the previous candidate are merged again.
+
+Arithmetic is fp32; results are stored in the live model's dtype. Stochastic methods (DARE, DELLA) draw from the
+counter-based generator of :mod:`evomerge.methods.counter_rng` keyed per tensor by ``(recipe.seed, tensor name)``,
+so the same recipe gives the same masks on CPU and CUDA, whatever order the tensors are merged in.
+
+The engine coordinates plan -> merge -> verify; its parts (numbers in results/merge_throughput_*.md):
+
+- :mod:`~evomerge.engine.layout`: the flat buffers (every model's tensors in one buffer per model, the live
+  model's merged tensors bound to views of one buffer in the same layout), so a run of consecutive tensors with
+  the same parameters is one slice;
+- :mod:`~evomerge.engine.inputs`: what is kept across candidates because it depends on the models or the seed
+  only (thresholds, sorted magnitudes, DELLA's ranks, Gram matrices, stored draws), within memory budgets;
+- :mod:`~evomerge.engine.kernels`: the entrywise merge -- upcast, the method's formula, cast into the live tensor
+  -- as one ``torch.compile`` kernel (eager numerics: bit-identical to the plain formula) or eagerly in
+  cache-sized chunks (bit-identical too: the formula is entrywise).
+
+Methods flagged ``elementwise`` in the registry are merged per run of tensors (linear, task arithmetic) or per
+tensor with their per-tensor inputs; the others by the plain formula on the whole tensor. Non-finite results are
+detected on the stored entries (min and max per run) with one device synchronisation per candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.checkpoint import Checkpoint, check_compatible, save_hf_dir
+from evomerge.engine.device import compute_device, keep_cpu_heap
+from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
+from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
+from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
+from evomerge.engine.memory import MemoryPlan, available_bytes, plan_memory
+from evomerge.methods import MergeMethod, get_method, validate_params
+from evomerge.methods.counter_rng import row_keys
+from evomerge.recipe import Recipe, RecipeError, resolve_params
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeError(RuntimeError):
+    """A merge that produced an unusable result (e.g. NaN/Inf); the message names the tensor."""
+
+
+@dataclass
+class MergeStats:
+    """What one :meth:`MergeEngine.materialize` call did."""
+
+    merged: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    bytes_moved: int = 0
+    names: list[str] = field(default_factory=list)
+
+
+class MergeEngine:
+    """Holds base + sources on a device and writes merges into a live model.
+
+    Parameters
+    ----------
+    models:
+        Paths of every model a recipe may name (base and sources), all of one architecture.
+    device:
+        ``"cuda"``, ``"cpu"`` or a torch device; default: CUDA when available.
+    dtype:
+        dtype of the live model (``"float32"``, ``"bfloat16"``, ``"float16"``); default: the first model's.
+    memory_budget:
+        bytes of source tensors allowed on the compute device; above it they stay in pinned CPU memory and are
+        streamed per tensor. Default: no limit on CPU, 80% of free memory on CUDA.
+    allow_pickle:
+        read ``pytorch_model.bin`` checkpoints (with ``torch.load(weights_only=True)``).
+    compile, compile_min_entries, chunk_entries:
+        how entrywise kernels run (:class:`~evomerge.engine.kernels.Kernels`).
+    draws_budget, kept_budget:
+        bytes the stored draws, and the sorted magnitudes and ranks together, may take
+        (:class:`~evomerge.engine.inputs.KeptInputs`); default: a quarter each of the memory free after loading.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | Path],
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        memory_budget: int | None = None,
+        allow_pickle: bool = False,
+        compile: bool | None = None,
+        compile_min_entries: int = COMPILE_MIN_ENTRIES,
+        chunk_entries: int = CPU_CHUNK,
+        draws_budget: int | None = None,
+        kept_budget: int | None = None,
+    ) -> None:
+        if not models:
+            raise RecipeError("MergeEngine needs at least one model path")
+        self.paths = [str(p) for p in models]
+        self.device = compute_device(device)
+        if self.device.type == "cpu":
+            keep_cpu_heap()
+        self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]
+        check_compatible(self.checkpoints)
+        first = self.checkpoints[0]
+        self.names = [n for n in first.names if first.dtype(n).is_floating_point]
+        self.num_layers = first.num_layers
+        self.dtype = self._dtype(dtype, first)
+        storage = self._storage_device(memory_budget)
+        self.memory = self._plan_memory(storage)
+        self.model = load_model(self.paths[0], device=self.device, dtype=self.dtype)
+        self.sources = SourceStacks(self.checkpoints, self.paths, self.names, storage, self.device,
+                                    mapped=self.memory.sources == "mapped")
+        self.targets = LiveTargets(self.model, first.names, self.names, self.sources.spans, self.sources.total,
+                                   self.dtype, self.device)
+        self.kernels = Kernels(self.device, self.sources.total, compile=compile,
+                               compile_min_entries=compile_min_entries, chunk_entries=chunk_entries)
+        free = available_bytes(self.device)
+        self.inputs = KeptInputs(
+            self.sources, self.kernels,
+            draws_budget=int(DRAWS_SHARE * free) if draws_budget is None else draws_budget,
+            kept_budget=int(KEPT_SHARE * free) if kept_budget is None else kept_budget)
+        self._last: dict[str, tuple] = {}
+        self._statistics: dict[str, list[dict[str, Tensor]]] = {}
+
+    # --------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _dtype(dtype: str | torch.dtype | None, first: Checkpoint) -> torch.dtype:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        if dtype is None:
+            return first.dtype(first.names[0])
+        if dtype not in DTYPES:
+            raise RecipeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+
+    def _storage_device(self, memory_budget: int | None) -> torch.device:
+        if self.device.type == "cpu":
+            return self.device
+        need = sum(ck.nbytes(n) for ck in self.checkpoints for n in self.names)
+        budget = memory_budget if memory_budget is not None else int(0.8 * torch.cuda.mem_get_info(self.device)[0])
+        if need <= budget:
+            return self.device
+        log.info("sources need %.1f GiB > budget %.1f GiB: streaming from pinned CPU memory",
+                 need / 2**30, budget / 2**30)
+        return torch.device("cpu")
+
+    def _plan_memory(self, storage: torch.device) -> MemoryPlan:
+        """Where the sources can live (:func:`~evomerge.engine.memory.plan_memory`), before anything is loaded: the
+        live model and one tensor's working set on the compute device; the sources beside them when they are kept
+        there, else in CPU memory (pinned, streamed to the GPU), or memory-mapped when that does not fit either."""
+        first = self.checkpoints[0]
+        live = sum(math.prod(first.shape(n)) * (self.dtype.itemsize if first.dtype(n).is_floating_point
+                                                else first.dtype(n).itemsize) for n in first.names)
+        itemsize = common_dtype(self.checkpoints, self.names).itemsize
+        sources = len(self.paths) * sum(math.prod(first.shape(n)) * itemsize for n in self.names)
+        largest = max((math.prod(first.shape(n)) for n in self.names), default=0)
+        if storage == self.device:  # sources beside the live model
+            return plan_memory(live_model=live, source_bytes=sources, largest_tensor=largest,
+                               n_models=len(self.paths), available=available_bytes(self.device))
+        plan_memory(live_model=live, source_bytes=0, largest_tensor=largest, n_models=len(self.paths),
+                    available=available_bytes(self.device))  # the GPU must hold the live model
+        return plan_memory(live_model=0, source_bytes=sources, largest_tensor=0, n_models=len(self.paths),
+                           available=available_bytes(storage))
+
+    # ------------------------------------------------------------------------------------------- recipes
+    def indices(self, recipe: Recipe) -> tuple[int | None, list[int]]:
+        """Positions of the recipe's base and sources among the engine's models."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        unknown = [p for p in recipe.model_paths() if p not in where]
+        if unknown:
+            raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {self.paths}")
+        base = where[recipe.base] if recipe.base else None
+        return base, [where[s.model] for s in recipe.sources]
+
+    def check(self, recipe: Recipe) -> MergeMethod:
+        """Validate a recipe against the registry and the loaded models before any tensor work."""
+        if recipe.method == "passthrough":
+            raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
+        method = get_method(recipe.method)
+        self.indices(recipe)
+        if recipe.dtype is not None and DTYPES[recipe.dtype] != self.dtype:
+            raise RecipeError(f"recipe dtype {recipe.dtype} differs from the live model's {self.dtype}")
+        if method.statistic and method.statistic not in self._statistics:
+            raise RecipeError(
+                f"method '{method.name}' needs '{method.statistic}' statistics; call engine.set_statistics"
+                f"('{method.statistic}', ...) (statistics from evomerge.methods.statistics: fisher_diagonal / "
+                "gram_matrices, one dict per model)"
+            )
+        return method
+
+    @staticmethod
+    def _kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
+        """Keyword arguments of ``method.fn``: per-source parameters as float64 CPU tensors [n] (the recipe's values
+        as mergekit's Python floats hold them: keep counts ``⌊d·n⌋`` are counted from them), globals as is."""
+        kwargs: dict[str, object] = {}
+        for p in method.params:
+            value = params.get(p.name, p.default)
+            if p.per_source:
+                values = value if isinstance(value, list) else [value] * n
+                value = torch.tensor(values, dtype=torch.float64)
+            kwargs[p.kwarg or p.name] = value
+        return kwargs
+
+    # --------------------------------------------------------------------------------------------- merging
+    def plan(self, recipe: Recipe) -> tuple[MergeMethod, int | None, list[int], dict[str, dict[str, object]]]:
+        """Validate ``recipe`` and resolve its parameters for every tensor, before any tensor work.
+
+        Every tensor's resolved values are checked against the method's ranges, so a gradient or a per-filter
+        value that is out of range anywhere in the stack fails here, not half-way through a merge.
+        """
+        method = self.check(recipe)
+        base, sources = self.indices(recipe)
+        resolved = {n: resolve_params(recipe, method, n, self.num_layers) for n in self.names}
+        seen: set[str] = set()
+        for params in resolved.values():
+            key = repr(sorted(params.items()))
+            if key not in seen:
+                seen.add(key)
+                validate_params(method, params, len(sources), base is not None)
+        return method, base, sources, resolved
+
+    def materialize(self, recipe: Recipe) -> MergeStats:
+        """Write the merge described by ``recipe`` into ``self.model`` in place; returns what was done.
+
+        Raises MergeError naming the tensor when a merged tensor holds NaN/Inf; the tensors merged by that call
+        are then merged again by the next one.
+        """
+        method, base, sources, resolved = self.plan(recipe)
+        seed = recipe.seed if method.stochastic else None
+        keys = {n: (method.name, base, tuple(sources), repr(sorted(p.items())), seed) for n, p in resolved.items()}
+        stats = MergeStats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.targets.check_binding()
+            todo = [n for n in self.names if self._last.get(n) != keys[n]]
+            for name in todo:
+                self._last.pop(name, None)
+            self.inputs.prefetch(method, todo, base, sources)
+            checks = [
+                (run, self._merge_run(method, base, sources, run, resolved[run[0]], recipe.seed))
+                for run in self._runs(method, todo, keys, recipe.seed, len(sources))
+            ]
+            self._verify(method, checks)
+        for name in todo:
+            self._last[name] = keys[name]
+            stats.bytes_moved += self.sources.nbytes(name) * (len(sources) + (base is not None)) + \
+                self.targets.tensors[name].nbytes
+        stats.merged, stats.skipped, stats.names = len(todo), len(self.names) - len(todo), todo
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _runs(
+        self, method: MergeMethod, todo: list[str], keys: Mapping[str, tuple], seed: int, n_sources: int
+    ) -> list[list[str]]:
+        """Tensors merged together: maximal runs of neighbours (in the flat layout) with the same parameters, for
+        entrywise methods when the live tensors share one buffer (and, for stochastic ones, when the draws of the
+        seed fit the noise store); else one each (angle-based methods: coefficients per tensor; DELLA: ranks)."""
+        per_tensor_inputs = method.gram is not None or method.ranked
+        groupable = method.elementwise and not method.statistic and not per_tensor_inputs \
+            and self.targets.flat is not None and self.sources.resident \
+            and (not method.stochastic or self.inputs.noise_store(seed, n_sources) is not None)
+        if not groupable:
+            return [[name] for name in todo]
+        position = {n: i for i, n in enumerate(self.names)}
+        runs: list[list[str]] = []
+        for name in todo:
+            last = runs[-1][-1] if runs else None
+            if last is not None and position[last] + 1 == position[name] and keys[last] == keys[name]:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        return runs
+
+    def _merge_run(
+        self, method: MergeMethod, base: int | None, sources: list[int], run: list[str],
+        params: Mapping[str, object], seed: int,
+    ) -> Tensor:
+        """Merge the tensors of ``run`` (one tensor, or a run of an entrywise method) into the live model;
+        returns a 0-d tensor that is finite iff the merged values are (checked later, all at once)."""
+        host = self._kwargs(method, params, len(sources))
+        inputs = self._entrywise_inputs(method, run, base, sources, host, seed)
+        if inputs is None:
+            target = self.targets.tensors[run[0]]
+            target.copy_(self._merge_whole(method, run[0], base, sources, params, seed))
+            return value_range(target)
+        src = self.sources.run_rows(run, sources)
+        base_row = None if base is None else self.sources.run_rows(run, [base])[0]
+        out = self.targets.out(run)
+        kwargs = self.inputs.on_device(host)
+        self.kernels.run(method.name, fused_merge, out.shape[0],
+                         lambda begin, end, f: f(method.fn, out[begin:end], src[:, begin:end],
+                                                 None if base_row is None else base_row[begin:end], kwargs,
+                                                 inputs.chunk(begin, end)))
+        return value_range(out)
+
+    def _entrywise_inputs(
+        self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: dict[str, object],
+        seed: int,
+    ) -> KernelInputs | None:
+        """What makes ``method`` entrywise on ``run``: thresholds, draws, ranks (returned) and angle-based
+        coefficients (added to ``host``). None when the run must be merged whole by the plain formula: a method
+        that is not entrywise or needs data statistics, a live tensor that is not contiguous and not bound, a
+        combination per output row, ranks that do not fit their budget."""
+        if not method.elementwise or method.statistic:
+            return None
+        if self.targets.flat is None and not self.targets.tensors[run[0]].is_contiguous():
+            return None
+        inputs = KernelInputs()
+        if method.gram is not None:
+            host["coefficients"] = self.inputs.coefficients(method, run[0], base, sources, host)
+            if host["coefficients"].shape[0] > 1:  # type: ignore[union-attr]
+                return None
+        if method.ranked:
+            ranks = self.inputs.relative_ranks(run[0], base, sources)  # type: ignore[arg-type]
+            if ranks is None:
+                return None
+            inputs.entries["ranks"] = ranks
+        if method.keep_counts is not None:
+            inputs.blocks["thresholds"] = self.inputs.threshold_tables(method, run, base, sources, host)
+        if method.stochastic and self.inputs.noise_store(seed, len(sources)) is not None:
+            inputs.entries["noise"] = self.inputs.noise(run, seed, len(sources))
+        elif method.stochastic:  # nothing stored: the run is one tensor (_runs), drawn in the kernel
+            inputs.keys = row_keys(tensor_seed(seed, run[0]), len(sources)).to(self.device, non_blocking=True)
+        return inputs
+
+    def _merge_whole(
+        self, method: MergeMethod, name: str, base: int | None, sources: list[int],
+        params: Mapping[str, object], seed: int,
+    ) -> Tensor:
+        """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
+        base_t, src = self.sources.fp32(name, base, sources)
+        stats = self._tensor_statistics(method, name, sources)
+        kwargs = self.inputs.on_device(self._kwargs(method, params, len(sources)))
+        if method.gram is not None:
+            kwargs["coefficients"] = self.inputs.coefficients(method, name, base, sources, kwargs)
+        seed_of_tensor = tensor_seed(seed, name) if method.stochastic else None
+        return method.fn(base_t, src, seed=seed_of_tensor, stats=stats, **kwargs)
+
+    def _verify(self, method: MergeMethod, checks: list[tuple[list[str], Tensor]]) -> None:
+        """One synchronisation for the whole candidate: MergeError naming the first tensor whose stored entries
+        hold NaN/Inf (only runs whose check value is non-finite are inspected, with the exact float64 check)."""
+        if not checks:
+            return
+        finite = torch.isfinite(torch.stack([c.float() for _, c in checks])).all(1).tolist()
+        for (run, _), ok in zip(checks, finite):
+            bad = [] if ok else [n for n in run if not all_finite(self.targets.tensors[n].float())]
+            if bad:
+                raise MergeError(f"merge of '{bad[0]}' with {method.name} produced NaN/Inf; check its parameters")
+
+    def invalidate(self) -> None:
+        """Forget what the live model holds, so the next materialize merges every tensor (use after changing
+        the model's weights by other means)."""
+        self._last.clear()
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes held by what the engine keeps across candidates (beyond the models themselves): stored DARE/DELLA
+        draws, sorted task-vector magnitudes, DELLA ranks, Gram matrices, thresholds."""
+        return self.inputs.cache_bytes()
+
+    def clear_caches(self) -> None:
+        """Drop everything :meth:`cache_bytes` counts (e.g. before switching to a search over other sources); it is
+        recomputed when needed."""
+        self.inputs.clear()
+
+    # ---------------------------------------------------------------------------------------- statistics
+    def set_statistics(self, kind: str, per_model: Sequence[Mapping[str, Tensor]]) -> None:
+        """Data statistics (``fisher`` diagonals or ``gram`` matrices) for each engine model, in model order."""
+        if len(per_model) != len(self.paths):
+            raise RecipeError(f"need {kind} statistics for all {len(self.paths)} models, got {len(per_model)}")
+        self._statistics[kind] = [dict(m) for m in per_model]
+        self.invalidate()
+
+    def has_statistics(self, kind: str) -> bool:
+        return kind in self._statistics
+
+    def _tensor_statistics(self, method: MergeMethod, name: str, sources: list[int]) -> Tensor | None:
+        if not method.statistic:
+            return None
+        per_model = self._statistics[method.statistic]
+        if name not in per_model[sources[0]]:
+            return None
+        return torch.stack([per_model[i][name] for i in sources]).to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------------------------------- output
+    def state_dict(self) -> dict[str, Tensor]:
+        """The live model's tensors under the checkpoint's names (CPU copies)."""
+        return self.targets.state_dict()
+
+    def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
+        """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
+        files of ``tokenizer_dir`` when given."""
+        return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
+                           force=force)

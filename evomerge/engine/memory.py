@@ -1,0 +1,147 @@
+"""Memory planning: before any model is loaded, what the engine will hold against what the machine has free.
+
+The engine holds the live model (every parameter in the live dtype), the sources (every model's merged tensors in
+their common dtype, unless memory-mapped) and, per candidate, the fp32 working set of one tensor (the sources'
+rows, the base, the result and the temporaries of a formula: about ``models + 3`` fp32 copies of the largest
+tensor). :func:`plan_memory` chooses where the sources live:
+
+- ``resident``: copied into one flat buffer per model (fastest; runs of tensors merge as one slice);
+- ``mapped``: left in the safetensors files, memory-mapped and read per tensor (the page cache holds them, and
+  the kernel can drop those pages under pressure instead of killing the process);
+
+and refuses, with the numbers, when even the mapped plan does not fit. Free memory on CPU is the smaller of the
+machine's available memory and what the process's cgroup (v1 or v2) still allows, reclaimable page cache counted
+as free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.recipe import RecipeError
+
+__all__ = ["MemoryPlan", "MemoryPlanError", "available_bytes", "plan_memory"]
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 0.9  # plan within this share of what is free: the allocator, Python and the evaluator need the rest
+
+
+class MemoryPlanError(RecipeError):
+    """The models cannot be held in the memory this machine (or cgroup) has free; the message gives the numbers."""
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text in ("", "max") else int(text)
+
+
+def _cgroup_free(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes the process's memory cgroup still allows (limit minus usage, inactive file pages counted as free), or
+    None without a limit. cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``)."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if "memory" in controllers.split(","):  # v1
+            base = root / "memory" / rel
+            limit, usage = _read_int(base / "memory.limit_in_bytes"), _read_int(base / "memory.usage_in_bytes")
+            stat_key = "total_inactive_file"
+        elif controllers == "":  # v2 unified hierarchy
+            base = root / rel
+            limit, usage = _read_int(base / "memory.max"), _read_int(base / "memory.current")
+            stat_key = "inactive_file"
+        else:
+            continue
+        if limit is None or usage is None or limit >= 1 << 60:  # v1 reports "no limit" as a huge number
+            return None
+        inactive = 0
+        try:
+            for stat in (base / "memory.stat").read_text().splitlines():
+                key, value = stat.split()
+                if key == stat_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(limit - usage + inactive, 0)
+    return None
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes free for the engine on ``device``: free CUDA memory, or on CPU the smaller of the machine's available
+    memory and the cgroup's remaining allowance."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    cgroup = _cgroup_free()
+    machine = _meminfo_available()
+    return machine if cgroup is None else min(machine, cgroup)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where the sources live and the estimate behind the choice (bytes)."""
+
+    sources: str  # "resident" | "mapped"
+    live_model: int
+    source_bytes: int
+    working_set: int
+    available: int
+
+    @property
+    def resident_need(self) -> int:
+        return self.live_model + self.source_bytes + self.working_set
+
+    @property
+    def mapped_need(self) -> int:
+        return self.live_model + self.working_set
+
+
+def plan_memory(*, live_model: int, source_bytes: int, largest_tensor: int, n_models: int, available: int
+                ) -> MemoryPlan:
+    """Choose ``resident`` when live model + sources + working set fit ``HEADROOM`` of ``available``, else
+    ``mapped`` when the live model + working set fit (safetensors files are memory-mapped by their reader, pickle
+    checkpoints by ``torch.load(mmap=True)``); else
+    :class:`MemoryPlanError` naming every number and what to change. ``largest_tensor``: entries of the largest
+    merged tensor (its fp32 working set is ``(n_models + 3) * 4`` bytes per entry)."""
+    working = (n_models + 3) * 4 * largest_tensor
+    plan = MemoryPlan("resident", live_model, source_bytes, working, available)
+    budget = HEADROOM * available
+    if plan.resident_need <= budget:
+        return plan
+    if plan.mapped_need <= budget:
+        log.warning("the %d models need %s resident but %s is free: their tensors stay memory-mapped in the "
+                    "safetensors files and are read per tensor (slower per candidate, same bits)",
+                    n_models, _gib(plan.resident_need), _gib(available))
+        return MemoryPlan("mapped", live_model, source_bytes, working, available)
+    raise MemoryPlanError(
+        f"not enough memory: the live model and one tensor's working set need {_gib(plan.mapped_need)} (live model "
+        f"{_gib(live_model)}, working set {_gib(working)}; the sources' {_gib(source_bytes)} stay memory-mapped) but "
+        f"only {_gib(available)} is free; free memory or merge in a smaller dtype (dtype: bfloat16)")
