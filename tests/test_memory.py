@@ -26,11 +26,11 @@ def test_plan_prefers_resident_then_mapped_then_refuses_with_the_numbers():
     # working set: (3 models + 3) * 4 bytes * 2^20 entries = 24 MiB
     common = {"live_model": GIB, "source_bytes": 3 * GIB, "largest_tensor": 1 << 20, "n_models": 3}
     working = 6 * 4 * (1 << 20)
-    fits = (GIB + 3 * GIB + working) / HEADROOM
+    fits = (2 * GIB + 3 * GIB + working) / HEADROOM
     assert plan_memory(**common, available=int(fits) + 1).sources == "resident"
     mapped = plan_memory(**common, available=int(fits) - 1)
-    assert mapped.sources == "mapped" and mapped.mapped_need == GIB + working
-    with pytest.raises(MemoryPlanError, match=r"need 1\.02 GiB .*live model 1\.00 GiB.*only 0\.50 GiB is free"):
+    assert mapped.sources == "mapped" and mapped.mapped_need == 2 * GIB + working
+    with pytest.raises(MemoryPlanError, match=r"need 2\.02 GiB .*live model 1\.00 GiB.*only 0\.50 GiB is free"):
         plan_memory(**common, available=GIB // 2)
 
 

@@ -108,8 +108,6 @@ class MergeEngine:
             raise RecipeError("MergeEngine needs at least one model path")
         self.paths = [str(p) for p in models]
         self.device = compute_device(device)
-        if self.device.type == "cpu":
-            keep_cpu_heap()
         self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]
         check_compatible(self.checkpoints)
         first = self.checkpoints[0]
@@ -118,6 +116,9 @@ class MergeEngine:
         self.dtype = self._dtype(dtype, first)
         storage = self._storage_device(memory_budget)
         self.memory = self._plan_memory(storage)
+        if self.device.type == "cpu" and self.memory.sources == "resident":
+            # mapped sources leave no room for a heap that keeps freed pages (measured: results/memory_limit.md)
+            keep_cpu_heap()
         self.model = load_model(self.paths[0], device=self.device, dtype=self.dtype)
         self.sources = SourceStacks(self.checkpoints, self.paths, self.names, storage, self.device,
                                     mapped=self.memory.sources == "mapped")

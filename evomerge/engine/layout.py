@@ -114,12 +114,12 @@ class SourceStacks:
         for name in names:
             span = self.spans[name]
             stored = [ck.get(name) for ck in checkpoints]
+            if self.flat is None:  # mapped: read per merge; a NaN/Inf source then shows in the merged tensor's check
+                self._tensors[name] = stored
+                continue
             for i, tensor in enumerate(stored):
                 if not all_finite(tensor):
                     raise RecipeError(f"tensor '{name}' holds NaN/Inf in ['{paths[i]}']; it cannot be merged")
-            if self.flat is None:
-                self._tensors[name] = stored
-                continue
             stack = self.flat[:, span.offset : span.end]
             for i, tensor in enumerate(stored):
                 stack[i].copy_(tensor.reshape(-1))

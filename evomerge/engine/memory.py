@@ -1,6 +1,7 @@
 """Memory planning: before any model is loaded, what the engine will hold against what the machine has free.
 
-The engine holds the live model (every parameter in the live dtype), the sources (every model's merged tensors in
+The engine holds the live model (every parameter in the live dtype; twice for a moment, while its merged tensors are
+rebound into one flat buffer), the sources (every model's merged tensors in
 their common dtype, unless memory-mapped) and, per candidate, the fp32 working set of one tensor (the sources'
 rows, the base, the result and the temporaries of a formula: about ``models + 3`` fp32 copies of the largest
 tensor). :func:`plan_memory` chooses where the sources live:
@@ -117,11 +118,12 @@ class MemoryPlan:
 
     @property
     def resident_need(self) -> int:
-        return self.live_model + self.source_bytes + self.working_set
+        return 2 * self.live_model + self.source_bytes + self.working_set
 
     @property
     def mapped_need(self) -> int:
-        return self.live_model + self.working_set
+        # the live model twice: binding its merged tensors into one flat buffer holds both copies for a moment
+        return 2 * self.live_model + self.working_set
 
 
 def plan_memory(*, live_model: int, source_bytes: int, largest_tensor: int, n_models: int, available: int

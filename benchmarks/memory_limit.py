@@ -1,0 +1,175 @@
+"""Merging sources that do not fit in memory: peak memory and time per candidate, memory-mapped vs resident.
+
+Writes Llama-shaped synthetic checkpoints (a base and ``--sources`` sources, see merge_throughput.py), then runs the
+same candidates in two child processes: one without a memory limit (the engine copies the sources into memory:
+``resident``) and one inside a cgroup v1 memory limit smaller than the sources (``memory.limit_in_bytes``; needs
+root), where the engine's memory plan leaves them memory-mapped in their safetensors files and reads them per
+tensor (``mapped``). Each child reports the plan it chose, its peak RSS (VmHWM), the cgroup's peak usage (page
+cache included), and the seconds per candidate (first and second candidate of each method).
+
+    sudo python benchmarks/memory_limit.py                       # ~180M params per model, fp32, 3 sources + base
+    python benchmarks/memory_limit.py --params 30e6 --quick      # a small run that checks the script works
+
+Writes results/memory_limit.md and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from merge_throughput import llama_config, write_checkpoints  # benchmarks/ is sys.path[0] when run as a script
+
+from evomerge.engine import MergeEngine
+from evomerge.engine.memory import HEADROOM
+from evomerge.recipe import Recipe
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+METHODS = {"linear": {}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(paths: list[str], dtype: str, methods: list[str]) -> None:
+    """Build the engine, merge two candidates per method, print one JSON line."""
+    imported = _rss()  # the interpreter with torch and transformers, before any model
+    start = time.perf_counter()
+    engine = MergeEngine(paths, device="cpu", dtype=dtype)
+    load = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {}
+    for method in methods:
+        for rep in range(2):
+            weights = [0.5 + 0.1 * rep + 0.2 * i for i in range(len(paths) - 1)]
+            recipe = Recipe(method=method, base=paths[0], seed=rep,
+                            sources=[{"model": p, "parameters": {"weight": w, **METHODS[method]}}
+                                     for p, w in zip(paths[1:], weights)])
+            seconds.setdefault(method, []).append(engine.materialize(recipe).seconds)
+    print(json.dumps({"plan": engine.memory.sources, "load_s": load, "seconds": seconds, "peak_rss": _peak_rss(),
+                      "available": engine.memory.available, "imported_rss": imported,
+                      "mapped_need": engine.memory.mapped_need}), flush=True)
+
+
+def run_child(paths: list[str], args: argparse.Namespace, limit: int | None) -> dict:
+    """One child process, inside a fresh cgroup with ``limit`` bytes when given; its JSON line and cgroup peak."""
+    group = None
+    if limit is not None:
+        group = CGROUP / f"evomerge-bench-{os.getpid()}"
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--methods", args.methods, *paths]
+
+    def enter() -> None:
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        done = subprocess.run(command, preexec_fn=enter, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"child failed ({done.returncode}; -9 is the OOM killer): {done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if group is not None:
+            result["cgroup_peak"] = int((group / "memory.max_usage_in_bytes").read_text())
+        result["limit"] = limit
+        return result
+    finally:
+        if group is not None:
+            group.rmdir()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=180e6)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--limit-share", type=float, default=0.6,
+                        help="the cgroup limit above the interpreter's own memory, as a share of the sources' bytes "
+                             "(base included)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true", help="linear only (checks the script works)")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.methods = "linear"
+    if args.child:
+        child(args.paths, args.dtype, args.methods.split(","))
+        return
+    if not (CGROUP / "memory.limit_in_bytes").exists() or not os.access(CGROUP, os.W_OK):
+        raise SystemExit(f"needs a writable cgroup v1 memory hierarchy at {CGROUP} (run as root)")
+    dtype = getattr(torch, args.dtype)
+    root = Path(tempfile.mkdtemp(prefix="evomerge-memory-"))
+    try:
+        paths = write_checkpoints(root, llama_config(args.params), args.sources, dtype, torch.device("cpu"))
+        source_bytes = sum((Path(p) / "model.safetensors").stat().st_size for p in paths)
+        resident = run_child(paths, args, None)
+        # the limit: the interpreter itself, plus a share of the sources that cannot hold them all, and at least
+        # what the mapped plan needs (live model + working set) with the planner's headroom
+        need = max(args.limit_share * source_bytes, resident["mapped_need"] / HEADROOM)
+        limit = int(1.2 * resident["imported_rss"] + need)
+        if limit >= resident["imported_rss"] + source_bytes:
+            raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
+        mapped = run_child(paths, args, limit)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    write_results(Path(args.out), args, source_bytes, [("no limit", resident), ("cgroup limit", mapped)])
+
+
+def write_results(out: Path, args: argparse.Namespace, source_bytes: int, runs: list[tuple[str, dict]]) -> None:
+    gb = 1e9
+    rows = []
+    for label, r in runs:
+        for method, (first, second) in r["seconds"].items():
+            rows.append({"run": label, "limit_GB": "" if r["limit"] is None else f"{r['limit'] / gb:.2f}",
+                         "plan": r["plan"], "peak_rss_GB": f"{r['peak_rss'] / gb:.2f}",
+                         "cgroup_peak_GB": f"{r.get('cgroup_peak', 0) / gb:.2f}" if "cgroup_peak" in r else "",
+                         "load_s": f"{r['load_s']:.2f}", "method": method, "first_s": f"{first:.3f}",
+                         "second_s": f"{second:.3f}"})
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "memory_limit"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    by = {(r["run"], r["method"]): float(r["second_s"]) for r in rows}
+    ratios = [f"{m}: {by[('cgroup limit', m)] / by[('no limit', m)]:.2f}x" for m in args.methods.split(",")]
+    lines = [
+        "# Sources larger than the memory limit: memory-mapped vs resident", "",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        f"- command: `python {' '.join(sys.argv)}`; date: {time.strftime('%Y-%m-%d')}",
+        f"- models: Llama-shaped, {args.sources} sources + base, {args.dtype}, {source_bytes / gb:.2f} GB of "
+        "safetensors in all",
+        "- each run is a child process: `MergeEngine` on CPU, then two candidates per method (first: caches filled;"
+        " second: a new candidate, new weights and seed). peak RSS: VmHWM (file pages of the mapped safetensors"
+        " count while mapped); cgroup peak: `memory.max_usage_in_bytes` (page cache included, reclaimable)",
+        f"- second candidate, cgroup limit / no limit: {', '.join(ratios)}", "",
+        "| run | limit (GB) | plan | peak RSS (GB) | cgroup peak (GB) | load (s) | method | first (s) | second (s) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|",
+        *[f"| {r['run']} | {r['limit_GB']} | {r['plan']} | {r['peak_rss_GB']} | {r['cgroup_peak_GB']} | "
+          f"{r['load_s']} | {r['method']} | {r['first_s']} | {r['second_s']} |" for r in rows],
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
