@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.outdir import OutputWriteError, write_error
+from evomerge.outdir import OutputWriteError, recover, write_error
 
 if TYPE_CHECKING:
     from evomerge.search.config import RunConfig
@@ -65,6 +65,13 @@ def _writing(path: Path, after: str = "") -> Iterator[None]:
         raise OutputWriteError(error.errno, f"{error}{after}") from exc
 
 
+def _start_run(args: argparse.Namespace) -> RunConfig:
+    """The run config; the temporary dirs that killed runs left beside its ``best_model/`` are cleaned at once."""
+    config = _run_config(args)
+    recover(config.run_dir / "best_model")
+    return config
+
+
 def _study_kept(config: RunConfig) -> str:
     return (f"; the study {config.name!r} is intact (every finished trial is stored): re-run the same command to "
             "resume, finished trials are not run again")
@@ -73,7 +80,7 @@ def _study_kept(config: RunConfig) -> str:
 def cmd_search(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_search
 
-    config = _run_config(args)
+    config = _start_run(args)
     with _writing(config.run_dir, _study_kept(config)):
         summary = run_search(config, export=not args.no_export)
     print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
@@ -82,7 +89,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_soup(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_soup
 
-    config = _run_config(args)
+    config = _start_run(args)
     with _writing(config.run_dir, _study_kept(config)):
         summary = run_soup(config, export=not args.no_export)
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")

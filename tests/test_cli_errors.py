@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from faults import dead_pid, fill
 from tiny_models import tiny_family
 
 import evomerge.merge
+from evomerge import outdir
 from evomerge.cli import main
 from evomerge.engine import MergeError
 from evomerge.outdir import format_size
@@ -76,36 +76,6 @@ def test_debug_flag_and_env_print_the_traceback(recipe: Path, monkeypatch: pytes
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True,
-                       capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
-
-
-def leave_free(disk: Path, nbytes: int) -> Path:
-    """Fill ``disk`` with one file until ENOSPC, then shrink it so that about ``nbytes`` stay free."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        with pytest.raises(OSError) as err:
-            while True:
-                os.write(fd, b"x" * 65536)
-        assert err.value.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    os.truncate(filler, filler.stat().st_size - nbytes)
-    return filler
-
-
 def search_config(tmp_path: Path, run_dir: Path) -> Path:
     base, fts = tiny_family(tmp_path / "family", n=2)
     config = tmp_path / "search.yaml"
@@ -126,7 +96,7 @@ def test_search_export_on_a_full_disk_then_resume(tmp_path: Path, tiny_disk: Pat
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tiny_disk / "run"
     config = search_config(tmp_path, run_dir)
-    filler = leave_free(tiny_disk, 48 * 1024)  # run.json and the recipes fit, the best model does not
+    filler = fill(tiny_disk / "filler", leave=48 * 1024)  # run.json and the recipes fit, the best model does not
     assert main(["search", str(config)]) == 1
     line = one_line(capsys)
     free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
@@ -147,7 +117,12 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
                                            capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tiny_disk / "run"
     config = search_config(tmp_path, run_dir)
-    leave_free(tiny_disk, 24 * 1024)  # the recipes and summary.json fit, the report's plots do not
+    run_dir.mkdir()
+    killed = dead_pid()  # a run killed while exporting left these: cleaned at the start of the next run
+    (run_dir / f".best_model.partial-{killed}-{outdir._HOST}-0123abcd").mkdir()
+    (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef").mkdir()
+    (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef" / "model.safetensors").write_text("old")
+    fill(tiny_disk / "filler", leave=24 * 1024)  # the recipes and summary.json fit, the report's plots do not
     assert main(["search", str(config), "--no-export"]) == 1
     line = one_line(capsys)
     # PIL's PNG writer raises a bare ENOSPC (no file name): the message names the run dir and what is free there
@@ -156,3 +131,5 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
     assert line.endswith("the study 'full' is intact (every finished trial is stored): re-run the same command to "
                          "resume, finished trials are not run again")
     assert finished(tmp_path) == 2
+    assert (run_dir / "best_model" / "model.safetensors").read_text() == "old"  # restored under its name
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]

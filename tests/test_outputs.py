@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from faults import dead_pid, fill
 from tiny_models import tiny_family
 
 import evomerge.checkpoint as ckpt_module
@@ -33,12 +32,6 @@ def tensors(value: float, n: int = 1000) -> dict[str, torch.Tensor]:
 
 def entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,33 +226,6 @@ def test_index_through_symlinked_shards_inside_the_dir_still_reads(tmp_path: Pat
 # --------------------------------------------------------------------------------------------------
 # full disks: a real 2 MiB tmpfs
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True,
-                       capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
-
-
-def fill(path: Path) -> None:
-    """Write into ``path`` until its file system is full (a real ENOSPC)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        with pytest.raises(OSError) as err:
-            while True:
-                os.write(fd, b"x" * 65536)
-        assert err.value.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
 
 
 def test_export_that_cannot_fit_is_refused_before_writing(tiny_disk: Path) -> None:
