@@ -25,21 +25,30 @@ import difflib
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from evomerge.naming import layer_index, tensor_filter
+from evomerge.outdir import (
+    apply_umask,
+    check_free_space,
+    check_target,
+    make_partial,
+    move_into_place,
+    recover,
+    refuse_symlink,
+    write_error,
+)
 
 __all__ = [
     "Checkpoint",
@@ -199,6 +208,12 @@ def _read_index(index_path: Path) -> dict[str, str]:
         ) from exc
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty mapping of tensor name -> shard file")
+    # Lexical check, so that the symlinks of a Hugging Face cache snapshot (to ../../blobs/...) keep working.
+    outside = sorted({str(s) for s in weight_map.values() if Path(str(s)).is_absolute() or ".." in Path(str(s)).parts})
+    if outside:
+        raise CheckpointError(
+            f"{index_path} names shard files outside the model dir: {', '.join(outside)}; an index may only name "
+            "files inside its own dir (a plain file name such as model-00001-of-00002.safetensors)")
     missing = sorted({shard for shard in weight_map.values() if not (index_path.parent / shard).is_file()})
     if missing:
         raise CheckpointError(f"{index_path} refers to shard files that do not exist: {', '.join(missing)}")
@@ -575,32 +590,25 @@ def _write_extra_files(extra_files: Mapping[str, str], directory: Path) -> None:
         target.write_text(text)
 
 
-def _refuse_existing(out_dir: Path) -> FileExistsError:
-    return FileExistsError(
-        f"output dir {out_dir} already exists; choose another path or pass force=True (CLI: --force) to replace it "
-        "(the old dir is removed only after the new one is complete)"
-    )
+# Config, safetensors headers (about 100 bytes per tensor name) and the index: an upper bound, not an exact count.
+_METADATA_BYTES = 64 * 1024
+_HEADER_BYTES_PER_TENSOR = 256
 
 
-def _move_into_place(built: Path, out_dir: Path, force: bool) -> None:
-    """Rename the finished dir ``built`` to ``out_dir``; with ``force`` an existing ``out_dir`` is first
-    renamed aside and removed only once the new dir is in place (restored if that rename fails)."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.rename(built, out_dir)
-        return
-    if not force:
-        raise _refuse_existing(out_dir)
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out_dir, old)
-    try:
-        os.rename(built, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+def _bytes_to_write(state: Mapping[str, Tensor], tokenizer_dir: Path | None, extra_files: Mapping[str, str]) -> int:
+    """Estimate of the bytes :func:`save_hf_dir` writes: tensor data, tokenizer files, extra files, metadata."""
+    tokenizer = 0 if tokenizer_dir is None else sum(
+        (tokenizer_dir / n).stat().st_size for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file())
+    extra = sum(len(text.encode()) for text in extra_files.values())
+    return (sum(_nbytes(t) for t in state.values()) + tokenizer + extra + _METADATA_BYTES
+            + _HEADER_BYTES_PER_TENSOR * len(state))
+
+
+def _safetensors_os_error(exc: SafetensorError) -> OSError:
+    """The OSError inside a safetensors write error (it reports ENOSPC as "... (os error 28)")."""
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(match.group(1)) if match else None
+    return OSError(code, os.strerror(code) if code else str(exc))
 
 
 def save_hf_dir(
@@ -626,32 +634,48 @@ def save_hf_dir(
     the config an LM head aliasing the embedding is dropped, other aliases are cloned. Tensors are moved
     to CPU and made contiguous shard by shard.
 
-    Atomicity: everything is written to a temporary dir beside ``out_dir`` (same filesystem) and
-    renamed into place at the end. Any exception leaves neither ``out_dir`` nor the temporary dir. An
-    existing ``out_dir`` raises ``FileExistsError`` unless ``force=True``; with force it is replaced
-    only after the new dir is complete.
+    Atomicity (see :mod:`evomerge.outdir`): everything is written to a temporary dir beside ``out_dir`` (same
+    file system) and renamed into place at the end; temporary dirs that killed exports left in that parent are
+    cleaned first. Any exception leaves neither ``out_dir`` nor the temporary dir. An existing ``out_dir`` raises
+    ``FileExistsError`` unless ``force=True``; with force it is replaced only after the new dir is complete. An
+    ``out_dir`` that is a symbolic link is refused (:class:`~evomerge.outdir.OutputPathError`). Free space is
+    checked before writing; a full disk or another OS error raises :class:`~evomerge.outdir.OutputWriteError`
+    naming the path, the bytes needed and the bytes free.
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
     if not state_dict:
         raise ValueError("state_dict is empty; there is nothing to save")
-    out = Path(out_dir).expanduser().resolve()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise _refuse_existing(out)
+    out = Path(out_dir).expanduser()
+    refuse_symlink(out)  # before resolve(), which would follow it
+    out = out.resolve()
+    check_target(out, force)
     tokenizer_path = None if tokenizer_dir is None else Path(tokenizer_dir).expanduser().resolve()
     if tokenizer_path is not None and not tokenizer_path.is_dir():
         raise CheckpointError(f"tokenizer_dir {tokenizer_path} is not a directory")
     state = _separate_shared(state_dict, bool(_config_value(config, "tie_word_embeddings")))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    recover(out)
+    needed = _bytes_to_write(state, tokenizer_path, extra_files or {})
+    check_free_space(out, needed)
     try:
-        _write_config(config, building)
-        _write_weights(state, building, max_shard_size)
-        if tokenizer_path is not None:
-            _copy_tokenizer(tokenizer_path, building)
-        _write_extra_files(extra_files or {}, building)
-        _move_into_place(building, out, force)
+        building = make_partial(out)
+    except OSError as exc:
+        raise write_error(exc, out, needed) from exc
+    try:
+        try:
+            _write_config(config, building)
+            _write_weights(state, building, max_shard_size)
+            if tokenizer_path is not None:
+                _copy_tokenizer(tokenizer_path, building)
+            _write_extra_files(extra_files or {}, building)
+            apply_umask(building)
+        except SafetensorError as exc:
+            raise write_error(_safetensors_os_error(exc), out, needed) from exc
+        except OSError as exc:
+            raise write_error(exc, out, needed) from exc
+        move_into_place(building, out, force=force)
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)

@@ -6,14 +6,28 @@
     evomerge worker --storage URL --study NAME                             join a shared study as one more worker
     evomerge report RUN_DIR [--out DIR]                                    tables and plots of a run
     evomerge zoo build DIR [--mini] [--force]                              build the offline tiny model zoo
+
+Errors reach the user as one line, `evomerge: error: ...`, with exit code 2 for bad input (a malformed file, an
+invalid recipe or config, an output that exists or is a link) and 1 for faults at run time (a full disk, a failed
+merge). `--debug` (or EVOMERGE_DEBUG=1) prints the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.outdir import OutputWriteError, recover, write_error
+
+if TYPE_CHECKING:
+    from evomerge.search.config import RunConfig
 
 log = logging.getLogger("evomerge")
 
@@ -27,24 +41,57 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {out}")
 
 
-def _run_config(args: argparse.Namespace):  # noqa: ANN202 - RunConfig, imported lazily
+def _run_config(args: argparse.Namespace) -> RunConfig:
     from evomerge.search.config import RunConfig
 
     return RunConfig.from_yaml(args.config, n_trials=args.n_trials, storage=args.storage, out=args.out,
                                device=args.device, seed=args.seed)
 
 
+# Bad input: a malformed or invalid file (RecipeError, SpaceError, YamlFileError, CheckpointError, pydantic's
+# ValidationError are all ValueErrors), a missing input, an output that exists.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+@contextmanager
+def _writing(path: Path, after: str = "") -> Iterator[None]:
+    """Turn an OSError raised while writing under ``path`` into one OutputWriteError line, ``after`` appended."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, _USER_ERRORS):  # a missing input, not a write fault
+            raise
+        error = exc if isinstance(exc, OutputWriteError) else write_error(exc, Path(exc.filename or path))
+        raise OutputWriteError(error.errno, f"{error}{after}") from exc
+
+
+def _start_run(args: argparse.Namespace) -> RunConfig:
+    """The run config; the temporary dirs that killed runs left beside its ``best_model/`` are cleaned at once."""
+    config = _run_config(args)
+    recover(config.run_dir / "best_model")
+    return config
+
+
+def _study_kept(config: RunConfig) -> str:
+    return (f"; the study {config.name!r} is intact (every finished trial is stored): re-run the same command to "
+            "resume, finished trials are not run again")
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_search
 
-    summary = run_search(_run_config(args), export=not args.no_export)
+    config = _start_run(args)
+    with _writing(config.run_dir, _study_kept(config)):
+        summary = run_search(config, export=not args.no_export)
     print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_soup
 
-    summary = run_soup(_run_config(args), export=not args.no_export)
+    config = _start_run(args)
+    with _writing(config.run_dir, _study_kept(config)):
+        summary = run_soup(config, export=not args.no_export)
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")
 
 
@@ -59,7 +106,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else Path("results") / run_dir.name
-    print(f"report written to {write_report(load_study(run_dir), out, title=run_dir.name, run_dir=run_dir)}")
+    study = load_study(run_dir)
+    with _writing(out):
+        summary = write_report(study, out, title=run_dir.name, run_dir=run_dir)
+    print(f"report written to {summary}")
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> None:
@@ -74,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also: EVOMERGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="materialize a recipe (evomerge or mergekit YAML) into an HF dir")
@@ -119,14 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(exc: BaseException, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"evomerge: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    debug = args.debug or os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # user errors: one clear line, no traceback
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
+    except _USER_ERRORS as exc:
+        return _fail(exc, str(exc), 2, debug)
+    except (OSError, RuntimeError) as exc:  # faults at run time: a full disk, a merge that produced NaN, ...
+        return _fail(exc, str(exc), 1, debug)
+    except Exception as exc:  # a bug: still no traceback unless asked for
+        return _fail(exc, f"internal error {type(exc).__name__}: {exc} (run with --debug for the traceback and "
+                          "please report it)", 1, debug)
     return 0
 
 

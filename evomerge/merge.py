@@ -10,13 +10,9 @@ from evomerge.calibration import prepare
 from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.engine import MergeEngine
 from evomerge.methods import get_method, validate_params
+from evomerge.outdir import check_target, recover
 from evomerge.recipe import Recipe, RecipeError
 from evomerge.stacking import stack_layers
-
-
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FileExistsError(f"output dir {out} exists; choose another --out or pass --force to replace it")
 
 
 def tokenizer_dir(recipe: Recipe) -> Path | None:
@@ -51,11 +47,13 @@ def merge_to_dir(
 ) -> Path:
     """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer).
 
-    All checks (existing output, recipe validity, source compatibility, parameter ranges) run before any tensor
-    work; a failure at any point leaves no output dir behind.
+    All checks (existing output, a symbolic link as output, recipe validity, source compatibility, parameter
+    ranges) run before any tensor work; a failure at any point leaves no output dir behind. Temporary dirs that
+    killed merges left beside ``out`` are cleaned first (an old output found renamed aside is restored).
     """
-    out = Path(out)
-    _refuse_existing(out, force)
+    out = Path(out).expanduser()
+    recover(out)
+    check_target(out, force)
     check_values(recipe)
     tokenizer = tokenizer_dir(recipe)
     if recipe.method == "passthrough":

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from faults import tmpfs  # noqa: E402
 
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 
@@ -26,3 +30,10 @@ def mini_zoo() -> Zoo:
     """The mini zoo (``ZooConfig.mini()``), from ``$EVOMERGE_ZOO_CACHE`` or ``<repo>/.zoo``; the
     first use on a machine builds it (about a minute on 2 CPU cores), later uses just load it."""
     return cached_zoo(ZooConfig.mini())
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs to fill (skipped where it cannot be mounted)."""
+    with tmpfs(tmp_path / "disk") as mount:
+        yield mount

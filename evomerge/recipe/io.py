@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from evomerge.recipe.mergekit import from_mergekit
 from evomerge.recipe.schema import Recipe, RecipeError, SourceSpec, refuse_unknown_keys
+from evomerge.yamlfile import load_yaml
 
 __all__ = ["load_recipe"]
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """The recipe in ``path``: an evomerge recipe, or a mergekit config (``merge_method:``) converted."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     if "merge_method" in data:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.recipe import CalibrationData
+from evomerge.yamlfile import load_yaml
 
 SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]
 PrunerName = Literal["none", "halving", "hyperband", "wilcoxon"]
@@ -61,7 +61,7 @@ class RunConfig(BaseModel):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
         """Read a run config; relative model/space/out/task paths are taken relative to the file's dir."""
         path = Path(path)
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a run config is a YAML mapping")
         data.update({k: v for k, v in overrides.items() if v is not None})

@@ -82,7 +82,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import optuna
-import yaml
 from pydantic import (
     BeforeValidator,
     Discriminator,
@@ -96,6 +95,7 @@ from pydantic import (
 from evomerge.methods import MergeMethod, MethodError, Param, get_method, validate_params
 from evomerge.recipe import LayerSlice, ParamValue, Recipe, Scalar, SourceSpec
 from evomerge.recipe.schema import StrictModel, model_labels
+from evomerge.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -669,7 +669,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
-        return cls.from_dict(yaml.safe_load(path.read_text()), path.name)
+        return cls.from_dict(load_yaml(path), path.name)
 
     def suggest(self, trial: optuna.Trial, models: ModelSet) -> Recipe:
         """Ask ``trial`` for every searched value (define-by-run, stable names) and build the recipe."""

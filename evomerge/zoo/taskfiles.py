@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.yamlfile import load_yaml
 from evomerge.zoo.tasks import Item
 
 SPLITS = ("train", "validation", "test")
@@ -93,7 +94,7 @@ def task_config(task_dir: Path, task: str, split: str) -> dict[str, object]:
     Pass it in ``simple_evaluate(tasks=[...])``; its task name is ``zoo_<task>`` for the test split
     and ``zoo_<task>_validation`` for the validation split.
     """
-    cfg = yaml.safe_load(yaml_path(task_dir, task).read_text())
+    cfg = load_yaml(yaml_path(task_dir, task))
     if split == "validation":
         cfg.pop("test_split")
         cfg["task"] = f"{lm_eval_name(task)}_validation"

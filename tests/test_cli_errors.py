@@ -1,0 +1,135 @@
+"""Every error reaches the user as one ``evomerge: error:`` line (exit 2 bad input, 1 run-time fault); --debug
+adds the traceback. Full disks during a search's export and report writing: a real, nearly full 2 MiB tmpfs."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from faults import dead_pid, fill
+from tiny_models import tiny_family
+
+import evomerge.merge
+from evomerge import outdir
+from evomerge.cli import main
+from evomerge.engine import MergeError
+from evomerge.outdir import format_size
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The error line, which must be the last line of stderr and the only one (progress bars aside)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # tqdm bars aside
+    assert len(lines) == 1 and lines[0].startswith("evomerge: error: "), err
+    assert err.strip().endswith(lines[0])
+    return lines[0].removeprefix("evomerge: error: ")
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text("method: linear\nsources: [{model: a}, {model: b}]\n")
+    return path
+
+
+@pytest.mark.parametrize(("raised", "code", "line"), [
+    (MergeError("merge of 'x' produced NaN/Inf"), 1, "merge of 'x' produced NaN/Inf"),
+    (OSError(errno.EIO, "Input/output error"), 1, "[Errno 5] Input/output error"),
+    (KeyError("model.norm.weight"), 1, "internal error KeyError: 'model.norm.weight' (run with --debug for the "
+                                       "traceback and please report it)"),
+    (FileExistsError("output dir o already exists"), 2, "output dir o already exists"),
+])
+def test_error_kinds_and_exit_codes(recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                    raised: Exception, code: int, line: str) -> None:
+    def merge_to_dir(*_: object, **__: object) -> Path:
+        raise raised
+
+    monkeypatch.setattr(evomerge.merge, "merge_to_dir", merge_to_dir)
+    assert main(["merge", str(recipe), "--out", "o"]) == code
+    assert one_line(capsys) == line
+
+
+def test_debug_flag_and_env_print_the_traceback(recipe: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    recipe.write_text("method: [linear\n")
+    assert main(["--debug", "merge", str(recipe), "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "YamlFileError" in err
+    assert err.splitlines()[-1].startswith(f"evomerge: error: {recipe}:2:1: invalid YAML")
+    monkeypatch.setenv("EVOMERGE_DEBUG", "1")
+    assert main(["merge", str(recipe), "--out", "o"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("EVOMERGE_DEBUG", "0")
+    assert main(["merge", str(recipe), "--out", "o"]) == 2
+    one_line(capsys)
+
+
+# --------------------------------------------------------------------------------------------------
+# full disks in a search: best_model and the report
+# --------------------------------------------------------------------------------------------------
+
+
+def search_config(tmp_path: Path, run_dir: Path) -> Path:
+    base, fts = tiny_family(tmp_path / "family", n=2)
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        name="full", base=str(base), sources=[str(f) for f in fts], space=str(SPACES / "task_arithmetic.yaml"),
+        evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
+        n_trials=2, baselines=False, out=str(run_dir), device="cpu",
+        storage=f"sqlite:///{tmp_path / 'study.db'}")))  # the study beside the disk: only outputs hit the full disk
+    return config
+
+
+def finished(tmp_path: Path) -> int:
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    return sum(t.state.is_finished() for t in study.get_trials())
+
+
+def test_search_export_on_a_full_disk_then_resume(tmp_path: Path, tiny_disk: Path, quiet_optuna: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tiny_disk / "run"
+    config = search_config(tmp_path, run_dir)
+    filler = fill(tiny_disk / "filler", leave=48 * 1024)  # run.json and the recipes fit, the best model does not
+    assert main(["search", str(config)]) == 1
+    line = one_line(capsys)
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    assert line.startswith(f"no space left on the device to write {run_dir.resolve() / 'best_model'}: about ")
+    assert line.endswith(f"are needed, {format_size(free)} are free there; free some space or choose another path; "
+                         "the study 'full' is intact (every finished trial is stored): re-run the same command to "
+                         "resume, finished trials are not run again")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best_recipe.mergekit.yaml", "best_recipe.yaml", "run.json"]
+    assert finished(tmp_path) == 2
+    filler.unlink()
+    assert main(["search", str(config)]) == 0
+    assert (run_dir / "best_model" / "model.safetensors").is_file() and (run_dir / "report" / "summary.md").is_file()
+    assert finished(tmp_path) == 2  # resumed: no trial run again
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quiet_optuna: None,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tiny_disk / "run"
+    config = search_config(tmp_path, run_dir)
+    run_dir.mkdir()
+    killed = dead_pid()  # a run killed while exporting left these: cleaned at the start of the next run
+    (run_dir / f".best_model.partial-{killed}-{outdir._HOST}-0123abcd").mkdir()
+    (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef").mkdir()
+    (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef" / "model.safetensors").write_text("old")
+    fill(tiny_disk / "filler", leave=24 * 1024)  # the recipes and summary.json fit, the report's plots do not
+    assert main(["search", str(config), "--no-export"]) == 1
+    line = one_line(capsys)
+    # PIL's PNG writer raises a bare ENOSPC (no file name): the message names the run dir and what is free there
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    assert line.startswith(f"no space left on the device to write {run_dir}: {format_size(free)} are free there; ")
+    assert line.endswith("the study 'full' is intact (every finished trial is stored): re-run the same command to "
+                         "resume, finished trials are not run again")
+    assert finished(tmp_path) == 2
+    assert (run_dir / "best_model" / "model.safetensors").read_text() == "old"  # restored under its name
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
