@@ -230,7 +230,7 @@ def test_defaults_and_slerp_baselines():
     defaults = dict(sp.baseline_params(MODELS))["defaults:dare_ties"]
     recipe = sp.suggest(FixedTrial(defaults), MODELS)
     params = resolved(recipe, "model.layers.0.self_attn.q_proj.weight", 4)
-    assert params == {"weight": [1.0] * 3, "density": [1.0] * 3, "lambda": 1.0, "normalize": True, "rescale": True}
+    assert params == {"weight": [1.0] * 3, "density": [1.0] * 3, "lambda": 1.0, "normalize": False, "rescale": True}
     # slerp: t = 0 everywhere is the first source, t = 1 the second; no defaults (t has none), no uniform.
     sp = SearchSpace.from_yaml(SPACES / "slerp_gradient.yaml")
     baselines = sp.baseline_params(PAIR)
