@@ -1,0 +1,85 @@
+"""lm-eval settings of the evaluator on the mini zoo, each checked against lm-eval's own ``simple_evaluate`` on the
+saved model: the zoo's generation task (greedy decoding, ``strict-match`` filter, exact match), ``num_fewshot`` and
+lm-eval's first-N ``limit``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.evaluate import LmEvalEvaluator
+from evomerge.zoo import Zoo
+from evomerge.zoo.taskfiles import generation_name, lm_eval_name, read_jsonl
+
+
+def _reference(zoo: Zoo, model: str, task: str, **kwargs: Any) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(
+        model="hf", model_args=f"pretrained={zoo.model_dir(model)},dtype=float32", tasks=[task], device="cpu",
+        batch_size=32, bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(zoo.task_dir), include_defaults=False), **kwargs,
+    )
+
+
+def _load(zoo: Zoo, model: str) -> tuple[Any, Any]:
+    return AutoModelForCausalLM.from_pretrained(zoo.model_dir(model)).eval(), AutoTokenizer.from_pretrained(zoo.base)
+
+
+def test_generation_task_exact_match_equals_lm_eval_with_first_n_limit(mini_zoo: Zoo) -> None:
+    """``zoo_reverse_gen`` answered by greedy generation: metric ``exact_match`` without a filter is the task's
+    ``exact_match,strict-match``; the first 40 docs (lm-eval's ``--limit 40``) score as in lm-eval, per doc."""
+    task = generation_name("reverse")
+    cfg = yaml.safe_load((mini_zoo.task_dir / f"{task}.yaml").read_text())
+    assert cfg["output_type"] == "generate_until" and cfg["filter_list"][0]["name"] == "strict-match"
+    scores = {}
+    for name in ("expert_reverse", "base"):
+        reference = _reference(mini_zoo, name, task, limit=40)
+        ev = LmEvalEvaluator([task], include_path=mini_zoo.task_dir, split="test", limit=40, limit_mode="first",
+                             metrics=["exact_match"], include_defaults=False)
+        key = f"{task}/exact_match,strict-match"
+        assert ev.objective.metrics == (key,)
+        assert sorted(ev.doc_ids()[task]) == list(range(40))
+        ours = ev.score(*_load(mini_zoo, name))
+        assert ours.metrics[key] == reference["results"][task]["exact_match,strict-match"]
+        per_doc = {s["doc_id"]: s["exact_match"] for s in reference["samples"][task]}
+        assert ours.items[key] == [per_doc[i] for i in ev.doc_ids()[task]]
+        scores[name] = ours.metrics[key]
+    # generation is honest: the expert answers its own task better than the base (whose answers follow the
+    # confuser half the time)
+    assert scores["expert_reverse"] > scores["base"] + 0.05, scores
+
+
+def test_num_fewshot_and_first_n_limit_equal_lm_eval(mini_zoo: Zoo) -> None:
+    """2-shot prompts (examples drawn by lm-eval's sampler from the train split) on the first 30 docs."""
+    task = lm_eval_name("shift")
+    reference = _reference(mini_zoo, "expert_shift", task, num_fewshot=2, limit=30)
+    ev = LmEvalEvaluator([task], include_path=mini_zoo.task_dir, split="test", limit=30, limit_mode="first",
+                         num_fewshot=2, metrics=["acc", "acc_norm"], include_defaults=False)
+    ours = ev.score(*_load(mini_zoo, "expert_shift"))
+    assert ours.metrics[f"{task}/acc"] == reference["results"][task]["acc,none"]
+    assert ours.metrics[f"{task}/acc_norm"] == reference["results"][task]["acc_norm,none"]
+    per_doc = {s["doc_id"]: s["acc"] for s in reference["samples"][task]}
+    assert ours.items[f"{task}/acc"] == [per_doc[i] for i in ev.doc_ids()[task]]
+    # the prompts really hold two solved train examples before the query
+    train = {item["query"] for item in read_jsonl(mini_zoo.split_file("shift", "train"))}
+    context = ev.request_args()[0][0]
+    shots = context.split("\n\n")
+    assert len(shots) == 3 and all(shot.split(" ")[0] in train for shot in shots[:2])
+    # and the same ones as lm-eval's (its sampler draws per doc in doc order)
+    first = next(s for s in reference["samples"][task] if s["doc_id"] == 0)
+    mine = ev.request_args()[4 * ev.doc_ids()[task].index(0)]
+    assert mine == tuple(first["arguments"][0])
+
+
+@pytest.mark.parametrize("mode", ["seeded", "first"])
+def test_limit_modes_choose_their_docs(mini_zoo: Zoo, mode: str) -> None:
+    ev = LmEvalEvaluator([lm_eval_name("sort")], include_path=mini_zoo.task_dir, limit=0.1, limit_mode=mode, seed=5,
+                         include_defaults=False)
+    ids = ev.doc_ids()[lm_eval_name("sort")]
+    assert len(ids) == 10  # ceil(0.1 * 100), lm-eval's fraction rule
+    assert (sorted(ids) == list(range(10))) == (mode == "first")
