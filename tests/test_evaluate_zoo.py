@@ -4,6 +4,7 @@ lm-eval's first-N ``limit``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,3 +84,40 @@ def test_limit_modes_choose_their_docs(mini_zoo: Zoo, mode: str) -> None:
     ids = ev.doc_ids()[lm_eval_name("sort")]
     assert len(ids) == 10  # ceil(0.1 * 100), lm-eval's fraction rule
     assert (sorted(ids) == list(range(10))) == (mode == "first")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] | upper }}:{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
+def test_chat_template_system_instruction_and_gen_kwargs_equal_lm_eval(mini_zoo: Zoo, tmp_path: Path) -> None:
+    """``apply_chat_template`` (few-shot as multiturn, lm-eval's default with a chat template), a system instruction,
+    one shot and ``gen_kwargs`` on the generation task, as lm-eval's CLI options of the same names."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer = _load(mini_zoo, "expert_reverse")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    task = generation_name("reverse")
+    settings: dict[str, Any] = {"apply_chat_template": True, "system_instruction": "reverse", "num_fewshot": 1,
+                                "gen_kwargs": "max_gen_toks=5", "limit": 20}
+    reference = simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path},dtype=float32", tasks=[task], device="cpu", batch_size=32,
+        bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=str(mini_zoo.task_dir), include_defaults=False), **settings,
+    )
+    ev = LmEvalEvaluator([task], include_path=mini_zoo.task_dir, split="test", limit_mode="first",
+                         include_defaults=False, **settings)
+    assert ev.objective.metrics == (f"{task}/exact_match,strict-match",)
+    assert ev._tasks[task].config.generation_kwargs["max_gen_toks"] == 5
+    ours = ev.score(model, tokenizer)
+    samples = {s["doc_id"]: s for s in reference["samples"][task]}
+    context = ev.request_args()[0][0]
+    assert context == samples[ev.doc_ids()[task][0]]["arguments"][0][0]
+    assert context.startswith("S:reverse\nU:") and context.endswith("A:") and context.count("U:") == 2
+    assert ours.metrics[f"{task}/exact_match,strict-match"] == reference["results"][task]["exact_match,strict-match"]
+    assert ours.items[f"{task}/exact_match,strict-match"] == [samples[i]["exact_match"] for i in ev.doc_ids()[task]]
