@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +160,29 @@ def profile(fn: Callable[[], Any]) -> dict[str, float]:
     return {**parts, "other": total - sum(parts.values()), "total": total}
 
 
-def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
-              device: torch.device) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+@dataclass
+class Harnesses:
+    """A random-weight Llama with our evaluator and stock lm-eval around it, each as a per-candidate call."""
+
+    model: LlamaForCausalLM
+    evaluator: LmEvalEvaluator
+    stock_lm: HFLM
+    ours: Callable[[], Any]
+    stock: Callable[[], Any]
+
+    def seconds(self, bare: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+        """Median seconds of bare, ours and stock (stock repeated half as often: it is the slow one)."""
+        return timed({"bare": bare, "ours": self.ours, "stock": self.stock},
+                     {"bare": args.repeats, "ours": args.repeats, "stock": max(1, args.repeats // 2)}, device)
+
+
+def harnesses(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
+              device: torch.device) -> Harnesses:
     model = llama(hidden, layers, len(tokenizer), device, getattr(torch, args.dtype))
     evaluator = LmEvalEvaluator(tasks, include_path=task_dir, split="validation", limit=args.limit,
                                 batch_size=args.batch_size, include_defaults=False)
     stock_lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    batches = bare_batches(evaluator.request_args(), stock_lm, args.batch_size, device)
 
     def ours() -> None:
         evaluator.score(model, tokenizer)
@@ -175,13 +191,21 @@ def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokeni
         simple_evaluate(stock_lm, tasks=tasks, task_manager=manager, limit=args.limit, bootstrap_iters=0,
                         log_samples=False, cache_requests=False)
 
+    return Harnesses(model, evaluator, stock_lm, ours, stock)
+
+
+def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
+              device: torch.device) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    h = harnesses(hidden, layers, tasks, task_dir, tokenizer, args, device)
+    model, evaluator = h.model, h.evaluator
+    batches = bare_batches(evaluator.request_args(), h.stock_lm, args.batch_size, device)
+
     def bare() -> None:
         with torch.inference_mode():
             for batch in batches:
                 model(input_ids=batch)
 
-    seconds = timed({"bare": bare, "ours": ours, "stock": stock},
-                    {"bare": args.repeats, "ours": args.repeats, "stock": max(1, args.repeats // 2)}, device)
+    seconds = h.seconds(bare, args, device)
     n_docs = sum(len(ids) for ids in evaluator.doc_ids().values())
     row = {
         "shape": f"{hidden}x{layers}", "params": sum(p.numel() for p in model.parameters()), "docs": n_docs,
@@ -189,7 +213,7 @@ def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokeni
         "tokens": sum(b.numel() for b in batches), "bare s": seconds["bare"], "ours s": seconds["ours"],
         "stock s": seconds["stock"],
     }
-    return row, {"LmEvalEvaluator.score": profile(ours), "stock simple_evaluate": profile(stock)}
+    return row, {"LmEvalEvaluator.score": profile(h.ours), "stock simple_evaluate": profile(h.stock)}
 
 
 def bare_generation_batches(args: list[tuple[str, ...]], lm: HFLM, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -202,19 +226,9 @@ def bare_generation_batches(args: list[tuple[str, ...]], lm: HFLM, batch_size: i
 def run_generation(hidden: int, layers: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Per-candidate seconds of the zoo's generation tasks: ours, stock ``simple_evaluate``, bare greedy decode."""
     tasks, task_dir, tokenizer = zoo_tasks(generation=True)
-    model = llama(hidden, layers, len(tokenizer), device, getattr(torch, args.dtype))
-    evaluator = LmEvalEvaluator(tasks, include_path=task_dir, split="validation", limit=args.limit,
-                                batch_size=args.batch_size, include_defaults=False)
-    stock_lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    batches = bare_generation_batches(evaluator.request_args(), stock_lm, args.batch_size)
-
-    def ours() -> None:
-        evaluator.score(model, tokenizer)
-
-    def stock() -> None:
-        simple_evaluate(stock_lm, tasks=tasks, task_manager=manager, limit=args.limit, bootstrap_iters=0,
-                        log_samples=False, cache_requests=False)
+    h = harnesses(hidden, layers, tasks, task_dir, tokenizer, args, device)
+    model, evaluator = h.model, h.evaluator
+    batches = bare_generation_batches(evaluator.request_args(), h.stock_lm, args.batch_size)
 
     def bare() -> None:
         with torch.inference_mode():
@@ -223,8 +237,7 @@ def run_generation(hidden: int, layers: int, args: argparse.Namespace, device: t
                                max_new_tokens=MAX_GEN_TOKS, do_sample=False, use_cache=True,
                                pad_token_id=tokenizer.pad_token_id)
 
-    seconds = timed({"bare": bare, "ours": ours, "stock": stock},
-                    {"bare": args.repeats, "ours": args.repeats, "stock": max(1, args.repeats // 2)}, device)
+    seconds = h.seconds(bare, args, device)
     return {"shape": f"{hidden}x{layers}", "params": sum(p.numel() for p in model.parameters()),
             "docs": sum(len(ids) for ids in evaluator.doc_ids().values()), "requests": len(evaluator.request_args()),
             "forward batches": len(batches), "bare s": seconds["bare"], "ours s": seconds["ours"],
