@@ -11,7 +11,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.evaluate import LmEvalEvaluator
+from evomerge.evaluate import EvaluationError, LmEvalEvaluator
 from evomerge.zoo import Zoo
 from evomerge.zoo.taskfiles import generation_name, lm_eval_name, read_jsonl
 
@@ -77,6 +77,18 @@ def test_num_fewshot_and_first_n_limit_equal_lm_eval(mini_zoo: Zoo) -> None:
     assert mine == tuple(first["arguments"][0])
 
 
+def test_a_metric_without_filter_means_the_tasks_filters_in_metrics_weights_and_defaults(mini_zoo: Zoo) -> None:
+    gen, mc = generation_name("reverse"), lm_eval_name("sort")
+    kwargs: dict[str, Any] = {"include_path": mini_zoo.task_dir, "include_defaults": False}
+    expected = (f"{gen}/exact_match,strict-match", f"{mc}/acc")
+    ev = LmEvalEvaluator([gen, mc], metrics=[f"{gen}/exact_match", f"{mc}/acc"],
+                         weights={f"{gen}/exact_match": 3.0, f"{mc}/acc": 1.0}, **kwargs)
+    assert ev.objective.metrics == expected and ev.objective.weights == (3.0, 1.0)
+    assert LmEvalEvaluator([gen, mc], **kwargs).objective.metrics == expected  # each task's first metric, filter
+    with pytest.raises(EvaluationError, match=rf"'acc' is not produced by '{gen}'.*pairs.*: exact_match,strict-match"):
+        LmEvalEvaluator([gen, mc], metrics=["acc"], **kwargs)
+
+
 @pytest.mark.parametrize("mode", ["seeded", "first"])
 def test_limit_modes_choose_their_docs(mini_zoo: Zoo, mode: str) -> None:
     ev = LmEvalEvaluator([lm_eval_name("sort")], include_path=mini_zoo.task_dir, limit=0.1, limit_mode=mode, seed=5,
@@ -121,3 +133,34 @@ def test_chat_template_system_instruction_and_gen_kwargs_equal_lm_eval(mini_zoo:
     assert context.startswith("S:reverse\nU:") and context.endswith("A:") and context.count("U:") == 2
     assert ours.metrics[f"{task}/exact_match,strict-match"] == reference["results"][task]["exact_match,strict-match"]
     assert ours.items[f"{task}/exact_match,strict-match"] == [samples[i]["exact_match"] for i in ev.doc_ids()[task]]
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_reproduces_the_test_score_and_stderr(mini_zoo: Zoo, tmp_path: Path) -> None:
+    """``lm-eval run`` itself (a subprocess, as a user runs it) over a zoo expert with --limit and --gen_kwargs: the
+    evaluator's test-split score and its stderr (lm-eval's default bootstrap_iters) are the CLI's. (The zoo models
+    never saw few-shot prompts: with shots they answer nothing right, which would make the check blind.)"""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    task = generation_name("reverse")
+    out = tmp_path / "out"
+    cli = Path(sys.executable).with_name("lm-eval")
+    subprocess.run(
+        [str(cli) if cli.exists() else shutil.which("lm-eval"), "run", "--model", "hf", "--model_args",
+         f"pretrained={mini_zoo.model_dir('expert_reverse')}", "dtype=float32", "--tasks", task,
+         "--include_path", str(mini_zoo.task_dir), "--limit", "40",
+         "--gen_kwargs", "max_gen_toks=8", "--device", "cpu", "--batch_size", "32", "--output_path", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    (results,) = out.rglob("results_*.json")
+    reference = json.loads(results.read_text())["results"][task]
+    ev = LmEvalEvaluator([task], include_path=mini_zoo.task_dir, split="test", limit=40, limit_mode="first",
+                         gen_kwargs={"max_gen_toks": 8}, include_defaults=False)
+    ours = ev.score(*_load(mini_zoo, "expert_reverse"))
+    key = f"{task}/exact_match,strict-match"
+    assert ours.metrics[key] == reference["exact_match,strict-match"]
+    assert ours.stderr[key] == pytest.approx(reference["exact_match_stderr,strict-match"], abs=1e-12)
+    assert 0 < ours.metrics[key] < 1  # a score that can tell a wrong request from a right one
