@@ -6,11 +6,11 @@ there), the task objects and their datasets, the split choice, the fidelity orde
 own request building (prompt templates, few-shot contexts: ``Task.build_all_requests``). Each :meth:`score`
 call then only clears the answers of the prepared requests, sends them through one
 :class:`~evomerge.evaluate.fast_hflm.FastHFLM` that wraps the live model (created on the first call, reused
-while the same model object is passed), and computes the metrics with the task's own ``process_results`` and
-``aggregation`` — the steps of lm-eval's ``evaluator.evaluate`` for ungrouped tasks, without re-rendering
-templates or re-tokenizing per call. There is no response cache (its key would not know the weights) and no
-bootstrap stderr. Scores equal ``lm_eval.simple_evaluate`` on the same docs (tested); per-doc scores come
-with every result (no ``log_samples`` switch needed).
+while the same model object is passed), and computes the metrics with the task's own filters and
+``process_results`` and lm-eval's aggregation (``_process_results``: task aggregates, stderr, group aggregates) —
+the steps of lm-eval's ``evaluator.evaluate``, without re-rendering templates or re-tokenizing per call. There is
+no response cache (its key would not know the weights). Scores equal ``lm_eval.simple_evaluate`` and lm-eval's CLI
+on the same docs (tested); per-doc scores come with every result (no ``log_samples`` switch needed).
 
 Split: ``"validation"`` (for the search) or ``"test"`` (for the final report) — lm-eval evaluates a task's
 ``test_split`` when it has one, so for validation the task's ``test_split`` is pointed at its
