@@ -13,11 +13,18 @@ times, per candidate, after one warm-up call:
 overhead = (harness seconds - bare seconds) / bare seconds. A cProfile of one call of each harness splits its
 time into model forward, template rendering (Jinja), tokenization and the rest.
 
+Generation rows (the zoo's ``zoo_<task>_gen`` tasks: greedy ``generate_until``, ``strict-match`` filter, exact
+match): the same three, where the floor is a bare batched greedy decode with the KV cache -- the same prompts,
+tokenized by lm-eval (left-padded, longest first, batches of the same size),
+``model.generate(max_new_tokens=max_gen_toks, do_sample=False, use_cache=True)`` with no stop strings (random weights
+rarely produce a stop string, so both run to ``max_gen_toks``).
+
 Tasks: the tiny zoo's (``evomerge.zoo.cached_zoo``) when it is available, else generated multiple-choice
 tasks of the same shape (short queries, 4 choices).
 
     python benchmarks/eval_overhead.py                          # CPU, shapes 128x4 and 512x8
     python benchmarks/eval_overhead.py --device cuda --shapes 128x4,1024x16,2048x22
+    python benchmarks/eval_overhead.py --quick                  # a smoke run: one small shape, few docs, 1 repeat
 
 Writes results/eval_overhead[_<device>].md (machine, command, table, profile).
 """
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.evaluate import LmEvalEvaluator, write_multiple_choice_task
+from evomerge.zoo.taskfiles import MAX_GEN_TOKS
 
 LETTERS = "abcdefghij"
 PROFILE_PARTS = {  # label -> function names whose cumulative time is that part
@@ -81,15 +90,14 @@ def generated_tasks(root: Path, n_docs: int) -> tuple[list[str], Path, PreTraine
     return names, root, tokenizer
 
 
-def zoo_tasks() -> tuple[list[str], Path, Any] | None:
-    """The mini zoo's task names, task dir and tokenizer, or None when ``evomerge.zoo`` has no cached_zoo yet."""
-    try:
-        from evomerge.zoo import ZooConfig, cached_zoo
-        from evomerge.zoo.taskfiles import lm_eval_name
-    except ImportError:
-        return None
+def zoo_tasks(generation: bool = False) -> tuple[list[str], Path, Any]:
+    """The mini zoo's task names (multiple choice, or their generation variants), task dir and tokenizer."""
+    from evomerge.zoo import ZooConfig, cached_zoo
+    from evomerge.zoo.taskfiles import generation_name, lm_eval_name
+
     zoo = cached_zoo(ZooConfig.mini())
-    return [lm_eval_name(t) for t in zoo.task_names], Path(zoo.task_dir), AutoTokenizer.from_pretrained(zoo.base)
+    names = [(generation_name if generation else lm_eval_name)(t) for t in zoo.task_names]
+    return names, Path(zoo.task_dir), AutoTokenizer.from_pretrained(zoo.base)
 
 
 def llama(hidden: int, layers: int, vocab: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -152,14 +160,29 @@ def profile(fn: Callable[[], Any]) -> dict[str, float]:
     return {**parts, "other": total - sum(parts.values()), "total": total}
 
 
-def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
-              device: torch.device) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+@dataclass
+class Harnesses:
+    """A random-weight Llama with our evaluator and stock lm-eval around it, each as a per-candidate call."""
+
+    model: LlamaForCausalLM
+    evaluator: LmEvalEvaluator
+    stock_lm: HFLM
+    ours: Callable[[], Any]
+    stock: Callable[[], Any]
+
+    def seconds(self, bare: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+        """Median seconds of bare, ours and stock (stock repeated half as often: it is the slow one)."""
+        return timed({"bare": bare, "ours": self.ours, "stock": self.stock},
+                     {"bare": args.repeats, "ours": args.repeats, "stock": max(1, args.repeats // 2)}, device)
+
+
+def harnesses(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
+              device: torch.device) -> Harnesses:
     model = llama(hidden, layers, len(tokenizer), device, getattr(torch, args.dtype))
     evaluator = LmEvalEvaluator(tasks, include_path=task_dir, split="validation", limit=args.limit,
                                 batch_size=args.batch_size, include_defaults=False)
     stock_lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    batches = bare_batches(evaluator.request_args(), stock_lm, args.batch_size, device)
 
     def ours() -> None:
         evaluator.score(model, tokenizer)
@@ -168,13 +191,21 @@ def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokeni
         simple_evaluate(stock_lm, tasks=tasks, task_manager=manager, limit=args.limit, bootstrap_iters=0,
                         log_samples=False, cache_requests=False)
 
+    return Harnesses(model, evaluator, stock_lm, ours, stock)
+
+
+def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokenizer: Any, args: argparse.Namespace,
+              device: torch.device) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    h = harnesses(hidden, layers, tasks, task_dir, tokenizer, args, device)
+    model, evaluator = h.model, h.evaluator
+    batches = bare_batches(evaluator.request_args(), h.stock_lm, args.batch_size, device)
+
     def bare() -> None:
         with torch.inference_mode():
             for batch in batches:
                 model(input_ids=batch)
 
-    seconds = timed({"bare": bare, "ours": ours, "stock": stock},
-                    {"bare": args.repeats, "ours": args.repeats, "stock": max(1, args.repeats // 2)}, device)
+    seconds = h.seconds(bare, args, device)
     n_docs = sum(len(ids) for ids in evaluator.doc_ids().values())
     row = {
         "shape": f"{hidden}x{layers}", "params": sum(p.numel() for p in model.parameters()), "docs": n_docs,
@@ -182,7 +213,35 @@ def run_shape(hidden: int, layers: int, tasks: list[str], task_dir: Path, tokeni
         "tokens": sum(b.numel() for b in batches), "bare s": seconds["bare"], "ours s": seconds["ours"],
         "stock s": seconds["stock"],
     }
-    return row, {"LmEvalEvaluator.score": profile(ours), "stock simple_evaluate": profile(stock)}
+    return row, {"LmEvalEvaluator.score": profile(h.ours), "stock simple_evaluate": profile(h.stock)}
+
+
+def bare_generation_batches(args: list[tuple[str, ...]], lm: HFLM, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """The generation prompts as lm-eval's ``generate_until`` encodes them: longest first, left-padded batches."""
+    contexts = sorted({a[0] for a in args}, key=lambda c: -len(lm.tok_encode(c)))
+    return [lm.tok_batch_encode(contexts[i : i + batch_size], left_truncate_len=lm.max_length - MAX_GEN_TOKS)
+            for i in range(0, len(contexts), batch_size)]
+
+
+def run_generation(hidden: int, layers: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Per-candidate seconds of the zoo's generation tasks: ours, stock ``simple_evaluate``, bare greedy decode."""
+    tasks, task_dir, tokenizer = zoo_tasks(generation=True)
+    h = harnesses(hidden, layers, tasks, task_dir, tokenizer, args, device)
+    model, evaluator = h.model, h.evaluator
+    batches = bare_generation_batches(evaluator.request_args(), h.stock_lm, args.batch_size)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for input_ids, mask in batches:
+                model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                               max_new_tokens=MAX_GEN_TOKS, do_sample=False, use_cache=True,
+                               pad_token_id=tokenizer.pad_token_id)
+
+    seconds = h.seconds(bare, args, device)
+    return {"shape": f"{hidden}x{layers}", "params": sum(p.numel() for p in model.parameters()),
+            "docs": sum(len(ids) for ids in evaluator.doc_ids().values()), "requests": len(evaluator.request_args()),
+            "forward batches": len(batches), "bare s": seconds["bare"], "ours s": seconds["ours"],
+            "stock s": seconds["stock"]}
 
 
 def machine(device: torch.device) -> str:
@@ -194,7 +253,7 @@ def machine(device: torch.device) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], profiles: dict[str, dict[str, dict[str, float]]], source: str,
-             device: torch.device, args: argparse.Namespace) -> str:
+             device: torch.device, args: argparse.Namespace, generation: list[dict[str, Any]]) -> str:
     pct = lambda s, bare: f"{100 * (s - bare) / bare:+.0f}%"  # noqa: E731
     lines = [
         "# Evaluation overhead per candidate", "",
@@ -215,6 +274,18 @@ def markdown(rows: list[dict[str, Any]], profiles: dict[str, dict[str, dict[str,
             f"| {r['tokens']} | {r['bare s']:.3f} | {r['ours s']:.3f} | {pct(r['ours s'], r['bare s'])} "
             f"| {r['stock s']:.3f} | {pct(r['stock s'], r['bare s'])} |"
         )
+    if generation:
+        lines += ["", f"## Generation: the zoo's `zoo_<task>_gen` tasks (greedy, max_gen_toks {MAX_GEN_TOKS})", "",
+                  "Bare: batched greedy `model.generate` with the KV cache over the same prompts and batches.", "",
+                  "| shape (hidden x layers) | params | docs | requests | generate batches | bare greedy decode s "
+                  "| LmEvalEvaluator s | overhead | stock simple_evaluate s | stock overhead |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in generation:
+            lines.append(
+                f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['docs']} | {r['requests']} | {r['forward batches']} "
+                f"| {r['bare s']:.3f} | {r['ours s']:.3f} | {pct(r['ours s'], r['bare s'])} "
+                f"| {r['stock s']:.3f} | {pct(r['stock s'], r['bare s'])} |"
+            )
     lines += ["", "## Where the time goes (cProfile of one call; profiling slows Python code down)", "",
               "| shape | harness | total s | model forward s | templates (Jinja) s | tokenization s | other s |",
               "|---|---|---:|---:|---:|---:|---:|"]
@@ -235,15 +306,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--tasks", choices=("auto", "zoo", "generated"), default="auto")
+    parser.add_argument("--generation", choices=("on", "off"), default="on",
+                        help="also time the zoo's generation tasks (first shape only)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: shape 64x2, 8 docs/task, 1 repeat")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.limit, args.repeats = "64x2", 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         found = None if args.tasks == "generated" else zoo_tasks()
-        if found is None and args.tasks == "zoo":
-            raise SystemExit("evomerge.zoo.cached_zoo is not available")
         tasks, task_dir, tokenizer = found or generated_tasks(Path(tmp), args.limit)
         source = f"tiny zoo {tasks}" if found else f"generated {tasks}"
         rows, profiles = [], {}
@@ -253,9 +327,15 @@ def main() -> None:
             rows.append(row)
             profiles[row["shape"]] = prof
             print(row, flush=True)
-    text = markdown(rows, profiles, source, device, args)
+    generation = []
+    if args.generation == "on":
+        hidden, layers = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        generation.append(run_generation(hidden, layers, args, device))
+        print(generation[-1], flush=True)
+    text = markdown(rows, profiles, source, device, args, generation)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("eval_overhead.md" if device.type == "cpu" else f"eval_overhead_{device.type}_{args.dtype}.md")
+    name = "eval_overhead.md" if device.type == "cpu" else f"eval_overhead_{device.type}_{args.dtype}.md"
+    path = args.out / (f"quick_{name}" if args.quick else name)
     path.write_text(text, encoding="utf-8")
     print(text)
     print(f"wrote {path}")

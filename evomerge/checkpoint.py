@@ -27,7 +27,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -459,15 +459,17 @@ def _type_mismatches(checkpoints: Sequence[Checkpoint]) -> list[str]:
     return problems
 
 
-def _tensor_mismatches(checkpoints: Sequence[Checkpoint]) -> list[str]:
+def _tensor_mismatches(checkpoints: Sequence[Checkpoint], skip: Collection[str]) -> list[str]:
     ref = checkpoints[0]
-    ref_names = ref.names
+    ref_names = [n for n in ref.names if n not in skip]
     problems = []
     for i, other in enumerate(checkpoints[1:], start=1):
         src = _source(i, other)
         problems += [f"missing in {src}: {n!r} (present in {_source(0, ref)})" for n in ref_names if n not in other]
         problems += [
-            f"{src} has extra tensor {n!r}, absent from {_source(0, ref)}" for n in other.names if n not in ref
+            f"{src} has extra tensor {n!r}, absent from {_source(0, ref)}"
+            for n in other.names
+            if n not in ref and n not in skip
         ]
         for name in ref_names:
             if name in other and other.shape(name) != ref.shape(name):
@@ -477,18 +479,25 @@ def _tensor_mismatches(checkpoints: Sequence[Checkpoint]) -> list[str]:
     return problems
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], *, max_reported: int = 5) -> None:
+def check_compatible(
+    checkpoints: Sequence[Checkpoint], *, skip: Collection[str] = (), max_reported: int = 5
+) -> list[str]:
     """Raise :class:`IncompatibleCheckpointsError` unless all sources can be merged tensor by tensor.
 
     Every source is compared with source 0: same ``model_type`` (and same ``architectures[0]`` where
     both configs declare one), then the same tensor names and shapes. Dtypes may differ. Only headers
     are read. The error lists the first ``max_reported`` mismatches, naming source index and path.
+
+    ``skip``: names that are not compared, the live model's non-persistent buffers (``embeddings.position_ids``
+    of BERT, rotary ``inv_freq``), which some transformers versions save and others do not; the model rebuilds
+    them, so there is nothing to merge. Returns the skipped names found in any source, sorted, for the caller to
+    report.
     """
     if not checkpoints:
         raise ValueError("check_compatible needs at least one checkpoint")
-    problems = _type_mismatches(checkpoints) or _tensor_mismatches(checkpoints)
+    problems = _type_mismatches(checkpoints) or _tensor_mismatches(checkpoints, skip)
     if not problems:
-        return
+        return sorted({n for ck in checkpoints for n in ck.names if n in skip})
     shown = "\n".join(f"  - {p}" for p in problems[:max_reported])
     more = f"\n  ... and {len(problems) - max_reported} more" if len(problems) > max_reported else ""
     raise IncompatibleCheckpointsError(

@@ -183,8 +183,16 @@ def test_objective_weights_and_two_tasks(task_dir: Path, tokenizer: Any, model_a
 def test_configuration_errors_are_clear_and_early(task_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"unknown lm-eval task.*'ev_nope'.*ev_known.*ev_random"):
         LmEvalEvaluator(["ev_nope"], include_path=task_dir, include_defaults=False)
-    with pytest.raises(EvaluationError, match=r"not produced.*produced metrics.*ev_random/acc"):
+    with pytest.raises(EvaluationError, match=r"'f1' is not produced by 'ev_random'.*pairs.*: acc,none, acc_norm,none"):
         LmEvalEvaluator(["ev_random"], include_path=task_dir, metrics=["f1"], include_defaults=False)
+    with pytest.raises(EvaluationError, match=r"'ev_nope/acc' names 'ev_nope'.*evaluated: \['ev_random'\]"):
+        LmEvalEvaluator(["ev_random"], include_path=task_dir, metrics=["ev_nope/acc"], include_defaults=False)
+    with pytest.raises(EvaluationError, match=r"'acc,strict-match' is not produced by 'ev_random'"):
+        LmEvalEvaluator(["ev_random"], include_path=task_dir, metrics=["acc,strict-match"], include_defaults=False)
+    with pytest.raises(EvaluationError, match="limit_mode"):
+        LmEvalEvaluator(["ev_random"], include_path=task_dir, limit=3, limit_mode="last", include_defaults=False)
+    with pytest.raises(EvaluationError, match="fewshot_as_multiturn needs apply_chat_template"):
+        LmEvalEvaluator(["ev_random"], include_path=task_dir, fewshot_as_multiturn=True, include_defaults=False)
     broken = tmp_path / "broken"
     yaml_path = write_multiple_choice_task(broken, "ev_gone", {s: _known_items(s) for s in ("validation", "test")})
     missing = broken / "ev_gone_validation.jsonl"
@@ -417,3 +425,53 @@ def test_cuda_scores_equal_cpu_scores(task_dir: Path, tokenizer: Any, tmp_path: 
     ppl_cpu = PerplexityEvaluator(path, max_length=8, stride=3).score(cpu, tokenizer)
     ppl_gpu = PerplexityEvaluator(path, max_length=8, stride=3).score(gpu, tokenizer)
     assert ppl_gpu.metrics["nll_per_token"] == pytest.approx(ppl_cpu.metrics["nll_per_token"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- groups, stderr
+
+
+def _group_yaml(root: Path, name: str, weight_by_size: bool) -> None:
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.yaml").write_text(yaml.safe_dump({
+        "group": name, "task": ["ev_known", "ev_random"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": weight_by_size}],
+        "metadata": {"version": 1.0},
+    }))
+
+
+def test_group_aggregate_and_stderr_equal_lm_eval(
+    task_dir: Path, tokenizer: Any, model_a: Any, tmp_path: Path
+) -> None:
+    """A group over ev_known (12 docs) and ev_random (24 docs): lm-eval's size-weighted and unweighted aggregates
+    and stderrs, by hand and from ``simple_evaluate``; search-time scoring (validation) has no stderr."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    groups = tmp_path / "groups"
+    _group_yaml(groups, "ev_sized", weight_by_size=True)
+    _group_yaml(groups, "ev_flat", weight_by_size=False)
+    model_a.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    paths = [task_dir, groups]
+    for group, by_size in (("ev_sized", True), ("ev_flat", False)):
+        reference = simple_evaluate(
+            model="hf", model_args=f"pretrained={tmp_path / 'model'},dtype=float32", tasks=[group], device="cpu",
+            batch_size=8, bootstrap_iters=1000,
+            task_manager=TaskManager(include_path=[str(p) for p in paths], include_defaults=False),
+        )["results"]
+        ev = LmEvalEvaluator([group], include_path=paths, split="test", include_defaults=False)
+        assert ev.objective.metrics == (f"{group}/acc",) and ev.bootstrap_iters == 100000
+        ours = ev.score(model_a, tokenizer)
+        known, rnd = ours.metrics["ev_known/acc"], ours.metrics["ev_random/acc"]
+        assert known == pytest.approx(9 / 12) and known != pytest.approx(rnd)
+        expected = (12 * known + 24 * rnd) / 36 if by_size else (known + rnd) / 2
+        assert ours.objective == ours.metrics[f"{group}/acc"] == pytest.approx(expected)
+        # stderr of a mean metric: sample standard deviation / sqrt(n) (closed form in lm-eval, no bootstrap)
+        assert ours.stderr["ev_known/acc"] == pytest.approx(math.sqrt(12 * 0.75 * 0.25 / 11) / math.sqrt(12))
+        for name in (group, "ev_known", "ev_random"):
+            assert ours.metrics[f"{name}/acc"] == pytest.approx(reference[name]["acc,none"], abs=1e-12)
+            assert ours.stderr[f"{name}/acc"] == pytest.approx(reference[name]["acc_stderr,none"], abs=1e-12)
+    search = LmEvalEvaluator(["ev_sized"], include_path=paths, include_defaults=False).score(model_a, tokenizer)
+    assert search.stderr is None and "ev_sized/acc" in search.metrics

@@ -255,6 +255,8 @@ def test_loading_a_moved_zoo_repoints_the_yaml_data_paths(mini_zoo: Zoo, tmp_pat
     zoo = Zoo.load(moved)
     files = yaml.safe_load(zoo.task_yaml("sort").read_text())["dataset_kwargs"]["data_files"]
     assert files["validation"] == str(moved.resolve() / "tasks" / "sort" / "validation.jsonl")
+    generation = yaml.safe_load((zoo.task_dir / "zoo_sort_gen.yaml").read_text())
+    assert generation["dataset_kwargs"]["data_files"] == files and generation["output_type"] == "generate_until"
     assert yaml.safe_load(mini_zoo.task_yaml("sort").read_text())["dataset_kwargs"]["data_files"] != files
 
 

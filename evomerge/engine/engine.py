@@ -41,7 +41,7 @@ from evomerge.checkpoint import Checkpoint, check_compatible, save_hf_dir
 from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
-from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
+from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model, model_class
 from evomerge.engine.memory import MemoryPlan, available_bytes, plan_memory
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.methods.counter_rng import row_keys
@@ -65,6 +65,18 @@ class MergeStats:
     seconds: float = 0.0
     bytes_moved: int = 0
     names: list[str] = field(default_factory=list)
+
+
+def _rebuilt_buffers(path: str, first: Checkpoint) -> set[str]:
+    """Names of the non-persistent buffers of ``path``'s model class (BERT's ``embeddings.position_ids``, rotary
+    ``inv_freq``): the model rebuilds them and transformers neither loads nor saves them, yet checkpoints saved by
+    some transformers versions hold them. Read from a weightless (meta-device) instance, before anything is loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = model_class(config, first.names).from_config(config, trust_remote_code=False)
+    return {n for n, _ in model.named_buffers()} - set(model.state_dict())
 
 
 class MergeEngine:
@@ -109,9 +121,13 @@ class MergeEngine:
         self.paths = [str(p) for p in models]
         self.device = compute_device(device)
         self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]
-        check_compatible(self.checkpoints)
         first = self.checkpoints[0]
-        self.names = [n for n in first.names if first.dtype(n).is_floating_point]
+        rebuilt = _rebuilt_buffers(self.paths[0], first)
+        skipped = check_compatible(self.checkpoints, skip=rebuilt)
+        if skipped:
+            log.info("not merged (buffers the model rebuilds, saved by some checkpoints only): %s", ", ".join(skipped))
+        kept = [n for n in first.names if n not in rebuilt]
+        self.names = [n for n in kept if first.dtype(n).is_floating_point]
         self.num_layers = first.num_layers
         self.dtype = self._dtype(dtype, first)
         storage = self._storage_device(memory_budget)
@@ -122,7 +138,7 @@ class MergeEngine:
         self.model = load_model(self.paths[0], device=self.device, dtype=self.dtype)
         self.sources = SourceStacks(self.checkpoints, self.paths, self.names, storage, self.device,
                                     mapped=self.memory.sources == "mapped")
-        self.targets = LiveTargets(self.model, first.names, self.names, self.sources.spans, self.sources.total,
+        self.targets = LiveTargets(self.model, kept, self.names, self.sources.spans, self.sources.total,
                                    self.dtype, self.device)
         self.kernels = Kernels(self.device, self.sources.total, compile=compile,
                                compile_min_entries=compile_min_entries, chunk_entries=chunk_entries)
@@ -139,8 +155,9 @@ class MergeEngine:
     def _dtype(dtype: str | torch.dtype | None, first: Checkpoint) -> torch.dtype:
         if isinstance(dtype, torch.dtype):
             return dtype
-        if dtype is None:
-            return first.dtype(first.names[0])
+        if dtype is None:  # the first floating-point tensor's (an integer buffer may come first on disk)
+            floats = [n for n in first.names if first.dtype(n).is_floating_point]
+            return first.dtype((floats or first.names)[0])
         if dtype not in DTYPES:
             raise RecipeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         return DTYPES[dtype]

@@ -103,7 +103,9 @@ class EvalResult:
     ``metrics``: every metric the evaluator produced (keys like ``"zoo_add/acc"``); ``objective``: the
     :class:`Objective`'s weighted mean; ``objectives``: the chosen metric values in order; ``items``: per-item
     scores of the chosen metrics (same keys), in the fixed fidelity order, or None where a metric has no per-item
-    value; ``n_items``: how many items (documents) were scored in all; ``seconds``: wall time of the call.
+    value; ``n_items``: how many items (documents) were scored in all; ``seconds``: wall time of the call;
+    ``stderr``: standard error of each metric (same keys as ``metrics``) where the evaluator computed one (lm-eval's
+    stderr, on the test split by default), else None.
     """
 
     metrics: dict[str, float]
@@ -113,6 +115,7 @@ class EvalResult:
     n_items: int
     seconds: float
     fidelity: float = 1.0
+    stderr: dict[str, float] | None = None
 
 
 @runtime_checkable
@@ -138,6 +141,7 @@ def result_from_metrics(
     n_items: int,
     seconds: float,
     fidelity: float,
+    stderr: Mapping[str, float] | None = None,
 ) -> EvalResult:
     """Assemble an :class:`EvalResult`: objective values from ``metrics``, items of the objective's metrics."""
     values = objective.values(metrics)
@@ -150,6 +154,7 @@ def result_from_metrics(
         n_items=n_items,
         seconds=seconds,
         fidelity=fidelity,
+        stderr=dict(stderr) if stderr else None,
     )
 
 

@@ -6,19 +6,33 @@ there), the task objects and their datasets, the split choice, the fidelity orde
 own request building (prompt templates, few-shot contexts: ``Task.build_all_requests``). Each :meth:`score`
 call then only clears the answers of the prepared requests, sends them through one
 :class:`~evomerge.evaluate.fast_hflm.FastHFLM` that wraps the live model (created on the first call, reused
-while the same model object is passed), and computes the metrics with the task's own ``process_results`` and
-``aggregation`` — the steps of lm-eval's ``evaluator.evaluate`` for ungrouped tasks, without re-rendering
-templates or re-tokenizing per call. There is no response cache (its key would not know the weights) and no
-bootstrap stderr. Scores equal ``lm_eval.simple_evaluate`` on the same docs (tested); per-doc scores come
-with every result (no ``log_samples`` switch needed).
+while the same model object is passed), and computes the metrics with the task's own filters and
+``process_results`` and lm-eval's aggregation (``_process_results``: task aggregates, stderr, group aggregates) —
+the steps of lm-eval's ``evaluator.evaluate``, without re-rendering templates or re-tokenizing per call. There is
+no response cache (its key would not know the weights). Scores equal ``lm_eval.simple_evaluate`` and lm-eval's CLI
+on the same docs (tested); per-doc scores come with every result (no ``log_samples`` switch needed).
 
 Split: ``"validation"`` (for the search) or ``"test"`` (for the final report) — lm-eval evaluates a task's
 ``test_split`` when it has one, so for validation the task's ``test_split`` is pointed at its
-``validation_split``. Fidelity: the docs are permuted once with ``random.Random(seed)``; ``limit`` caps the
-permuted list and fidelity ``f`` scores its first ``ceil(f * n)`` docs (see :mod:`evomerge.evaluate.base`).
-Metric keys are ``"<task>/<metric>"`` (``"<task>/<metric>,<filter>"`` for a filter other than lm-eval's
-default ``none``). Groups named in ``tasks`` are expanded to their leaf tasks; group aggregates are not
-computed (weight the leaf metrics in the objective instead).
+``validation_split``. Fidelity: the docs are permuted once with ``random.Random(seed)`` and fidelity ``f`` scores
+the first ``ceil(f * n)`` docs of that order (see :mod:`evomerge.evaluate.base`). ``limit`` caps the docs:
+``limit_mode="seeded"`` takes them from the seeded permutation (a random subset), ``"first"`` takes the first
+``limit`` docs of the split as lm-eval's ``--limit`` does (then permuted for the fidelity order), so lm-eval's CLI
+with ``--limit`` reproduces the score.
+
+The other lm-eval settings (``num_fewshot``, ``apply_chat_template``, ``fewshot_as_multiturn``,
+``system_instruction``, ``gen_kwargs``, ``batch_size``, ``bootstrap_iters``) act as the same options of
+lm-eval's CLI / ``simple_evaluate``: the requests are built by the task's own ``build_all_requests`` with them.
+
+Metrics: lm-eval reports ``"<metric>,<filter>"`` per task (``"<metric>,none"`` for a task without filters).
+Here the keys are ``"<task>/<metric>"`` for filter ``none`` and ``"<task>/<metric>,<filter>"`` otherwise; a
+requested metric without a filter means the task's own filter(s) (``exact_match`` of a task with a
+``strict-match`` filter is ``exact_match,strict-match``). Groups named in ``tasks`` are evaluated through their
+leaf tasks, and a group with an ``aggregate_metric_list`` reports its aggregate (``"<group>/<metric>"``) as
+lm-eval computes it (size-weighted or not, as the group's YAML says), from the same code (lm-eval's
+``_process_results``). Stderr (``EvalResult.stderr``) is lm-eval's: closed form for mean metrics, bootstrap with
+``bootstrap_iters`` draws for the others; ``bootstrap_iters`` defaults to 0 (no stderr, search-time scoring) on
+the validation split and to lm-eval's 100000 on the test split (the final report).
 """
 
 from __future__ import annotations
@@ -26,7 +40,6 @@ from __future__ import annotations
 import difflib
 import glob
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -34,11 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lm_eval.api.group import Group
 from lm_eval.api.instance import Instance
-from lm_eval.api.metrics import mean
 from lm_eval.api.task import Task
 from lm_eval.defaults import DEFAULT_OTHER_SEED
+from lm_eval.evaluator_utils import _process_results, get_sample_size
 from lm_eval.tasks import TaskManager
+from lm_eval.utils import simple_parse_args_string
 
 from evomerge.evaluate.base import (
     Direction,
@@ -57,7 +72,10 @@ log = logging.getLogger(__name__)
 
 Split = Literal["validation", "test"]
 SPLITS: tuple[Split, ...] = ("validation", "test")
+LimitMode = Literal["seeded", "first"]
+LIMIT_MODES: tuple[LimitMode, ...] = ("seeded", "first")
 DEFAULT_FILTER = "none"
+TEST_BOOTSTRAP_ITERS = 100000  # lm-eval's default (CLI and simple_evaluate)
 
 
 @dataclass
@@ -161,35 +179,114 @@ def _memoize_doc_functions(task: Task, docs: Sequence[dict]) -> None:
     """Cache ``doc_to_text/target/choice`` of ``task`` for the prepared ``docs`` (pure functions of the doc).
 
     lm-eval renders a Jinja template (compiling it anew) on each call, and ``process_results`` calls these for
-    every doc on every evaluation; with the cache, templates are rendered once per doc.
+    every doc on every evaluation; with the cache, templates are rendered once per doc. A task prepared again
+    (chat template of another tokenizer) gets a cache of its new docs around the original functions.
     """
     for name in ("doc_to_text", "doc_to_target", "doc_to_choice"):
-        setattr(task, name, _PerDocCache(getattr(task, name), docs))
+        fn = getattr(task, name)
+        setattr(task, name, _PerDocCache(fn.fn if isinstance(fn, _PerDocCache) else fn, docs))
+
+
+def _configure_task(task: Task, num_fewshot: int | None, gen_kwargs: dict[str, Any] | None) -> None:
+    """``simple_evaluate``'s per-task overrides: ``gen_kwargs`` update a generation task's ``generation_kwargs``;
+    ``num_fewshot`` replaces the task's default unless its YAML fixes 0 shots; no default means 0 shots."""
+    if gen_kwargs is not None and task.get_config("output_type") == "generate_until":
+        task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+    if num_fewshot is not None:
+        if task.get_config("num_fewshot") == 0:
+            log.info("task %s fixes num_fewshot: 0 in its YAML; num_fewshot=%s is ignored (as lm-eval does)",
+                     task.task_name, num_fewshot)
+        else:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
 
 
 def _metric_key(task: str, metric: str, filter_key: str) -> str:
     return f"{task}/{metric}" if filter_key == DEFAULT_FILTER else f"{task}/{metric},{filter_key}"
 
 
-def _produced_metrics(tasks: Mapping[str, Task]) -> dict[str, bool]:
-    """``{metric key: higher_is_better}`` for every metric x filter the tasks report."""
-    out: dict[str, bool] = {}
-    for name, task in tasks.items():
-        filters = [f["name"] for f in task.config.filter_list or []] or [DEFAULT_FILTER]
-        better = task.higher_is_better()
-        for metric in task.aggregation():
-            for f in filters:
-                out[_metric_key(name, metric, f)] = bool(better.get(metric, True))
+Pairs = dict[tuple[str, str], bool]  # (metric, filter) -> higher is better, in lm-eval's reporting order
+
+
+def _task_pairs(task: Task) -> Pairs:
+    """Every ``(metric, filter)`` a task reports (a task without filters has lm-eval's ``none`` filter)."""
+    filters = [f["name"] for f in task.config.filter_list or []] or [DEFAULT_FILTER]
+    better = task.higher_is_better()
+    return {(metric, f): bool(better.get(metric, True)) for f in filters for metric in task.aggregation()}
+
+
+def _group_pairs(group: Group, leaves: Mapping[str, Pairs]) -> Pairs:
+    """The ``(metric, filter)`` aggregates of a group: its ``aggregate_metric_list``, filters as listed there or, when
+    not listed, every filter its leaf tasks report the metric with (lm-eval's ``Group.aggregate``)."""
+    leaf_pairs = [leaves[t.task_name] for t in group.get_all_tasks() if t.task_name in leaves]
+    out: Pairs = {}
+    for agg in group.aggregate_metric_list or []:
+        found = sorted({f for pairs in leaf_pairs for m, f in pairs if m == agg.metric})
+        for f in agg.filter_list if agg.filter_list is not None else found:
+            better = [pairs[(agg.metric, f)] for pairs in leaf_pairs if (agg.metric, f) in pairs]
+            if better:
+                out[(agg.metric, f)] = better[0]
     return out
 
 
-def _expand_metrics(metrics: Sequence[str] | None, tasks: Mapping[str, Task]) -> list[str]:
-    """Metric keys from names: ``"acc"`` means ``"<task>/acc"`` for every task; None: each task's first metric."""
-    if metrics is None:
-        return [_metric_key(name, next(iter(task.aggregation())), DEFAULT_FILTER) for name, task in tasks.items()]
+def _reported(tasks: Mapping[str, Task], groups: Mapping[str, Group]) -> dict[str, Pairs]:
+    """``{task or aggregating group: its (metric, filter) pairs}`` for everything lm-eval reports a score of."""
+    out = {name: _task_pairs(task) for name, task in tasks.items()}
+    for name, group in groups.items():
+        if group.has_aggregation:
+            out[name] = _group_pairs(group, out)
+    return out
+
+
+def _scored_units(names: Sequence[str], tasks: Mapping[str, Task], groups: Mapping[str, Group]) -> list[str]:
+    """What a metric without a task means: each requested task, each requested group that aggregates, and the
+    leaf tasks of the other requested names (groups without an aggregate, tags)."""
+    units: list[str] = []
+    covered: set[str] = set()
+    for name in names:
+        group = groups.get(name)
+        if name in tasks:
+            units.append(name)
+            covered.add(name)
+        elif group is not None and group.has_aggregation:
+            units.append(name)
+            covered.update(t.task_name for t in group.get_all_tasks())
+    return units + [name for name in tasks if name not in covered]
+
+
+def _pair_text(pairs: Pairs) -> str:
+    return ", ".join(f"{m},{f}" for m, f in pairs)
+
+
+def _resolve_metric(spec: str, units: Sequence[str], reported: Mapping[str, Pairs]) -> list[str]:
+    """Metric keys of one requested metric: ``"acc"`` (every unit), ``"task/acc"`` or ``"task/acc,filter"``.
+
+    A metric without a filter means filter ``none`` when the task reports it, else every filter the task reports
+    the metric with (lm-eval's ``metric,filter`` results keys). :class:`EvaluationError` lists the task's pairs.
+    """
+    target, _, metric = spec.rpartition("/")
+    if target and target not in reported:
+        raise EvaluationError(
+            f"metric {spec!r} names {target!r}, which is not an evaluated task or aggregating group; "
+            f"evaluated: {sorted(reported)}"
+        )
+    metric, _, filter_key = metric.partition(",")
     out: list[str] = []
-    for m in metrics:
-        out.extend([m] if "/" in m else [_metric_key(name, m, DEFAULT_FILTER) for name in tasks])
+    for unit in [target] if target else units:
+        pairs = reported[unit]
+        if filter_key:
+            chosen = [(metric, filter_key)] if (metric, filter_key) in pairs else []
+        elif (metric, DEFAULT_FILTER) in pairs:
+            chosen = [(metric, DEFAULT_FILTER)]
+        else:
+            chosen = [(m, f) for m, f in pairs if m == metric]
+        if not chosen:
+            raise EvaluationError(
+                f"metric {spec!r} is not produced by {unit!r}; its metric,filter pairs (lm-eval's results keys): "
+                f"{_pair_text(pairs)}. Name one of them (e.g. {unit}/{next(iter(pairs))[0]})"
+            )
+        out.extend(_metric_key(unit, m, f) for m, f in chosen)
     return out
 
 
@@ -197,18 +294,33 @@ class LmEvalEvaluator:
     """Scores lm-eval tasks on the live model (see the module doc for what is prepared once and what per call).
 
     Args:
-        tasks: lm-eval task (or group) names, e.g. ``["zoo_add", "zoo_sort"]``.
+        tasks: lm-eval task or group names, e.g. ``["zoo_add", "zoo_sort"]``.
         include_path: folders with task YAMLs (e.g. ``Zoo.task_dir``); lm-eval's built-in tasks are indexed
             only when a name is not found there.
         split: ``"validation"`` for the search, ``"test"`` for the final report.
-        limit: at most this many docs per task (``< 1``: that fraction), taken from the seeded permutation.
-        metrics: objective metrics, ``"acc"`` (every task) or ``"zoo_add/acc"``; default: each task's first metric.
-        weights: objective weights, a list aligned with the expanded metric keys or a ``{key: weight}`` mapping.
-        batch_size: requests per forward pass.
+        limit: at most this many docs per task (``< 1``: that fraction, rounded up, as lm-eval's ``--limit``).
+        limit_mode: ``"seeded"``: the ``limit`` docs are the first of the seeded permutation (a random subset);
+            ``"first"``: the first ``limit`` docs of the split, as lm-eval's ``--limit``.
+        metrics: objective metrics, ``"acc"`` (every task), ``"zoo_add/acc"``, ``"gsm8k/exact_match,strict-match"``;
+            without a filter, the task's own filter(s); default: each task's first metric and filter.
+        weights: objective weights, a list aligned with the expanded metric keys or a ``{key: weight}`` mapping
+            (a key without a filter weights each of its filters).
+        batch_size: requests per forward pass (lm-eval's ``--batch_size``; ``"auto"`` lets lm-eval choose).
         seed: seed of the doc permutation that defines the fidelity subsets; None keeps the file order.
         max_length: model context length for lm-eval (default: from the model config).
         include_defaults: index lm-eval's built-in tasks: None = only if a name is not in ``include_path``
             (takes ~15 s), True = always, False = never.
+        num_fewshot: few-shot examples per prompt (lm-eval's ``--num_fewshot``: replaces each task's default,
+            except where its YAML fixes 0); default: the task's own, else 0.
+        apply_chat_template: render prompts with the tokenizer's chat template (``--apply_chat_template``).
+        fewshot_as_multiturn: few-shot examples as chat turns (``--fewshot_as_multiturn``); default: on with a chat
+            template; needs ``apply_chat_template``.
+        system_instruction: text put before every prompt, as a system turn with a chat template
+            (``--system_instruction``).
+        gen_kwargs: generation settings of ``generate_until`` tasks, a dict or ``"max_gen_toks=32,until=..."``
+            (``--gen_kwargs``), merged into each task's ``generation_kwargs``.
+        bootstrap_iters: lm-eval's ``--bootstrap_iters`` for the stderr in :attr:`EvalResult.stderr`; default 0 on
+            the validation split (search-time scoring), 100000 on the test split (the final report).
     """
 
     def __init__(
@@ -218,12 +330,19 @@ class LmEvalEvaluator:
         include_path: Sequence[Path | str] | Path | str | None = None,
         split: Split = "validation",
         limit: int | float | None = None,
+        limit_mode: LimitMode = "seeded",
         metrics: Sequence[str] | None = None,
         weights: Sequence[float] | Mapping[str, float] | None = None,
-        batch_size: int = 32,
+        batch_size: int | str = 32,
         seed: int | None = 0,
         max_length: int | None = None,
         include_defaults: bool | None = None,
+        num_fewshot: int | None = None,
+        apply_chat_template: bool | str = False,
+        fewshot_as_multiturn: bool | None = None,
+        system_instruction: str | None = None,
+        gen_kwargs: Mapping[str, Any] | str | None = None,
+        bootstrap_iters: int | None = None,
     ) -> None:
         if isinstance(tasks, str) or not tasks:
             raise EvaluationError(f"tasks must be a non-empty list of task names, got {tasks!r}")
@@ -231,26 +350,44 @@ class LmEvalEvaluator:
             raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
         if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
             raise EvaluationError(f"limit must be a positive count or fraction, got {limit!r}")
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if limit_mode not in LIMIT_MODES:
+            raise EvaluationError(f"limit_mode must be one of {LIMIT_MODES}, got {limit_mode!r}")
+        if not ((isinstance(batch_size, int) and batch_size >= 1) or str(batch_size).startswith("auto")):
+            raise EvaluationError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        if num_fewshot is not None and not (isinstance(num_fewshot, int) and num_fewshot >= 0):
+            raise EvaluationError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+        if fewshot_as_multiturn and not apply_chat_template:
+            raise EvaluationError("fewshot_as_multiturn needs apply_chat_template (as in lm-eval); set both or neither")
+        if bootstrap_iters is not None and not (isinstance(bootstrap_iters, int) and bootstrap_iters >= 0):
+            raise EvaluationError(f"bootstrap_iters must be a non-negative integer, got {bootstrap_iters!r}")
         paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
         self.task_names = list(tasks)
         self.include_path = [Path(p) for p in paths]
         self.split: Split = split
         self.limit = limit
+        self.limit_mode: LimitMode = limit_mode
         self.batch_size = batch_size
         self.seed = seed
         self.max_length = max_length
         self.include_defaults = include_defaults
+        self.num_fewshot = num_fewshot
+        self.apply_chat_template = apply_chat_template
+        self.fewshot_as_multiturn = bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn
+        self.system_instruction = system_instruction
+        self.gen_kwargs = simple_parse_args_string(gen_kwargs) if isinstance(gen_kwargs, str) else gen_kwargs
+        default_iters = TEST_BOOTSTRAP_ITERS if split == "test" else 0
+        self.bootstrap_iters = default_iters if bootstrap_iters is None else bootstrap_iters
         self._requested_metrics = None if metrics is None else list(metrics)
         self._weights = weights
         self._lm: FastHFLM | None = None
         self._lm_owner: tuple[Any, Any] | None = None
         self._tasks: dict[str, Task] = {}
+        self._groups: dict[str, Group] = {}
         self._plans: dict[str, _TaskPlan] = {}
         self.objective: Objective  # set by check(), from the built tasks
         self.check()
-        self._plans = {name: self._prepare(task) for name, task in self._tasks.items()}
+        if not self.apply_chat_template:  # chat prompts need the tokenizer: prepared on the first score()
+            self._plans = {name: self._prepare(task, None) for name, task in self._tasks.items()}
 
     # ---------------------------------------------------------------- configuration
     def check(self, model: Any = None) -> None:
@@ -258,23 +395,22 @@ class LmEvalEvaluator:
 
         Raises :class:`EvaluationError` naming the problem: unknown task (lists the tasks in the include path),
         missing data file (names the file and the YAML), missing split, a metric the tasks do not produce (lists
-        the produced ones), metrics that disagree on higher-is-better.
+        the produced ``metric,filter`` pairs), metrics that disagree on higher-is-better.
         """
         if not self._tasks:
             manager = _task_manager(self.task_names, self.include_path, self.include_defaults)
             _check_data_files(manager, self.task_names)
             try:
-                loaded = manager.load(self.task_names)["tasks"]
+                loaded = manager.load(self.task_names)
             except Exception as err:  # lm-eval / datasets raise many types; name the tasks and keep the cause
                 raise EvaluationError(
                     f"lm-eval could not build tasks {self.task_names}: {type(err).__name__}: {err}"
                 ) from err
-            for task in loaded.values():
+            for task in loaded["tasks"].values():
                 _select_split(task, self.split)
-                if task.get_config("num_fewshot") is None:
-                    task.set_config(key="num_fewshot", value=0)
-                task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-            self._tasks = dict(loaded)
+                _configure_task(task, self.num_fewshot, self.gen_kwargs)
+            self._tasks = dict(loaded["tasks"])
+            self._groups = dict(loaded.get("groups") or {})
             self.objective = self._build_objective()
         if model is not None and not (hasattr(model, "config") and callable(model)):
             raise EvaluationError(
@@ -282,28 +418,46 @@ class LmEvalEvaluator:
             )
 
     def _build_objective(self) -> Objective:
-        produced = _produced_metrics(self._tasks)
-        keys = _expand_metrics(self._requested_metrics, self._tasks)
-        missing = [k for k in keys if k not in produced]
-        if missing:
-            raise EvaluationError(
-                f"metrics {missing} are not produced by the tasks; produced metrics: {sorted(produced)}"
-            )
-        directions: set[Direction] = {"maximize" if produced[k] else "minimize" for k in keys}
+        reported = _reported(self._tasks, self._groups)
+        units = _scored_units(self.task_names, self._tasks, self._groups)
+        if self._requested_metrics is None:
+            keys = [_metric_key(unit, *next(iter(reported[unit]))) for unit in units]
+        else:
+            keys = list(dict.fromkeys(k for m in self._requested_metrics for k in _resolve_metric(m, units, reported)))
+        better = {_metric_key(name, m, f): b for name, pairs in reported.items() for (m, f), b in pairs.items()}
+        directions: set[Direction] = {"maximize" if better[k] else "minimize" for k in keys}
         if len(directions) > 1:
             raise EvaluationError(
                 f"metrics {keys} mix higher-is-better and lower-is-better ones; choose metrics of one direction"
             )
-        return Objective.build(keys, self._weights, directions.pop())
+        weights = self._weights
+        if isinstance(weights, Mapping):  # a key without a filter (or task) weights every metric it stands for
+            weights = {k: w for spec, w in weights.items() for k in _resolve_metric(spec, units, reported)}
+        return Objective.build(keys, weights, directions.pop())
 
-    def _prepare(self, task: Task) -> _TaskPlan:
-        """Seeded doc order, ``limit``, and lm-eval's requests for the selected docs (built once)."""
+    def _prepare(self, task: Task, lm: FastHFLM | None) -> _TaskPlan:
+        """Doc order, ``limit``, and lm-eval's requests for the selected docs (built once; with a chat template,
+        once per tokenizer, whose template renders the prompts)."""
         n_docs = len(task.eval_docs)
-        order = seeded_order(n_docs, self.seed)
-        if self.limit is not None:
-            order = order[: int(math.ceil(n_docs * self.limit)) if self.limit < 1 else int(self.limit)]
+        if self.limit is None:
+            order = seeded_order(n_docs, self.seed)
+        elif self.limit_mode == "first":  # lm-eval's --limit: the first docs of the split
+            order = seeded_order(min(n_docs, get_sample_size(task, self.limit)), self.seed)
+        else:
+            order = seeded_order(n_docs, self.seed)[: get_sample_size(task, self.limit)]
         subset = sorted(order) if len(order) < n_docs else None
-        task.build_all_requests(limit=None, samples=subset, cache_requests=False)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)  # a fresh few-shot sampler: lm-eval's draws for these docs
+        chat = bool(self.apply_chat_template)
+        task.build_all_requests(
+            limit=None,
+            samples=subset,
+            cache_requests=False,
+            system_instruction=self.system_instruction,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=self.fewshot_as_multiturn,
+            chat_template=lm.apply_chat_template if chat and lm is not None else None,
+            tokenizer_name=lm.tokenizer_name if chat and lm is not None else "",
+        )
         by_doc: dict[int, list[Instance]] = defaultdict(list)
         for inst in task.instances:
             by_doc[inst.doc_id if subset is None else subset[inst.doc_id]].append(inst)
@@ -311,9 +465,15 @@ class LmEvalEvaluator:
         _memoize_doc_functions(task, [reqs[0].doc for reqs in requests])
         return _TaskPlan(task=task, doc_ids=order, requests=requests)
 
+    def _prepared(self) -> dict[str, _TaskPlan]:
+        if not self._plans:
+            raise EvaluationError("with apply_chat_template the requests are built on the first score() call")
+        return self._plans
+
     def doc_ids(self, fidelity: float = 1.0) -> dict[str, list[int]]:
         """Per task, the split indices of the docs scored at ``fidelity``, in per-item order."""
-        return {name: plan.doc_ids[: fidelity_count(len(plan.doc_ids), fidelity)] for name, plan in self._plans.items()}
+        plans = self._prepared()
+        return {name: plan.doc_ids[: fidelity_count(len(plan.doc_ids), fidelity)] for name, plan in plans.items()}
 
     def request_args(self, fidelity: float = 1.0) -> list[tuple[str, ...]]:
         """The arguments of every lm-eval request scored at ``fidelity`` (e.g. ``(context, continuation)``)."""
@@ -337,6 +497,8 @@ class LmEvalEvaluator:
                 )
             finally:
                 hf_log.setLevel(level)
+            if self.apply_chat_template and (owner is None or owner[1] is not tokenizer):
+                self._plans = {name: self._prepare(task, self._lm) for name, task in self._tasks.items()}
             self._lm_owner = (model, tokenizer)
         return self._lm
 
@@ -358,12 +520,17 @@ class LmEvalEvaluator:
             for request_type, reqs in by_type.items():
                 for resp, inst in zip(getattr(lm, request_type)(reqs, disable_tqdm=True), reqs, strict=True):
                     inst.resps.append(resp)
-        metrics: dict[str, float] = {}
+        accumulated: dict[str, Any] = {}
         per_item: dict[str, list[float]] = {}
         for name, per_doc in scored.items():
-            task_metrics, task_items = _task_metrics(name, self._plans[name].task, per_doc)
-            metrics.update(task_metrics)
-            per_item.update(task_items)
+            raw = _raw_metrics(self._plans[name].task, per_doc)
+            accumulated[name] = {"task": self._plans[name].task, "raw_metrics": raw, "logged_samples": []}
+            for (metric, filter_key), values in raw.items():
+                if len(values) == len(per_doc) and all(isinstance(v, (int, float)) for v in values):
+                    per_item[_metric_key(name, metric, filter_key)] = [float(v) for v in values]
+        # lm-eval's own aggregation, stderr and group aggregates (evaluator.evaluate's last step)
+        results = _process_results(accumulated, self._groups, self.bootstrap_iters)
+        metrics, stderr = _flatten(results.metrics)
         return result_from_metrics(
             self.objective,
             metrics,
@@ -371,28 +538,37 @@ class LmEvalEvaluator:
             n_items=sum(len(per_doc) for per_doc in scored.values()),
             seconds=time.perf_counter() - start,
             fidelity=fidelity,
+            stderr=stderr,
         )
 
 
-def _task_metrics(
-    name: str, task: Task, per_doc: list[list[Instance]]
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Aggregated metrics and per-doc values of one task, from answered requests (lm-eval's post-processing)."""
+def _raw_metrics(task: Task, per_doc: list[list[Instance]]) -> dict[tuple[str, str], list[Any]]:
+    """``{(metric, filter): per-doc values}`` of one task from answered requests (lm-eval's post-processing)."""
     flat = [inst for reqs in per_doc for inst in reqs]
     task._instances = flat  # lm-eval's filters act on the task's current instances
     task.apply_filters()
-    aggregation = task.aggregation()
-    metrics: dict[str, float] = {}
-    items: dict[str, list[float]] = {}
+    raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for filter_key in flat[0].filtered_resps:
-        raw: dict[str, list[Any]] = defaultdict(list)
         for reqs in per_doc:
             doc_metrics = task.process_results(reqs[0].doc, [inst.filtered_resps[filter_key] for inst in reqs])
             for metric, value in doc_metrics.items():
-                raw[metric].append(value)
-        for metric, values in raw.items():
-            key = _metric_key(name, metric, filter_key)
-            metrics[key] = float(aggregation.get(metric, mean)(values))
-            if len(values) == len(per_doc) and all(isinstance(v, (int, float)) for v in values):
-                items[key] = [float(v) for v in values]
-    return metrics, items
+                raw[(metric, filter_key)].append(value)
+    return raw
+
+
+def _flatten(reported: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """lm-eval's ``{task: {"metric,filter": value, "metric_stderr,filter": stderr | "N/A"}}`` as our metric keys:
+    the values, and the stderrs that lm-eval computed."""
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    for name, entry in reported.items():
+        for key, value in entry.items():
+            metric, comma, filter_key = key.partition(",")
+            if not comma:
+                continue  # alias, sample_len, ...
+            if metric.endswith("_stderr"):
+                if isinstance(value, (int, float)):
+                    stderr[_metric_key(name, metric.removesuffix("_stderr"), filter_key)] = float(value)
+            else:
+                metrics[_metric_key(name, metric, filter_key)] = float(value)
+    return metrics, stderr

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.zoo.tasks import TASKS
 
 #: bump when the build code changes what a given config produces, so cached zoos are rebuilt
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2  # 2: a generation variant zoo_<task>_gen.yaml of every task
 
 
 class _Frozen(BaseModel):

@@ -5,7 +5,7 @@ Layout of a zoo dir::
     zoo.json                      manifest (written last: its presence marks a complete zoo)
     tokenizer/                    the tokenizer (also copied into every model dir)
     models/<name>/                self-contained HF dirs: config, model.safetensors, tokenizer
-    tasks/                        lm-eval include_path: zoo_<task>.yaml + <task>/<split>.jsonl
+    tasks/                        lm-eval include_path: zoo_<task>[_gen].yaml + <task>/<split>.jsonl
     table.md, table.csv           accuracy of every model on every task (validation and test)
 """
 

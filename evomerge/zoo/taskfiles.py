@@ -4,10 +4,16 @@ Layout under the task dir (the dir to give lm-eval's ``TaskManager(include_path=
 
     <task_dir>/<task>/{train,validation,test}.jsonl
     <task_dir>/zoo_<task>.yaml
+    <task_dir>/zoo_<task>_gen.yaml
 
-The YAML evaluates the local files as ``output_type: multiple_choice`` with metrics ``acc`` and
+``zoo_<task>`` evaluates the local files as ``output_type: multiple_choice`` with metrics ``acc`` and
 ``acc_norm``; lm-eval scores ``test_split`` when present, so :func:`task_config` returns the
 YAML's config with ``test_split`` dropped to score the validation split instead.
+
+``zoo_<task>_gen`` asks the same questions as a generation task (``output_type: generate_until``, greedy):
+the model continues the query, the ``strict-match`` filter keeps the answer only when the continuation is
+``" " + answer`` up to the first space or newline (the format the models were trained on), and ``exact_match``
+compares it with the right choice -- the exact-match scoring of gsm8k-style benchmarks, on the same items.
 """
 
 from __future__ import annotations
@@ -23,11 +29,19 @@ from evomerge.zoo.tasks import Item
 
 SPLITS = ("train", "validation", "test")
 TASK_PREFIX = "zoo_"
+GENERATION_SUFFIX = "_gen"
+#: longest answer of any zoo task (brackets of size 10) is 10 tokens; a few more let a wrong answer run on
+MAX_GEN_TOKS = 16
 
 
 def lm_eval_name(task: str) -> str:
     """lm-eval task name of a zoo task: ``zoo_<task>``."""
     return f"{TASK_PREFIX}{task}"
+
+
+def generation_name(task: str) -> str:
+    """lm-eval task name of the generation variant of a zoo task: ``zoo_<task>_gen``."""
+    return f"{lm_eval_name(task)}{GENERATION_SUFFIX}"
 
 
 def split_path(task_dir: Path, task: str, split: str) -> Path:
@@ -40,6 +54,11 @@ def split_path(task_dir: Path, task: str, split: str) -> Path:
 def yaml_path(task_dir: Path, task: str) -> Path:
     """Path of ``task``'s lm-eval YAML."""
     return task_dir / f"{lm_eval_name(task)}.yaml"
+
+
+def generation_yaml_path(task_dir: Path, task: str) -> Path:
+    """Path of the lm-eval YAML of ``task``'s generation variant."""
+    return task_dir / f"{generation_name(task)}.yaml"
 
 
 def write_jsonl(path: Path, items: list[Item]) -> None:
@@ -75,6 +94,31 @@ def yaml_config(data_dir: Path, task: str) -> dict[str, object]:
     }
 
 
+def generation_yaml_config(data_dir: Path, task: str) -> dict[str, object]:
+    """The lm-eval config of ``task`` answered by greedy generation, scored by exact match after a strict regex.
+
+    Same data files and splits as :func:`yaml_config`; the target is the text of the right choice.
+    """
+    mc = yaml_config(data_dir, task)
+    shared = ("dataset_path", "dataset_kwargs", "training_split", "validation_split", "test_split", "doc_to_text")
+    return {
+        "task": generation_name(task),
+        **{key: mc[key] for key in shared},
+        "output_type": "generate_until",
+        "doc_to_target": "{{choices[gold]}}",
+        "target_delimiter": " ",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
+        "filter_list": [
+            {
+                "name": "strict-match",
+                "filter": [{"function": "regex", "regex_pattern": r"^ ([^ \n]+)"}, {"function": "take_first"}],
+            }
+        ],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
 def write_task_files(task_dir: Path, task: str, splits: Mapping[str, list[Item]], data_dir: Path) -> None:
     """Write ``task``'s JSONL splits and its YAML under ``task_dir``; the YAML reads the splits
     from ``data_dir`` (the final place of ``task_dir`` when building into a temporary dir)."""
@@ -84,8 +128,12 @@ def write_task_files(task_dir: Path, task: str, splits: Mapping[str, list[Item]]
 
 
 def write_yaml(task_dir: Path, task: str, data_dir: Path) -> None:
-    """(Re)write ``task``'s YAML in ``task_dir`` so that its data file paths point into ``data_dir``."""
+    """(Re)write ``task``'s YAMLs (multiple choice, generation) in ``task_dir`` so that their data file paths point
+    into ``data_dir``."""
     yaml_path(task_dir, task).write_text(yaml.safe_dump(yaml_config(data_dir, task), sort_keys=False))
+    generation_yaml_path(task_dir, task).write_text(
+        yaml.safe_dump(generation_yaml_config(data_dir, task), sort_keys=False)
+    )
 
 
 def task_config(task_dir: Path, task: str, split: str) -> dict[str, object]:
