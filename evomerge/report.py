@@ -30,8 +30,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -50,6 +49,8 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.methods import Param, get_method
 from evomerge.recipe import Recipe, resolve_params
 from evomerge.recipe.schema import model_labels
+from evomerge.search import trials as records
+from evomerge.search.trials import best_trials, is_baseline, quiet_optuna, scored_on_test, trial_kind
 from evomerge.stacking import layer_plan
 
 DPI = 100
@@ -131,13 +132,8 @@ def load_study(run_dir: Path) -> optuna.Study:
 
 
 # ------------------------------------------------------------------------------------------ trial data
-def trial_kind(trial: FrozenTrial) -> str:
-    """``"search"``, ``"baseline:<label>"`` or ``"soup:<step>"`` (user_attr ``kind``; none: a search trial)."""
-    return str(trial.user_attrs.get("kind", "search"))
 
 
-def is_baseline(trial: FrozenTrial) -> bool:
-    return trial_kind(trial).startswith("baseline:")
 
 
 def kind_label(kind: str) -> str:
@@ -152,37 +148,15 @@ def objective_names(study: optuna.Study) -> list[str]:
     n = len(study.directions)
     if n == 1:
         return ["objective"]
-    names = study.user_attrs.get("objective")
-    names = names if isinstance(names, list) and len(names) == n else [str(i) for i in range(n)]
+    names = records.objective_metric_names(study)
+    names = names if names is not None and len(names) == n else [str(i) for i in range(n)]
     return [f"objective: {name}" for name in names]
 
 
-def scored_on_test(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> tuple[Any, dict[str, Any]]:
-    """(test objective, test metrics) of a trial: its own user_attrs, else the study's ``test:<number>``."""
-    stored = study_attrs.get(f"test:{trial.number}") or {}
-    objective = trial.user_attrs.get("test_objective", stored.get("objective"))
-    return objective, trial.user_attrs.get("test_metrics", stored.get("metrics")) or {}
 
 
-def direction_sign(study: optuna.Study) -> float:
-    """+1 when the study maximizes its (first) objective, -1 when it minimizes it (``sign * value``: higher is
-    better)."""
-    return 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
 
 
-def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The result of the study, first the one a run exports; [] if no trial completed: a soup's greedy soup (study
-    user_attr ``greedy``), else the best trial (one objective) or the Pareto-optimal trials, best first objective
-    first."""
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        return []
-    greedy = study.user_attrs.get("greedy")
-    if greedy:  # a soup: its result is the greedy soup, whatever ties the scores hold
-        return [t for t in trials if t.number == greedy["trial"]]
-    if len(study.directions) == 1:
-        return [study.best_trial]
-    sign = direction_sign(study)
-    return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
 
 
 @dataclass(frozen=True)
@@ -202,8 +176,8 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     columns = [
         Column(name, lambda t, i=i: t.values[i] if t.values else None) for i, name in enumerate(objective_names(study))
     ]
-    val = _metric_names([t.user_attrs.get("metrics") or {} for t in trials])
-    columns += [Column(f"val {m}", lambda t, m=m: (t.user_attrs.get("metrics") or {}).get(m)) for m in val]
+    val = _metric_names([records.trial_metrics(t) for t in trials])
+    columns += [Column(f"val {m}", lambda t, m=m: records.trial_metrics(t).get(m)) for m in val]
     attrs = study.user_attrs
     tests = [scored_on_test(attrs, t) for t in trials]
     if any(objective is not None for objective, _ in tests):
@@ -211,8 +185,8 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     test = _metric_names([metrics for _, metrics in tests])
     columns += [Column(f"test {m}", lambda t, m=m: scored_on_test(attrs, t)[1].get(m)) for m in test]
     columns += [
-        Column("merge s", lambda t: t.user_attrs.get("merge_seconds")),
-        Column("eval s", lambda t: t.user_attrs.get("eval_seconds")),
+        Column("merge s", lambda t: records.trial_seconds(t)[0]),
+        Column("eval s", lambda t: records.trial_seconds(t)[1]),
     ]
     return columns
 
@@ -233,7 +207,7 @@ def comparison_table(
 ) -> tuple[list[str], list[list[str]]]:
     """The "best vs baselines" table: one row for the best (or each Pareto-optimal) trial of ``best``, then one per
     completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
-    if greedy := study.user_attrs.get("greedy"):
+    if greedy := records.greedy(study):
         rows = [(f"greedy soup (kept {len(greedy['kept'])} of {greedy['of']}: {', '.join(greedy['kept'])})", t)
                 for t in best]
     else:
@@ -251,11 +225,10 @@ def reference_trials(study: optuna.Study) -> list[tuple[str, FrozenTrial]]:
     """The study's references (user_attrs ``reference:<label>``: baselines scored beside the study because its space
     cannot express them) as detached trials (number -1) that the table columns can read, with their labels."""
     out = []
-    for key, ref in study.user_attrs.items():
-        if key.startswith("reference:") and isinstance(ref, dict) and ref.get("values"):
-            attrs = {k: v for k, v in ref.items() if k != "values"}
-            trial = optuna.trial.create_trial(values=ref["values"], user_attrs={"kind": key, **attrs})
-            out.append((key.removeprefix("reference:"), trial))
+    for label, record in records.references(study.user_attrs).items():
+        trial = records.reference_as_trial(label, record)
+        if trial is not None:
+            out.append((label, trial))
     return out
 
 
@@ -272,7 +245,7 @@ def write_trials_csv(study: optuna.Study, trials: Sequence[FrozenTrial], path: P
         Column("kind", trial_kind),
         *value_columns(study, trials),
         Column("duration s", lambda t: t.duration.total_seconds() if t.duration else None),
-        Column("error", lambda t: t.user_attrs.get("error")),
+        Column("error", records.trial_error),
     ]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -385,16 +358,6 @@ def compute_importances(
     return out, None
 
 
-@contextmanager
-def quiet_optuna() -> Iterator[None]:
-    """Optuna's INFO lines (one per study created and per trial finished) off inside the block; its verbosity is
-    restored after."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
 
 
 def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path) -> None:
@@ -502,8 +465,8 @@ def _dashboard_section(run_dir: Path | None) -> list[str]:
 
 
 def _recipe_yaml(trial: FrozenTrial) -> str:
-    data = trial.user_attrs.get("recipe")
-    return Recipe.model_validate(data).to_yaml() if data else "# no recipe stored with this trial\n"
+    recipe = records.trial_recipe(trial)
+    return recipe.to_yaml() if recipe is not None else "# no recipe stored with this trial\n"
 
 
 def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None, run_dir: Path | None = None) -> Path:
@@ -516,16 +479,17 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    attrs = study.user_attrs
+    info = records.study_info(study)
     counts = {STATE_WORDS.get(s, s.name.lower()): sum(t.state == s for t in trials) for s in TrialState
               if any(t.state == s for t in trials)}
     best = best_trials(study, trials)
     lines = [f"# {title or f'evomerge study {study.study_name}'}", ""]
-    lines.append(f"- Study: `{study.study_name}` (kind {attrs.get('kind', 'search')}, "
-                 f"space {attrs.get('space') or MISSING})")
-    if attrs.get("sources"):
-        lines.append(f"- Base: `{attrs.get('base')}`; sources: " + ", ".join(f"`{s}`" for s in attrs["sources"]))
-    objective = attrs.get("objective")
+    lines.append(f"- Study: `{study.study_name}` (kind {records.study_kind(study.user_attrs)}, "
+                 f"space {info[records.SPACE] or MISSING})")
+    if info[records.SOURCES]:
+        lines.append(f"- Base: `{info[records.BASE]}`; sources: "
+                     + ", ".join(f"`{s}`" for s in info[records.SOURCES]))
+    objective = info[records.OBJECTIVE]
     directions = ", ".join(d.name.lower() for d in study.directions)
     lines.append(f"- Objective: {', '.join(objective) if isinstance(objective, list) else objective or MISSING}"
                  f" ({directions})")
@@ -557,7 +521,7 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     if failed:
         lines += ["## Failed trials", ""]
         for t in failed:
-            error = (str(t.user_attrs.get("error") or "").strip() or "no error stored").splitlines()[0]
+            error = (str(records.trial_error(t) or "").strip() or "no error stored").splitlines()[0]
             lines.append(f"- #{t.number} ({kind_label(trial_kind(t))}): {error}")
         lines.append("")
     lines += _dashboard_section(run_dir)
@@ -580,14 +544,14 @@ def _write_plots(
     if importances:
         plot_importances(importances, out_dir / "importances.png")
     notes["importances.png"] = why
-    num_layers = study.user_attrs.get("num_layers")
-    if not best or not best[0].user_attrs.get("recipe"):
+    num_layers = records.study_info(study)[records.NUM_LAYERS]
+    best_recipe = records.trial_recipe(best[0]) if best else None
+    if best_recipe is None:
         notes["layers.png"] = "skipped: no completed trial with a recipe"
     elif not num_layers:
         notes["layers.png"] = "skipped: the study has no 'num_layers' user_attr"
     else:
-        notes["layers.png"] = plot_layers(Recipe.model_validate(best[0].user_attrs["recipe"]), int(num_layers),
-                                          out_dir / "layers.png")
+        notes["layers.png"] = plot_layers(best_recipe, int(num_layers), out_dir / "layers.png")
     if len(study.directions) > 1:
         if best:
             plot_pareto(study, trials, best, out_dir / "pareto.png")

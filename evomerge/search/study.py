@@ -30,10 +30,11 @@ from evomerge.evaluate import EvalResult, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.recipe import Recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
-from evomerge.report import best_trials, direction_sign, quiet_optuna, trial_kind
+from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
+from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.stacking import build_stacked_model
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,13 @@ class Runner:
     before any trial runs, so bad input never leaves a half-made study behind.
     """
 
-    def __init__(self, config: RunConfig, *, study_kind: str = "search") -> None:
+    def __init__(self, config: RunConfig, *, study_kind: str = records.SEARCH_KIND) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
         self.kind = study_kind
         self.space = SearchSpace.from_yaml(config.space) if config.space else None
-        if study_kind == "search" and self.space is None:
+        if study_kind == records.SEARCH_KIND and self.space is None:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
         self.evaluator = build_evaluator(config.evaluator)
         self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
@@ -129,14 +130,10 @@ class Runner:
             pruner=make_pruner(self.config.pruner), directions=[self.evaluator.objective.direction] * n_obj,
             load_if_exists=True,
         )
-        if "config" not in study.user_attrs:
-            for key, value in {
-                "config": self.config.model_dump(mode="json"), "num_layers": self.models.num_layers,
-                "sources": self.models.sources, "base": self.models.base, "kind": self.kind,
-                "space": Path(self.config.space).name if self.config.space else None,
-                "objective": list(self.evaluator.objective.metrics),
-            }.items():
-                study.set_user_attr(key, value)
+        records.set_study_info(study, config=self.config.model_dump(mode="json"), num_layers=self.models.num_layers,
+                               sources=self.models.sources, base=self.models.base, kind=self.kind,
+                               space=Path(self.config.space).name if self.config.space else None,
+                               objective=self.evaluator.objective.metrics)
         (self.run_dir / "run.json").write_text(json.dumps(
             {"study_name": self.config.name, "storage": self.config.storage_url}, indent=2))
         return study
@@ -176,7 +173,7 @@ class Runner:
             else:
                 trial.report(result.objective, step)
             if trial.should_prune():
-                trial.set_user_attr("metrics", result.metrics)
+                records.set_metrics(trial, result.metrics)
                 raise optuna.TrialPruned(f"pruned at fidelity {fidelity}")
         return Scored(recipe, result, merge_seconds)
 
@@ -188,19 +185,16 @@ class Runner:
 
     def record(self, trial: optuna.Trial, recipe: Recipe, kind: str) -> float | list[float]:
         """Score ``recipe`` as ``trial``, storing recipe, metrics and timings; errors are stored then re-raised."""
-        trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
-        trial.set_user_attr("kind", kind)
-        prunable = self.config.pruner != "none" and kind == "search"
+        records.set_started(trial, recipe, kind)
+        prunable = self.config.pruner != "none" and kind == records.SEARCH_KIND
         try:
             scored = self.score(recipe, trial, prunable=prunable)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
-        trial.set_user_attr("metrics", scored.result.metrics)
-        trial.set_user_attr("merge_seconds", scored.merge_seconds)
-        trial.set_user_attr("eval_seconds", scored.result.seconds)
+        records.set_scored(trial, scored.result.metrics, scored.merge_seconds, scored.result.seconds)
         return scored.result.objectives if self.config.multi_objective else scored.result.objective
 
     # ------------------------------------------------------------------------------------------- search
@@ -208,14 +202,14 @@ class Runner:
         assert self.space is not None
         recipe = self.space.suggest(trial, self.models)
         recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
-        return self.record(trial, recipe, str(trial.user_attrs.get("kind", "search")))
+        return self.record(trial, recipe, trial_kind(trial))
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        if not self.config.baselines or study.user_attrs.get("baselines_enqueued") or self.space is None:
+        if not self.config.baselines or records.baselines_enqueued(study) or self.space is None:
             return
         for label, params in self.space.baseline_params(self.models):
-            study.enqueue_trial(params, user_attrs={"kind": f"baseline:{label}"}, skip_if_exists=True)
-        study.set_user_attr("baselines_enqueued", True)
+            study.enqueue_trial(params, user_attrs={records.KIND: records.baseline_kind(label)}, skip_if_exists=True)
+        records.mark_baselines_enqueued(study)
 
     def score_references(self, study: optuna.Study) -> None:
         """Score, once per study, the baselines the space cannot express (:meth:`SearchSpace.reference_recipes`) on
@@ -224,15 +218,13 @@ class Runner:
         if not self.config.baselines or self.space is None:
             return
         for label, recipe in self.space.reference_recipes(self.models):
-            key = f"reference:{label}"
-            if key in study.user_attrs:
+            if label in records.references(study.user_attrs):
                 continue
             recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
             scored = self.score(recipe)
             values = scored.result.objectives if self.config.multi_objective else [scored.result.objective]
-            study.set_user_attr(key, {"recipe": recipe.model_dump(mode="json"), "metrics": scored.result.metrics,
-                                      "values": values, "merge_seconds": scored.merge_seconds,
-                                      "eval_seconds": scored.result.seconds})
+            records.set_reference(study, label, recipe=recipe, metrics=scored.result.metrics, values=values,
+                                  merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
 
     def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
         """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; failed trials do not
@@ -264,36 +256,33 @@ class Runner:
 
     # ----------------------------------------------------------------------------------------- finalize
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
-        """The study's result (:func:`~evomerge.report.best_trials`: the best trial, or a soup's greedy soup) as
+        """The study's result (:func:`~evomerge.search.trials.best_trials`: the best trial, or a soup's greedy soup) as
         evomerge + mergekit YAML and a merged HF dir, and test-split scores of it, the baselines and the
         references."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise RuntimeError(f"study {study.study_name} has no completed trial; see the FAIL reasons in the report")
         best = best_trials(study, complete)[0]
-        recipe = Recipe.model_validate(best.user_attrs["recipe"])
+        recipe = records.recipe_of(best)
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
         (self.run_dir / "best_recipe.mergekit.yaml").write_text(to_mergekit_yaml(recipe))
         test = build_evaluator(self.config.test_spec())
         targets = {t.number: t for t in complete
-                   if trial_kind(t).startswith("baseline") or t.number == best.number}
+                   if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
 
-        def scored(recipe_data: dict[str, Any]) -> EvalResult:
-            model, _ = self.materialize(Recipe.model_validate(recipe_data))
+        def scored(recipe: Recipe) -> EvalResult:
+            model, _ = self.materialize(recipe)
             return test.score(model, self.tokenizer)
 
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
-            result = scored(trial.user_attrs["recipe"])
-            # finished trials are read-only in Optuna: test results live in the study's user_attrs
-            study.set_user_attr(f"test:{number}", {"metrics": result.metrics, "objective": result.objective})
+            result = scored(records.recipe_of(trial))
+            records.set_test_result(study, number, result.metrics, result.objective)
             summary["test"][f"{number}:{trial_kind(trial)}"] = result.objective
-        for key, reference in study.user_attrs.items():
-            if key.startswith("reference:"):
-                result = scored(reference["recipe"])
-                study.set_user_attr(key, {**reference, "test_metrics": result.metrics,
-                                          "test_objective": result.objective})
-                summary["test"][key] = result.objective
+        for label, reference in records.references(study.user_attrs).items():
+            result = scored(Recipe.model_validate(reference[records.RECIPE]))
+            records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective)
+            summary["test"][records.reference_key(label)] = result.objective
         if export:
             self.export(recipe, self.run_dir / "best_model")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -342,19 +331,19 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
 
     if config.pruner != "none":
         raise ValueError("soups evaluate every step fully; set pruner: none")
-    runner = Runner(config, study_kind="soup")
+    runner = Runner(config, study_kind=records.SOUP_KIND)
     study = runner.open_study()
-    trials = {recipe_key(Recipe.model_validate(t.user_attrs["recipe"])): t
+    trials = {recipe_key(records.recipe_of(t)): t
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     bar = tqdm(total=2 * len(config.sources), initial=len(trials), desc=config.name, disable=not progress,
                unit="trial")
 
     def kind(recipe: Recipe) -> str:
         if len(recipe.sources) == 1:
-            return f"baseline:source:{Path(recipe.sources[0].model).name}"
+            return records.baseline_kind(f"source:{Path(recipe.sources[0].model).name}")
         if {s.model for s in recipe.sources} == set(config.sources):
-            return "baseline:uniform"
-        return f"soup:{len(recipe.sources)}"
+            return records.baseline_kind("uniform")
+        return records.soup_kind(len(recipe.sources))
 
     def score(recipe: Recipe) -> float:
         with warnings.catch_warnings():  # Optuna: heartbeats are meant for optimize (a killed soup re-runs its step)
@@ -381,7 +370,7 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
     bar.close()
     greedy = trials[recipe_key(result.greedy_recipe())]
     kept = [Path(m).name for m in result.kept]
-    study.set_user_attr("greedy", {"trial": greedy.number, "kept": kept, "of": len(config.sources)})
+    records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
     summary = runner.finalize(study, export=export)
     summary.update(kept=kept, greedy_trial=greedy.number,
                    individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
@@ -396,11 +385,12 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
     every process, random, TPE and NSGA-II samplers would propose the same parameters in each worker."""
     if study_name not in optuna.study.get_all_study_names(storage=storage):
         raise ValueError(f"no study named {study_name!r} in {storage}; start it with `evomerge search` first")
-    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
-    if attrs.get("kind") != "search" or "config" not in attrs:
-        raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {attrs.get('kind')}); "
+    info = records.study_info(optuna.load_study(study_name=study_name, storage=storage))
+    if info[records.KIND] != records.SEARCH_KIND or info[records.CONFIG] is None:
+        raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {info[records.KIND]}); "
                          "workers join searches (a soup runs in one process; a study being created: retry)")
-    config = RunConfig.model_validate({**attrs["config"], "storage": storage, **({"device": device} if device else {})})
+    overrides = {"storage": storage, **({"device": device} if device else {})}
+    config = RunConfig.model_validate({**info[records.CONFIG], **overrides})
     runner = Runner(config)
     study = runner.open_study()
     study.sampler.reseed_rng()
