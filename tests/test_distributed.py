@@ -5,22 +5,27 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import postgres
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from search_fitness import instrumented_env, logged_calls
 from tiny_models import tiny_family
 
 from evomerge.report import write_report
 from evomerge.search.config import RunConfig
+from evomerge.search.storage import make_storage
 from evomerge.search.study import Runner, run_worker
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 WORKERS = 2
+GRACE_S = 2
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +107,31 @@ def test_worker_needs_an_existing_search_study(postgres_url, family, tmp_path):
     soup.open_study()
     with pytest.raises(ValueError, match="holds no `evomerge search` run config .kind: soup"):
         run_worker(postgres_url, "a-soup", progress=False)
+
+
+def test_worker_retries_trials_of_dead_processes_after_the_grace_period(postgres_url, family, tmp_path):
+    """On a shared storage a RUNNING trial is an orphan once its heartbeat is older than grace_s, or, if it never
+    sent one (its process died between Optuna's ask and the first heartbeat), once it started grace_s ago. Both
+    are failed and re-queued with their parameters; the run ends with no RUNNING trial and its budget met."""
+    cfg = config(family, postgres_url, tmp_path, heartbeat_s=1, grace_s=GRACE_S, baselines=False, n_trials=3)
+    with Runner(cfg) as runner:
+        study = runner.open_study()
+    storage = make_storage(postgres_url, heartbeat_s=1, grace_s=GRACE_S)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    space = {"lambda": FloatDistribution(0.5, 1.5), **{f"weight/s{i}": FloatDistribution(0.0, 1.0) for i in (0, 1)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: heartbeats are meant for optimize
+        silent = study.ask(space)  # died before its first heartbeat
+        stale = study.ask(space)  # died after one heartbeat
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, stale.number))
+    time.sleep(GRACE_S + 1)
+
+    run_worker(postgres_url, study.study_name, progress=False)
+
+    trials = study.get_trials()
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
+    for dead in (silent, stale):
+        assert trials[dead.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == dead.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == dead.params

@@ -1,8 +1,10 @@
-"""`evomerge search` killed with SIGKILL mid-trial: completed trials survive, the orphaned RUNNING trial is failed
-after the heartbeat grace period and retried with the same parameters, and a re-run finishes the study."""
+"""`evomerge search` / `soup` killed with SIGKILL mid-trial: completed trials survive, the orphaned RUNNING trial is
+failed when the re-run starts (at once: the local study's lock proves its process is dead) and retried with the same
+parameters, and the re-run finishes the study with exactly its budget of finished trials and no RUNNING trial."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,11 +18,11 @@ from optuna.trial import FrozenTrial, TrialState
 from search_fitness import instrumented_env, logged_calls
 from tiny_models import tiny_family
 
-from evomerge.search.study import make_storage
+from evomerge.search.storage import INTERRUPTED, make_storage
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 N_TRIALS = 6
-GRACE_S = 2
+GRACE_S = 60  # far longer than the tests: a re-run that waited for the grace period would fail them
 HANG_AT = 3  # the third evaluation of the first run never returns: two trials complete, the third is RUNNING
 
 
@@ -46,15 +48,24 @@ def wait_for_hang(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> N
         time.sleep(0.1)
 
 
-def test_kill_9_mid_trial_then_resume(family, tmp_path):
+def run_config(tmp_path: Path, family, **kw) -> Path:
+    """A search config whose evaluator is the instrumented norm sum (the final test scoring is not instrumented)."""
     base, fts = family
-    run = tmp_path / "run"
     config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(dict(
+    config.write_text(yaml.safe_dump({**dict(
         name="resume", base=base, sources=fts, space=str(SPACES / "task_arithmetic.yaml"),
         evaluator={"type": "callable", "function": "search_fitness:instrumented_norm_sum", "metrics": ["norm_sum"]},
         test_evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
-        n_trials=N_TRIALS, out=str(run), device="cpu", seed=1, heartbeat_s=1, grace_s=GRACE_S)))
+        n_trials=N_TRIALS, out=str(tmp_path / "run"), device="cpu", seed=1, heartbeat_s=1, grace_s=GRACE_S), **kw}))
+    return config
+
+
+def test_kill_9_mid_trial_then_resume(family, tmp_path):
+    """The killed trial (a baseline, RUNNING with a live heartbeat a moment ago) is failed and re-queued as soon as
+    the re-run starts, with no grace period to wait: the lock proves no other process holds the local study. While
+    the first process lives, a second one is refused with one line naming its PID."""
+    config = run_config(tmp_path, family)
+    run = tmp_path / "run"
     command = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--no-export"]
     storage = f"sqlite:///{run / 'study.db'}"
     first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
@@ -65,6 +76,12 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_hang(first, first_logs)
     before = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    refused = subprocess.run(command, env=instrumented_env(second_logs), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr  # one line, no traceback
+    assert f"in use by process {first.pid}" in refused.stderr and "PostgreSQL" in refused.stderr
+    assert not logged_calls(second_logs)  # refused before any evaluation
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL
@@ -76,7 +93,7 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
     after_kill = optuna.load_study(study_name="resume", storage=storage).get_trials()
     assert [snapshot(t) for t in after_kill] == [snapshot(t) for t in before]  # nothing lost, nothing half-written
     killed = running[0]
-    time.sleep(GRACE_S)  # the killed trial's last heartbeat is now older than the grace period, however fast the re-run
+    assert killed.user_attrs["kind"].startswith("baseline:")
 
     second = subprocess.run(command, env=instrumented_env(second_logs), cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
@@ -85,11 +102,11 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
     by_number = {t.number: t for t in trials}
     assert [snapshot(by_number[t.number]) for t in complete] == [snapshot(t) for t in complete]
     assert by_number[killed.number].state == TrialState.FAIL
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert by_number[killed.number].user_attrs["error"] == INTERRUPTED
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1
     retry = retries[0]
-    assert retry.state == TrialState.COMPLETE and retry.system_attrs["retry_history"] == [killed.number]
-    assert retry.params == killed.params
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert retry.user_attrs["recipe"] == killed.user_attrs["recipe"]
     assert retry.user_attrs["kind"] == killed.user_attrs["kind"]
     states = [t.state for t in trials]
@@ -99,6 +116,40 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
     (rerun_calls,) = logged_calls(second_logs).values()
     assert sorted(rerun_calls) == sorted(t.value for t in trials
                                          if t.state == TrialState.COMPLETE and t.number not in (0, 1))
+
+
+def test_kill_9_mid_soup_step_then_resume(family, tmp_path):
+    """A soup step (asked outside Optuna's optimize: it never sends a heartbeat) killed mid-evaluation is failed
+    when the soup re-runs, and the soup re-scores that recipe and finishes: no trial stays RUNNING."""
+    config = run_config(tmp_path, family, base=None, space=None)
+    command = [sys.executable, "-m", "evomerge.cli", "soup", str(config), "--no-export"]
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
+    first_logs.mkdir()
+    second_logs.mkdir()
+    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=2), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_hang(first, first_logs)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    killed = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert [t.state for t in killed] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    second = subprocess.run(command, env=instrumented_env(second_logs), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert trials[0].state == TrialState.COMPLETE and trials[0].datetime_complete == killed[0].datetime_complete
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["error"] == INTERRUPTED
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # the killed step's recipe was scored again, and nothing else twice: two sources, one soup step, the uniform
+    # soup (the same recipe as that step for two sources: scored once)
+    assert trials[1].user_attrs["recipe"] in [t.user_attrs["recipe"] for t in complete]
+    keys = [json.dumps(t.user_attrs["recipe"], sort_keys=True) for t in complete]
+    assert len(keys) == len(set(keys)) == 3
+    (rerun_calls,) = logged_calls(second_logs).values()
+    assert sorted(rerun_calls) == sorted(t.value for t in complete[1:])
 
 
 def test_grace_must_exceed_heartbeat(tmp_path):

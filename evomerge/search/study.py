@@ -2,8 +2,9 @@
 
 One process (``evomerge search``) or many (``evomerge worker``) share a study through an Optuna storage: a SQLite
 file in the run dir by default, PostgreSQL for several machines. Every trial stores its recipe and metrics
-(see :mod:`evomerge.search` for the user_attrs contract). Trials that crash become FAIL with the reason and the
-search goes on; trials left RUNNING by a killed process are failed after the heartbeat grace period and re-queued.
+(:mod:`evomerge.search.trials` is their schema). Trials that crash become FAIL with the reason and the search goes
+on; trials left RUNNING by a killed process are failed and re-queued when the next run starts
+(:mod:`evomerge.search.storage`: at once on a local study, after the heartbeat grace period on a shared one).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +34,7 @@ from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
+from evomerge.search.storage import StudyLock, make_storage, recover, sqlite_path
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.stacking import build_stacked_model
 
@@ -69,21 +70,6 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
-def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> optuna.storages.BaseStorage:
-    """An RDB storage (SQLite file or PostgreSQL) with heartbeats: a RUNNING trial whose process sent no heartbeat
-    for ``grace_s`` seconds (killed, machine lost) is failed by the next process that starts a trial, and re-queued
-    with the same parameters and user_attrs (at most twice; Optuna's ``retry_history`` / ``failed_trial`` system
-    attrs name the original)."""
-    if grace_s <= heartbeat_s:
-        raise ValueError(f"grace_s ({grace_s}) must exceed heartbeat_s ({heartbeat_s}), or live trials are failed "
-                         "by other workers; the defaults are 30 and 90")
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been since 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                          engine_kwargs={"pool_pre_ping": True})
 
 
 @dataclass
@@ -107,6 +93,10 @@ class Runner:
 
         self.config = config
         self.kind = study_kind
+        db = sqlite_path(config.storage_url)
+        self.lock = StudyLock(db) if db is not None else None
+        if self.lock is not None:  # a second process on a local study is refused before any model loads
+            self.lock.check()
         self.space = SearchSpace.from_yaml(config.space) if config.space else None
         if study_kind == records.SEARCH_KIND and self.space is None:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
@@ -119,17 +109,33 @@ class Runner:
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the local study's lock (a killed process's lock is released by the kernel)."""
+        if self.lock is not None:
+            self.lock.release()
+
     # ---------------------------------------------------------------------------------------------- study
     def open_study(self) -> optuna.Study:
         n_obj = len(self.evaluator.objective.metrics) if self.config.multi_objective else 1
         continuous = self.space.is_continuous() if self.space else False
         sampler = make_sampler(self.config.sampler, seed=self.config.seed, continuous=continuous, n_objectives=n_obj)
+        storage = make_storage(self.config.storage_url, heartbeat_s=self.config.heartbeat_s,
+                               grace_s=self.config.grace_s)
+        if self.lock is not None and not self.lock.held:
+            self.lock.acquire()
         study = optuna.create_study(
-            storage=make_storage(self.config.storage_url, heartbeat_s=self.config.heartbeat_s,
-                                 grace_s=self.config.grace_s), study_name=self.config.name, sampler=sampler,
-            pruner=make_pruner(self.config.pruner), directions=[self.evaluator.objective.direction] * n_obj,
-            load_if_exists=True,
+            storage=storage, study_name=self.config.name, sampler=sampler, pruner=make_pruner(self.config.pruner),
+            directions=[self.evaluator.objective.direction] * n_obj, load_if_exists=True,
         )
+        # a soup runs in one process whatever its storage: a RUNNING step is an orphan (it never sends heartbeats)
+        recover(study, storage, exclusive=self.lock is not None or self.kind == records.SOUP_KIND,
+                grace_s=self.config.grace_s, retry=self.kind == records.SEARCH_KIND)
         records.set_study_info(study, config=self.config.model_dump(mode="json"), num_layers=self.models.num_layers,
                                sources=self.models.sources, base=self.models.base, kind=self.kind,
                                space=Path(self.config.space).name if self.config.space else None,
@@ -312,15 +318,15 @@ def run_search(config: RunConfig, *, progress: bool = True, export: bool = True)
     """``evomerge search``: open/resume the study, enqueue baselines, optimize, finalize, write the report."""
     from evomerge.report import write_report
 
-    runner = Runner(config)
-    study = runner.open_study()
-    runner.enqueue_baselines(study)
-    runner.score_references(study)
-    runner.optimize(study, progress=progress)
-    summary = runner.finalize(study, export=export)
-    summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
-                                           run_dir=runner.run_dir))
-    return summary
+    with Runner(config) as runner:
+        study = runner.open_study()
+        runner.enqueue_baselines(study)
+        runner.score_references(study)
+        runner.optimize(study, progress=progress)
+        summary = runner.finalize(study, export=export)
+        summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
+                                               run_dir=runner.run_dir))
+        return summary
 
 
 def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
@@ -331,51 +337,53 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
 
     if config.pruner != "none":
         raise ValueError("soups evaluate every step fully; set pruner: none")
-    runner = Runner(config, study_kind=records.SOUP_KIND)
-    study = runner.open_study()
-    trials = {recipe_key(records.recipe_of(t)): t
-              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    bar = tqdm(total=2 * len(config.sources), initial=len(trials), desc=config.name, disable=not progress,
-               unit="trial")
+    with Runner(config, study_kind=records.SOUP_KIND) as runner:
+        study = runner.open_study()
+        trials = {recipe_key(records.recipe_of(t)): t
+                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        bar = tqdm(total=2 * len(config.sources), initial=len(trials), desc=config.name, disable=not progress,
+                   unit="trial")
 
-    def kind(recipe: Recipe) -> str:
-        if len(recipe.sources) == 1:
-            return records.baseline_kind(f"source:{Path(recipe.sources[0].model).name}")
-        if {s.model for s in recipe.sources} == set(config.sources):
-            return records.baseline_kind("uniform")
-        return records.soup_kind(len(recipe.sources))
+        def kind(recipe: Recipe) -> str:
+            if len(recipe.sources) == 1:
+                return records.baseline_kind(f"source:{Path(recipe.sources[0].model).name}")
+            if {s.model for s in recipe.sources} == set(config.sources):
+                return records.baseline_kind("uniform")
+            return records.soup_kind(len(recipe.sources))
 
-    def score(recipe: Recipe) -> float:
-        with warnings.catch_warnings():  # Optuna: heartbeats are meant for optimize (a killed soup re-runs its step)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = study.ask()
-        try:
-            value = runner.record(trial, recipe, kind(recipe))
-        except Exception:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        frozen = study.tell(trial, value)
-        trials[recipe_key(recipe)] = frozen
-        bar.update(1)
-        bar.set_postfix(last=f"{value:.4f}")
-        return value
+        def score(recipe: Recipe) -> float:
+            # Optuna: heartbeats are meant for optimize (a killed soup's step is failed and re-scored on resume)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask()
+            try:
+                value = runner.record(trial, recipe, kind(recipe))
+            except Exception:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            frozen = study.tell(trial, value)
+            trials[recipe_key(recipe)] = frozen
+            bar.update(1)
+            bar.set_postfix(last=f"{value:.4f}")
+            return value
 
-    # greedy_soup maximizes: a lower-is-better objective (e.g. perplexity) is handed to it negated
-    sign = direction_sign(study)
-    done = {key: sign * t.value for key, t in trials.items()}
-    result = greedy_soup(config.sources, lambda recipe: sign * score(recipe), accept=config.accept, done=done)
-    uniform = result.uniform_recipe()
-    if recipe_key(uniform) not in trials:
-        score(uniform)
-    bar.close()
-    greedy = trials[recipe_key(result.greedy_recipe())]
-    kept = [Path(m).name for m in result.kept]
-    records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
-    summary = runner.finalize(study, export=export)
-    summary.update(kept=kept, greedy_trial=greedy.number,
-                   individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
-    summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name, run_dir=runner.run_dir))
-    return summary
+        # greedy_soup maximizes: a lower-is-better objective (e.g. perplexity) is handed to it negated
+        sign = direction_sign(study)
+        done = {key: sign * t.value for key, t in trials.items()}
+        result = greedy_soup(config.sources, lambda recipe: sign * score(recipe), accept=config.accept, done=done)
+        uniform = result.uniform_recipe()
+        if recipe_key(uniform) not in trials:
+            score(uniform)
+        bar.close()
+        greedy = trials[recipe_key(result.greedy_recipe())]
+        kept = [Path(m).name for m in result.kept]
+        records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
+        summary = runner.finalize(study, export=export)
+        summary.update(kept=kept, greedy_trial=greedy.number,
+                       individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
+        summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
+                                             run_dir=runner.run_dir))
+        return summary
 
 
 def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, device: str | None = None,
@@ -391,7 +399,7 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
                          "workers join searches (a soup runs in one process; a study being created: retry)")
     overrides = {"storage": storage, **({"device": device} if device else {})}
     config = RunConfig.model_validate({**info[records.CONFIG], **overrides})
-    runner = Runner(config)
-    study = runner.open_study()
-    study.sampler.reseed_rng()
-    runner.optimize(study, n_trials=n_trials, progress=progress)
+    with Runner(config) as runner:
+        study = runner.open_study()
+        study.sampler.reseed_rng()
+        runner.optimize(study, n_trials=n_trials, progress=progress)

@@ -1,0 +1,177 @@
+"""Where a study lives, who may run it, and how trials left behind by a dead process are run again.
+
+Storages: a SQLite file (one process: ``evomerge search`` / ``soup``, or one ``evomerge worker``) or PostgreSQL
+(many workers on many machines). Both are Optuna RDB storages with heartbeats: a running trial's process writes one
+every ``heartbeat_s`` seconds.
+
+Resume converges: when a run starts, every trial a dead process left RUNNING is failed (user_attr ``error`` says it
+was interrupted) and a new trial with the same parameters and kind is queued (``retry_of`` names the original);
+a soup's interrupted step is re-scored by the soup's own resume (its steps are recipes, not parameters). Which
+trials are dead:
+
+- a local SQLite study is held by one process, proven by a lock file next to it (``study.db.lock``, an exclusive
+  ``flock`` the kernel releases when the process dies, holding its PID). The process that holds the lock knows every
+  RUNNING trial is an orphan, and retries it at once (no grace period); a second process is refused, naming the
+  holder's PID;
+- on a shared storage (PostgreSQL), a trial whose heartbeat is older than ``grace_s`` (its process stopped; failed by
+  Optuna's :func:`optuna.storages.fail_stale_trials` before each trial, retried by :func:`_retry_stale`), or that never
+  sent one and started more than ``grace_s`` ago without storing its recipe (its process died between Optuna's ask
+  and its first heartbeat).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import warnings
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search import trials as records
+
+log = logging.getLogger(__name__)
+
+SQLITE_PREFIX = "sqlite:///"
+INTERRUPTED = "Interrupted: the process running this trial died; it was queued again with the same parameters"
+
+
+class StudyInUse(ValueError):
+    """A local SQLite study is held by another live process."""
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL, None for any other storage."""
+    return Path(url.removeprefix(SQLITE_PREFIX)) if url.startswith(SQLITE_PREFIX) else None
+
+
+def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> RDBStorage:
+    """An RDB storage (SQLite file or PostgreSQL) with heartbeats: a RUNNING trial whose process sent no heartbeat
+    for ``grace_s`` seconds (killed, machine lost) is failed by the next process that starts a trial, and queued
+    again with the same parameters (:func:`_retry_stale`)."""
+    check_heartbeat(heartbeat_s, grace_s)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                          heartbeat_stale_trial_callback=_retry_stale, engine_kwargs={"pool_pre_ping": True})
+
+
+def check_heartbeat(heartbeat_s: int, grace_s: int) -> None:
+    if grace_s <= heartbeat_s:
+        raise ValueError(f"grace_s ({grace_s}) must exceed heartbeat_s ({heartbeat_s}), or live trials are failed "
+                         "by other workers; the defaults are 30 and 90")
+
+
+# -------------------------------------------------------------------------------------------------- lock
+class StudyLock:
+    """The exclusive hold of one process on a local SQLite study: ``<db>.lock`` next to it, flock'ed, with the
+    holder's PID inside. The kernel drops the flock when the process exits however it ends (kill -9 included), so a
+    stale lock file never blocks a re-run. :meth:`check` refuses early, before anything is created or loaded."""
+
+    def __init__(self, db: Path) -> None:
+        self.path = db.with_name(db.name + ".lock")
+        self._file: IO[str] | None = None
+
+    def check(self) -> None:
+        """Raise :class:`StudyInUse` if another live process holds the lock (creates nothing)."""
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            self._try(f)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held open until release(): the open file carries the flock
+        try:
+            self._try(f)
+        except BaseException:
+            f.close()
+            raise
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock; the file stays (a later run re-uses it)
+            self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def _try(self, f: IO[str]) -> None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise StudyInUse(
+                f"the study {self.path.with_suffix('')} is in use by process {pid} (lock {self.path}); a local SQLite "
+                "study runs in one process: for many processes use a PostgreSQL storage and `evomerge worker`"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------- retries
+def recover(study: optuna.Study, storage: RDBStorage, *, exclusive: bool, grace_s: int, retry: bool) -> list[int]:
+    """Fail every trial of ``study`` left RUNNING by a dead process (see the module docstring for which ones) and,
+    when ``retry`` (a study whose trials are parameter sets: searches), queue each again with the same parameters;
+    ``exclusive`` (this process holds the study's lock) also retries the interrupted failures a dead process left
+    without a retry. Returns the numbers of the trials failed here."""
+    if not exclusive:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # heartbeat-stale trials; _retry_stale queues them again
+    trials = study.get_trials(deepcopy=False)
+    cutoff = datetime.now() - timedelta(seconds=grace_s)
+    orphans = [t for t in trials if t.state == TrialState.RUNNING and (exclusive or (
+        records.RECIPE not in t.user_attrs and t.datetime_start is not None and t.datetime_start < cutoff))]
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = []
+    for trial in orphans:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            storage.set_trial_user_attr(trial_id, records.ERROR, INTERRUPTED)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # it finished (or another worker failed it) since we read it
+            continue
+        failed.append(trial.number)
+    if retry:
+        retried = {t.user_attrs.get(records.RETRY_OF) for t in trials}
+        unretried = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
+                     and _interrupted(t)] if exclusive else []
+        for trial in [*unretried, *(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                study_id, n)) for n in failed)]:
+            _enqueue_retry(study, trial)
+    if failed:
+        log.info("trials %s were left RUNNING by a process that died: failed%s", failed,
+                 " and queued again with the same parameters" if retry else "")
+    return failed
+
+
+def _interrupted(trial: FrozenTrial) -> bool:
+    """A failure that was no fault of the trial: its process died (no error stored: failed by a heartbeat)."""
+    error = records.trial_error(trial)
+    return error is None or error == INTERRUPTED
+
+
+def _enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    study.enqueue_trial(trial.params, user_attrs=records.retry_attrs(trial), skip_if_exists=False)
+
+
+def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's heartbeat-stale callback: ``trial`` was just failed by this process (only one process can fail a
+    trial, so it is queued once)."""
+    if records.study_kind(study.user_attrs) == records.SEARCH_KIND:
+        _enqueue_retry(study, trial)
