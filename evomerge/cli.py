@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still no traceback unless asked for
         return _fail(exc, f"internal error {type(exc).__name__}: {exc} (run with --debug for the traceback and "
                           "please report it)", 1, debug)
+    except KeyboardInterrupt:  # Ctrl-C: the trial it stopped is FAIL, completed ones are kept
+        print("evomerge: interrupted; the study keeps every finished trial: re-run the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

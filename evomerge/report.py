@@ -184,6 +184,8 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
         columns.append(Column("test objective", lambda t: scored_on_test(attrs, t)[0]))
     test = _metric_names([metrics for _, metrics in tests])
     columns += [Column(f"test {m}", lambda t, m=m: scored_on_test(attrs, t)[1].get(m)) for m in test]
+    if any(records.test_error(attrs, t) for t in trials):  # why a row has no test score
+        columns.append(Column("test error", lambda t: records.test_error(attrs, t)))
     columns += [
         Column("merge s", lambda t: records.trial_seconds(t)[0]),
         Column("eval s", lambda t: records.trial_seconds(t)[1]),
@@ -518,11 +520,14 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     lines += ["", "All trials: [trials.csv](trials.csv)", ""]
 
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    if failed:
+    broken = {label: ref[records.ERROR] for label, ref in records.references(study.user_attrs).items()
+              if records.ERROR in ref}
+    if failed or broken:
         lines += ["## Failed trials", ""]
         for t in failed:
             error = (str(records.trial_error(t) or "").strip() or "no error stored").splitlines()[0]
             lines.append(f"- #{t.number} ({kind_label(trial_kind(t))}): {error}")
+        lines += [f"- reference {label} (outside the space): {error}" for label, error in broken.items()]
         lines.append("")
     lines += _dashboard_section(run_dir)
     summary = out_dir / "summary.md"

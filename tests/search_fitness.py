@@ -72,3 +72,25 @@ def instrumented_env(log_dir: Path, *, peers: int | None = None, hang_at: int | 
         if value is not None:
             env[key] = str(value)
     return env
+
+
+FAULTS: dict[int, str] = {}
+
+
+def faulty(model: torch.nn.Module, tokenizer: object) -> float:
+    """The norm sum, except on the calls (1-based, counted in ``CALLS``) that :data:`FAULTS` names: ``nan``
+    returns NaN, ``raise`` raises RuntimeError, ``exit`` calls sys.exit(3), ``hang`` sleeps for an hour,
+    ``interrupt`` raises KeyboardInterrupt (as Ctrl-C would), ``always`` (key 0) raises on every call."""
+    CALLS["n"] += 1
+    fault = FAULTS.get(CALLS["n"], FAULTS.get(0))
+    if fault == "nan":
+        return float("nan")
+    if fault in ("raise", "always"):
+        raise RuntimeError(f"planted failure at call {CALLS['n']}\nsecond line of the message")
+    if fault == "exit":
+        raise SystemExit(3)
+    if fault == "hang":
+        time.sleep(3600)
+    if fault == "interrupt":
+        raise KeyboardInterrupt
+    return float(model.model.norm.weight.double().sum())

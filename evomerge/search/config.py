@@ -39,6 +39,8 @@ class RunConfig(BaseModel):
     heartbeat_s: int = Field(30, ge=1, description="seconds between the heartbeats of a running trial")
     grace_s: int = Field(90, ge=1, description="a RUNNING trial silent this long (its process died) is failed and "
                                                "retried with the same parameters; must exceed heartbeat_s")
+    trial_timeout_s: float | None = Field(None, gt=0, description="a trial whose evaluation runs longer fails "
+                                                                  "(TrialFault); default: no limit")
     out: str | None = Field(None, description="run dir; default runs/<name>")
     seed: int = 0
     device: str | None = None
@@ -55,6 +57,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"fidelities must increase within (0, 1] and end at 1.0, got {f}")
         if self.pruner in ("halving", "hyperband") and len(f) < 2:
             raise ValueError(f"pruner '{self.pruner}' needs at least two fidelities, e.g. [0.25, 0.5, 1.0]")
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> RunConfig:
+        from evomerge.search.storage import check_heartbeat  # the one home of the rule (storages check it too)
+
+        check_heartbeat(self.heartbeat_s, self.grace_s)
         return self
 
     @classmethod

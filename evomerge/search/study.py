@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import re
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
-from evomerge.evaluate import EvalResult, build_evaluator
+from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.recipe import Recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
@@ -72,6 +76,10 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 
+class TrialFault(RuntimeError):
+    """A trial whose evaluation cannot count: a non-finite score, ``sys.exit`` in the evaluator, a timeout."""
+
+
 @dataclass
 class Scored:
     """A recipe and its validation result."""
@@ -79,6 +87,52 @@ class Scored:
     recipe: Recipe
     result: EvalResult
     merge_seconds: float
+
+
+def evaluate(evaluator: Evaluator, model: nn.Module, tokenizer: Any, *, fidelity: float = 1.0,
+             deadline: float | None = None) -> EvalResult:
+    """``evaluator.score`` as a trial may count it: a non-finite objective, ``sys.exit`` in the user's code, or a
+    call still running at ``deadline`` (``time.monotonic()``; the run config's ``trial_timeout_s``) raise
+    :class:`TrialFault`, so the trial fails with the reason instead of ending the run or hanging it."""
+    try:
+        with _alarm(deadline):
+            result = evaluator.score(model, tokenizer, fidelity=fidelity)
+    except SystemExit as exc:  # a user evaluator calling sys.exit must not end the search (nor leave it RUNNING)
+        raise TrialFault(f"the evaluator called sys.exit({exc.code!r})") from None
+    bad = [v for v in (result.objective, *result.objectives) if not math.isfinite(v)]
+    if bad:
+        raise TrialFault(f"the evaluator scored a non-finite objective ({bad[0]}); metrics {result.metrics}")
+    return result
+
+
+class _Timeout(BaseException):
+    """Raised by the alarm inside the evaluator: a BaseException, so the user's ``except Exception`` cannot swallow
+    it; :func:`_alarm` turns it into a :class:`TrialFault` at its own boundary."""
+
+
+@contextlib.contextmanager
+def _alarm(deadline: float | None) -> Iterator[None]:
+    """Interrupt the block at ``deadline`` (SIGALRM; only the main thread can receive it: elsewhere, no limit).
+    Only evaluator calls are timed this way: interrupting a merge half-way would leave the live model half-written."""
+    if deadline is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TrialFault("trial_timeout_s reached before the evaluation started")
+
+    def expire(signum: int, frame: object) -> None:
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, remaining)
+    try:
+        yield
+    except _Timeout:
+        raise TrialFault("the trial ran longer than trial_timeout_s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Runner:
@@ -167,10 +221,11 @@ class Runner:
         """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
         on the growing fidelity levels and reports each to ``trial``; the pruner may stop it before the last level.
         Otherwise it is scored once, on every validation item."""
+        deadline = self._deadline()
         model, merge_seconds = self.materialize(recipe)
         levels = self.config.fidelities if prunable and trial is not None else [1.0]
         for step, fidelity in enumerate(levels, start=1):  # resource = level 1, 2, ...: rung 0 is the first level
-            result = self.evaluator.score(model, self.tokenizer, fidelity=fidelity)
+            result = evaluate(self.evaluator, model, self.tokenizer, fidelity=fidelity, deadline=deadline)
             if fidelity == 1.0:
                 break
             assert trial is not None
@@ -182,6 +237,11 @@ class Runner:
                 records.set_metrics(trial, result.metrics)
                 raise optuna.TrialPruned(f"pruned at fidelity {fidelity}")
         return Scored(recipe, result, merge_seconds)
+
+    def _deadline(self) -> float | None:
+        """When a trial starting now must be done (``trial_timeout_s``), None without a limit."""
+        timeout = self.config.trial_timeout_s
+        return None if timeout is None else time.monotonic() + timeout
 
     @staticmethod
     def _report_items(trial: optuna.Trial, result: EvalResult) -> None:
@@ -197,7 +257,7 @@ class Runner:
             scored = self.score(recipe, trial, prunable=prunable)
         except optuna.TrialPruned:
             raise
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:  # Ctrl-C: the trial fails (not RUNNING), the run stops
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
         records.set_scored(trial, scored.result.metrics, scored.merge_seconds, scored.result.seconds)
@@ -227,7 +287,12 @@ class Runner:
             if label in records.references(study.user_attrs):
                 continue
             recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
-            scored = self.score(recipe)
+            try:
+                scored = self.score(recipe)
+            except Exception as exc:  # a reference is no trial: its failure is stored beside the study, once
+                log.warning("reference %s failed: %s", label, records.describe(exc))
+                records.set_reference_error(study, label, recipe=recipe, error=exc)
+                continue
             values = scored.result.objectives if self.config.multi_objective else [scored.result.objective]
             records.set_reference(study, label, recipe=recipe, metrics=scored.result.metrics, values=values,
                                   merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
@@ -245,10 +310,14 @@ class Runner:
         bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
         # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
         quiet = quiet_optuna() if progress else contextlib.nullcontext()
+        failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
+        one_line = _OneLineFailures()
+        failures.addFilter(one_line)
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
         started = time.monotonic()
-        with quiet, bar:  # the bar closes however the loop ends
+        with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
+            stack.callback(failures.removeFilter, one_line)
             while done < total:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
                 if timeout is not None and timeout <= 0:
@@ -267,7 +336,7 @@ class Runner:
         references."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
-            raise RuntimeError(f"study {study.study_name} has no completed trial; see the FAIL reasons in the report")
+            raise records.StudyFailed(f"study {study.study_name} has no completed trial")
         best = best_trials(study, complete)[0]
         recipe = records.recipe_of(best)
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
@@ -277,22 +346,48 @@ class Runner:
                    if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
 
-        def scored(recipe: Recipe) -> EvalResult:
-            model, _ = self.materialize(recipe)
-            return test.score(model, self.tokenizer)
+        def scored(recipe: Recipe, what: str) -> EvalResult | Exception:
+            """The test result, or the error that prevented it (stored in its row: one failure loses one cell)."""
+            try:
+                model, _ = self.materialize(recipe)
+                return evaluate(test, model, self.tokenizer, deadline=self._deadline())
+            except Exception as exc:
+                log.warning("test scoring of %s failed: %s", what, records.describe(exc))
+                return exc
 
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
-            result = scored(records.recipe_of(trial))
-            records.set_test_result(study, number, result.metrics, result.objective)
-            summary["test"][f"{number}:{trial_kind(trial)}"] = result.objective
+            result = scored(records.recipe_of(trial), f"trial #{number}")
+            if isinstance(result, Exception):
+                records.set_test_error(study, number, result)
+            else:
+                records.set_test_result(study, number, result.metrics, result.objective)
+            summary["test"][f"{number}:{trial_kind(trial)}"] = getattr(result, "objective", None)
         for label, reference in records.references(study.user_attrs).items():
-            result = scored(Recipe.model_validate(reference[records.RECIPE]))
-            records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective)
-            summary["test"][records.reference_key(label)] = result.objective
+            if records.RECIPE not in reference or records.ERROR in reference:
+                continue  # its validation scoring failed: nothing to test
+            result = scored(Recipe.model_validate(reference[records.RECIPE]), f"reference {label}")
+            if isinstance(result, Exception):
+                records.set_reference_test(study, label, error=result)
+            else:
+                records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective)
+            summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
         if export:
             self.export(recipe, self.run_dir / "best_model")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+class _OneLineFailures(logging.Filter):
+    """Optuna logs each failed trial with all its parameters and the full traceback (and a second line "failed with
+    value None"); evomerge prints one line per failure instead: the trial's ``error`` attr and the report keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            number = re.match(r"Trial (\d+)", record.getMessage())
+            record.msg = f"Trial {number.group(1) if number else '?'} failed: {records.describe(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            return True
+        return re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage()) is None
 
 
 def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -316,23 +411,45 @@ def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
 
 def run_search(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
     """``evomerge search``: open/resume the study, enqueue baselines, optimize, finalize, write the report."""
-    from evomerge.report import write_report
-
     with Runner(config) as runner:
         study = runner.open_study()
         runner.enqueue_baselines(study)
         runner.score_references(study)
         runner.optimize(study, progress=progress)
+        return _finish(runner, study, export=export)
+
+
+def _finish(runner: Runner, study: optuna.Study, *, export: bool) -> dict[str, Any]:
+    """Finalize and write the report; with no completed trial, write the report (it lists the failures) and raise
+    :class:`~evomerge.search.trials.StudyFailed` with one line."""
+    try:
         summary = runner.finalize(study, export=export)
-        summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
-                                               run_dir=runner.run_dir))
-        return summary
+    except records.StudyFailed as exc:
+        _fail(runner, study, str(exc))
+    summary["report"] = str(_report(runner, study))
+    return summary
+
+
+def _report(runner: Runner, study: optuna.Study) -> Path:
+    from evomerge.report import write_report
+
+    return write_report(study, runner.run_dir / "report", title=runner.config.name, run_dir=runner.run_dir)
+
+
+def _fail(runner: Runner, study: optuna.Study, why: str) -> NoReturn:
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    example = f", e.g. #{failed[-1].number}: {_first_line(records.trial_error(failed[-1]))}" if failed else ""
+    raise records.StudyFailed(f"{why} ({len(failed)} failed trial(s){example}); the report lists every failure: "
+                              f"{_report(runner, study)}") from None
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "no error stored").strip().splitlines()[0]
 
 
 def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
     """``evomerge soup``: greedy soup of the config's sources (each step a trial), uniform soup beside it, test
     scores of every ingredient, both soups, and the report. Re-running resumes: scored recipes are not re-scored."""
-    from evomerge.report import write_report
     from evomerge.search.soup import greedy_soup, recipe_key
 
     if config.pruner != "none":
@@ -358,7 +475,7 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
                 trial = study.ask()
             try:
                 value = runner.record(trial, recipe, kind(recipe))
-            except Exception:
+            except BaseException:  # Ctrl-C included: the step fails, it is not left RUNNING
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             frozen = study.tell(trial, value)
@@ -370,19 +487,22 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         # greedy_soup maximizes: a lower-is-better objective (e.g. perplexity) is handed to it negated
         sign = direction_sign(study)
         done = {key: sign * t.value for key, t in trials.items()}
-        result = greedy_soup(config.sources, lambda recipe: sign * score(recipe), accept=config.accept, done=done)
-        uniform = result.uniform_recipe()
-        if recipe_key(uniform) not in trials:
-            score(uniform)
-        bar.close()
+        try:  # a soup cannot skip a step: its first failure ends it (re-run to retry the step)
+            result = greedy_soup(config.sources, lambda recipe: sign * score(recipe), accept=config.accept,
+                                 done=done)
+            uniform = result.uniform_recipe()
+            if recipe_key(uniform) not in trials:
+                score(uniform)
+        except Exception as exc:
+            _fail(runner, study, f"a soup step failed ({records.describe(exc)})")
+        finally:
+            bar.close()
         greedy = trials[recipe_key(result.greedy_recipe())]
         kept = [Path(m).name for m in result.kept]
         records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
-        summary = runner.finalize(study, export=export)
+        summary = _finish(runner, study, export=export)
         summary.update(kept=kept, greedy_trial=greedy.number,
                        individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
-        summary["report"] = str(write_report(study, runner.run_dir / "report", title=config.name,
-                                             run_dir=runner.run_dir))
         return summary
 
 

@@ -65,6 +65,10 @@ SOUP_KIND = "soup"
 BASELINE_PREFIX = "baseline:"
 
 
+class StudyFailed(RuntimeError):
+    """A run ended without a result (no trial completed); its report lists the failures."""
+
+
 class AttrTrial(Protocol):
     """What the accessors need of a trial: :class:`optuna.Trial` (live) and :class:`FrozenTrial` both have it."""
 
@@ -231,6 +235,11 @@ def set_reference(study: optuna.Study, label: str, *, recipe: Recipe, metrics: M
     study.set_user_attr(reference_key(label), {
         RECIPE: recipe.model_dump(mode="json"), METRICS: dict(metrics), VALUES: list(values),
         MERGE_SECONDS: merge_seconds, EVAL_SECONDS: eval_seconds})
+
+
+def set_reference_error(study: optuna.Study, label: str, *, recipe: Recipe, error: BaseException) -> None:
+    """Reference ``label`` could not be scored on the validation split: why (it has no row in the table)."""
+    study.set_user_attr(reference_key(label), {RECIPE: recipe.model_dump(mode="json"), ERROR: describe(error)})
 
 
 def set_reference_test(study: optuna.Study, label: str, *, metrics: Mapping[str, Any] | None = None,
