@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -50,6 +49,7 @@ from evomerge.methods import Param, get_method
 from evomerge.recipe import Recipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
+from evomerge.search.storage import mask_url, unmasked_for_libpq
 from evomerge.search.trials import best_trials, is_baseline, quiet_optuna, scored_on_test, trial_kind
 from evomerge.stacking import layer_plan
 
@@ -80,12 +80,11 @@ class RunStorage:
     def open(self) -> BaseStorage:
         if self.kind == "journal":
             return JournalStorage(JournalFileBackend(self.location))
-        return RDBStorage(self.location)
+        return RDBStorage(unmasked_for_libpq(self.location))  # run.json's URL has no password: PGPASSWORD has it
 
     def dashboard_command(self) -> str:
         """The optuna-dashboard command for this storage (a URL's password masked)."""
-        masked = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", self.location)
-        return f"optuna-dashboard {masked}"
+        return f"optuna-dashboard {mask_url(self.location)}"
 
 
 def locate_storage(run_dir: Path) -> RunStorage:
@@ -125,7 +124,7 @@ def load_study(run_dir: Path) -> optuna.Study:
     if name not in names:
         wanted = f"study {name!r} is" if name else "a single study is"
         raise ValueError(
-            f"{wanted} expected in {where.location}, which holds {names or 'no study'}; "
+            f"{wanted} expected in {mask_url(where.location)}, which holds {names or 'no study'}; "
             f"set 'study_name' in {Path(run_dir) / 'run.json'}"
         )
     return optuna.load_study(study_name=name, storage=storage)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 import subprocess
 import sys
 import time
@@ -20,8 +22,8 @@ from tiny_models import tiny_family
 
 from evomerge.report import write_report
 from evomerge.search.config import RunConfig
-from evomerge.search.storage import make_storage
-from evomerge.search.study import Runner, run_worker
+from evomerge.search.storage import make_storage, mask_url
+from evomerge.search.study import Runner, run_search, run_worker
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 WORKERS = 2
@@ -135,3 +137,20 @@ def test_worker_retries_trials_of_dead_processes_after_the_grace_period(postgres
         assert trials[dead.number].state == TrialState.FAIL
         (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == dead.number]
         assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+
+
+def test_refused_login_is_one_masked_line_before_any_run_dir(postgres_url, family, tmp_path):
+    password = re.match(r"postgresql://[^:]+:([^@]+)@", postgres_url).group(1)
+    wrong = postgres_url.replace(f":{password}@", ":not-the-password@")
+    with pytest.raises(ValueError, match=r"^the storage server refused the login of postgresql://evomerge:\*\*\*@"
+                                         r".*password authentication failed.*check the user and password") as error:
+        run_search(config(family, wrong, tmp_path), progress=False)
+    assert "not-the-password" not in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="refused the login"):
+        run_worker(wrong, "any", progress=False)
+    # the run.json of a PostgreSQL run holds the URL without its password
+    with Runner(config(family, postgres_url, tmp_path)) as runner:
+        runner.open_study()
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())["storage"]
+    assert stored == mask_url(postgres_url) and password not in stored

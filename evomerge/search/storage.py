@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,61 @@ class StudyInUse(ValueError):
 def sqlite_path(url: str) -> Path | None:
     """The database file of a ``sqlite:///PATH`` URL, None for any other storage."""
     return Path(url.removeprefix(SQLITE_PREFIX)) if url.startswith(SQLITE_PREFIX) else None
+
+
+SCHEMES = ("sqlite", "postgresql", "mysql")  # SQLAlchemy dialects Optuna's RDBStorage is tested with
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: the form of a storage URL in every message, log line, report
+    and run.json."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://[^:/@]*):[^/]*@", r"\1:***@", url)
+
+
+def unmasked_for_libpq(url: str) -> str:
+    """A URL read back from run.json (password ``***``) without the password: the PostgreSQL client then takes it
+    from ``PGPASSWORD`` or ``~/.pgpass``."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://[^:/@]*):\*\*\*@", r"\1@", url)
+
+
+def check_storage(url: str, *, must_exist: bool = False) -> None:
+    """Raise ValueError with one line (the URL masked) when ``url`` cannot serve a study: an unknown scheme, a
+    missing SQLite file when ``must_exist`` (a worker joins a study; it must not create an empty one), a missing
+    driver, a server that cannot be reached or refuses the login. Creates nothing; called before any run dir."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    shown = mask_url(url)
+    try:
+        scheme = make_url(url).get_backend_name()
+    except sqlalchemy.exc.ArgumentError:
+        scheme = url.partition(":")[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown storage scheme {scheme!r} in {shown}; use sqlite:///PATH (one process) or "
+                         "postgresql://USER:PASSWORD@HOST/DB (many workers; also mysql://...)")
+    path = sqlite_path(url)
+    if path is not None:
+        if must_exist and not path.is_file():
+            raise ValueError(f"no SQLite study at {path}; start it with `evomerge search` first (a worker joins an "
+                             "existing study), or pass the URL of the file it created")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if scheme == "postgresql" else {})
+    except ImportError as exc:
+        raise ValueError(f"no database driver for {shown} ({exc}): for PostgreSQL, pip install -e "
+                         "'.[distributed]'") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        if "authentication" in detail or "password" in detail:
+            raise ValueError(f"the storage server refused the login of {shown} ({detail}); check the user and "
+                             "password in the URL") from None
+        raise ValueError(f"cannot reach the storage server of {shown} ({mask_url(detail)}); check the host, the "
+                         "port and that the server runs") from None
+    finally:
+        engine.dispose()
 
 
 def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> RDBStorage:

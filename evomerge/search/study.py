@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -38,7 +39,7 @@ from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import ModelSet, SearchSpace
-from evomerge.search.storage import StudyLock, make_storage, recover, sqlite_path
+from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.stacking import build_stacked_model
 
@@ -147,6 +148,7 @@ class Runner:
 
         self.config = config
         self.kind = study_kind
+        check_storage(config.storage_url)  # before anything is created or loaded
         db = sqlite_path(config.storage_url)
         self.lock = StudyLock(db) if db is not None else None
         if self.lock is not None:  # a second process on a local study is refused before any model loads
@@ -194,8 +196,11 @@ class Runner:
                                sources=self.models.sources, base=self.models.base, kind=self.kind,
                                space=Path(self.config.space).name if self.config.space else None,
                                objective=self.evaluator.objective.metrics)
-        (self.run_dir / "run.json").write_text(json.dumps(
-            {"study_name": self.config.name, "storage": self.config.storage_url}, indent=2))
+        # readable by the owner only, and the password masked: run.json may sit on a shared file system
+        fd = os.open(self.run_dir / "run.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a run.json written before this rule existed keeps its old mode otherwise
+        with os.fdopen(fd, "w") as f:
+            json.dump({"study_name": self.config.name, "storage": mask_url(self.config.storage_url)}, f, indent=2)
         return study
 
     # ------------------------------------------------------------------------------------------- scoring
@@ -511,8 +516,10 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
     """``evomerge worker``: join a study whose run config is stored in it, and run trials until it holds
     ``n_trials`` (default: the config's) finished ones. Each worker reseeds its sampler: with the config's seed in
     every process, random, TPE and NSGA-II samplers would propose the same parameters in each worker."""
+    check_storage(storage, must_exist=True)  # a mistyped SQLite path must not become an empty database
     if study_name not in optuna.study.get_all_study_names(storage=storage):
-        raise ValueError(f"no study named {study_name!r} in {storage}; start it with `evomerge search` first")
+        raise ValueError(f"no study named {study_name!r} in {mask_url(storage)}; start it with `evomerge search` "
+                         "first")
     info = records.study_info(optuna.load_study(study_name=study_name, storage=storage))
     if info[records.KIND] != records.SEARCH_KIND or info[records.CONFIG] is None:
         raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {info[records.KIND]}); "
