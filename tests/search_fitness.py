@@ -94,3 +94,13 @@ def faulty(model: torch.nn.Module, tokenizer: object) -> float:
     if fault == "interrupt":
         raise KeyboardInterrupt
     return float(model.model.norm.weight.double().sum())
+
+
+def search_settings(family: tuple[str, list[str]], out: Path, **overrides: object) -> dict[str, object]:
+    """A run config (as a dict) of a small search on ``family`` (base, fine-tunes) into ``out``: the task arithmetic
+    space, :func:`norm_sum` as evaluator, CPU; ``overrides`` replace any key."""
+    base, fts = family
+    spaces = Path(__file__).resolve().parent.parent / "search_spaces"
+    return {"name": "search", "base": base, "sources": fts, "space": str(spaces / "task_arithmetic.yaml"),
+            "evaluator": {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
+            "n_trials": 2, "out": str(out), "device": "cpu", **overrides}

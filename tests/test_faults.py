@@ -13,6 +13,7 @@ import pytest
 import search_fitness
 import yaml
 from optuna.trial import TrialState
+from search_fitness import search_settings
 from tiny_models import tiny_family
 
 from evomerge.cli import main
@@ -20,8 +21,6 @@ from evomerge.evaluate import EvalResult
 from evomerge.search.config import RunConfig
 from evomerge.search.study import TrialFault, evaluate, run_search, run_soup
 from evomerge.search.trials import StudyFailed
-
-SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +56,9 @@ def faults():
 
 
 def settings(family, tmp_path: Path, **kw) -> dict:
-    base, fts = family
-    return {**dict(name="faults", base=base, sources=fts, space=str(SPACES / "task_arithmetic.yaml"),
-                   evaluator={"type": "callable", "function": "search_fitness:faulty"}, sampler="random",
-                   n_trials=4, out=str(tmp_path / "run"), device="cpu", seed=1, baselines=False), **kw}
+    return search_settings(family, tmp_path / "run", **{**dict(
+        name="faults", evaluator={"type": "callable", "function": "search_fitness:faulty"}, sampler="random",
+        n_trials=4, seed=1, baselines=False), **kw})
 
 
 def trials_of(cfg: RunConfig) -> list[optuna.trial.FrozenTrial]:
@@ -118,6 +116,18 @@ def test_ctrl_c_in_the_evaluator_fails_the_trial_and_stops_the_run(family, tmp_p
     trials = trials_of(cfg)
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 4 and len(trials) == 5
     assert summary["best_trial"] in {t.number for t in trials if t.state == TrialState.COMPLETE}
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_exit_130(family, tmp_path, faults, capsys):
+    faults.update({1: "interrupt"})
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(settings(family, tmp_path)))
+    assert main(["search", str(config), "--no-export"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "evomerge: interrupted; the study keeps every finished trial: re-run the same command to resume")
+    (trial,) = trials_of(RunConfig.from_yaml(config))
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "KeyboardInterrupt: "
 
 
 def test_a_search_without_a_completed_trial_reports_and_exits_with_one_line(family, tmp_path, faults, capsys):

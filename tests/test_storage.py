@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from search_fitness import search_settings
 from tiny_models import tiny_family
 
 from evomerge.cli import main
@@ -15,7 +16,6 @@ from evomerge.search.config import RunConfig
 from evomerge.search.storage import check_storage, mask_url, unmasked_for_libpq
 from evomerge.search.study import Runner, run_search
 
-SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SECRET = "s3cret-pw"
 
 
@@ -26,11 +26,7 @@ def family(tmp_path_factory):
 
 
 def config(family, tmp_path: Path, **kw) -> RunConfig:
-    base, fts = family
-    return RunConfig.model_validate({**dict(
-        name="st", base=base, sources=fts, space=str(SPACES / "task_arithmetic.yaml"), n_trials=2,
-        evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
-        out=str(tmp_path / "run"), device="cpu"), **kw})
+    return RunConfig.model_validate(search_settings(family, tmp_path / "run", name="st", **kw))
 
 
 @pytest.mark.parametrize(("url", "masked"), [
