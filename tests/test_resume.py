@@ -14,11 +14,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from search_fitness import instrumented_env, logged_calls
 from tiny_models import tiny_family
 
-from evomerge.search.storage import INTERRUPTED, make_storage
+from evomerge.search.storage import INTERRUPTED, make_storage, recover
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 N_TRIALS = 6
@@ -156,3 +157,32 @@ def test_grace_must_exceed_heartbeat(tmp_path):
     with pytest.raises(ValueError, match=r"grace_s \(5\) must exceed heartbeat_s \(5\)"):
         make_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=5, grace_s=5)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_interrupted_failures_are_retried_once_including_those_of_older_studies(tmp_path):
+    """Holding the lock, recover() also queues interrupted failures a dead process left without a retry (e.g.
+    killed between failing a trial and queueing it), but none that was retried already, by evomerge (retry_of) or,
+    in a study from before, by Optuna's retry callback (system attr failed_trial); nor a trial that failed on its
+    own (its error is stored)."""
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=1, grace_s=2)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.set_user_attr("kind", "search")
+    x = FloatDistribution(0.0, 1.0)
+
+    def add(value: float | None, **kw) -> None:
+        state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+        study.add_trial(optuna.trial.create_trial(params={"x": kw.pop("x")}, distributions={"x": x}, value=value,
+                                                  state=state, **kw))
+
+    add(None, x=0.0)  # 0: interrupted, retried by Optuna's callback as #1
+    add(1.0, x=0.0, system_attrs={"failed_trial": 0, "retry_history": [0]})
+    add(None, x=0.25, user_attrs={"error": INTERRUPTED})  # 2: interrupted, retried as #3
+    add(1.0, x=0.25, user_attrs={"retry_of": 2})
+    add(None, x=0.5)  # 4: failed by a heartbeat, never retried
+    add(None, x=0.75, user_attrs={"error": "RuntimeError: a real failure"})  # 5: its own fault
+    assert recover(study, storage, exclusive=True, grace_s=2, retry=True) == []
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs) for t in waiting] == [
+        ({"x": 0.5}, {"kind": "search", "retry_of": 4})]
+    recover(study, storage, exclusive=True, grace_s=2, retry=True)  # again: #4 is queued already
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1

@@ -204,7 +204,7 @@ def recover(study: optuna.Study, storage: RDBStorage, *, exclusive: bool, grace_
             continue
         failed.append(trial.number)
     if retry:
-        retried = {t.user_attrs.get(records.RETRY_OF) for t in trials}
+        retried = records.retried(trials)
         unretried = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
                      and _interrupted(t)] if exclusive else []
         for trial in [*unretried, *(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(

@@ -271,7 +271,11 @@ class Runner:
     # ------------------------------------------------------------------------------------------- search
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         assert self.space is not None
-        recipe = self.space.suggest(trial, self.models)
+        try:
+            recipe = self.space.suggest(trial, self.models)
+        except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
+            records.set_error(trial, f"{type(exc).__name__}: {exc}")
+            raise
         recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
         return self.record(trial, recipe, trial_kind(trial))
 

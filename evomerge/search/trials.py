@@ -45,6 +45,7 @@ ERROR = "error"
 RETRY_OF = "retry_of"
 TEST_METRICS = "test_metrics"
 TEST_OBJECTIVE = "test_objective"
+OPTUNA_FAILED_TRIAL = "failed_trial"  # a system attr: the trial Optuna's retry callback re-ran (older studies)
 # study user_attrs
 CONFIG = "config"
 NUM_LAYERS = "num_layers"
@@ -152,6 +153,13 @@ def describe(exc: BaseException) -> str:
 def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     """The user_attrs an interrupted ``trial``'s re-run starts with: its kind, and which trial it re-runs."""
     return {KIND: trial_kind(trial), RETRY_OF: trial.number}
+
+
+def retried(trials: Sequence[FrozenTrial]) -> set[int]:
+    """The numbers of the trials that were queued again: named by a later trial's ``retry_of``, or by the system
+    attr ``failed_trial`` of Optuna's ``RetryHeartbeatStaleTrialCallback``, which evomerge used before ``retry_of``."""
+    return {n for t in trials for n in (t.user_attrs.get(RETRY_OF), t.system_attrs.get(OPTUNA_FAILED_TRIAL))
+            if isinstance(n, int)}
 
 
 # ------------------------------------------------------------------------------------------------- study
