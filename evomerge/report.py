@@ -182,7 +182,11 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     if any(objective is not None for objective, _ in tests):
         columns.append(Column("test objective", lambda t: scored_on_test(attrs, t)[0]))
     test = _metric_names([metrics for _, metrics in tests])
-    columns += [Column(f"test {m}", lambda t, m=m: scored_on_test(attrs, t)[1].get(m)) for m in test]
+    stderr = set(_metric_names([records.test_stderr(attrs, t) for t in trials]))
+    for m in test:
+        columns.append(Column(f"test {m}", lambda t, m=m: scored_on_test(attrs, t)[1].get(m)))
+        if m in stderr:  # the evaluator's standard error of that test metric (lm-eval's bootstrap / analytic)
+            columns.append(Column(f"test {m} ±", lambda t, m=m: records.test_stderr(attrs, t).get(m)))
     if any(records.test_error(attrs, t) for t in trials):  # why a row has no test score
         columns.append(Column("test error", lambda t: records.test_error(attrs, t)))
     columns += [

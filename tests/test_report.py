@@ -321,3 +321,26 @@ def test_load_study_errors_clearly_without_a_study(tmp_path: Path) -> None:
 def test_dashboard_command_masks_a_password() -> None:
     where = RunStorage("url", "postgresql://evo:s3cret@db.host:5432/optuna", "demo")
     assert where.dashboard_command() == "optuna-dashboard postgresql://evo:***@db.host:5432/optuna"
+
+
+def test_test_stderr_gets_a_column_beside_its_metric(tmp_path: Path) -> None:
+    """Standard errors stored with test results (the study's test:<n>, a reference's record) are shown in a
+    ``test <metric> ±`` column next to the metric; rows without one show the missing mark."""
+    from evomerge.search import trials as records
+
+    study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
+    add_trials(study)
+    records.set_test_result(study, 4, {"acc": 0.65625}, 0.65625, stderr={"acc": 0.03125})
+    recipe = Recipe.model_validate(ta_recipe(0.5, 0.5, 1.0))
+    records.set_reference(study, "uniform", recipe=recipe, metrics={"acc": 0.5}, values=[0.5], merge_seconds=0.0,
+                          eval_seconds=1.0)
+    records.set_reference_test(study, "uniform", metrics={"acc": 0.46875}, objective=0.46875,
+                               stderr={"acc": 0.0625})
+    text = write_report(study, tmp_path / "report", title="stderr").read_text()
+    header, table = markdown_rows(text, "Best vs baselines")
+    assert header[header.index("test acc") + 1] == "test acc ±"
+    column = header.index("test acc ±")
+    rows = {row[0]: row for row in table}
+    assert float(rows["best (search)"][column]) == 0.03125
+    assert float(rows["uniform (linear, outside the space)"][column]) == 0.0625
+    assert rows["source: expert_b"][column] == "—"

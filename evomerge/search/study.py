@@ -369,7 +369,7 @@ class Runner:
             if isinstance(result, Exception):
                 records.set_test_error(study, number, result)
             else:
-                records.set_test_result(study, number, result.metrics, result.objective)
+                records.set_test_result(study, number, result.metrics, result.objective, result.stderr)
             summary["test"][f"{number}:{trial_kind(trial)}"] = getattr(result, "objective", None)
         for label, reference in records.references(study.user_attrs).items():
             if records.RECIPE not in reference or records.ERROR in reference:
@@ -378,7 +378,8 @@ class Runner:
             if isinstance(result, Exception):
                 records.set_reference_test(study, label, error=result)
             else:
-                records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective)
+                records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective,
+                                            stderr=result.stderr)
             summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
         if export:
             self.export(recipe, self.run_dir / "best_model")

@@ -45,6 +45,8 @@ ERROR = "error"
 RETRY_OF = "retry_of"
 TEST_METRICS = "test_metrics"
 TEST_OBJECTIVE = "test_objective"
+TEST_STDERR = "test_stderr"
+STDERR = "stderr"
 OPTUNA_FAILED_TRIAL = "failed_trial"  # a system attr: the trial Optuna's retry callback re-ran (older studies)
 # study user_attrs
 CONFIG = "config"
@@ -205,9 +207,12 @@ def set_greedy(study: optuna.Study, *, trial: int, kept: Sequence[str], of: int)
     study.set_user_attr(GREEDY, {"trial": trial, "kept": list(kept), "of": of})
 
 
-def set_test_result(study: optuna.Study, number: int, metrics: Mapping[str, Any], objective: float) -> None:
-    """Test-split scores of trial ``number`` (finished trials are read-only in Optuna: they live on the study)."""
-    study.set_user_attr(f"{TEST_PREFIX}{number}", {METRICS: dict(metrics), OBJECTIVE: objective})
+def set_test_result(study: optuna.Study, number: int, metrics: Mapping[str, Any], objective: float,
+                    stderr: Mapping[str, float] | None = None) -> None:
+    """Test-split scores of trial ``number`` and their standard errors where the evaluator computed them (finished
+    trials are read-only in Optuna: they live on the study)."""
+    study.set_user_attr(f"{TEST_PREFIX}{number}", {METRICS: dict(metrics), OBJECTIVE: objective,
+                                                   **({STDERR: dict(stderr)} if stderr else {})})
 
 
 def set_test_error(study: optuna.Study, number: int, exc: BaseException) -> None:
@@ -220,6 +225,12 @@ def scored_on_test(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> tuple[
     stored = study_attrs.get(f"{TEST_PREFIX}{trial.number}") or {}
     objective = trial.user_attrs.get(TEST_OBJECTIVE, stored.get(OBJECTIVE))
     return objective, trial.user_attrs.get(TEST_METRICS, stored.get(METRICS)) or {}
+
+
+def test_stderr(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> dict[str, float]:
+    """Standard errors of a trial's (or a reference's) test metrics, ``{}`` where none were computed."""
+    stored = study_attrs.get(f"{TEST_PREFIX}{trial.number}") or {}
+    return trial.user_attrs.get(TEST_STDERR, stored.get(STDERR)) or {}
 
 
 def test_error(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
@@ -251,13 +262,15 @@ def set_reference_error(study: optuna.Study, label: str, *, recipe: Recipe, erro
 
 
 def set_reference_test(study: optuna.Study, label: str, *, metrics: Mapping[str, Any] | None = None,
-                       objective: float | None = None, error: BaseException | None = None) -> None:
+                       objective: float | None = None, stderr: Mapping[str, float] | None = None,
+                       error: BaseException | None = None) -> None:
     """The test-split scores of reference ``label`` (or why it could not be scored) added to its record."""
     record = dict(references(study.user_attrs)[label])
     if error is not None:
         record[TEST_ERROR] = describe(error)
     else:
-        record.update({TEST_METRICS: dict(metrics or {}), TEST_OBJECTIVE: objective})
+        record.update({TEST_METRICS: dict(metrics or {}), TEST_OBJECTIVE: objective,
+                       **({TEST_STDERR: dict(stderr)} if stderr else {})})
     study.set_user_attr(reference_key(label), record)
 
 
