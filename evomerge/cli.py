@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge import __version__
 from evomerge.outdir import OutputWriteError, recover, write_error
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from evomerge.report import load_study, write_report
 
     run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else Path("results") / run_dir.name
+    out = Path(args.out) if args.out else run_dir / "report"
     study = load_study(run_dir)
     with _writing(out):
         summary = write_report(study, out, title=run_dir.name, run_dir=run_dir)
@@ -123,6 +124,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also: EVOMERGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="tables and plots of a run dir")
     report.add_argument("run_dir")
-    report.add_argument("--out", help="output dir (default: results/<run dir name>)")
+    report.add_argument("--out", help="output dir (default: RUN_DIR/report, where the run itself writes it)")
     report.set_defaults(func=cmd_report)
 
     zoo = sub.add_parser("zoo", help="the offline tiny model zoo")

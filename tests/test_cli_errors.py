@@ -133,3 +133,24 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
     assert finished(tmp_path) == 2
     assert (run_dir / "best_model" / "model.safetensors").read_text() == "old"  # restored under its name
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_version_and_report_default_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``evomerge --version`` prints the package version; ``evomerge report RUN`` writes into RUN/report."""
+    import json
+    import subprocess
+    import sys
+
+    from test_report import add_trials, new_study
+
+    from evomerge import __version__
+
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"evomerge {__version__}"
+    run = tmp_path / "run"
+    run.mkdir()
+    add_trials(new_study(f"sqlite:///{run / 'study.db'}"))
+    (run / "run.json").write_text(json.dumps({"study_name": "demo", "storage": f"sqlite:///{run / 'study.db'}"}))
+    main(["report", str(run)])
+    assert (run / "report" / "summary.md").is_file()
+    assert str(run / "report") in capsys.readouterr().out
