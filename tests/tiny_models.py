@@ -34,3 +34,25 @@ def tiny_family(root: Path, n: int = 3, num_layers: int = 2) -> tuple[Path, list
     """A base and ``n`` fine-tunes of it under ``root``."""
     base = save_tiny(root / "base", 0, num_layers=num_layers)
     return base, [save_tiny(root / f"ft{i}", 100 + i, noise_of=base) for i in range(n)]
+
+
+def assert_engine_is_function(paths: list[str], recipe: object, fn: object, **kwargs: object) -> int:
+    """Materialize ``recipe`` with a CPU engine over ``paths`` (base first when the recipe has one, then its
+    sources) and check that every live tensor equals ``fn(base, sources, **kwargs)`` of the loaded fp32 tensors
+    bit for bit; returns how many tensors the merge changed from the base (or first source)."""
+    from safetensors.torch import load_file
+
+    from evomerge.engine import MergeEngine
+
+    engine = MergeEngine(paths, device="cpu")
+    engine.materialize(recipe)  # type: ignore[arg-type]
+    weights = [load_file(f"{p}/model.safetensors") for p in paths]
+    has_base = getattr(recipe, "base", None) is not None
+    live, changed = engine.model.state_dict(), 0
+    for name in engine.names:
+        base = weights[0][name] if has_base else None
+        sources = torch.stack([w[name] for w in weights[1 if has_base else 0:]])
+        expected = fn(base, sources, **kwargs)  # type: ignore[operator]
+        assert torch.equal(live[name], expected), name
+        changed += not torch.equal(live[name], weights[0][name])
+    return changed
