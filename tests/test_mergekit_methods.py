@@ -2,13 +2,15 @@
 
 Each case writes a mergekit config over the tiny fp32 Llamas (tests/tiny_models.py), runs ``mergekit-yaml`` on it
 (its own venv, a subprocess) and ``evomerge merge``'s Python API on the same file, and asserts every tensor equal
-bit for bit: mergekit computes these methods in the config's dtype, float32 here, with the same operations.
+bit for bit: mergekit computes these methods in the config's dtype, float32 here, with the same operations; bf16
+checkpoints give the same bf16 tensors when mergekit computes in float32 too.
 ``EVOMERGE_MERGEKIT_YAML`` points at another mergekit-yaml (default: /tmp/venv-bench/bin/mergekit-yaml).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
@@ -60,18 +62,56 @@ def _config(paths: list[str], case: Case) -> dict[str, Any]:
     return config
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_same_tensors_as_mergekit(name: str, tiny_llamas: list[str], tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(_config(tiny_llamas, CASES[name])))
-    theirs, ours = tmp_path / "mergekit", tmp_path / "evomerge"
-    run = subprocess.run([str(MERGEKIT_YAML), str(config), str(theirs), "--no-copy-tokenizer", "--quiet"],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def _mergekit_and_evomerge(theirs: dict[str, Any], ours: dict[str, Any], tmp_path: Path
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors mergekit-yaml writes for config ``theirs`` and those ``evomerge merge`` writes for ``ours``."""
+    (tmp_path / "mergekit.yaml").write_text(yaml.safe_dump(theirs))
+    (tmp_path / "evomerge.yaml").write_text(yaml.safe_dump(ours))
+    run = subprocess.run(
+        [str(MERGEKIT_YAML), str(tmp_path / "mergekit.yaml"), str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
-    merge_to_dir(Recipe.from_yaml(config), ours, device="cpu")
-    expected, got = load_file(theirs / "model.safetensors"), load_file(ours / "model.safetensors")
+    merge_to_dir(Recipe.from_yaml(tmp_path / "evomerge.yaml"), tmp_path / "ev", device="cpu")
+    expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "ev" / "model.safetensors")
     assert sorted(got) == sorted(expected)
-    base = load_file(Path(tiny_llamas[0]) / "model.safetensors")
+    return expected, got
+
+
+def _assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], base_dir: str) -> None:
     differ = [n for n in expected if not torch.equal(got[n], expected[n])]
     assert not differ, f"{len(differ)} tensors differ from mergekit's, e.g. {differ[:3]}"
-    assert any(not torch.equal(expected[n], base[n]) for n in expected)  # the merge did something
+    base = load_file(Path(base_dir) / "model.safetensors")
+    assert any(not torch.equal(expected[n], base[n].to(expected[n].dtype)) for n in expected)  # it merged
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_tensors_as_mergekit(name: str, tiny_llamas: list[str], tmp_path: Path) -> None:
+    config = _config(tiny_llamas, CASES[name])
+    _assert_same(*_mergekit_and_evomerge(config, config, tmp_path), tiny_llamas[0])
+
+
+@pytest.fixture(scope="module")
+def bf16_llamas(tiny_llamas: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The tiny Llamas stored in bfloat16."""
+    out = []
+    for path in map(Path, tiny_llamas):
+        copy = tmp_path_factory.mktemp(f"bf16-{path.name}")
+        for file in ("config.json", "generation_config.json"):
+            shutil.copy(path / file, copy / file)
+        weights = load_file(path / "model.safetensors")
+        save_file({n: t.to(torch.bfloat16) for n, t in weights.items()}, copy / "model.safetensors",
+                  metadata={"format": "pt"})
+        out.append(str(copy))
+    return out
+
+
+@pytest.mark.parametrize("name", ["nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl", "nuslerp", "karcher"])
+def test_bfloat16_checkpoints_computed_in_float32(name: str, bf16_llamas: list[str], tmp_path: Path) -> None:
+    """bf16 checkpoints: mergekit with ``dtype: float32, out_dtype: bfloat16`` computes in fp32 and rounds once, as
+    evomerge always does (``dtype: bfloat16`` in evomerge is the stored dtype): the same bf16 tensors. (mergekit's
+    ``dtype: bfloat16`` computes every step in bf16: hundreds of bf16 ulps away on some entries.)"""
+    config = _config(bf16_llamas, CASES[name])
+    theirs = {**config, "dtype": "float32", "out_dtype": "bfloat16"}
+    expected, got = _mergekit_and_evomerge(theirs, {**config, "dtype": "bfloat16"}, tmp_path)
+    assert all(t.dtype == torch.bfloat16 for t in [*expected.values(), *got.values()])
+    _assert_same(expected, got, bf16_llamas[0])
