@@ -74,11 +74,23 @@ def test_arcee_fusion_matches_a_numpy_formula_per_row() -> None:
 def test_fusion_threshold_picks_floor_indices() -> None:
     scores = torch.arange(11.0)  # n − 1 = 10: indices 2, 5, 7 -> median 5 + 1.5 · (7 − 2)
     assert fusion_threshold(scores).item() == 12.5
+    # past mergekit's 10⁶-entry sample: still every entry (exact quantiles 3·10⁵, 6·10⁵, 9·10⁵), in any order
+    big = torch.randperm(1_200_001, generator=torch.Generator().manual_seed(0)).float()
+    assert fusion_threshold(big).item() == 600_000 + 1.5 * 600_000
 
 
-def test_engine_path_is_the_function(tiny_llamas: list[str]) -> None:
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_nearswap_entrywise_engine_path_is_the_function(tiny_llamas: list[str], compiled: bool, monkeypatch,
+                                                         caplog) -> None:
+    """Runs of tensors in chunks of 64 entries (eager) or one torch.compile kernel: the pure function's bits."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1" if compiled else "0")
     base, ft = tiny_llamas[:2]
     recipe = Recipe(method="nearswap", base=base, sources=[{"model": ft}], parameters={"t": 0.02})
-    assert assert_engine_is_function([base, ft], recipe, nearswap, t=0.02) > 0
+    assert assert_engine_is_function([base, ft], recipe, nearswap, chunk=64, t=0.02) > 0
+    assert "kernel failed" not in caplog.text  # compiled really ran (no fallback to eager)
+
+
+def test_arcee_fusion_engine_path_is_the_function(tiny_llamas: list[str]) -> None:
+    base, ft = tiny_llamas[:2]
     recipe = Recipe(method="arcee_fusion", base=base, sources=[{"model": ft}])
     assert assert_engine_is_function([base, ft], recipe, arcee_fusion) > 0
