@@ -117,6 +117,6 @@ def karcher(
     stats: Tensor | None = None,
 ) -> Tensor:
     """Karcher mean of the sources with equal weights (:func:`karcher_mean`); ``base`` is not used (a base model
-    that mergekit's config lists or adds is one of the sources here, see evomerge.mergekit)."""
+    that mergekit's config lists or adds is one of the sources here, see evomerge.recipe.mergekit)."""
     n = sources.shape[0]
     return karcher_mean(list(sources), [1.0 / n] * n, max_iter=int(max_iter), tol=tol)
