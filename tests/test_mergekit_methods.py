@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evomerge.merge import merge_to_dir
-from evomerge.recipe import Recipe
+from evomerge.recipe import load_recipe
 
 MERGEKIT_YAML = Path(os.environ.get("EVOMERGE_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
 
@@ -71,7 +71,7 @@ def _mergekit_and_evomerge(theirs: dict[str, Any], ours: dict[str, Any], tmp_pat
         [str(MERGEKIT_YAML), str(tmp_path / "mergekit.yaml"), str(tmp_path / "mk"), "--no-copy-tokenizer", "--quiet"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
-    merge_to_dir(Recipe.from_yaml(tmp_path / "evomerge.yaml"), tmp_path / "ev", device="cpu")
+    merge_to_dir(load_recipe(tmp_path / "evomerge.yaml"), tmp_path / "ev", device="cpu")
     expected, got = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "ev" / "model.safetensors")
     assert sorted(got) == sorted(expected)
     return expected, got
