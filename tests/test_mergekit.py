@@ -134,6 +134,10 @@ def test_karcher_keeps_the_base_as_an_input_where_mergekit_has_it():
     assert from_mergekit(to_mergekit(recipe)) == recipe
     listed = {"merge_method": "karcher", "base_model": "B", "models": ["A", "B", "C"]}
     assert [s.model for s in from_mergekit(listed).sources] == ["A", "B", "C"]
+    # a search's karcher recipe with a base it does not average: exported without it (mergekit would add it)
+    searched = Recipe(method="karcher", base="B", sources=[{"model": "A"}, {"model": "C"}])
+    exported = to_mergekit(searched)
+    assert "base_model" not in exported and [m["model"] for m in exported["models"]] == ["A", "C"]
 
 
 @pytest.mark.parametrize("config", [

@@ -21,7 +21,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evomerge.merge import merge_to_dir
-from evomerge.recipe import load_recipe
+from evomerge.recipe import Recipe, load_recipe
+from evomerge.recipe.mergekit import to_mergekit
 
 MERGEKIT_YAML = Path(os.environ.get("EVOMERGE_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
 
@@ -115,3 +116,17 @@ def test_bfloat16_checkpoints_computed_in_float32(name: str, bf16_llamas: list[s
     expected, got = _mergekit_and_evomerge(theirs, {**config, "dtype": "bfloat16"}, tmp_path)
     assert all(t.dtype == torch.bfloat16 for t in [*expected.values(), *got.values()])
     _assert_same(expected, got, bf16_llamas[0])
+
+
+@pytest.mark.parametrize("method", ["karcher", "nuslerp", "sce"])
+def test_exported_recipe_gives_mergekit_the_same_model(method: str, tiny_llamas: list[str], tmp_path: Path) -> None:
+    """The other direction: an evomerge recipe (as a search writes it: a base, sources with their parameters)
+    exported by to_mergekit and run by mergekit-yaml gives the model ``evomerge merge`` makes of the recipe."""
+    base, fts = tiny_llamas[0], tiny_llamas[1:3]
+    params: dict[str, dict[str, Any]] = {"karcher": {"max_iter": 5}, "nuslerp": {"nuslerp_flatten": False},
+                                         "sce": {"select_topk": 0.4}}
+    weights = [{"weight": 0.6}, {"weight": 1.4}] if method == "nuslerp" else [{}, {}]
+    recipe = Recipe(method=method, base=base, parameters=params[method], dtype="float32",
+                    sources=[{"model": f, "parameters": w} for f, w in zip(fts, weights)])
+    ours = yaml.safe_load(recipe.to_yaml())
+    _assert_same(*_mergekit_and_evomerge(to_mergekit(recipe), ours, tmp_path), base)

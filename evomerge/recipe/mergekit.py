@@ -8,7 +8,7 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
 - ``slerp``: mergekit interpolates from ``base_model`` (t=0) to the other model (t=1); evomerge's slerp goes from
   ``sources[0]`` to ``sources[1]``, so the base becomes ``sources[0]``;
 - ``karcher``: mergekit averages every input model, the base too (appended last when ``models`` does not list it),
-  so the base stays one of the sources, at that place;
+  so the base stays one of the sources, at that place; exported, a base that is not one of the sources is left out;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
@@ -135,6 +135,8 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         ]
     else:
         base = recipe.sources[0].model if recipe.method == "slerp" else recipe.base
+        if recipe.method in BASE_IS_A_SOURCE and all(s.model != base for s in recipe.sources):
+            base = None  # mergekit would average it in as one more input; evomerge's sources leave it out
         if base is not None:
             out["base_model"] = base
         out["models"] = [
