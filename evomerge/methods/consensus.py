@@ -14,10 +14,10 @@ from torch import Tensor
 _SCE_MIN_WEIGHT_SUM = 1e-6  # mergekit: below this the sources' weights are uniform; also the divisor's floor
 
 
-def _task_vectors(base: Tensor | None, sources: Tensor, method: str) -> Tensor:
+def _require_base(base: Tensor | None, method: str) -> Tensor:
     if base is None:
         raise ValueError(f"{method} merges task vectors θ_i − θ_base: it needs a base model")
-    return sources - base
+    return base
 
 
 def sce_select(tau: Tensor, fraction: float) -> Tensor:
@@ -66,14 +66,15 @@ def sce(
     Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models" (arXiv:2408.07990, FuseChat-2), the SCE merge as
     mergekit's ``sce`` implements it.
     """
-    tau = _task_vectors(base, sources, "sce")
+    base = _require_base(base, "sce")
+    tau = sources - base
     if select_topk < 1:
         tau = tau * sce_select(tau, select_topk).unsqueeze(0)
     agree = elected_sign_mask(tau)
     weights = sce_weights(tau).view(-1, *([1] * (tau.dim() - 1)))
     erased = weights * agree
     merged = (tau * erased).sum(dim=0)
-    return base + merged / torch.sum(erased, dim=0).clamp(min=_SCE_MIN_WEIGHT_SUM)  # type: ignore[operator]
+    return base + merged / torch.sum(erased, dim=0).clamp(min=_SCE_MIN_WEIGHT_SUM)
 
 
 def _contributors(tau: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -85,6 +86,18 @@ def _contributors(tau: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, 
     return flat, changed, counts, counts > 1, counts == 1
 
 
+def _disjoint_sum(
+    base: Tensor, flat: Tensor, changed: Tensor, counts: Tensor, overlap: Tensor, unique: Tensor, *,
+    unique_scale: Tensor | None,
+) -> Tensor:
+    """``θ0 + Σ_i τ̃_i · ([c = 1] λ_i + [c > 1] / c)`` over :func:`_contributors`' view, ``λ_i`` = ``unique_scale``
+    [N] (None: 1, RAM; the sum over sources is torch's ``sum(dim=0)``, as in mergekit)."""
+    kept = flat * changed
+    alone = kept * unique if unique_scale is None else kept * unique * unique_scale.unsqueeze(-1)
+    merged = (alone + kept * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
 def ram(
     base: Tensor | None, sources: Tensor, *, epsilon: float = 1e-5, seed: int | None = None,
     stats: Tensor | None = None,
@@ -94,10 +107,8 @@ def ram(
     gets their mean change.
     "Reinforced Agent Merging" (arXiv:2601.13572), as mergekit's ``ram`` implements it.
     """
-    flat, changed, counts, overlap, unique = _contributors(_task_vectors(base, sources, "ram"), epsilon)
-    kept = flat * changed
-    merged = ((kept * unique) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)  # type: ignore[union-attr]
+    base = _require_base(base, "ram")
+    return _disjoint_sum(base, *_contributors(sources - base, epsilon), unique_scale=None)
 
 
 def ramplus_tl(
@@ -109,9 +120,8 @@ def ramplus_tl(
     tensor: ``θ0 + Σ_i τ̃_i · ([c = 1] λ_i + [c > 1] / c)``.
     "Reinforced Agent Merging" (arXiv:2601.13572), RAM+, as mergekit's ``ramplus_tl`` implements it.
     """
-    flat, changed, counts, overlap, unique = _contributors(_task_vectors(base, sources, "ramplus_tl"), epsilon)
+    base = _require_base(base, "ramplus_tl")
+    contributors = _contributors(sources - base, epsilon)
+    _, changed, _, overlap, unique = contributors
     rho = (changed & overlap).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
-    scale = 1 + r * rho.clamp(min=0, max=alpha)
-    kept = flat * changed
-    merged = ((kept * unique * scale.unsqueeze(-1)) + (kept * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)  # type: ignore[union-attr]
+    return _disjoint_sum(base, *contributors, unique_scale=1 + r * rho.clamp(min=0, max=alpha))
