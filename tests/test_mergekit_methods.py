@@ -4,7 +4,7 @@ Each case writes a mergekit config over the tiny fp32 Llamas (tests/tiny_models.
 (its own venv, a subprocess) and ``evomerge merge``'s Python API on the same file, and asserts every tensor equal
 bit for bit: mergekit computes these methods in the config's dtype, float32 here, with the same operations; bf16
 checkpoints give the same bf16 tensors when mergekit computes in float32 too.
-``EVOMERGE_MERGEKIT_YAML`` points at another mergekit-yaml (default: /tmp/venv-bench/bin/mergekit-yaml).
+``EVOMERGE_MERGEKIT_BIN`` points at another mergekit-yaml (default: /tmp/venv-bench/bin/mergekit-yaml).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe, load_recipe
 from evomerge.recipe.mergekit import to_mergekit
 
-MERGEKIT_YAML = Path(os.environ.get("EVOMERGE_MERGEKIT_YAML", "/tmp/venv-bench/bin/mergekit-yaml"))
+MERGEKIT_YAML = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml"))
 
 pytestmark = [
     pytest.mark.mergekit,
     pytest.mark.skipif(not os.access(MERGEKIT_YAML, os.X_OK),
                        reason=f"mergekit-yaml not found at {MERGEKIT_YAML}: install mergekit into its own venv and "
-                              "set EVOMERGE_MERGEKIT_YAML"),
+                              "set EVOMERGE_MERGEKIT_BIN"),
 ]
 
 Case = tuple[str, bool, list[tuple[int, dict[str, Any]]], dict[str, Any]]
