@@ -407,8 +407,9 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
         "# Parity with mergekit: the same YAML through both tools", "",
         "Each recipe is a mergekit config run by `mergekit-yaml CONFIG OUT` (CPU) and by `evomerge merge CONFIG`; "
         "the outputs are compared tensor by tensor, per group. `max_ulp`: largest distance in units in the last "
-        "place of the dtype (0 = bit-identical). Tolerance: `exact` for fp32 linear-family merges, `1ulp` "
-        "elsewhere; DARE/DELLA masks come from different generators by design (`random`: reported, not judged).",
+        "place of the dtype (0 = bit-identical). Tolerance: `exact` for fp32 linear-family merges and the methods "
+        "computed with mergekit's operations (nuslerp, karcher, sce, nearswap, arcee_fusion, ram, ramplus_tl), "
+        "`1ulp` elsewhere; DARE/DELLA masks come from different generators by design (`random`: reported, not judged).",
         "",
         f"- command: `python {' '.join(info['argv'])}` (evomerge at {info['revision']})",
         f"- machine: {info['machine']}",
