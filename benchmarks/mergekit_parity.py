@@ -12,9 +12,10 @@ Models: Llama-shaped random checkpoints (a base and three sources = base + seede
 per-model one, so the task vectors are correlated as real fine-tunes are and the LayerNorm weights stay near 1).
 
 Pass criteria (``Case.tolerance``): fp32 linear-family merges (linear, task arithmetic, TIES / breadcrumbs selections,
-passthrough) must be bit-identical; everything else within 1 ulp of the dtype. DARE / DELLA draw their masks from
-different generators (evomerge's counter-based draws are the same on every device; mergekit's ``torch.bernoulli``
-is not reproducible by evomerge), so their rows are reported, not judged.
+passthrough) and the methods evomerge computes with mergekit's own operations (nuslerp, karcher, sce, nearswap,
+arcee_fusion, ram, ramplus_tl) must be bit-identical; everything else within 1 ulp of the dtype. DARE / DELLA draw
+their masks from different generators (evomerge's counter-based draws are the same on every device; mergekit's
+``torch.bernoulli`` is not reproducible by evomerge), so their rows are reported, not judged.
 
     python benchmarks/mergekit_parity.py            # all recipes -> results/mergekit_parity.md / .csv
     python benchmarks/mergekit_parity.py --quick    # a subset (CI)
@@ -53,6 +54,8 @@ from evomerge.naming import layer_index, tensor_filter  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 
 LINEAR_FAMILY = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "passthrough"}
+# computed with mergekit's operations in mergekit's order (evomerge.methods.sphere / consensus / pairwise)
+SAME_OPERATIONS = {"nuslerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
 GROUPS = ("layers", "embeddings", "norm", "head")
 NUM_LAYERS = 6
@@ -78,7 +81,7 @@ class Case:
         """"exact", "1ulp" or "random" (reported only: different generators)."""
         if self.method in RANDOM:
             return "random"
-        return "exact" if self.dtype == "float32" and self.method in LINEAR_FAMILY else "1ulp"
+        return "exact" if self.dtype == "float32" and self.method in LINEAR_FAMILY | SAME_OPERATIONS else "1ulp"
 
 
 def _models(*entries: tuple[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -163,6 +166,21 @@ CASES: tuple[Case, ...] = (
     _case("model_stock_filter_wise", "model_stock", _models(("M1", None), ("M2", None)),
           parameters={"filter_wise": True}),
     _case("model_stock_bf16", "model_stock", _models(("M1", None), ("M2", None), ("M3", None)), dtype="bfloat16"),
+    # mergekit's other methods (fp32; with dtype bfloat16 mergekit computes in bf16, evomerge in fp32: README)
+    _case("nuslerp", "nuslerp", _models(("M1", {"weight": 0.3}), ("M2", {"weight": 0.7})), base=None),
+    _case("nuslerp_base_rows_gradient", "nuslerp",
+          _models(("M1", {"weight": [0.2, 1.0, 0.6]}), ("M2", {"weight": 0.5})), parameters={"nuslerp_flatten": False}),
+    _case("nuslerp_columns", "nuslerp", _models(("M2", {"weight": 1.0}), ("M3", {"weight": 1.0})), base=None,
+          parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    _case("karcher", "karcher", _models(("M1", None), ("M2", None), ("M3", None)), base=None),
+    _case("karcher_base", "karcher", _models(("M1", None), ("M2", None))),  # mergekit averages the base in too
+    _case("sce", "sce", _models(("M1", None), ("M2", None), ("M3", None)), parameters={"select_topk": 0.5},
+          quick=True),
+    _case("nearswap", "nearswap", _models(("M1", None)), parameters={"t": 0.001}),
+    _case("arcee_fusion", "arcee_fusion", _models(("M2", None))),
+    _case("ram", "ram", _models(("M1", None), ("M2", None), ("M3", None)), parameters={"epsilon": 0.001}),
+    _case("ramplus_tl", "ramplus_tl", _models(("M1", None), ("M2", None), ("M3", None)),
+          parameters={"epsilon": 0.001, "r": 0.5, "alpha": 0.4}),
     # layer stacking
     _case("passthrough", "passthrough", None, base=None, quick=True,
           slices=[{"sources": [{"model": "M1", "layer_range": [0, 3]}]},
@@ -389,8 +407,9 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
         "# Parity with mergekit: the same YAML through both tools", "",
         "Each recipe is a mergekit config run by `mergekit-yaml CONFIG OUT` (CPU) and by `evomerge merge CONFIG`; "
         "the outputs are compared tensor by tensor, per group. `max_ulp`: largest distance in units in the last "
-        "place of the dtype (0 = bit-identical). Tolerance: `exact` for fp32 linear-family merges, `1ulp` "
-        "elsewhere; DARE/DELLA masks come from different generators by design (`random`: reported, not judged).",
+        "place of the dtype (0 = bit-identical). Tolerance: `exact` for fp32 linear-family merges and the methods "
+        "computed with mergekit's operations (nuslerp, karcher, sce, nearswap, arcee_fusion, ram, ramplus_tl), "
+        "`1ulp` elsewhere; DARE/DELLA masks come from different generators by design (`random`: reported, not judged).",
         "",
         f"- command: `python {' '.join(info['argv'])}` (evomerge at {info['revision']})",
         f"- machine: {info['machine']}",

@@ -26,6 +26,15 @@ def quiet_optuna():
 
 
 @pytest.fixture(scope="session")
+def tiny_llamas(tmp_path_factory) -> list[str]:
+    """Paths of a tiny random Llama base and three fine-tunes of it (tests/tiny_models.py), fp32, built once."""
+    from tiny_models import tiny_family
+
+    base, fts = tiny_family(tmp_path_factory.mktemp("tiny-llamas"), n=3)
+    return [str(base), *(str(f) for f in fts)]
+
+
+@pytest.fixture(scope="session")
 def mini_zoo() -> Zoo:
     """The mini zoo (``ZooConfig.mini()``), from ``$EVOMERGE_ZOO_CACHE`` or ``<repo>/.zoo``; the
     first use on a machine builds it (about a minute on 2 CPU cores), later uses just load it."""

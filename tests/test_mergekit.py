@@ -125,3 +125,37 @@ def test_exported_dare_yaml_says_how_mergekit_differs():
     assert text.startswith("# evomerge draws the dare_ties masks") and "seed 7" in text
     assert yaml.safe_load(text)["merge_method"] == "dare_ties"  # still a plain mergekit config
     assert not to_mergekit_yaml(Recipe(method="ties", base="b", sources=[{"model": "a"}])).startswith("#")
+
+
+def test_karcher_keeps_the_base_as_an_input_where_mergekit_has_it():
+    added = {"merge_method": "karcher", "base_model": "B", "models": [{"model": "A"}, {"model": "C"}]}
+    recipe = from_mergekit(added)
+    assert [s.model for s in recipe.sources] == ["A", "C", "B"]  # mergekit appends an unlisted base
+    assert from_mergekit(to_mergekit(recipe)) == recipe
+    listed = {"merge_method": "karcher", "base_model": "B", "models": ["A", "B", "C"]}
+    assert [s.model for s in from_mergekit(listed).sources] == ["A", "B", "C"]
+    # a search's karcher recipe with a base it does not average: exported without it (mergekit would add it)
+    searched = Recipe(method="karcher", base="B", sources=[{"model": "A"}, {"model": "C"}])
+    exported = to_mergekit(searched)
+    assert "base_model" not in exported and [m["model"] for m in exported["models"]] == ["A", "C"]
+
+
+@pytest.mark.parametrize("config", [
+    {"merge_method": "nearswap", "base_model": "B", "models": ["A"], "parameters": {"t": 0.001}},
+    {"merge_method": "arcee_fusion", "base_model": "B", "models": ["B", "A"]},
+    {"merge_method": "sce", "base_model": "B", "models": ["A", "C"], "parameters": {"select_topk": 0.1}},
+    {"merge_method": "ram", "base_model": "B", "models": ["A", "C"], "parameters": {"epsilon": 1e-4}},
+    {"merge_method": "ramplus_tl", "base_model": "B", "models": ["A", "C"],
+     "parameters": {"r": 0.2, "alpha": 0.3, "epsilon": 1e-4}},
+    {"merge_method": "nuslerp", "models": [{"model": "A", "parameters": {"weight": 0.4}},
+                                           {"model": "C", "parameters": {"weight": 0.6}}],
+     "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+    {"merge_method": "karcher", "models": ["A", "C"], "parameters": {"max_iter": 20, "tol": 1e-6}},
+])
+def test_methods_from_mergekit_import_and_export_with_mergekit_names(config):
+    recipe = from_mergekit(config)
+    assert recipe.method == config["merge_method"] and recipe.parameters == config.get("parameters", {})
+    assert [s.model for s in recipe.sources] == [m for m in ("A", "C") if m in str(config["models"])]
+    exported = to_mergekit(recipe)
+    assert exported.get("parameters", {}) == config.get("parameters", {})
+    assert from_mergekit(exported) == recipe

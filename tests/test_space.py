@@ -175,6 +175,11 @@ def test_random_sampler_is_deterministic_and_recipe_mirrors_params():
 
 
 # -------------------------------------------------------------------------------------------- baselines
+# methods no parameter values turn into one source or the uniform average exactly
+NO_IDENTITY_RULES = {"model_stock", "regmean", "nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl", "nuslerp",
+                     "karcher"}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_registry_identity_rules(method):
     """source_alone_targets / uniform_targets against each method's own formula on small tensors."""
@@ -182,7 +187,7 @@ def test_registry_identity_rules(method):
     n = 2 if m.max_sources == 2 else 3
     base, sources = dyadic(6, 4, seed=0), torch.stack([dyadic(6, 4, seed=1 + i) for i in range(n)])
     stats = dyadic(n, 6, 4, seed=9).abs() + 0.0625 if m.statistic == "fisher" else None
-    if m.name in ("model_stock", "regmean"):
+    if m.name in NO_IDENTITY_RULES:
         assert source_alone_targets(m, 0, n) == [] and uniform_targets(m, n) == []
         return
     for i in range(n):
@@ -376,3 +381,28 @@ def test_model_set_mismatch_is_a_clear_error():
     no_base = ModelSet(base=None, sources=MODELS.sources, num_layers=4)
     with pytest.raises(SpaceError, match="give the run a base model"):
         SearchSpace.from_yaml(SPACES / "ties_dare_layerwise.yaml").suggest(FixedTrial({}), no_base)
+
+
+def test_a_method_choice_space_names_the_methods_from_mergekit():
+    one = ModelSet(base="zoo/base", sources=["zoo/a"], num_layers=4)
+    spaces = [
+        (one, {"method": {"choice": ["nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl", "karcher"]},
+               "parameters": {"t": {"low": 0.0, "high": 0.05}, "select_topk": "search", "epsilon": "search",
+                              "r": "search", "alpha": "search", "max_iter": {"low": 1, "high": 20, "step": 1}}}),
+        (PAIR, {"method": {"choice": ["nuslerp", "karcher", "sce"]}, "layer_groups": 2,
+                "parameters": {"weight": "search", "nuslerp_flatten": {"choice": [True, False]},
+                               "nuslerp_row_wise": {"choice": [True, False]}, "tol": 1e-4}}),
+    ]
+    for models, data in spaces:
+        sp = space(**data)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(7))
+        for _ in range(30):
+            trial = study.ask()
+            recipe = sp.suggest(trial, models)
+            method = get_method(recipe.method)
+            for name in tensor_names(models.num_layers):
+                validate_params(method, resolved(recipe, name, models.num_layers), len(models.sources), True)
+            study.tell(trial, 0.0)
+        assert {t.params["method"] for t in study.trials} == set(data["method"]["choice"])  # type: ignore[index]
+    with pytest.raises(ValueError, match="nearswap.t has no registry range"):
+        space(method="nearswap", parameters={"t": "search"})

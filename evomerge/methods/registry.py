@@ -13,9 +13,11 @@ from numbers import Real
 
 from torch import Tensor
 
+from evomerge.methods.consensus import ram, ramplus_tl, sce
 from evomerge.methods.fisher import fisher
 from evomerge.methods.linear import linear, task_arithmetic
 from evomerge.methods.model_stock import model_stock, model_stock_coefficients, model_stock_gram
+from evomerge.methods.pairwise import arcee_fusion, nearswap
 from evomerge.methods.regmean import regmean
 from evomerge.methods.slerp import (
     multislerp,
@@ -26,6 +28,7 @@ from evomerge.methods.slerp import (
     slerp_gram,
 )
 from evomerge.methods.sparsify import band_keep_counts, ties_keep_count
+from evomerge.methods.sphere import karcher, nuslerp
 from evomerge.methods.ties import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -162,6 +165,14 @@ def _della_window(params: Mapping[str, object], n_sources: int) -> str | None:
     return None
 
 
+def _whole_steps(params: Mapping[str, object], n_sources: int) -> str | None:
+    """karcher's max_iter is a whole number (mergekit refuses a fraction)."""
+    steps = [float(x) for x in _leaves(params["max_iter"])]  # type: ignore[arg-type]
+    if any(x != int(x) for x in steps):
+        return f"max_iter must be a whole number of steps, got {steps}: search it with step: 1"
+    return None
+
+
 def _weight(low: float = 0.0, high: float = 2.0) -> Param:
     return Param("weight", 1.0, low, high, per_source=True, doc="relative weight of each source")
 
@@ -267,7 +278,55 @@ _ALL: tuple[MergeMethod, ...] = (
     ),
 )
 
-METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}
+_RAM_EPSILON = Param("epsilon", 1e-5, 0.0, 1.0, doc="a task vector entry counts as changed when |τ| > epsilon")
+
+# mergekit's methods beyond the classic ones (mergekit 0.1.5 registry; parameter names and defaults as there)
+_MERGEKIT_MORE: tuple[MergeMethod, ...] = (
+    MergeMethod(
+        "nearswap", nearswap,
+        (Param("t", None, 0.0, None, doc="entries closer than t to the base's take the other model's value"),),
+        needs_base=True, max_sources=1, elementwise=True,
+        doc="base, with the other model's entries where they are within t of the base's",
+    ),
+    MergeMethod(
+        "arcee_fusion", arcee_fusion, (), needs_base=True, max_sources=1,
+        doc="base, with the other model's changes where their importance is an outlier (median + 1.5 IQR)",
+    ),
+    MergeMethod(
+        "sce", sce,
+        (Param("select_topk", 1.0, 0.0, 1.0, doc="fraction of entries kept: those of largest variance across "
+               "the task vectors"),),
+        needs_base=True, doc="select by variance, weigh sources by mean squared change, erase minority signs",
+    ),
+    MergeMethod(
+        "ram", ram, (_RAM_EPSILON,), needs_base=True,
+        doc="changes made by one source kept, changes made by several averaged (Reinforced Agent Merging)",
+    ),
+    MergeMethod(
+        "ramplus_tl", ramplus_tl,
+        (Param("r", 0.1, 0.0, 2.0, doc="scale-up rate of a source's unique changes"),
+         Param("alpha", 0.2, 0.0, 2.0, doc="cap of the shared / unique ratio in the scale-up"), _RAM_EPSILON),
+        needs_base=True, doc="RAM with each source's unique changes scaled up by its overlap ratio (per tensor)",
+    ),
+    MergeMethod(
+        "nuslerp", nuslerp,
+        (Param("weight", None, 0.0, 2.0, per_source=True,
+               doc="relative weight of each source: t = w_1 / (w_0 + w_1)"),
+         Param("nuslerp_flatten", True, doc="one angle for the whole tensor (else per row / column)"),
+         Param("nuslerp_row_wise", False, doc="without flatten: one angle per column (dim 0) instead of per row")),
+        needs_base=False, min_sources=2, max_sources=2,
+        doc="spherical interpolation of two models, or of their task vectors when a base is given",
+    ),
+    MergeMethod(
+        "karcher", karcher,
+        (Param("max_iter", 10, 1, 1000, doc="most Riemannian gradient steps"),
+         Param("tol", 1e-5, 0.0, 1.0, doc="stop when the step is shorter; shorter inputs are left out")),
+        needs_base=False, constraint=_whole_steps,
+        doc="Karcher (Riemannian) mean of the sources' directions on the sphere, times their mean norm",
+    ),
+)
+
+METHODS: dict[str, MergeMethod] = {method.name: method for method in (*_ALL, *_MERGEKIT_MORE)}
 
 
 def get_method(name: str) -> MergeMethod:

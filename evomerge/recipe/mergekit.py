@@ -7,6 +7,8 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
   ``[{filter: self_attn, value: V}, {value: D}]`` map to evomerge's ``{self_attn: V, default: D}``;
 - ``slerp``: mergekit interpolates from ``base_model`` (t=0) to the other model (t=1); evomerge's slerp goes from
   ``sources[0]`` to ``sources[1]``, so the base becomes ``sources[0]``;
+- ``karcher``: mergekit averages every input model, the base too (appended last when ``models`` does not list it),
+  so the base stays one of the sources, at that place; exported, a base that is not one of the sources is left out;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
 MODEL_KEYS = {"model", "parameters"}
 DROPPED_PARAMETERS = {"int8_mask"}
+# methods whose mergekit inputs are all the models, base included (mergekit ignores which one is the base)
+BASE_IS_A_SOURCE = {"karcher"}
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -112,6 +116,9 @@ def from_mergekit(data: Mapping[str, Any]) -> Recipe:
         if base is None or len(others) != 1:
             raise RecipeError("mergekit slerp needs base_model and exactly one other model")
         sources = [SourceSpec(model=base), others[0]]
+    elif method in BASE_IS_A_SOURCE:
+        if base is not None and all(s.model != base for s in sources):
+            sources.append(SourceSpec(model=base))
     else:
         sources = [s for s in sources if s.model != base or s.parameters]
     return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
@@ -128,6 +135,8 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         ]
     else:
         base = recipe.sources[0].model if recipe.method == "slerp" else recipe.base
+        if recipe.method in BASE_IS_A_SOURCE and all(s.model != base for s in recipe.sources):
+            base = None  # mergekit would average it in as one more input; evomerge's sources leave it out
         if base is not None:
             out["base_model"] = base
         out["models"] = [

@@ -276,7 +276,8 @@ _ONE_HOT = _WEIGHTED_SUM | {"ties", "dare_ties", "breadcrumbs_ties", "della", "m
 
 def source_alone_targets(method: MergeMethod, index: int, n_sources: int) -> list[dict[str, object]]:
     """Parameter values (per-source ones as lists) under which ``method`` returns source ``index`` unchanged, up
-    to float rounding of ``θ0 + (θ_i − θ0)``; empty when the method cannot (model stock, RegMean)."""
+    to float rounding of ``θ0 + (θ_i − θ0)``; empty when the method cannot (model stock, RegMean, and the methods
+    taken from mergekit's registry: nearswap, arcee_fusion, sce, ram, ramplus_tl, nuslerp, karcher)."""
     if method.name == "slerp":
         return [{"t": float(index)}] if n_sources == 2 else []
     if method.name in _ONE_HOT:
