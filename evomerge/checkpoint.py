@@ -27,7 +27,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -537,13 +538,26 @@ def _separate_shared(state: Mapping[str, Tensor], tie_word_embeddings: bool) -> 
     return out
 
 
-def _plan_shards(state: Mapping[str, Tensor], max_shard_size: int) -> list[list[str]]:
-    """Greedy split in state-dict order: a shard is closed when the next tensor would push it over
-    ``max_shard_size`` bytes; a tensor larger than the limit gets a shard of its own."""
+@dataclass(frozen=True)
+class LazyTensors:
+    """Tensors produced one at a time while they are written: ``nbytes`` gives each name's size in bytes (in write
+    order), ``get(name)`` produces the tensor (e.g. merges it). :func:`save_hf_dir` then holds one shard at a
+    time, never the whole state dict."""
+
+    nbytes: Mapping[str, int]
+    get: Callable[[str], Tensor]
+
+    @classmethod
+    def of(cls, state: Mapping[str, Tensor]) -> LazyTensors:
+        return cls({n: _nbytes(t) for n, t in state.items()}, lambda n: state[n])
+
+
+def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Greedy split in write order: a shard is closed when the next tensor would push it over ``max_shard_size``
+    bytes; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        nbytes = _nbytes(tensor)
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -552,18 +566,19 @@ def _plan_shards(state: Mapping[str, Tensor], max_shard_size: int) -> list[list[
     return shards
 
 
-def _write_weights(state: Mapping[str, Tensor], directory: Path, max_shard_size: int) -> None:
-    plan = _plan_shards(state, max_shard_size)
+def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int) -> None:
+    plan = _plan_shards(state.nbytes, max_shard_size)
     if len(plan) == 1:
         files = [SAFE_WEIGHTS]
     else:
         files = [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
     for file, names in zip(files, plan):
-        tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
+        tensors = {n: state.get(n).detach().to("cpu").contiguous() for n in names}
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        del tensors  # one shard at a time
     if len(plan) > 1:
         index = {
-            "metadata": {"total_size": sum(_nbytes(t) for t in state.values())},
+            "metadata": {"total_size": sum(state.nbytes.values())},
             "weight_map": {n: file for file, names in zip(files, plan) for n in names},
         }
         (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -604,13 +619,13 @@ _METADATA_BYTES = 64 * 1024
 _HEADER_BYTES_PER_TENSOR = 256
 
 
-def _bytes_to_write(state: Mapping[str, Tensor], tokenizer_dir: Path | None, extra_files: Mapping[str, str]) -> int:
+def _bytes_to_write(state: LazyTensors, tokenizer_dir: Path | None, extra_files: Mapping[str, str]) -> int:
     """Estimate of the bytes :func:`save_hf_dir` writes: tensor data, tokenizer files, extra files, metadata."""
     tokenizer = 0 if tokenizer_dir is None else sum(
         (tokenizer_dir / n).stat().st_size for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file())
     extra = sum(len(text.encode()) for text in extra_files.values())
-    return (sum(_nbytes(t) for t in state.values()) + tokenizer + extra + _METADATA_BYTES
-            + _HEADER_BYTES_PER_TENSOR * len(state))
+    return (sum(state.nbytes.values()) + tokenizer + extra + _METADATA_BYTES
+            + _HEADER_BYTES_PER_TENSOR * len(state.nbytes))
 
 
 def _safetensors_os_error(exc: SafetensorError) -> OSError:
@@ -621,7 +636,7 @@ def _safetensors_os_error(exc: SafetensorError) -> OSError:
 
 
 def save_hf_dir(
-    state_dict: Mapping[str, Tensor],
+    state_dict: Mapping[str, Tensor] | LazyTensors,
     out_dir: str | Path,
     *,
     config: PretrainedConfig | Mapping[str, Any],
@@ -639,7 +654,9 @@ def save_hf_dir(
     ``tokenizer_dir``; ``extra_files`` maps relative file names to text written beside them (e.g. a
     recipe YAML or README).
 
-    Tensors sharing storage are separated (see ``_separate_shared``): with ``tie_word_embeddings`` in
+    ``state_dict`` may be :class:`LazyTensors` (each tensor produced when its shard is written, so only one
+    shard is held at a time: ``evomerge merge``'s tensor-by-tensor path). Tensors of a mapping sharing storage are
+    separated (see ``_separate_shared``): with ``tie_word_embeddings`` in
     the config an LM head aliasing the embedding is dropped, other aliases are cloned. Tensors are moved
     to CPU and made contiguous shard by shard.
 
@@ -653,7 +670,7 @@ def save_hf_dir(
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
-    if not state_dict:
+    if not (state_dict.nbytes if isinstance(state_dict, LazyTensors) else state_dict):
         raise ValueError("state_dict is empty; there is nothing to save")
     out = Path(out_dir).expanduser()
     refuse_symlink(out)  # before resolve(), which would follow it
@@ -662,7 +679,10 @@ def save_hf_dir(
     tokenizer_path = None if tokenizer_dir is None else Path(tokenizer_dir).expanduser().resolve()
     if tokenizer_path is not None and not tokenizer_path.is_dir():
         raise CheckpointError(f"tokenizer_dir {tokenizer_path} is not a directory")
-    state = _separate_shared(state_dict, bool(_config_value(config, "tie_word_embeddings")))
+    if isinstance(state_dict, LazyTensors):  # produced one by one: no two share storage
+        state = state_dict
+    else:
+        state = LazyTensors.of(_separate_shared(state_dict, bool(_config_value(config, "tie_word_embeddings"))))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)

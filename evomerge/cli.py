@@ -33,12 +33,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("evomerge")
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """``500MB``, ``2GiB``, ``1.5gb`` or a number of bytes, as bytes (argparse type: a bad value is one line)."""
+    number = text.strip().lower().rstrip("bikmg")
+    unit = text.strip().lower()[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 500MB, 2GiB or a number of bytes")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least one byte")
+    return int(value)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from evomerge.merge import merge_to_dir
     from evomerge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle)
+    out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle,
+                       max_shard_size=args.max_shard_size)
     print(f"merged model written to {out}")
 
 
@@ -134,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output HF dir (must not exist unless --force)")
     merge.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     merge.add_argument("--force", action="store_true", help="replace an existing output dir")
+    merge.add_argument("--max-shard-size", type=byte_size, default=2 * 1024**3, metavar="SIZE",
+                       help="largest safetensors shard, e.g. 500MB, 2GiB or bytes (default 2GiB); the merge holds one "
+                            "shard in memory at a time")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="read pytorch_model.bin checkpoints (torch.load with weights_only=True)")
     merge.set_defaults(func=cmd_merge)

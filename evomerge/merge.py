@@ -9,6 +9,7 @@ import torch
 from evomerge.calibration import prepare
 from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.engine import MergeEngine
+from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import Recipe, RecipeError
@@ -44,8 +45,13 @@ def merge_to_dir(
     device: str | torch.device | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    max_shard_size: int = 2 * 1024**3,
 ) -> Path:
     """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer).
+
+    Tensor by tensor (:func:`~evomerge.engine.streaming.stream_merge`: one shard of ``max_shard_size`` bytes and one
+    tensor's working set in memory, bit-identical to the engine's merge), except for methods that need data
+    statistics (Fisher, RegMean), which load the models into a :class:`MergeEngine` with the live model.
 
     All checks (existing output, a symbolic link as output, recipe validity, source compatibility, parameter
     ranges) run before any tensor work; a failure at any point leaves no output dir behind. Temporary dirs that
@@ -62,11 +68,14 @@ def merge_to_dir(
         if recipe.dtype:
             state = {n: t.to(getattr(torch, recipe.dtype)) if t.is_floating_point() else t for n, t in state.items()}
             config.dtype = recipe.dtype
-        return save_hf_dir(state, out, config=config, tokenizer_dir=tokenizer, force=force)
+        return save_hf_dir(state, out, config=config, tokenizer_dir=tokenizer, force=force,
+                           max_shard_size=max_shard_size)
+    if not get_method(recipe.method).statistic:
+        return stream_merge(recipe, out, device=device, tokenizer_dir=tokenizer, force=force,
+                            allow_pickle=allow_pickle, max_shard_size=max_shard_size)
     engine = MergeEngine(recipe.model_paths(), device=device, dtype=recipe.dtype, allow_pickle=allow_pickle)
-    if get_method(recipe.method).statistic:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        prepare(engine, recipe, recipe.calibration, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None)
+    prepare(engine, recipe, recipe.calibration, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None)
     engine.materialize(recipe)
-    return engine.export(out, tokenizer_dir=tokenizer, force=force)
+    return engine.export(out, tokenizer_dir=tokenizer, force=force, max_shard_size=max_shard_size)

@@ -161,6 +161,7 @@ def test_values_a_recipe_sets_are_checked_before_any_model_loads(family, tmp_pat
         raise AssertionError("models were loaded before the recipe's values were checked")
 
     monkeypatch.setattr(evomerge.merge, "MergeEngine", no_engine)
+    monkeypatch.setattr(evomerge.merge, "stream_merge", no_engine)  # the tensor-by-tensor path reads models too
     bad = [
         ({"density": {"mlp": 0.5, "self_attn": 1.3, "default": 0.2}}, "'density' = 1.3 is out of range"),  # a filter
         ({"density": [0.1, 1.2]}, "'density' = 1.2 is out of range"),  # a gradient

@@ -37,20 +37,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.checkpoint import Checkpoint, check_compatible, save_hf_dir
+from evomerge.checkpoint import save_hf_dir
 from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
-from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model, model_class
+from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
 from evomerge.engine.memory import MemoryPlan, available_bytes, plan_memory
-from evomerge.methods import MergeMethod, get_method, validate_params
+from evomerge.engine.plan import DTYPES, live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
+from evomerge.methods import MergeMethod, get_method
 from evomerge.methods.counter_rng import row_keys
-from evomerge.recipe import Recipe, RecipeError, resolve_params
+from evomerge.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class MergeError(RuntimeError):
     """A merge that produced an unusable result (e.g. NaN/Inf); the message names the tensor."""
@@ -65,18 +63,6 @@ class MergeStats:
     seconds: float = 0.0
     bytes_moved: int = 0
     names: list[str] = field(default_factory=list)
-
-
-def _rebuilt_buffers(path: str, first: Checkpoint) -> set[str]:
-    """Names of the non-persistent buffers of ``path``'s model class (BERT's ``embeddings.position_ids``, rotary
-    ``inv_freq``): the model rebuilds them and transformers neither loads nor saves them, yet checkpoints saved by
-    some transformers versions hold them. Read from a weightless (meta-device) instance, before anything is loaded."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    with torch.device("meta"):
-        model = model_class(config, first.names).from_config(config, trust_remote_code=False)
-    return {n for n, _ in model.named_buffers()} - set(model.state_dict())
 
 
 class MergeEngine:
@@ -116,20 +102,15 @@ class MergeEngine:
         draws_budget: int | None = None,
         kept_budget: int | None = None,
     ) -> None:
-        if not models:
-            raise RecipeError("MergeEngine needs at least one model path")
-        self.paths = [str(p) for p in models]
+        opened = open_sources(models, allow_pickle=allow_pickle)
+        if opened.skipped:
+            log.info("not merged (buffers the model rebuilds, saved by some checkpoints only): %s",
+                     ", ".join(opened.skipped))
+        self.paths, self.checkpoints, self.names = opened.paths, opened.checkpoints, opened.names
+        kept = opened.kept
         self.device = compute_device(device)
-        self.checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in self.paths]
-        first = self.checkpoints[0]
-        rebuilt = _rebuilt_buffers(self.paths[0], first)
-        skipped = check_compatible(self.checkpoints, skip=rebuilt)
-        if skipped:
-            log.info("not merged (buffers the model rebuilds, saved by some checkpoints only): %s", ", ".join(skipped))
-        kept = [n for n in first.names if n not in rebuilt]
-        self.names = [n for n in kept if first.dtype(n).is_floating_point]
-        self.num_layers = first.num_layers
-        self.dtype = self._dtype(dtype, first)
+        self.num_layers = opened.num_layers
+        self.dtype = live_dtype(dtype, self.checkpoints[0])
         storage = self._storage_device(memory_budget)
         self.memory = self._plan_memory(storage)
         if self.device.type == "cpu" and self.memory.sources == "resident":
@@ -151,17 +132,6 @@ class MergeEngine:
         self._statistics: dict[str, list[dict[str, Tensor]]] = {}
 
     # --------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _dtype(dtype: str | torch.dtype | None, first: Checkpoint) -> torch.dtype:
-        if isinstance(dtype, torch.dtype):
-            return dtype
-        if dtype is None:  # the first floating-point tensor's (an integer buffer may come first on disk)
-            floats = [n for n in first.names if first.dtype(n).is_floating_point]
-            return first.dtype((floats or first.names)[0])
-        if dtype not in DTYPES:
-            raise RecipeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-
     def _storage_device(self, memory_budget: int | None) -> torch.device:
         if self.device.type == "cpu":
             return self.device
@@ -194,12 +164,7 @@ class MergeEngine:
     # ------------------------------------------------------------------------------------------- recipes
     def indices(self, recipe: Recipe) -> tuple[int | None, list[int]]:
         """Positions of the recipe's base and sources among the engine's models."""
-        where = {p: i for i, p in enumerate(self.paths)}
-        unknown = [p for p in recipe.model_paths() if p not in where]
-        if unknown:
-            raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {self.paths}")
-        base = where[recipe.base] if recipe.base else None
-        return base, [where[s.model] for s in recipe.sources]
+        return recipe_indices(self.paths, recipe)
 
     def check(self, recipe: Recipe) -> MergeMethod:
         """Validate a recipe against the registry and the loaded models before any tensor work."""
@@ -217,19 +182,6 @@ class MergeEngine:
             )
         return method
 
-    @staticmethod
-    def _kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
-        """Keyword arguments of ``method.fn``: per-source parameters as float64 CPU tensors [n] (the recipe's values
-        as mergekit's Python floats hold them: keep counts ``⌊d·n⌋`` are counted from them), globals as is."""
-        kwargs: dict[str, object] = {}
-        for p in method.params:
-            value = params.get(p.name, p.default)
-            if p.per_source:
-                values = value if isinstance(value, list) else [value] * n
-                value = torch.tensor(values, dtype=torch.float64)
-            kwargs[p.kwarg or p.name] = value
-        return kwargs
-
     # --------------------------------------------------------------------------------------------- merging
     def plan(self, recipe: Recipe) -> tuple[MergeMethod, int | None, list[int], dict[str, dict[str, object]]]:
         """Validate ``recipe`` and resolve its parameters for every tensor, before any tensor work.
@@ -237,15 +189,9 @@ class MergeEngine:
         Every tensor's resolved values are checked against the method's ranges, so a gradient or a per-filter
         value that is out of range anywhere in the stack fails here, not half-way through a merge.
         """
-        method = self.check(recipe)
+        self.check(recipe)
         base, sources = self.indices(recipe)
-        resolved = {n: resolve_params(recipe, method, n, self.num_layers) for n in self.names}
-        seen: set[str] = set()
-        for params in resolved.values():
-            key = repr(sorted(params.items()))
-            if key not in seen:
-                seen.add(key)
-                validate_params(method, params, len(sources), base is not None)
+        method, resolved = plan_params(recipe, self.names, self.num_layers)
         return method, base, sources, resolved
 
     def materialize(self, recipe: Recipe) -> MergeStats:
@@ -306,7 +252,7 @@ class MergeEngine:
     ) -> Tensor:
         """Merge the tensors of ``run`` (one tensor, or a run of an entrywise method) into the live model;
         returns a 0-d tensor that is finite iff the merged values are (checked later, all at once)."""
-        host = self._kwargs(method, params, len(sources))
+        host = method_kwargs(method, params, len(sources))
         inputs = self._entrywise_inputs(method, run, base, sources, host, seed)
         if inputs is None:
             target = self.targets.tensors[run[0]]
@@ -359,7 +305,7 @@ class MergeEngine:
         """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
         base_t, src = self.sources.fp32(name, base, sources)
         stats = self._tensor_statistics(method, name, sources)
-        kwargs = self.inputs.on_device(self._kwargs(method, params, len(sources)))
+        kwargs = self.inputs.on_device(method_kwargs(method, params, len(sources)))
         if method.gram is not None:
             kwargs["coefficients"] = self.inputs.coefficients(method, name, base, sources, kwargs)
         seed_of_tensor = tensor_seed(seed, name) if method.stochastic else None
@@ -415,8 +361,9 @@ class MergeEngine:
         """The live model's tensors under the checkpoint's names (CPU copies)."""
         return self.targets.state_dict()
 
-    def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
+    def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False,
+               max_shard_size: int = 2 * 1024**3) -> Path:
         """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
-        files of ``tokenizer_dir`` when given."""
+        files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes."""
         return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
-                           force=force)
+                           force=force, max_shard_size=max_shard_size)

@@ -1,0 +1,117 @@
+"""What a recipe means for a set of checkpoints, before any tensor work: which tensors are merged, in which dtype,
+which models are base and sources, and every tensor's resolved, validated parameters.
+
+Shared by the in-memory :class:`~evomerge.engine.MergeEngine` and the tensor-by-tensor
+:func:`~evomerge.engine.streaming.stream_merge`, so both mean the same thing by a recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.checkpoint import Checkpoint, check_compatible
+from evomerge.engine.layout import model_class
+from evomerge.methods import MergeMethod, get_method, validate_params
+from evomerge.recipe import Recipe, RecipeError, resolve_params
+
+__all__ = ["DTYPES", "Sources", "live_dtype", "method_kwargs", "open_sources", "plan_params", "recipe_indices"]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _rebuilt_buffers(path: str, first: Checkpoint) -> set[str]:
+    """Names of the non-persistent buffers of ``path``'s model class (BERT's ``embeddings.position_ids``, rotary
+    ``inv_freq``): the model rebuilds them and transformers neither loads nor saves them, yet checkpoints saved by
+    some transformers versions hold them. Read from a weightless (meta-device) instance, before anything is loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = model_class(config, first.names).from_config(config, trust_remote_code=False)
+    return {n for n, _ in model.named_buffers()} - set(model.state_dict())
+
+
+@dataclass
+class Sources:
+    """Opened, compatible checkpoints: ``kept`` every tensor the merged model holds (the first model's names but
+    rebuilt buffers), ``names`` the floating-point ones among them (merged), ``skipped`` the rebuilt buffers some
+    checkpoints hold."""
+
+    paths: list[str]
+    checkpoints: list[Checkpoint]
+    kept: list[str]
+    names: list[str]
+    skipped: list[str]
+
+    @property
+    def num_layers(self) -> int:
+        return self.checkpoints[0].num_layers
+
+
+def open_sources(paths: Sequence[str | Path], *, allow_pickle: bool = False) -> Sources:
+    """Open every model and check, from metadata alone, that they can be merged tensor by tensor."""
+    if not paths:
+        raise RecipeError("a merge needs at least one model path")
+    names = [str(p) for p in paths]
+    checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in names]
+    first = checkpoints[0]
+    rebuilt = _rebuilt_buffers(names[0], first)
+    skipped = check_compatible(checkpoints, skip=rebuilt)
+    kept = [n for n in first.names if n not in rebuilt]
+    return Sources(names, checkpoints, kept, [n for n in kept if first.dtype(n).is_floating_point], list(skipped))
+
+
+def live_dtype(dtype: str | torch.dtype | None, first: Checkpoint) -> torch.dtype:
+    """The merged model's dtype: ``dtype`` when given, else the first floating-point tensor's (an integer buffer may
+    come first on disk)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        floats = [n for n in first.names if first.dtype(n).is_floating_point]
+        return first.dtype((floats or first.names)[0])
+    if dtype not in DTYPES:
+        raise RecipeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def recipe_indices(paths: Sequence[str], recipe: Recipe) -> tuple[int | None, list[int]]:
+    """Positions of the recipe's base and sources among ``paths``."""
+    where = {p: i for i, p in enumerate(paths)}
+    unknown = [p for p in recipe.model_paths() if p not in where]
+    if unknown:
+        raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {list(paths)}")
+    base = where[recipe.base] if recipe.base else None
+    return base, [where[s.model] for s in recipe.sources]
+
+
+def plan_params(recipe: Recipe, names: Sequence[str], num_layers: int) -> tuple[MergeMethod, dict[str, dict]]:
+    """The recipe's method and every tensor's resolved parameters, each distinct set checked against the method's
+    ranges: a gradient or a per-filter value out of range anywhere in the stack fails here, not half-way through."""
+    if recipe.method == "passthrough":
+        raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
+    method = get_method(recipe.method)
+    resolved = {n: resolve_params(recipe, method, n, num_layers) for n in names}
+    seen: set[str] = set()
+    for params in resolved.values():
+        key = repr(sorted(params.items()))
+        if key not in seen:
+            seen.add(key)
+            validate_params(method, params, len(recipe.sources), recipe.base is not None)
+    return method, resolved
+
+
+def method_kwargs(method: MergeMethod, params: Mapping[str, object], n: int) -> dict[str, object]:
+    """Keyword arguments of ``method.fn``: per-source parameters as float64 CPU tensors [n] (the recipe's values as
+    mergekit's Python floats hold them: keep counts ``⌊d·n⌋`` are counted from them), globals as is."""
+    kwargs: dict[str, object] = {}
+    for p in method.params:
+        value = params.get(p.name, p.default)
+        if p.per_source:
+            values = value if isinstance(value, list) else [value] * n
+            value = torch.tensor(values, dtype=torch.float64)
+        kwargs[p.kwarg or p.name] = value
+    return kwargs

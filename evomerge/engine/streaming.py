@@ -1,0 +1,81 @@
+"""A one-shot merge tensor by tensor: what ``evomerge merge`` runs, in mergekit's memory footprint.
+
+No live model and no resident sources: each merged tensor is read from the (memory-mapped) checkpoints, merged by
+the method's pure formula in fp32 on the compute device, cast to the output dtype and handed to the writer, which
+holds one shard at a time (:class:`~evomerge.checkpoint.LazyTensors`). Peak memory is about one shard plus one
+tensor's working set, whatever the number and size of the models.
+
+The result is bit-identical to :meth:`MergeEngine.materialize` + :meth:`MergeEngine.export` of the same recipe: the
+same plan (:mod:`evomerge.engine.plan`), the same formula (the engine's kernels are bit-identical to it), the same
+per-tensor seeds, and the same tensors written (the first model's, rebuilt buffers left out). Methods that need
+data statistics (Fisher, RegMean) need the live model and are merged by the engine instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.checkpoint import LazyTensors, save_hf_dir
+from evomerge.engine.device import compute_device
+from evomerge.engine.inputs import tensor_seed
+from evomerge.engine.layout import all_finite
+from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
+from evomerge.naming import tensor_filter
+from evomerge.recipe import Recipe
+
+__all__ = ["stream_merge"]
+
+log = logging.getLogger(__name__)
+
+
+def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device | None = None,
+                 tokenizer_dir: str | Path | None = None, force: bool = False, allow_pickle: bool = False,
+                 max_shard_size: int = 2 * 1024**3) -> Path:
+    """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`); every check
+    (compatibility, parameters of every tensor) runs before the first tensor is merged."""
+    from transformers import AutoConfig
+
+    from evomerge.engine.engine import MergeError
+
+    opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
+    if opened.skipped:
+        log.info("not merged (buffers the model rebuilds, saved by some checkpoints only): %s",
+                 ", ".join(opened.skipped))
+    first = opened.checkpoints[0]
+    dtype = live_dtype(recipe.dtype, first)
+    compute = compute_device(device)
+    base, sources = recipe_indices(opened.paths, recipe)
+    method, resolved = plan_params(recipe, opened.names, opened.num_layers)
+    if method.statistic:
+        raise ValueError(f"method '{method.name}' needs data statistics and the live model; merge it with "
+                         "evomerge.merge.merge_to_dir (the engine path)")
+    merged = set(opened.names)
+
+    def produce(name: str) -> Tensor:
+        if name not in merged:  # integer buffers and the like: the first model's, as the engine's live model holds
+            return first.get(name)
+        stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
+        base_t = None if base is None else opened.checkpoints[base].get(name).to(compute, torch.float32)
+        kwargs = method_kwargs(method, resolved[name], len(sources))
+        seed = tensor_seed(recipe.seed, name) if method.stochastic else None
+        result = method.fn(base_t, torch.stack(stack), seed=seed, stats=None, **kwargs).to(dtype)
+        if not all_finite(result):
+            raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
+        return result.to("cpu")
+
+    def out_bytes(name: str) -> int:
+        size = first.nbytes(name)
+        return size // first.dtype(name).itemsize * dtype.itemsize if name in merged else size
+
+    config = AutoConfig.from_pretrained(opened.paths[0], trust_remote_code=False)
+    config.dtype = dtype
+    # a head tied to the embeddings is re-tied on load; the engine's export drops it too
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = [n for n in opened.kept if not (tied and tensor_filter(n) == "lm_head")]
+    lazy = LazyTensors({n: out_bytes(n) for n in names}, produce)
+    return save_hf_dir(lazy, out, config=config, tokenizer_dir=tokenizer_dir, force=force,
+                       max_shard_size=max_shard_size)
