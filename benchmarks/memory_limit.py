@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -30,8 +31,10 @@ from pathlib import Path
 import torch
 from merge_throughput import llama_config, write_checkpoints  # benchmarks/ is sys.path[0] when run as a script
 
+from evomerge.checkpoint import Checkpoint
 from evomerge.engine import MergeEngine
 from evomerge.engine.memory import HEADROOM
+from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
 
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -49,6 +52,27 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _recipe(paths: list[str], method: str, rep: int) -> Recipe:
+    weights = [0.5 + 0.1 * rep + 0.2 * i for i in range(len(paths) - 1)]
+    return Recipe(method=method, base=paths[0], seed=rep,
+                  sources=[{"model": p, "parameters": {"weight": w, **METHODS[method]}}
+                           for p, w in zip(paths[1:], weights)])
+
+
+def stream_child(paths: list[str], dtype: str, methods: list[str], shard: int) -> None:
+    """``evomerge merge`` of one recipe per method (tensor by tensor), print one JSON line."""
+    imported = _rss()
+    seconds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=Path(paths[0]).parent) as out:
+        for method in methods:
+            start = time.perf_counter()
+            merge_to_dir(_recipe(paths, method, 0), Path(out) / method, max_shard_size=shard)
+            seconds[method] = [time.perf_counter() - start]
+            shutil.rmtree(Path(out) / method)
+    print(json.dumps({"plan": "streamed", "load_s": 0.0, "seconds": seconds, "peak_rss": _peak_rss(),
+                      "imported_rss": imported}), flush=True)
+
+
 def child(paths: list[str], dtype: str, methods: list[str]) -> None:
     """Build the engine, merge two candidates per method, print one JSON line."""
     imported = _rss()  # the interpreter with torch and transformers, before any model
@@ -58,24 +82,21 @@ def child(paths: list[str], dtype: str, methods: list[str]) -> None:
     seconds: dict[str, list[float]] = {}
     for method in methods:
         for rep in range(2):
-            weights = [0.5 + 0.1 * rep + 0.2 * i for i in range(len(paths) - 1)]
-            recipe = Recipe(method=method, base=paths[0], seed=rep,
-                            sources=[{"model": p, "parameters": {"weight": w, **METHODS[method]}}
-                                     for p, w in zip(paths[1:], weights)])
-            seconds.setdefault(method, []).append(engine.materialize(recipe).seconds)
+            seconds.setdefault(method, []).append(engine.materialize(_recipe(paths, method, rep)).seconds)
     print(json.dumps({"plan": engine.memory.sources, "load_s": load, "seconds": seconds, "peak_rss": _peak_rss(),
                       "available": engine.memory.available, "imported_rss": imported,
                       "mapped_need": engine.memory.mapped_need}), flush=True)
 
 
-def run_child(paths: list[str], args: argparse.Namespace, limit: int | None) -> dict:
+def run_child(paths: list[str], args: argparse.Namespace, limit: int | None, *, stream: bool = False) -> dict:
     """One child process, inside a fresh cgroup with ``limit`` bytes when given; its JSON line and cgroup peak."""
     group = None
     if limit is not None:
         group = CGROUP / f"evomerge-bench-{os.getpid()}"
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(limit))
-    command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--methods", args.methods, *paths]
+    command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--methods", args.methods,
+               *(["--stream"] if stream else []), *paths]
 
     def enter() -> None:
         if group is not None:
@@ -107,12 +128,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="linear only (checks the script works)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-mb", type=int, default=64, help="--max-shard-size of the evomerge merge run")
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.methods = "linear"
     if args.child:
-        child(args.paths, args.dtype, args.methods.split(","))
+        if args.stream:
+            stream_child(args.paths, args.dtype, args.methods.split(","), args.shard_mb * 2**20)
+        else:
+            child(args.paths, args.dtype, args.methods.split(","))
         return
     if not (CGROUP / "memory.limit_in_bytes").exists() or not os.access(CGROUP, os.W_OK):
         raise SystemExit(f"needs a writable cgroup v1 memory hierarchy at {CGROUP} (run as root)")
@@ -129,16 +155,24 @@ def main() -> None:
         if limit >= resident["imported_rss"] + source_bytes:
             raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
         mapped = run_child(paths, args, limit)
+        # evomerge merge: the interpreter, one shard and the fp32 working set of the largest tensor (every model's
+        # copy, the result and the formula's temporaries)
+        with Checkpoint.open(paths[0]) as first:
+            largest = max(math.prod(first.shape(n)) for n in first.names)
+        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + (len(paths) + 4) * 4 * largest)
+        streamed = run_child(paths, args, stream_limit, stream=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    write_results(Path(args.out), args, source_bytes, [("no limit", resident), ("cgroup limit", mapped)])
+    write_results(Path(args.out), args, source_bytes, [("no limit", resident), ("cgroup limit", mapped),
+                                                       ("evomerge merge, cgroup limit", streamed)])
 
 
 def write_results(out: Path, args: argparse.Namespace, source_bytes: int, runs: list[tuple[str, dict]]) -> None:
     gb = 1e9
     rows = []
     for label, r in runs:
-        for method, (first, second) in r["seconds"].items():
+        for method, times in r["seconds"].items():
+            first, second = times[0], times[-1]
             rows.append({"run": label, "limit_GB": "" if r["limit"] is None else f"{r['limit'] / gb:.2f}",
                          "plan": r["plan"], "peak_rss_GB": f"{r['peak_rss'] / gb:.2f}",
                          "cgroup_peak_GB": f"{r.get('cgroup_peak', 0) / gb:.2f}" if "cgroup_peak" in r else "",
@@ -159,7 +193,10 @@ def write_results(out: Path, args: argparse.Namespace, source_bytes: int, runs: 
         f"- models: Llama-shaped, {args.sources} sources + base, {args.dtype}, {source_bytes / gb:.2f} GB of "
         "safetensors in all",
         "- each run is a child process: `MergeEngine` on CPU, then two candidates per method (first: caches filled;"
-        " second: a new candidate, new weights and seed). peak RSS: VmHWM (file pages of the mapped safetensors"
+        " second: a new candidate, new weights and seed); the `evomerge merge` run merges and writes one recipe per"
+        f" method tensor by tensor (shards of {args.shard_mb} MiB; first = second = that one-shot merge, written to"
+        " disk) under a limit of the interpreter + one shard + the largest tensor's fp32 working set. peak RSS:"
+        " VmHWM (file pages of the mapped safetensors"
         " count while mapped); cgroup peak: `memory.max_usage_in_bytes` (page cache included, reclaimable)",
         f"- second candidate, cgroup limit / no limit: {', '.join(ratios)}", "",
         "| run | limit (GB) | plan | peak RSS (GB) | cgroup peak (GB) | load (s) | method | first (s) | second (s) |",
