@@ -124,6 +124,16 @@ def from_mergekit(data: Mapping[str, Any]) -> Recipe:
     return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
 
 
+def _source_defaults(recipe: Recipe) -> dict[str, Any]:
+    """Per-source parameters the recipe leaves to the method's default, spelled out: mergekit has no default for
+    some of them (``weight``) and refuses the config without them."""
+    from evomerge.methods import get_method  # the registry holds the defaults; imported only when exporting
+
+    method = get_method(recipe.method)
+    return {p.name: p.default for p in method.params
+            if p.per_source and p.default is not None and p.name not in recipe.parameters}
+
+
 def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     """Convert a Recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file)."""
     out: dict[str, Any] = {"merge_method": recipe.method}
@@ -139,11 +149,11 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             base = None  # mergekit would average it in as one more input; evomerge's sources leave it out
         if base is not None:
             out["base_model"] = base
-        out["models"] = [
-            {"model": s.model, **({"parameters": {k: _param_to_mergekit(v) for k, v in s.parameters.items()}}
-                                  if s.parameters else {})}
-            for s in recipe.sources
-        ]
+        defaults = _source_defaults(recipe)
+        out["models"] = []
+        for s in recipe.sources:
+            params = {**defaults, **{k: _param_to_mergekit(v) for k, v in s.parameters.items()}}
+            out["models"].append({"model": s.model, **({"parameters": params} if params else {})})
     if recipe.parameters:
         out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
     if recipe.dtype:
