@@ -38,7 +38,7 @@ from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe
 
 CGROUP = Path("/sys/fs/cgroup/memory")
-METHODS = {"linear": {}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
+METHODS = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
 
 
 def _peak_rss() -> int:
@@ -105,7 +105,9 @@ def run_child(paths: list[str], args: argparse.Namespace, limit: int | None, *, 
     try:
         done = subprocess.run(command, preexec_fn=enter, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise SystemExit(f"child failed ({done.returncode}; -9 is the OOM killer): {done.stderr[-2000:]}")
+            kind = "evomerge merge" if stream else "engine"
+            raise SystemExit(f"{kind} child (limit {limit}) failed ({done.returncode}; -9 is the OOM killer): "
+                             f"{done.stderr[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if group is not None:
             result["cgroup_peak"] = int((group / "memory.max_usage_in_bytes").read_text())
@@ -156,10 +158,10 @@ def main() -> None:
             raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
         mapped = run_child(paths, args, limit)
         # evomerge merge: the interpreter, one shard and the fp32 working set of the largest tensor (every model's
-        # copy, the result and the formula's temporaries)
+        # copy, the result and the formula's temporaries: TIES holds about three fp32 copies per source)
         with Checkpoint.open(paths[0]) as first:
             largest = max(math.prod(first.shape(n)) for n in first.names)
-        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + (len(paths) + 4) * 4 * largest)
+        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + (3 * len(paths) + 4) * 4 * largest)
         streamed = run_child(paths, args, stream_limit, stream=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -42,7 +42,7 @@ from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
-from evomerge.engine.memory import MemoryPlan, available_bytes, plan_memory
+from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
 from evomerge.engine.plan import DTYPES, live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
 from evomerge.methods import MergeMethod, get_method
 from evomerge.methods.counter_rng import row_keys
@@ -124,6 +124,8 @@ class MergeEngine:
         self.kernels = Kernels(self.device, self.sources.total, compile=compile,
                                compile_min_entries=compile_min_entries, chunk_entries=chunk_entries)
         free = available_bytes(self.device)
+        if self.memory.sources == "mapped":  # only what the plan left beyond the live model and the working set
+            free = min(free, max(0, int(HEADROOM * self.memory.available) - self.memory.mapped_need))
         self.inputs = KeptInputs(
             self.sources, self.kernels,
             draws_budget=int(DRAWS_SHARE * free) if draws_budget is None else draws_budget,
