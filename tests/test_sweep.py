@@ -197,3 +197,49 @@ def test_kill_9_mid_point_then_resume_finishes_exactly_the_rest(family, tmp_path
     (rerun,) = logged_calls(second_logs).values()
     assert sorted(rerun) == sorted(t.values[0] for t in complete if t.number not in (0, 1))
     assert all(math.isfinite(v) for v in rerun) and len(rerun) == N_TRIALS - 2
+
+
+def test_a_worker_joins_a_sweep_and_finishes_its_points(family, tmp_path, quiet_optuna):
+    """`evomerge worker` reads the sweep's config from the study and runs the points not yet done (the GridSampler
+    walk and the sweep's count of done points, not the search's n_trials)."""
+    from evomerge.search.study import run_worker
+    from evomerge.search.sweep import SweepRunner
+
+    config = SweepConfig.model_validate(settings(family, tmp_path))
+    with SweepRunner(config) as runner:
+        study = runner.open_study()
+        runner.optimize(study, n_trials=3, progress=False)
+    assert len(study.get_trials()) == 3
+    run_worker(config.storage_url, "sweep", progress=False)
+    trials = optuna.load_study(study_name="sweep", storage=config.storage_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
+    assert sorted(t.params[POINT] for t in trials) == list(range(N_TRIALS))
+
+
+def test_a_point_that_fails_is_done_reported_and_not_run_again(family, tmp_path, quiet_optuna):
+    """A failure of the point itself (its evaluator raised) ends that point: the sweep goes on, runs no point twice,
+    and the report's row says why it has no score; a re-run evaluates nothing."""
+    import search_fitness
+
+    search_fitness.CALLS["n"] = 0
+    search_fitness.FAULTS.clear()
+    search_fitness.FAULTS[2] = "raise"
+    try:
+        config = SweepConfig.model_validate(settings(family, tmp_path, test_evaluator=None, evaluator={
+            "type": "callable", "function": "search_fitness:faulty"}))
+        summary = run_sweep(config, progress=False)
+        calls = search_fitness.CALLS["n"]
+        run_sweep(config, progress=False)  # the re-run: every point done, the test scores kept
+    finally:
+        search_fitness.FAULTS.clear()
+    trials = optuna.load_study(study_name="sweep", storage=config.storage_url).get_trials()
+    assert len(trials) == N_TRIALS and sorted(t.params[POINT] for t in trials) == list(range(N_TRIALS))
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.user_attrs["error"].startswith("RuntimeError: planted failure at call 2")
+    assert calls == N_TRIALS + (N_TRIALS - 1)  # every point once, then the test split of the completed ones
+    assert search_fitness.CALLS["n"] == calls
+    point = expand(config)[failed.params[POINT]].point
+    rows = {(r["method"], r.get("param:lambda"), r.get("param:density")): r
+            for r in csv.DictReader(open(Path(summary["report"]).parent / "sweep.csv"))}
+    row = rows[(point.method, str(point.params.get("lambda", "")), str(point.params.get("density", "")))]
+    assert "planted failure at call 2" in row["errors"]
