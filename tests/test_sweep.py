@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import signal
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 from search_fitness import instrumented_env, logged_calls
-from test_resume import wait_for_hang
+from test_resume import kill_9_mid_trial
 from tiny_models import tiny_family
 
 from evomerge.cli import main
@@ -173,14 +172,7 @@ def test_kill_9_mid_point_then_resume_finishes_exactly_the_rest(family, tmp_path
     config = write_config(tmp_path, settings(family, tmp_path, validation="search_fitness:instrumented_norm_sum"))
     command = [sys.executable, "-m", "evomerge.cli", "sweep", str(config)]
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
-    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
-    first_logs.mkdir()
-    second_logs.mkdir()
-    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=3), cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_hang(first, first_logs)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=60)
+    second_logs = kill_9_mid_trial(command, tmp_path, hang_at=3)
     before = optuna.load_study(study_name="sweep", storage=storage).get_trials()
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]
 
