@@ -537,9 +537,8 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
                          "first")
     info = records.study_info(optuna.load_study(study_name=study_name, storage=storage))
     if info[records.KIND] not in records.PARAMETER_KINDS or info[records.CONFIG] is None:
-        raise ValueError(f"study {study_name!r} holds no `evomerge search` or `sweep` run config (kind: "
-                         f"{info[records.KIND]}); workers join searches and sweeps (a soup runs in one process; a "
-                         "study being created: retry)")
+        raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {info[records.KIND]}); "
+                         "workers join searches and sweeps (a soup runs in one process; a study being created: retry)")
     overrides = {"storage": storage, **({"device": device} if device else {})}
     if info[records.KIND] == records.SWEEP_KIND:
         from evomerge.search.sweep import SweepConfig, SweepRunner
