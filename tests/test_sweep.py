@@ -235,3 +235,29 @@ def test_a_point_that_fails_is_done_reported_and_not_run_again(family, tmp_path,
             for r in csv.DictReader(open(Path(summary["report"]).parent / "sweep.csv"))}
     row = rows[(point.method, str(point.params.get("lambda", "")), str(point.params.get("density", "")))]
     assert "planted failure at call 2" in row["errors"]
+
+
+def test_two_workers_share_a_sweep_on_postgresql(postgres_url, family, tmp_path, quiet_optuna):
+    """Two `evomerge worker` processes on one sweep in PostgreSQL: both take part, every point is done, and a point
+    scored twice (GridSampler's end-of-grid race) counts once in the summary."""
+    from evomerge.search.sweep import SweepRunner, first_completed, summarize
+
+    config = SweepConfig.model_validate(settings(family, tmp_path, storage=postgres_url, name=tmp_path.name,
+                                                 validation="search_fitness:instrumented_norm_sum"))
+    with SweepRunner(config) as runner:
+        study = runner.open_study()
+    logs = tmp_path / "calls"
+    logs.mkdir()
+    command = [sys.executable, "-m", "evomerge.cli", "worker", "--storage", postgres_url, "--study", tmp_path.name,
+               "--device", "cpu"]
+    workers = [subprocess.Popen(command, env=instrumented_env(logs, peers=2), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+    trials = study.get_trials()
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert sorted(first_completed(trials)) == list(range(N_TRIALS))
+    assert N_TRIALS <= len(trials) <= N_TRIALS + 1
+    assert set(logged_calls(logs)) == {w.pid for w in workers}
+    assert sum(r.val.n for r in summarize(study).points) == N_TRIALS
