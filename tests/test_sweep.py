@@ -108,6 +108,10 @@ def test_search_settings_are_refused(family, tmp_path):
     config = write_config(tmp_path, settings(family, tmp_path, n_trials=5, sampler="tpe"))
     with pytest.raises(SweepError, match="n_trials: not used by a sweep"):
         load_sweep_config(config)
+    data = settings(family, tmp_path)
+    data["sweeps"] = data.pop("sweep")
+    with pytest.raises(SweepError, match=r"sweep: Field required; sweeps: unknown key \(did you mean 'sweep'\?\)$"):
+        load_sweep_config(write_config(tmp_path, data))
     SweepConfig.model_validate(settings(family, tmp_path, max_points=8))  # exactly the grid's size fits
     with pytest.raises(SweepError, match="8 trials .* exceed max_points = 7"):
         expand(SweepConfig.model_validate(settings(family, tmp_path, max_points=7)))
@@ -261,3 +265,19 @@ def test_two_workers_share_a_sweep_on_postgresql(postgres_url, family, tmp_path,
     assert N_TRIALS <= len(trials) <= N_TRIALS + 1
     assert set(logged_calls(logs)) == {w.pid for w in workers}
     assert sum(r.val.n for r in summarize(study).points) == N_TRIALS
+
+
+def test_resuming_with_another_grid_is_refused(family, tmp_path, quiet_optuna, capsys):
+    """The points' numbers are the study's trials: a study made by one grid is not resumed with another."""
+    config = write_config(tmp_path, settings(family, tmp_path, sweep={"task_arithmetic": {"lambda": [0.5]}}))
+    assert main(["sweep", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(config), "--seed", "8"]) == 2  # other recipe seeds: other points
+    write_config(tmp_path, settings(family, tmp_path, sweep={"task_arithmetic": {"lambda": [0.5, 1.0]}}))
+    assert main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("evomerge: error:")]
+    assert len(errors) == 2 and all("holds a sweep of other points" in line for line in errors)
+    assert "Traceback" not in err
+    trials = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").get_trials()
+    assert len(trials) == 1  # nothing ran

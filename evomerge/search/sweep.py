@@ -42,7 +42,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from evomerge.evaluate import build_evaluator
 from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
@@ -170,6 +170,16 @@ class SweepRunner(Runner):
         self.grid = expand(config)  # bad input fails here, before Runner loads any model
         super().__init__(config, study_kind=records.SWEEP_KIND)
         self.config: SweepConfig = config
+
+    def open_study(self) -> optuna.Study:
+        """The study; SweepError when it was created by a sweep of other trials (a changed grid, seed or sources):
+        its points' numbers would mean other recipes."""
+        study = super().open_study()
+        stored = SweepConfig.model_validate(records.study_info(study)[records.CONFIG])
+        if [recipe_for(stored, t) for t in expand(stored)] != [recipe_for(self.config, t) for t in self.grid]:
+            raise SweepError(f"study {study.study_name!r} holds a sweep of other points (grid, seed or sources "
+                             "changed); keep its config to resume it, or give the new sweep another name or out dir")
+        return study
 
     def sampler(self, n_objectives: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler({POINT: list(range(len(self.grid)))}, seed=self.config.seed)
@@ -324,10 +334,26 @@ def summarize(study: optuna.Study) -> SweepSummary:
     return SweepSummary(results, picks, overall, names, sign)
 
 
+def _one_line(err: ValidationError) -> str:
+    """pydantic's errors as one line: ``key: problem`` each, an unknown key with the closest valid one."""
+    valid = list(SweepConfig.model_fields)
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key{_closest(where, valid)}")
+        else:
+            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
     """Read a sweep config (paths relative to the file, as :meth:`RunConfig.from_yaml`) and check it: SweepError
     for search/soup settings a sweep does not use and for a bad grid (:func:`expand`)."""
-    config = SweepConfig.from_yaml(path, **overrides)
+    try:
+        config = SweepConfig.from_yaml(path, **overrides)
+    except ValidationError as err:
+        raise SweepError(f"{path}: {_one_line(err)}") from None
     given = [key for key in _NOT_IN_SWEEP if key in config.model_fields_set]
     if given:
         raise SweepError(f"{path}: {', '.join(given)}: not used by a sweep (its trials are the grid's points); "
