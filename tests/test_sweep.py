@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import search_fitness
 import yaml
 from optuna.trial import TrialState
 from search_fitness import instrumented_env, logged_calls
@@ -215,8 +216,6 @@ def test_a_worker_joins_a_sweep_and_finishes_its_points(family, tmp_path, quiet_
 def test_a_point_that_fails_is_done_reported_and_not_run_again(family, tmp_path, quiet_optuna):
     """A failure of the point itself (its evaluator raised) ends that point: the sweep goes on, runs no point twice,
     and the report's row says why it has no score; a re-run evaluates nothing."""
-    import search_fitness
-
     search_fitness.CALLS["n"] = 0
     search_fitness.FAULTS.clear()
     search_fitness.FAULTS[2] = "raise"
@@ -281,3 +280,19 @@ def test_resuming_with_another_grid_is_refused(family, tmp_path, quiet_optuna, c
     assert "Traceback" not in err
     trials = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").get_trials()
     assert len(trials) == 1  # nothing ran
+
+
+def test_a_sweep_whose_every_point_fails_says_so_in_one_line(family, tmp_path, capsys):
+    data = settings(family, tmp_path, evaluator={"type": "callable", "function": "search_fitness:faulty"},
+                    test_evaluator=None)
+    config = write_config(tmp_path, data)
+    search_fitness.FAULTS.clear()
+    search_fitness.FAULTS[0] = "always"
+    try:
+        assert main(["sweep", str(config)]) == 1
+    finally:
+        search_fitness.FAULTS.clear()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge: error:")]
+    assert len(errors) == 1 and f"({N_TRIALS} failed trial(s), e.g. #" in errors[0]
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "No completed point yet." in summary and summary.count("planted failure") == N_TRIALS

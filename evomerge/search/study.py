@@ -317,10 +317,7 @@ class Runner:
         total = n_trials or self.config.n_trials
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
-        def count() -> int:
-            return self.finished(study)
-
-        done = count()
+        done = self.finished(study)
         bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
         # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
         quiet = quiet_optuna() if progress else contextlib.nullcontext()
@@ -338,7 +335,7 @@ class Runner:
                     break
                 study.optimize(self.objective, n_trials=total - done, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
-                before, done = done, count()
+                before, done = done, self.finished(study)
                 if done == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
