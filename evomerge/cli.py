@@ -3,6 +3,7 @@
     evomerge merge RECIPE.yaml --out DIR [--device cpu|cuda] [--force]     materialize a recipe into an HF dir
     evomerge search CONFIG.yaml [--n-trials N] [--storage URL]             search for the best merge recipe
     evomerge soup CONFIG.yaml                                              uniform and greedy model soups
+    evomerge sweep CONFIG.yaml                                             methods x hyperparameter grids
     evomerge worker --storage URL --study NAME                             join a shared study as one more worker
     evomerge report RUN_DIR [--out DIR]                                    tables and plots of a run
     evomerge zoo build DIR [--mini] [--force]                              build the offline tiny model zoo
@@ -113,6 +114,16 @@ def cmd_soup(args: argparse.Namespace) -> None:
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from evomerge.search.sweep import load_sweep_config, run_sweep
+
+    config = load_sweep_config(args.config, storage=args.storage, out=args.out, device=args.device, seed=args.seed)
+    with _writing(config.run_dir, _study_kept(config)):
+        summary = run_sweep(config)
+    print(f"validation picks {summary['best_point']} (validation {summary['best_value']:.4f}); report: "
+          f"{summary['report']}")
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_worker
 
@@ -159,15 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     for name, func, text in [("search", cmd_search, "search for the best merge recipe (Optuna study)"),
-                             ("soup", cmd_soup, "uniform and greedy model soups of the config's sources")]:
+                             ("soup", cmd_soup, "uniform and greedy model soups of the config's sources"),
+                             ("sweep", cmd_sweep, "every point of a grid of merge methods x hyperparameters")]:
         run = sub.add_parser(name, help=text)
-        run.add_argument("config", help="run config YAML (see README: models, space, evaluator, sampler, budget)")
-        run.add_argument("--n-trials", type=int, help="override the config's n_trials")
+        run.add_argument("config", help="run config YAML (see README: models, space or sweep, evaluator, budget)")
         run.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run dir)")
         run.add_argument("--out", help="run dir (default: runs/<name>)")
         run.add_argument("--device", help="cpu or cuda")
         run.add_argument("--seed", type=int, help="override the config's seed")
-        run.add_argument("--no-export", action="store_true", help="do not write the best merged model")
+        if name != "sweep":  # a sweep's trials are its grid, and it compares points rather than export one
+            run.add_argument("--n-trials", type=int, help="override the config's n_trials")
+            run.add_argument("--no-export", action="store_true", help="do not write the best merged model")
         run.set_defaults(func=func)
 
     worker = sub.add_parser("worker", help="run trials of an existing study (many processes / machines)")

@@ -483,6 +483,10 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if records.study_kind(study.user_attrs) == records.SWEEP_KIND:
+        from evomerge.report_sweep import write_sweep_report
+
+        return write_sweep_report(study, out_dir, title=title)
     trials = study.get_trials(deepcopy=False)
     info = records.study_info(study)
     counts = {STATE_WORDS.get(s, s.name.lower()): sum(t.state == s for t in trials) for s in TrialState

@@ -46,3 +46,16 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs to fill (skipped where it cannot be mounted)."""
     with tmpfs(tmp_path / "disk") as mount:
         yield mount
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a throw-away PostgreSQL server (tests/postgres.py), shared by the session; skipped where none can
+    be started."""
+    import postgres
+
+    reason = postgres.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.server() as url:
+        yield url

@@ -10,10 +10,8 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import postgres
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -28,15 +26,6 @@ from evomerge.search.study import Runner, run_search, run_worker
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 WORKERS = 2
 GRACE_S = 2
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    reason = postgres.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    with postgres.server() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

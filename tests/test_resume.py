@@ -49,6 +49,26 @@ def wait_for_hang(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> N
         time.sleep(0.1)
 
 
+def hanging_run(command: list[str], tmp_path: Path, hang_at: int) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``command`` (an instrumented run) and wait until its evaluation ``hang_at`` hangs: the process, its log
+    dir and the (empty) log dir of the re-run."""
+    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
+    first_logs.mkdir()
+    second_logs.mkdir()
+    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=hang_at), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_hang(first, first_logs)
+    return first, first_logs, second_logs
+
+
+def kill_9_mid_trial(command: list[str], tmp_path: Path, hang_at: int) -> Path:
+    """:func:`hanging_run`, then SIGKILL; returns the re-run's log dir."""
+    first, _, second_logs = hanging_run(command, tmp_path, hang_at)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    return second_logs
+
+
 def run_config(tmp_path: Path, family, **kw) -> Path:
     """A search config whose evaluator is the instrumented norm sum (the final test scoring is not instrumented)."""
     base, fts = family
@@ -69,13 +89,7 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--no-export"]
     storage = f"sqlite:///{run / 'study.db'}"
-    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
-    first_logs.mkdir()
-    second_logs.mkdir()
-
-    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=HANG_AT), cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_hang(first, first_logs)
+    first, first_logs, second_logs = hanging_run(command, tmp_path, HANG_AT)
     before = optuna.load_study(study_name="resume", storage=storage).get_trials()
     refused = subprocess.run(command, env=instrumented_env(second_logs), cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
@@ -125,14 +139,7 @@ def test_kill_9_mid_soup_step_then_resume(family, tmp_path):
     config = run_config(tmp_path, family, base=None, space=None)
     command = [sys.executable, "-m", "evomerge.cli", "soup", str(config), "--no-export"]
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
-    first_logs, second_logs = tmp_path / "calls-1", tmp_path / "calls-2"
-    first_logs.mkdir()
-    second_logs.mkdir()
-    first = subprocess.Popen(command, env=instrumented_env(first_logs, hang_at=2), cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_hang(first, first_logs)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=60)
+    second_logs = kill_9_mid_trial(command, tmp_path, hang_at=2)
     killed = optuna.load_study(study_name="resume", storage=storage).get_trials()
     assert [t.state for t in killed] == [TrialState.COMPLETE, TrialState.RUNNING]
 

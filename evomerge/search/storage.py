@@ -229,5 +229,5 @@ def _enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's heartbeat-stale callback: ``trial`` was just failed by this process (only one process can fail a
     trial, so it is queued once)."""
-    if records.study_kind(study.user_attrs) == records.SEARCH_KIND:
+    if records.study_kind(study.user_attrs) in records.PARAMETER_KINDS:
         _enqueue_retry(study, trial)

@@ -179,8 +179,7 @@ class Runner:
     # ---------------------------------------------------------------------------------------------- study
     def open_study(self) -> optuna.Study:
         n_obj = len(self.evaluator.objective.metrics) if self.config.multi_objective else 1
-        continuous = self.space.is_continuous() if self.space else False
-        sampler = make_sampler(self.config.sampler, seed=self.config.seed, continuous=continuous, n_objectives=n_obj)
+        sampler = self.sampler(n_obj)
         storage = make_storage(self.config.storage_url, heartbeat_s=self.config.heartbeat_s,
                                grace_s=self.config.grace_s)
         if self.lock is not None and not self.lock.held:
@@ -191,7 +190,7 @@ class Runner:
         )
         # a soup runs in one process whatever its storage: a RUNNING step is an orphan (it never sends heartbeats)
         recover(study, storage, exclusive=self.lock is not None or self.kind == records.SOUP_KIND,
-                grace_s=self.config.grace_s, retry=self.kind == records.SEARCH_KIND)
+                grace_s=self.config.grace_s, retry=self.kind in records.PARAMETER_KINDS)
         records.set_study_info(study, config=self.config.model_dump(mode="json"), num_layers=self.models.num_layers,
                                sources=self.models.sources, base=self.models.base, kind=self.kind,
                                space=Path(self.config.space).name if self.config.space else None,
@@ -202,6 +201,12 @@ class Runner:
         with os.fdopen(fd, "w") as f:
             json.dump({"study_name": self.config.name, "storage": mask_url(self.config.storage_url)}, f, indent=2)
         return study
+
+    def sampler(self, n_objectives: int) -> optuna.samplers.BaseSampler:
+        """The study's sampler, from the config (a sweep's runner walks its grid instead)."""
+        continuous = self.space.is_continuous() if self.space else False
+        return make_sampler(self.config.sampler, seed=self.config.seed, continuous=continuous,
+                            n_objectives=n_objectives)
 
     # ------------------------------------------------------------------------------------------- scoring
     def materialize(self, recipe: Recipe) -> tuple[nn.Module, float]:
@@ -312,10 +317,7 @@ class Runner:
         total = n_trials or self.config.n_trials
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
-        def count() -> int:
-            return len(study.get_trials(deepcopy=False, states=finished))
-
-        done = count()
+        done = self.finished(study)
         bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
         # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
         quiet = quiet_optuna() if progress else contextlib.nullcontext()
@@ -333,12 +335,26 @@ class Runner:
                     break
                 study.optimize(self.objective, n_trials=total - done, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
-                before, done = done, count()
+                before, done = done, self.finished(study)
                 if done == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
 
+    def finished(self, study: optuna.Study) -> int:
+        """How much of the budget the study has used: its complete and pruned trials (failures do not count)."""
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
     # ----------------------------------------------------------------------------------------- finalize
+    def test_score(self, test: Evaluator, recipe: Recipe, what: str) -> EvalResult | Exception:
+        """``recipe``'s test result, or the error that prevented it (stored in its row: one failure loses one
+        cell)."""
+        try:
+            model, _ = self.materialize(recipe)
+            return evaluate(test, model, self.tokenizer, deadline=self._deadline())
+        except Exception as exc:
+            log.warning("test scoring of %s failed: %s", what, records.describe(exc))
+            return exc
+
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
         """The study's result (:func:`~evomerge.search.trials.best_trials`: the best trial, or a soup's greedy soup) as
         evomerge + mergekit YAML and a merged HF dir, and test-split scores of it, the baselines and the
@@ -355,17 +371,8 @@ class Runner:
                    if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
 
-        def scored(recipe: Recipe, what: str) -> EvalResult | Exception:
-            """The test result, or the error that prevented it (stored in its row: one failure loses one cell)."""
-            try:
-                model, _ = self.materialize(recipe)
-                return evaluate(test, model, self.tokenizer, deadline=self._deadline())
-            except Exception as exc:
-                log.warning("test scoring of %s failed: %s", what, records.describe(exc))
-                return exc
-
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
-            result = scored(records.recipe_of(trial), f"trial #{number}")
+            result = self.test_score(test, records.recipe_of(trial), f"trial #{number}")
             if isinstance(result, Exception):
                 records.set_test_error(study, number, result)
             else:
@@ -374,7 +381,7 @@ class Runner:
         for label, reference in records.references(study.user_attrs).items():
             if records.RECIPE not in reference or records.ERROR in reference:
                 continue  # its validation scoring failed: nothing to test
-            result = scored(Recipe.model_validate(reference[records.RECIPE]), f"reference {label}")
+            result = self.test_score(test, Recipe.model_validate(reference[records.RECIPE]), f"reference {label}")
             if isinstance(result, Exception):
                 records.set_reference_test(study, label, error=result)
             else:
@@ -426,10 +433,10 @@ def run_search(config: RunConfig, *, progress: bool = True, export: bool = True)
         runner.enqueue_baselines(study)
         runner.score_references(study)
         runner.optimize(study, progress=progress)
-        return _finish(runner, study, export=export)
+        return finish(runner, study, export=export)
 
 
-def _finish(runner: Runner, study: optuna.Study, *, export: bool) -> dict[str, Any]:
+def finish(runner: Runner, study: optuna.Study, *, export: bool) -> dict[str, Any]:
     """Finalize and write the report; with no completed trial, write the report (it lists the failures) and raise
     :class:`~evomerge.search.trials.StudyFailed` with one line."""
     try:
@@ -510,7 +517,7 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         greedy = trials[recipe_key(result.greedy_recipe())]
         kept = [Path(m).name for m in result.kept]
         records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
-        summary = _finish(runner, study, export=export)
+        summary = finish(runner, study, export=export)
         summary.update(kept=kept, greedy_trial=greedy.number,
                        individual={Path(m).name: sign * v for m, v in result.individual_scores.items()})
         return summary
@@ -526,12 +533,18 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
         raise ValueError(f"no study named {study_name!r} in {mask_url(storage)}; start it with `evomerge search` "
                          "first")
     info = records.study_info(optuna.load_study(study_name=study_name, storage=storage))
-    if info[records.KIND] != records.SEARCH_KIND or info[records.CONFIG] is None:
+    if info[records.KIND] not in records.PARAMETER_KINDS or info[records.CONFIG] is None:
         raise ValueError(f"study {study_name!r} holds no `evomerge search` run config (kind: {info[records.KIND]}); "
-                         "workers join searches (a soup runs in one process; a study being created: retry)")
+                         "workers join searches and sweeps (a soup runs in one process; a study being created: retry)")
     overrides = {"storage": storage, **({"device": device} if device else {})}
-    config = RunConfig.model_validate({**info[records.CONFIG], **overrides})
-    with Runner(config) as runner:
+    if info[records.KIND] == records.SWEEP_KIND:
+        from evomerge.search.sweep import SweepConfig, SweepRunner
+
+        sweep = SweepConfig.model_validate({**info[records.CONFIG], **overrides})
+        runner: Runner = SweepRunner(sweep)
+    else:
+        runner = Runner(RunConfig.model_validate({**info[records.CONFIG], **overrides}))
+    with runner:
         study = runner.open_study()
         study.sampler.reseed_rng()
         runner.optimize(study, n_trials=n_trials, progress=progress)

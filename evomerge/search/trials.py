@@ -8,7 +8,7 @@ The keys are the on-disk format of every study ever written: renaming one loses 
 Trial user_attrs:
 
 - ``recipe``: the recipe the trial scored (:meth:`Recipe.model_dump`, JSON mode);
-- ``kind``: ``"search"``, ``"baseline:<label>"`` or ``"soup:<n>"`` (missing: a search trial);
+- ``kind``: ``"search"``, ``"baseline:<label>"``, ``"soup:<n>"`` or ``"sweep:<method>"`` (missing: a search trial);
 - ``metrics``: the validation metrics ``{name: value}``;
 - ``merge_seconds`` / ``eval_seconds``: timings;
 - ``error``: ``"<ExceptionType>: <message>"`` of a failed trial;
@@ -17,8 +17,8 @@ Trial user_attrs:
   trials are read-only, so evomerge writes them to the study's ``test:<number>``).
 
 Study user_attrs: ``config`` (the run config), ``num_layers``, ``sources``, ``base``, ``kind`` (``search`` |
-``soup``), ``space`` (the space file's name), ``objective`` (metric names), ``baselines_enqueued``, ``greedy``
-(a soup's result ``{trial, kept, of}``), ``test:<number>`` (``{metrics, objective}`` or ``{error}``) and
+``soup`` | ``sweep``), ``space`` (the space file's name), ``objective`` (metric names), ``baselines_enqueued``,
+``greedy`` (a soup's result ``{trial, kept, of}``), ``test:<number>`` (``{metrics, objective}`` or ``{error}``) and
 ``reference:<label>`` (a baseline outside the space: ``{recipe, metrics, values, merge_seconds, eval_seconds,
 test_metrics, test_objective}``, or ``test_error``).
 """
@@ -65,6 +65,8 @@ TEST_ERROR = "test_error"
 
 SEARCH_KIND = "search"
 SOUP_KIND = "soup"
+SWEEP_KIND = "sweep"
+PARAMETER_KINDS = (SEARCH_KIND, SWEEP_KIND)  # studies whose trials are parameter sets: an interrupted one is re-queued
 BASELINE_PREFIX = "baseline:"
 
 
@@ -97,6 +99,10 @@ def baseline_kind(label: str) -> str:
 
 def soup_kind(n_members: int) -> str:
     return f"{SOUP_KIND}:{n_members}"
+
+
+def sweep_kind(method: str) -> str:
+    return f"{SWEEP_KIND}:{method}"
 
 
 def trial_recipe(trial: FrozenTrial) -> Recipe | None:
