@@ -120,7 +120,7 @@ def test_worker_retries_trials_of_dead_processes_after_the_grace_period(postgres
         study = runner.open_study()
     storage = make_storage(postgres_url, heartbeat_s=1, grace_s=GRACE_S)
     study_id = storage.get_study_id_from_name(study.study_name)
-    space = {"lambda": FloatDistribution(0.5, 1.5), **{f"weight/s{i}": FloatDistribution(0.0, 1.0) for i in (0, 1)}}
+    space = {"lambda": FloatDistribution(0.5, 1.5), **{f"weight[ft{i}]": FloatDistribution(0.0, 1.0) for i in (0, 1)}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna: heartbeats are meant for optimize
         silent = study.ask(space)  # died before its first heartbeat

@@ -51,6 +51,9 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
         assert t.value == pytest.approx(t.user_attrs["metrics"]["norm_sum"])
     best = max(trials, key=lambda t: t.value)
     assert summary["best_trial"] == best.number
+    # a new study: the parameters are named for what they are (naming version 2)
+    assert study.user_attrs["param_naming"] == 2
+    assert set(best.params) == {"lambda", *(f"weight[{Path(p).name}]" for p in family[1])}
     run = Path(cfg.out)
     assert load_recipe(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
     assert yaml.safe_load((run / "best_recipe.mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"

@@ -38,7 +38,7 @@ from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
-from evomerge.search.space import ModelSet, SearchSpace
+from evomerge.search.space import NAMING, ModelSet, SearchSpace
 from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.stacking import build_stacked_model
@@ -164,6 +164,7 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
 
     def __enter__(self) -> Runner:
         return self
@@ -195,7 +196,8 @@ class Runner:
         records.set_study_info(study, config=self.config.model_dump(mode="json"), num_layers=self.models.num_layers,
                                sources=self.models.sources, base=self.models.base, kind=self.kind,
                                space=Path(self.config.space).name if self.config.space else None,
-                               objective=self.evaluator.objective.metrics)
+                               objective=self.evaluator.objective.metrics, param_naming=NAMING)
+        self.naming = records.param_naming(study)
         # readable by the owner only, and the password masked: run.json may sit on a shared file system
         fd = os.open(self.run_dir / "run.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a run.json written before this rule existed keeps its old mode otherwise
@@ -272,7 +274,7 @@ class Runner:
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         assert self.space is not None
         try:
-            recipe = self.space.suggest(trial, self.models)
+            recipe = self.space.suggest(trial, self.models, self.naming)
         except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
@@ -282,7 +284,7 @@ class Runner:
     def enqueue_baselines(self, study: optuna.Study) -> None:
         if not self.config.baselines or records.baselines_enqueued(study) or self.space is None:
             return
-        for label, params in self.space.baseline_params(self.models):
+        for label, params in self.space.baseline_params(self.models, self.naming):
             study.enqueue_trial(params, user_attrs={records.KIND: records.baseline_kind(label)}, skip_if_exists=True)
         records.mark_baselines_enqueued(study)
 

@@ -17,8 +17,9 @@ Trial user_attrs:
   trials are read-only, so evomerge writes them to the study's ``test:<number>``).
 
 Study user_attrs: ``config`` (the run config), ``num_layers``, ``sources``, ``base``, ``kind`` (``search`` |
-``soup``), ``space`` (the space file's name), ``objective`` (metric names), ``baselines_enqueued``, ``greedy``
-(a soup's result ``{trial, kept, of}``), ``test:<number>`` (``{metrics, objective}`` or ``{error}``) and
+``soup``), ``space`` (the space file's name), ``objective`` (metric names), ``param_naming`` (the trial parameter
+naming version, :data:`evomerge.search.space.NAMING`; missing: version 1, the index names), ``baselines_enqueued``,
+``greedy`` (a soup's result ``{trial, kept, of}``), ``test:<number>`` (``{metrics, objective}`` or ``{error}``) and
 ``reference:<label>`` (a baseline outside the space: ``{recipe, metrics, values, merge_seconds, eval_seconds,
 test_metrics, test_objective}``, or ``test_error``).
 """
@@ -55,6 +56,7 @@ SOURCES = "sources"
 BASE = "base"
 SPACE = "space"
 OBJECTIVE = "objective"
+PARAM_NAMING = "param_naming"
 BASELINES_ENQUEUED = "baselines_enqueued"
 GREEDY = "greedy"
 TEST_PREFIX = "test:"
@@ -172,13 +174,20 @@ def study_info(study: optuna.Study) -> dict[str, Any]:
 
 
 def set_study_info(study: optuna.Study, *, config: dict[str, Any], num_layers: int, sources: Sequence[str],
-                   base: str | None, kind: str, space: str | None, objective: Sequence[str]) -> None:
-    """Describe the run on a new study (once: a resumed study keeps the description it was created with)."""
+                   base: str | None, kind: str, space: str | None, objective: Sequence[str],
+                   param_naming: int) -> None:
+    """Describe the run on a new study (once: a resumed study keeps the description it was created with, and so
+    the parameter naming of its trials)."""
     if CONFIG in study.user_attrs:
         return
     for key, value in {CONFIG: config, NUM_LAYERS: num_layers, SOURCES: list(sources), BASE: base, KIND: kind,
-                       SPACE: space, OBJECTIVE: list(objective)}.items():
+                       SPACE: space, OBJECTIVE: list(objective), PARAM_NAMING: param_naming}.items():
         study.set_user_attr(key, value)
+
+
+def param_naming(study: optuna.Study) -> int:
+    """The trial parameter naming version of the study (1 for studies written before the key existed)."""
+    return int(study.user_attrs.get(PARAM_NAMING, 1))
 
 
 def study_kind(study_attrs: Mapping[str, Any]) -> str:
