@@ -260,6 +260,30 @@ def write_trials_csv(study: optuna.Study, trials: Sequence[FrozenTrial], path: P
             writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in values])
 
 
+def trials_dataframe(study: optuna.Study) -> Any:
+    """``study.trials_dataframe()`` (a pandas DataFrame: ``value_<objective>``, ``params_<name>``,
+    ``user_attrs_val/<metric>``, ...) with the test-split scores added as columns ``test/objective``,
+    ``test/<metric>``, ``test/<metric>/stderr`` and ``test/error``: Optuna keeps finished trials read-only, so the
+    final test scoring stores them on the study (``test:<number>``) and this joins them back by trial number."""
+    frame = study.trials_dataframe()
+    if frame.empty:
+        return frame
+    attrs = study.user_attrs
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows: dict[str, dict[int, Any]] = {}
+    for number, trial in by_number.items():
+        objective, metrics = scored_on_test(attrs, trial)
+        cells = {"test/objective": objective, **{f"test/{m}": v for m, v in metrics.items()},
+                 **{f"test/{m}/stderr": v for m, v in records.test_stderr(attrs, trial).items()},
+                 "test/error": records.test_error(attrs, trial)}
+        for column, value in cells.items():
+            if value is not None:
+                rows.setdefault(column, {})[number] = value
+    for column, values in rows.items():
+        frame[column] = frame["number"].map(values)
+    return frame
+
+
 # -------------------------------------------------------------------------------------------- layers
 def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]:
     """Row labels and the [rows, num_layers] matrix of the values each layer's tensors get from ``recipe``.

@@ -11,8 +11,9 @@ from tiny_models import tiny_family
 from transformers import AutoModelForCausalLM
 
 from evomerge.recipe import Recipe, load_recipe
+from evomerge.report import trials_dataframe
 from evomerge.search.config import RunConfig
-from evomerge.search.study import run_search, run_soup
+from evomerge.search.study import objective_labels, run_search, run_soup
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -65,6 +66,26 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
     assert best.number in tested
     assert {t.number for t in trials if t.user_attrs["kind"].startswith("baseline")} <= tested
     assert (run / "report" / "summary.md").is_file()
+    # Optuna's own dataframe names the objective and holds every validation metric as a column; evomerge's adds the
+    # test scores, which the study keeps (finished trials are read-only)
+    assert study.metric_names == ["norm_sum"]
+    frame = study.trials_dataframe()
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert list(complete["value_norm_sum"]) == pytest.approx(list(complete["user_attrs_val/norm_sum"]))
+    assert frame.sort_values("user_attrs_val/norm_sum", ascending=False)["number"].iloc[0] == best.number
+    frame = trials_dataframe(study)
+    tested_frame = frame.dropna(subset=["test/objective"])
+    assert set(tested_frame["number"]) == tested
+    for number, value, norm_sum in zip(tested_frame["number"], tested_frame["test/objective"],
+                                       tested_frame["test/norm_sum"]):
+        assert value == norm_sum == study.user_attrs[f"test:{number}"]["objective"]
+
+
+def test_objective_labels_name_the_mean_that_makes_the_objective():
+    assert objective_labels(["zoo_add/acc"], None, 1) == ["zoo_add/acc"]
+    assert objective_labels(["a/acc", "b/acc"], None, 1) == ["mean(a/acc, b/acc)"]
+    assert objective_labels(["a/acc", "b/acc"], (0.75, 0.25), 1) == ["weighted mean(0.75 a/acc, 0.25 b/acc)"]
+    assert objective_labels(["a/acc", "b/acc"], (0.75, 0.25), 2) == ["a/acc", "b/acc"]
 
 
 def test_source_alone_baseline_reproduces_the_source(family, tmp_path, caplog):

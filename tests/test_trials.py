@@ -63,7 +63,10 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
     assert records.trial_error(trials[1]) == "RuntimeError: planted old failure"
     assert records.trial_kind(trials[1]) == "baseline:uniform" and records.is_baseline(trials[1])
     for new in trials[2:]:  # the new trials are written with the same keys
-        assert set(new.user_attrs) == {"recipe", "kind", "metrics", "merge_seconds", "eval_seconds"}
+        metrics = new.user_attrs["metrics"]
+        assert set(new.user_attrs) == {"recipe", "kind", "metrics", "merge_seconds", "eval_seconds",
+                                       *(f"val/{m}" for m in metrics)}
+        assert {m: new.user_attrs[f"val/{m}"] for m in metrics} == metrics
         assert new.user_attrs["metrics"]["norm_sum"] == pytest.approx(new.value)
         assert set(new.params) == set(params)  # and keep the old study's parameter names
     attrs = optuna.load_study(study_name="old", storage=cfg.storage_url).user_attrs

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -75,6 +75,16 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
+
+
+def objective_labels(metrics: Sequence[str], weights: Sequence[float] | None, n_objectives: int) -> list[str]:
+    """The names of a study's objective values: the metrics themselves (several objectives, or one metric), else the
+    mean that makes up the one objective, ``mean(a, b)`` or ``weighted mean(0.75 a, 0.25 b)``."""
+    if n_objectives > 1 or len(metrics) == 1:
+        return list(metrics)
+    if weights is None:
+        return [f"mean({', '.join(metrics)})"]
+    return [f"weighted mean({', '.join(f'{w:g} {m}' for w, m in zip(weights, metrics))})"]
 
 
 class TrialFault(RuntimeError):
@@ -198,6 +208,8 @@ class Runner:
                                space=Path(self.config.space).name if self.config.space else None,
                                objective=self.evaluator.objective.metrics, param_naming=NAMING)
         self.naming = records.param_naming(study)
+        records.set_metric_names(study, objective_labels(self.evaluator.objective.metrics,
+                                                         self.evaluator.objective.weights, n_obj))
         # readable by the owner only, and the password masked: run.json may sit on a shared file system
         fd = os.open(self.run_dir / "run.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a run.json written before this rule existed keeps its old mode otherwise

@@ -9,7 +9,8 @@ Trial user_attrs:
 
 - ``recipe``: the recipe the trial scored (:meth:`Recipe.model_dump`, JSON mode);
 - ``kind``: ``"search"``, ``"baseline:<label>"`` or ``"soup:<n>"`` (missing: a search trial);
-- ``metrics``: the validation metrics ``{name: value}``;
+- ``metrics``: the validation metrics ``{name: value}``; each numeric one also as its own attr ``val/<name>`` (e.g.
+  ``val/zoo_add/acc``), so that ``study.trials_dataframe()`` and optuna-dashboard sort and plot it;
 - ``merge_seconds`` / ``eval_seconds``: timings;
 - ``error``: ``"<ExceptionType>: <message>"`` of a failed trial;
 - ``retry_of``: the number of the interrupted trial this one re-runs with the same parameters;
@@ -26,6 +27,7 @@ test_metrics, test_objective}``, or ``test_error``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -40,6 +42,7 @@ from evomerge.recipe import Recipe
 RECIPE = "recipe"
 KIND = "kind"
 METRICS = "metrics"
+VAL_PREFIX = "val/"
 MERGE_SECONDS = "merge_seconds"
 EVAL_SECONDS = "eval_seconds"
 ERROR = "error"
@@ -136,6 +139,9 @@ def set_started(trial: AttrTrial, recipe: Recipe, kind: str) -> None:
 
 def set_metrics(trial: AttrTrial, metrics: Mapping[str, Any]) -> None:
     trial.set_user_attr(METRICS, dict(metrics))
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            trial.set_user_attr(f"{VAL_PREFIX}{name}", value)
 
 
 def set_scored(trial: AttrTrial, metrics: Mapping[str, Any], merge_seconds: float, eval_seconds: float) -> None:
@@ -183,6 +189,14 @@ def set_study_info(study: optuna.Study, *, config: dict[str, Any], num_layers: i
     for key, value in {CONFIG: config, NUM_LAYERS: num_layers, SOURCES: list(sources), BASE: base, KIND: kind,
                        SPACE: space, OBJECTIVE: list(objective), PARAM_NAMING: param_naming}.items():
         study.set_user_attr(key, value)
+
+
+def set_metric_names(study: optuna.Study, names: Sequence[str]) -> None:
+    """Name the objective value(s) in Optuna itself (``study.metric_names``: ``trials_dataframe()``'s ``value_<name>``
+    column, optuna-dashboard's axis labels). Optuna calls the API experimental; its warning says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(names))
 
 
 def param_naming(study: optuna.Study) -> int:
