@@ -61,6 +61,8 @@ FILTER_PROBES = {"self_attn": "model.layers.{i}.self_attn.q_proj.weight", "mlp":
 STATE_WORDS = {TrialState.FAIL: "failed"}
 #: Largest heatmap (rows × layers) whose cells are annotated with their values.
 MAX_ANNOTATED_CELLS = 800
+#: Parameters listed in the summary's importance table (all of them are in importances.png).
+MAX_IMPORTANCE_ROWS = 15
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -360,18 +362,38 @@ def plot_history(study: optuna.Study, trials: Sequence[FrozenTrial], path: Path)
     _save(fig, path)
 
 
-def compute_importances(
-    study: optuna.Study, trials: Sequence[FrozenTrial]
-) -> tuple[dict[str, dict[str, float]], str | None]:
-    """({objective: {param: importance}}, None): fANOVA importances (seeded) of the parameters shared by the
-    completed search trials, per objective; or ({}, why they were skipped): fewer than 2 search trials, fewer than
-    2 shared parameters, or no variance to explain."""
-    search = [t for t in trials if t.state == TrialState.COMPLETE and trial_kind(t) == "search"]
-    if len(search) < 2:
-        return {}, f"skipped: {len(search)} completed search trial(s); importances need at least 2"
-    shared = optuna.search_space.intersection_search_space(search)
-    if len(shared) < 2:
-        return {}, f"skipped: the search trials share {len(shared)} parameter(s); importances need at least 2"
+@dataclass(frozen=True)
+class Importances:
+    """Parameter importances of a study: ``values`` ``{objective: {param: importance}}`` (empty when skipped, with
+    the reason in ``skipped``), over ``n_trials`` completed search trials that share ``n_params`` parameters."""
+
+    values: dict[str, dict[str, float]]
+    n_trials: int
+    n_params: int
+    skipped: str | None = None
+
+    @property
+    def warning(self) -> str | None:
+        """fANOVA fits a random forest to the trials: with fewer trials than parameters it cannot tell them apart."""
+        if self.values and self.n_trials < self.n_params:
+            return (f"only {self.n_trials} search trials for {self.n_params} parameters: too few to tell the "
+                    "parameters apart, read these importances as noise")
+        return None
+
+
+def compute_importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> Importances:
+    """fANOVA importances (:func:`optuna.importance.get_param_importances` with a seeded
+    :class:`~optuna.importance.FanovaImportanceEvaluator`) of the parameters shared by the completed *search* trials,
+    per objective: baselines, soup steps and references are left out (they are not samples of the search space; a
+    baseline sits on its edge), whereas optuna-dashboard uses every trial. Skipped with fewer than 2 search trials,
+    fewer than 2 shared parameters, or no variance to explain."""
+    search = [t for t in trials if t.state == TrialState.COMPLETE and trial_kind(t) == records.SEARCH_KIND]
+    shared = optuna.search_space.intersection_search_space(search) if search else {}
+    n, k = len(search), len(shared)
+    if n < 2:
+        return Importances({}, n, k, f"skipped: {n} completed search trial(s); importances need at least 2")
+    if k < 2:
+        return Importances({}, n, k, f"skipped: the search trials share {k} parameter(s); importances need at least 2")
     try:
         with quiet_optuna():  # no "new study created in memory" line
             sub = optuna.create_study(directions=study.directions)
@@ -383,10 +405,30 @@ def compute_importances(
                     target=lambda t, i=i: t.values[i],
                 )
     except RuntimeError as exc:  # fANOVA: zero total variance (every trial scored the same)
-        return {}, f"skipped: {exc}"
-    return out, None
+        return Importances({}, n, k, f"skipped: {exc}")
+    return Importances(out, n, k)
 
 
+def importance_section(importances: Importances) -> list[str]:
+    """The summary's importance table (the :data:`MAX_IMPORTANCE_ROWS` most important parameters, 3 decimals),
+    which trials it is computed over, and the warning when they are too few; ``[]`` when skipped."""
+    if not importances.values:
+        return []
+    names = list(importances.values)
+    first = importances.values[names[0]]
+    ranked = sorted(first, key=first.__getitem__, reverse=True)
+    rows = [[_cell(p), *(f"{importances.values[o][p]:.3f}" for o in names)]
+            for p in ranked[:MAX_IMPORTANCE_ROWS]]
+    lines = ["## Parameter importances", "",
+             f"fANOVA (Optuna's `get_param_importances`, seed 0) over the {importances.n_trials} completed search "
+             f"trials, {importances.n_params} parameters; baselines excluded (optuna-dashboard uses every trial, so "
+             "its numbers differ).", ""]
+    if importances.warning:
+        lines += [f"**Warning:** {importances.warning}.", ""]
+    lines += [markdown_table(["parameter", *(n if len(names) > 1 else "importance" for n in names)], rows), ""]
+    if len(ranked) > MAX_IMPORTANCE_ROWS:
+        lines += [f"{len(ranked) - MAX_IMPORTANCE_ROWS} more in importances.png.", ""]
+    return lines
 
 
 def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path) -> None:
@@ -540,7 +582,9 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     if best:
         lines += [f"## Best recipe (trial #{best[0].number})", "", "```yaml", _recipe_yaml(best[0]).rstrip(), "```", ""]
 
-    notes = _write_plots(study, trials, best, out_dir)
+    importances = compute_importances(study, trials)
+    lines += importance_section(importances)
+    notes = _write_plots(study, trials, best, importances, out_dir)
     lines += ["## Plots", ""]
     lines += [f"![{name}]({name})\n" for name, note in notes.items() if not note]
     lines += [f"- `{name}`: {note}" for name, note in notes.items() if note]
@@ -563,7 +607,8 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
 
 
 def _write_plots(
-    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], out_dir: Path
+    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], importances: Importances,
+    out_dir: Path,
 ) -> dict[str, str | None]:
     """Draw every plot that applies; {file name: None if drawn, else why not}. Stale skipped files are removed."""
     notes: dict[str, str | None] = {}
@@ -572,10 +617,9 @@ def _write_plots(
         notes["history.png"] = None
     else:
         notes["history.png"] = "skipped: no completed trial"
-    importances, why = compute_importances(study, trials)
-    if importances:
-        plot_importances(importances, out_dir / "importances.png")
-    notes["importances.png"] = why
+    if importances.values:
+        plot_importances(importances.values, out_dir / "importances.png")
+    notes["importances.png"] = importances.skipped
     num_layers = records.study_info(study)[records.NUM_LAYERS]
     best_recipe = records.trial_recipe(best[0]) if best else None
     if best_recipe is None:

@@ -91,7 +91,7 @@ def add_trials(study: optuna.Study) -> None:
 
 def markdown_rows(text: str, section: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (lists of cells) of the first Markdown table after heading ``section``."""
-    body = text.split(f"## {section}\n", 1)[1]
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in body.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
     return cells[0], cells[2:]
@@ -177,6 +177,45 @@ def test_trials_csv_has_every_trial(report: tuple[Path, Path]) -> None:
         assert (float(row["merge s"]), float(row["eval s"])) == (merge_s, eval_s)
     assert float(rows[4]["test acc"]) == 0.65625 and rows[2]["test acc"] == ""
     assert rows[7]["state"] == "FAIL" and rows[7]["objective"] == "" and rows[7]["error"].startswith("MergeError")
+
+
+def optuna_importances(trials: list[optuna.trial.FrozenTrial]) -> dict[str, float]:
+    """Optuna's own fANOVA importances (seed 0) of a study holding exactly ``trials``."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(trials)
+    return optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def test_importances_are_optunas_over_the_search_trials(report: tuple[Path, Path]) -> None:
+    run, out = report
+    text = (out / "summary.md").read_text()
+    assert "over the 4 completed search trials, 3 parameters; baselines excluded" in text
+    assert "Warning" not in text  # 4 trials for 3 parameters
+    header, rows = markdown_rows(text, "Parameter importances")
+    assert header == ["parameter", "importance"]
+    search = [t for t in load_study(run).get_trials() if t.user_attrs["kind"] == "search" and t.params]
+    expected = optuna_importances(search)
+    assert [row[0] for row in rows] == sorted(expected, key=expected.__getitem__, reverse=True)
+    assert {row[0]: row[1] for row in rows} == {p: f"{v:.3f}" for p, v in expected.items()}
+
+
+def test_importances_warn_with_fewer_search_trials_than_parameters(tmp_path: Path) -> None:
+    study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
+    for value, (w_a, w_b, lam) in ((0.25, (0.5, -0.5, 1.0)), (0.75, (-0.25, 0.25, 0.5))):
+        study.add_trial(create_trial(value=value, params={"w_a": w_a, "w_b": w_b, "lam": lam}, distributions=DIST,
+                                     user_attrs={"kind": "search", "recipe": ta_recipe(w_a, w_b, lam)}))
+    # a baseline enqueued with parameters, as a search enqueues them: Optuna's importances over every trial (what
+    # optuna-dashboard shows) count it, the report's do not
+    study.add_trial(create_trial(value=1.0, params={"w_a": 1.0, "w_b": 0.0, "lam": 1.0}, distributions=DIST,
+                                 user_attrs={"kind": "baseline:uniform", "recipe": ta_recipe(1.0, 0.0, 1.0)}))
+    text = write_report(study, tmp_path / "report").read_text()
+    assert ("**Warning:** only 2 search trials for 3 parameters: too few to tell the parameters apart, read these "
+            "importances as noise.") in text
+    _, rows = markdown_rows(text, "Parameter importances")
+    expected = optuna_importances(study.get_trials()[:2])
+    assert {row[0]: row[1] for row in rows} == {p: f"{v:.3f}" for p, v in expected.items()}
+    assert optuna_importances(study.get_trials()) != expected
 
 
 # ----------------------------------------------------------------------------------------- layer table
