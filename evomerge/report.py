@@ -2,10 +2,12 @@
 
 :func:`write_report` writes into ``out_dir``:
 
-- ``summary.md``: the study, its trial counts, the best trial (with several objectives: the Pareto-optimal trials),
-  the table "best vs baselines" (validation objective and metrics, test objective and metrics, timings), the best
-  recipe as YAML, links to the plots and how to open the study in optuna-dashboard;
-- ``trials.csv``: one row per trial (number, state, kind, objective value(s), metrics, timings, error);
+- ``summary.md``: the study, its trial counts and wall time, the best trial (with several objectives: the
+  Pareto-optimal trials), the compact table "best vs baselines" (:func:`comparison_table`: the objective and one
+  metric per task on validation and test, 3 decimals, ``± stderr`` on test where the evaluator computed it, the
+  difference to the best source alone), the best recipe as YAML, the parameter importances
+  (:func:`importance_section`), links to the plots and how to open the study in optuna-dashboard;
+- ``trials.csv``: one row per trial (number, state, kind, objective value(s), every metric, stderr, timings, error);
 - ``history.png``: the objective of every trial with the best-so-far line, baselines as dashed horizontal lines;
 - ``importances.png``: fANOVA parameter importances over the completed search trials (Hutter, Hoos & Leyton-Brown
   2014, "An Efficient Approach for Assessing Hyperparameter Importance", ICML), through
@@ -198,6 +200,23 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     return columns
 
 
+def wall_seconds(trials: Sequence[FrozenTrial]) -> float | None:
+    """Seconds from the first trial's start to the last finished trial's end (None before any finished)."""
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+
+
+def format_seconds(seconds: float) -> str:
+    """``4.2 s``, ``12 min 03 s``, ``2 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def _cell(value: Any) -> str:
     """A Markdown table cell: floats to 6 significant digits, lists joined, missing values as an em dash."""
     if value is None:
@@ -209,11 +228,84 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def task_metrics(names: Sequence[str], objective: Sequence[str]) -> list[str]:
+    """One metric per task (the part of a metric name before its first ``/``; a name without one is a task of its
+    own), for the compact table: the task's objective metric if it has one, else its first metric. lm-eval reports
+    several per task (``acc`` and ``acc_norm``, ``exact_match,strict-match`` and ``,flexible-extract``) that tell
+    nearly the same; the CSV keeps them all."""
+    tasks: dict[str, list[str]] = {}
+    for name in names:
+        tasks.setdefault(name.split("/", 1)[0], []).append(name)
+    return [next((m for m in members if m in objective), members[0]) for members in tasks.values()]
+
+
+def _number(value: Any) -> str:
+    """A compact table's number: 3 decimals (4 significant digits from 1e5 on), the missing mark if absent."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return _cell(value)
+    return f"{value:.4g}" if abs(value) >= 1e5 else f"{value:.3f}"
+
+
+def _with_stderr(value: Any, stderr: Any) -> str:
+    return _number(value) if stderr is None or value is None else f"{_number(value)} ± {_number(stderr)}"
+
+
+def _delta(value: Any, reference: Any) -> str:
+    if value is None or reference is None:
+        return MISSING
+    return f"{value - reference:+.3f}"
+
+
+def source_alone(trial: FrozenTrial) -> bool:
+    """Whether a row is one source alone: a ``baseline:source:`` trial or a ``reference:source:`` reference."""
+    kind = trial_kind(trial)
+    return kind.removeprefix(records.BASELINE_PREFIX).removeprefix(records.REFERENCE_PREFIX).startswith("source:")
+
+
+def best_source(study: optuna.Study, rows: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The best source-alone row (:func:`source_alone`) on the (first) validation objective."""
+    sources = [t for t in rows if source_alone(t) and t.values]
+    sign = records.direction_sign(study)
+    return max(sources, key=lambda t: sign * t.values[0], default=None)
+
+
+def summary_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Column]:
+    """The compact table's columns: the validation objective(s), one validation metric per task (a single-metric
+    objective is not repeated), the test objective and one test metric per task with ``± stderr`` where the evaluator
+    computed one, why a row has no test score, and the difference to the best source alone (validation, test)."""
+    attrs = study.user_attrs
+    objective = records.objective_metric_names(study) or []
+    repeated = objective if len(objective) == 1 or len(study.directions) > 1 else []
+    columns = [Column(f"val {name}", lambda t, i=i: _number(t.values[i] if t.values else None))
+               for i, name in enumerate(objective_names(study))]
+    val = task_metrics(_metric_names([records.trial_metrics(t) for t in trials]), objective)
+    columns += [Column(f"val {m}", lambda t, m=m: _number(records.trial_metrics(t).get(m)))
+                for m in val if m not in repeated]
+    tests = [scored_on_test(attrs, t) for t in trials]
+    if any(score is not None for score, _ in tests):
+        single = objective[0] if len(objective) == 1 else None
+
+        def test_objective(t: FrozenTrial) -> str:
+            stderr = records.test_stderr(attrs, t).get(single) if single else None
+            return _with_stderr(scored_on_test(attrs, t)[0], stderr)
+
+        columns.append(Column("test objective", test_objective))
+    test = task_metrics(_metric_names([metrics for _, metrics in tests]), objective)
+    columns += [Column(f"test {m}", lambda t, m=m: _with_stderr(scored_on_test(attrs, t)[1].get(m),
+                                                                 records.test_stderr(attrs, t).get(m)))
+                for m in test if m not in repeated]
+    if any(records.test_error(attrs, t) for t in trials):
+        columns.append(Column("test error", lambda t: _cell(records.test_error(attrs, t))))
+    return columns
+
+
 def comparison_table(
     study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial]
-) -> tuple[list[str], list[list[str]]]:
-    """The "best vs baselines" table: one row for the best (or each Pareto-optimal) trial of ``best``, then one per
-    completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
+) -> tuple[list[str], list[list[str]], FrozenTrial | None]:
+    """The compact "best vs baselines" table (:func:`summary_columns`, then ``Δ val`` / ``Δ test``: the objective
+    minus the best source's) and the best source: one row for the best (or each Pareto-optimal) trial of ``best``,
+    then one per completed baseline trial (uniform soup, defaults, each source alone, ...) in trial order, then the
+    references. Every metric and timing is in ``trials.csv``."""
     if greedy := records.greedy(study):
         rows = [(f"greedy soup (kept {len(greedy['kept'])} of {greedy['of']}: {', '.join(greedy['kept'])})", t)
                 for t in best]
@@ -222,10 +314,17 @@ def comparison_table(
         rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
     rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
     rows += [(f"{kind_label(label)} (linear, outside the space)", t) for label, t in reference_trials(study)]
-    columns = value_columns(study, [t for _, t in rows])
+    columns = summary_columns(study, [t for _, t in rows])
+    source = best_source(study, [t for _, t in rows])
+    attrs = study.user_attrs
+    if source is not None:
+        columns += [
+            Column("Δ val", lambda t: _delta(t.values[0] if t.values else None, source.values[0])),
+            Column("Δ test", lambda t: _delta(scored_on_test(attrs, t)[0], scored_on_test(attrs, source)[0])),
+        ]
     header = ["row", "trial", *(c.header for c in columns)]
-    return header, [[label, f"#{t.number}" if t.number >= 0 else MISSING, *(_cell(c.get(t)) for c in columns)]
-                    for label, t in rows]
+    return header, [[label, f"#{t.number}" if t.number >= 0 else MISSING, *(c.get(t) for c in columns)]
+                    for label, t in rows], source
 
 
 def reference_trials(study: optuna.Study) -> list[tuple[str, FrozenTrial]]:
@@ -565,6 +664,9 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     lines.append(f"- Objective: {', '.join(objective) if isinstance(objective, list) else objective or MISSING}"
                  f" ({directions})")
     lines.append(f"- Trials: {len(trials)} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    if wall := wall_seconds(trials):
+        lines.append(f"- Wall time: {format_seconds(wall)} (first trial start to last trial end; the test scoring, "
+                     "export and report come after)")
     if not best:
         lines.append("- Best trial: none yet (no completed trial)")
     elif len(study.directions) == 1:
@@ -576,9 +678,16 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     lines.append("")
 
     write_trials_csv(study, trials, out_dir / "trials.csv")
-    header, rows = comparison_table(study, trials, best)
-    lines += ["## Best vs baselines", "", "Validation objective and metrics (`val`), test split (`test`) where scored.",
-              "", markdown_table(header, rows) if rows else "No completed trial yet.", ""]
+    header, rows, source = comparison_table(study, trials, best)
+    about = ["Validation (`val`) and test split (`test`, `± stderr` where the evaluator computed it) scores: the "
+             "objective and one metric per task; every metric and timing is in [trials.csv](trials.csv)."]
+    if source is not None:
+        name = kind_label(trial_kind(source).removeprefix(records.REFERENCE_PREFIX))
+        first = " first" if len(study.directions) > 1 else ""
+        about.append(f"`Δ`:{first} objective minus that of the best source alone ({name}"
+                     f"{', lower is better' if records.direction_sign(study) < 0 else ''}).")
+    lines += ["## Best vs baselines", "", " ".join(about), "",
+              markdown_table(header, rows) if rows else "No completed trial yet.", ""]
     if best:
         lines += [f"## Best recipe (trial #{best[0].number})", "", "```yaml", _recipe_yaml(best[0]).rstrip(), "```", ""]
 

@@ -78,8 +78,8 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
     assert attrs["reference:outside"]["values"] == [7.5]
 
     report = Path(summary["report"]).read_text()
-    assert "| best (search) | #0 | 1e+06 | 1e+06 |" in report
-    assert "| outside (linear, outside the space) | — | 7.5 | 7.5 |" in report
+    assert f"| best (search) | #0 | 1e+06 | {true_value:.3f} |" in report
+    assert f"| outside (linear, outside the space) | — | 7.500 | {true_value:.3f} |" in report
     assert "- #1 (uniform): RuntimeError: planted old failure" in report
     assert "kind search, space task_arithmetic.yaml" in report
     with open(Path(summary["report"]).parent / "trials.csv") as f:
