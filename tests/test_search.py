@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.recipe import Recipe, load_recipe
 from evomerge.report import trials_dataframe
 from evomerge.search.config import RunConfig
-from evomerge.search.study import objective_labels, run_search, run_soup
+from evomerge.search.study import objective_labels, run_search, run_soup, trial_plan
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -36,13 +36,17 @@ def load(cfg: RunConfig) -> optuna.Study:
     return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
 
 
-def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
+def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     cfg = config(family, tmp_path)
-    summary = run_search(cfg, progress=False)
+    with caplog.at_level("INFO", logger="evomerge.search.study"):
+        summary = run_search(cfg, progress=False)
+    assert "6 searched trials + 5 baselines" in caplog.messages  # printed at start
     study = load(cfg)
     trials = study.get_trials()
-    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
     kinds = [t.user_attrs["kind"] for t in trials]
+    # n_trials: 6 searched trials, the baselines on top (3 sources alone, uniform, defaults)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 11
+    assert kinds.count("search") == 6 and len(kinds) == 6 + 5
     # baselines first: each source alone, the uniform average, the method defaults
     assert kinds[:3] == [f"baseline:source:{Path(p).name}" for p in family[1]] or kinds[0].startswith("baseline")
     assert any(k == "baseline:uniform" for k in kinds)
@@ -79,6 +83,12 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
     for number, value, norm_sum in zip(tested_frame["number"], tested_frame["test/objective"],
                                        tested_frame["test/norm_sum"]):
         assert value == norm_sum == study.user_attrs[f"test:{number}"]["objective"]
+
+
+def test_trial_plan_line():
+    assert trial_plan(40, 6, 0) == "40 searched trials + 6 baselines"
+    assert trial_plan(40, 1, 2, done=12) == ("40 searched trials + 1 baseline (+ 2 references outside the space, "
+                                             "scored beside the study); 12 searched already")
 
 
 def test_objective_labels_name_the_mean_that_makes_the_objective():
@@ -121,7 +131,7 @@ def test_resume_and_same_seed_same_proposals(family, tmp_path):
     resumed = config(family, tmp_path / "a", n_trials=7)
     run_search(resumed, progress=False, export=False)
     after = load(resumed).get_trials()
-    assert len(after) == 7 and [t.params for t in after[:5]] == before
+    assert len(after) == 7 + 5 and [t.params for t in after[:10]] == before  # 5 baselines on top
     again = config(family, tmp_path / "b", n_trials=5)
     run_search(again, progress=False, export=False)
     assert [t.params for t in load(again).get_trials()] == before
@@ -199,7 +209,7 @@ def test_successive_halving_prunes_on_fidelity_levels(family, tmp_path):
             assert t.intermediate_values[1] == pytest.approx(t.value - 0.75)
         else:  # baselines are never pruned: scored once, in full
             assert t.intermediate_values == {}
-    assert len(pruned) + len(complete) == 10
+    assert len(pruned) + len([t for t in complete if t.user_attrs["kind"] == "search"]) == 10
 
 
 def test_lower_is_better_objective_is_minimized(family, tmp_path):

@@ -321,34 +321,43 @@ class Runner:
                                   merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
 
     def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
-        """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; failed trials do not
-        count, but a round in which every trial fails ends the run (the failures are in the study and report)."""
-        total = n_trials or self.config.n_trials
+        """Run trials until the study holds ``n_trials`` finished (complete or pruned) *search* trials; the baselines
+        run on top of them (first: they are queued), failed trials do not count, and a round in which every trial
+        fails ends the run (the failures are in the study and report)."""
+        target = n_trials or self.config.n_trials
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
-        def count() -> int:
+        def searched() -> int:
+            return sum(trial_kind(t) == records.SEARCH_KIND for t in study.get_trials(deepcopy=False, states=finished))
+
+        def progressed() -> int:
             return len(study.get_trials(deepcopy=False, states=finished))
 
-        done = count()
-        bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
+        trials = study.get_trials(deepcopy=False)
+        scored = sum(records.is_baseline(t) and t.state in finished for t in trials)
+        waiting = sum(records.is_baseline(t) and t.state == TrialState.WAITING for t in trials)
+        done = searched()
+        log.info("%s", trial_plan(target, scored + waiting, len(records.references(study.user_attrs)), done))
+        bar = tqdm(total=target + scored + waiting, initial=done + scored, desc=self.config.name,
+                   disable=not progress, unit="trial")
         # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
         quiet = quiet_optuna() if progress else contextlib.nullcontext()
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [_stop_at(target, searched), _progress(bar)]
         started = time.monotonic()
         with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
             stack.callback(failures.removeFilter, one_line)
-            while done < total:
+            while done < target:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
                 if timeout is not None and timeout <= 0:
                     break
-                study.optimize(self.objective, n_trials=total - done, timeout=timeout, callbacks=callbacks,
+                before = progressed()
+                study.optimize(self.objective, n_trials=target - done + waiting, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
-                before, done = done, count()
-                if done == before:
+                done, waiting = searched(), 0
+                if progressed() == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
 
@@ -412,6 +421,25 @@ class _OneLineFailures(logging.Filter):
             record.args, record.exc_info, record.exc_text = (), None, None
             return True
         return re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage()) is None
+
+
+def trial_plan(n_trials: int, baselines: int, references: int, done: int = 0) -> str:
+    """The line a run starts with: ``40 searched trials + 6 baselines`` (``n_trials`` counts searched trials only),
+    the references scored beside the study and the searched trials a resumed study holds already."""
+    line = f"{n_trials} searched trials + {baselines} baseline{'s' * (baselines != 1)}"
+    if references:
+        line += f" (+ {references} reference{'s' * (references != 1)} outside the space, scored beside the study)"
+    return line + (f"; {done} searched already" if done else "")
+
+
+def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Stop the study (this process's optimize loop) once it holds ``n_trials`` finished searched trials."""
+
+    def stop(study: optuna.Study, trial: FrozenTrial) -> None:
+        if searched() >= n_trials:
+            study.stop()
+
+    return stop
 
 
 def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
