@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -83,6 +84,30 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     for number, value, norm_sum in zip(tested_frame["number"], tested_frame["test/objective"],
                                        tested_frame["test/norm_sum"]):
         assert value == norm_sum == study.user_attrs[f"test:{number}"]["objective"]
+
+
+def test_config_callbacks_see_every_trial(family, tmp_path):
+    import recording_callbacks
+
+    recording_callbacks.SEEN.clear()
+    cfg = config(family, tmp_path, n_trials=2, baselines=False, callbacks=["recording_callbacks:recorder"])
+    run_search(cfg, progress=False, export=False)
+    assert recording_callbacks.SEEN == [(t.number, t.state.name, t.value) for t in load(cfg).get_trials()]
+    assert len(recording_callbacks.SEEN) == 2
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("recording_callbacks", "write 'module:factory'"),
+    ("no_such_module_xyz:f", "No module named 'no_such_module_xyz'; is the module installed or on PYTHONPATH?"),
+    ("recording_callbacks:missing", "has no attribute 'missing'"),
+    ("recording_callbacks:not_a_factory", "not_a_factory() returned int 3, not a callback"),
+])
+def test_bad_callbacks_entry_fails_before_any_study(family, tmp_path, entry, message):
+    cfg = config(family, tmp_path, callbacks=[entry])
+    with pytest.raises(ValueError, match=re.escape(f"callbacks entry {entry!r}: ")) as err:
+        run_search(cfg, progress=False)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (Path(cfg.out) / "study.db").exists()
 
 
 def test_trial_plan_line():

@@ -10,6 +10,7 @@ on; trials left RUNNING by a killed process are failed and re-queued when the ne
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -75,6 +76,26 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
+
+
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def load_callback(spec: str) -> Callback:
+    """The Optuna callback of a config's ``callbacks`` entry ``"module:factory"``: ``factory()``, called once per run
+    (e.g. a tracker's constructor with its settings). A bad entry is a ValueError naming it, before any trial runs."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(f"callbacks entry {spec!r}: write 'module:factory' (a function returning a callback)")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"callbacks entry {spec!r}: {exc}; is the module installed or on PYTHONPATH?") from None
+    callback = factory()
+    if not callable(callback):
+        raise ValueError(f"callbacks entry {spec!r}: {attr}() returned {type(callback).__name__} {callback!r:.60}, "
+                         "not a callback (study, trial) -> None")
+    return callback
 
 
 def objective_labels(metrics: Sequence[str], weights: Sequence[float] | None, n_objectives: int) -> list[str]:
@@ -166,6 +187,7 @@ class Runner:
         self.space = SearchSpace.from_yaml(config.space) if config.space else None
         if study_kind == records.SEARCH_KIND and self.space is None:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
+        self.callbacks = [load_callback(spec) for spec in config.callbacks]  # before any model loads
         self.evaluator = build_evaluator(config.evaluator)
         self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
         self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
@@ -345,7 +367,7 @@ class Runner:
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [_stop_at(target, searched), _progress(bar)]
+        callbacks: list[Callback] = [_stop_at(target, searched), _progress(bar), *self.callbacks]
         started = time.monotonic()
         with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
             stack.callback(failures.removeFilter, one_line)
@@ -432,7 +454,7 @@ def trial_plan(n_trials: int, baselines: int, references: int, done: int = 0) ->
     return line + (f"; {done} searched already" if done else "")
 
 
-def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callable[[optuna.Study, FrozenTrial], None]:
+def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callback:
     """Stop the study (this process's optimize loop) once it holds ``n_trials`` finished searched trials."""
 
     def stop(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -442,7 +464,7 @@ def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callable[[optuna.Stu
     return stop
 
 
-def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
+def _progress(bar: tqdm) -> Callback:
     started = time.perf_counter()
     count = [0]
 
@@ -531,6 +553,8 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             frozen = study.tell(trial, value)
+            for callback in runner.callbacks:  # as study.optimize calls them after each trial
+                callback(study, frozen)
             trials[recipe_key(recipe)] = frozen
             bar.update(1)
             bar.set_postfix(last=f"{value:.4f}")
