@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge import __version__
+from evomerge.noise import quiet_third_party
 from evomerge.outdir import OutputWriteError, recover, write_error
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     config = _start_run(args)
     with _writing(config.run_dir, _study_kept(config)):
-        summary = run_search(config, export=not args.no_export)
+        summary = run_search(config, export=not args.no_export, progress=not args.quiet)
     print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
 
 
@@ -110,7 +111,7 @@ def cmd_soup(args: argparse.Namespace) -> None:
 
     config = _start_run(args)
     with _writing(config.run_dir, _study_kept(config)):
-        summary = run_soup(config, export=not args.no_export)
+        summary = run_soup(config, export=not args.no_export, progress=not args.quiet)
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")
 
 
@@ -127,7 +128,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_worker
 
-    run_worker(args.storage, args.study, n_trials=args.n_trials, device=args.device)
+    run_worker(args.storage, args.study, n_trials=args.n_trials, device=args.device, progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -153,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the libraries' own progress bars and INFO lines")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and the result line only: no "
+                                                                   "progress bar")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also: EVOMERGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run trials of an existing study (many processes / machines)")
     worker.add_argument("--storage", required=True, help="e.g. postgresql://user:pw@host/db")
     worker.add_argument("--study", required=True, help="study name (the config is read from the study)")
-    worker.add_argument("--n-trials", type=int, help="stop when the study holds this many finished trials")
+    worker.add_argument("--n-trials", type=int, help="stop when the study holds this many finished searched trials")
     worker.add_argument("--device", help="cpu or cuda")
     worker.set_defaults(func=cmd_worker)
 
@@ -214,7 +218,10 @@ def _fail(exc: BaseException, message: str, code: int, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_third_party()
     debug = args.debug or os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)

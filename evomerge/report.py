@@ -2,10 +2,12 @@
 
 :func:`write_report` writes into ``out_dir``:
 
-- ``summary.md``: the study, its trial counts, the best trial (with several objectives: the Pareto-optimal trials),
-  the table "best vs baselines" (validation objective and metrics, test objective and metrics, timings), the best
-  recipe as YAML, links to the plots and how to open the study in optuna-dashboard;
-- ``trials.csv``: one row per trial (number, state, kind, objective value(s), metrics, timings, error);
+- ``summary.md``: the study, its trial counts and wall time, the best trial (with several objectives: the
+  Pareto-optimal trials), the compact table "best vs baselines" (:func:`comparison_table`: the objective and one
+  metric per task on validation and test, 3 decimals, ``± stderr`` on test where the evaluator computed it, the
+  difference to the best source alone), the best recipe as YAML, the parameter importances
+  (:func:`importance_section`), links to the plots and how to open the study in optuna-dashboard;
+- ``trials.csv``: one row per trial (number, state, kind, objective value(s), every metric, stderr, timings, error);
 - ``history.png``: the objective of every trial with the best-so-far line, baselines as dashed horizontal lines;
 - ``importances.png``: fANOVA parameter importances over the completed search trials (Hutter, Hoos & Leyton-Brown
   2014, "An Efficient Approach for Assessing Hyperparameter Importance", ICML), through
@@ -61,6 +63,8 @@ FILTER_PROBES = {"self_attn": "model.layers.{i}.self_attn.q_proj.weight", "mlp":
 STATE_WORDS = {TrialState.FAIL: "failed"}
 #: Largest heatmap (rows × layers) whose cells are annotated with their values.
 MAX_ANNOTATED_CELLS = 800
+#: Parameters listed in the summary's importance table (all of them are in importances.png).
+MAX_IMPORTANCE_ROWS = 15
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -196,6 +200,23 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     return columns
 
 
+def wall_seconds(trials: Sequence[FrozenTrial]) -> float | None:
+    """Seconds from the first trial's start to the last finished trial's end (None before any finished)."""
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+
+
+def format_seconds(seconds: float) -> str:
+    """``4.2 s``, ``12 min 03 s``, ``2 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def _cell(value: Any) -> str:
     """A Markdown table cell: floats to 6 significant digits, lists joined, missing values as an em dash."""
     if value is None:
@@ -207,11 +228,84 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def task_metrics(names: Sequence[str], objective: Sequence[str]) -> list[str]:
+    """One metric per task (the part of a metric name before its first ``/``; a name without one is a task of its
+    own), for the compact table: the task's objective metric if it has one, else its first metric. lm-eval reports
+    several per task (``acc`` and ``acc_norm``, ``exact_match,strict-match`` and ``,flexible-extract``) that tell
+    nearly the same; the CSV keeps them all."""
+    tasks: dict[str, list[str]] = {}
+    for name in names:
+        tasks.setdefault(name.split("/", 1)[0], []).append(name)
+    return [next((m for m in members if m in objective), members[0]) for members in tasks.values()]
+
+
+def _number(value: Any) -> str:
+    """A compact table's number: 3 decimals (4 significant digits from 1e5 on), the missing mark if absent."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return _cell(value)
+    return f"{value:.4g}" if abs(value) >= 1e5 else f"{value:.3f}"
+
+
+def _with_stderr(value: Any, stderr: Any) -> str:
+    return _number(value) if stderr is None or value is None else f"{_number(value)} ± {_number(stderr)}"
+
+
+def _delta(value: Any, reference: Any) -> str:
+    if value is None or reference is None:
+        return MISSING
+    return f"{value - reference:+.3f}"
+
+
+def source_alone(trial: FrozenTrial) -> bool:
+    """Whether a row is one source alone: a ``baseline:source:`` trial or a ``reference:source:`` reference."""
+    kind = trial_kind(trial)
+    return kind.removeprefix(records.BASELINE_PREFIX).removeprefix(records.REFERENCE_PREFIX).startswith("source:")
+
+
+def best_source(study: optuna.Study, rows: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The best source-alone row (:func:`source_alone`) on the (first) validation objective."""
+    sources = [t for t in rows if source_alone(t) and t.values]
+    sign = records.direction_sign(study)
+    return max(sources, key=lambda t: sign * t.values[0], default=None)
+
+
+def summary_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Column]:
+    """The compact table's columns: the validation objective(s), one validation metric per task (a single-metric
+    objective is not repeated), the test objective and one test metric per task with ``± stderr`` where the evaluator
+    computed one, why a row has no test score, and the difference to the best source alone (validation, test)."""
+    attrs = study.user_attrs
+    objective = records.objective_metric_names(study) or []
+    repeated = objective if len(objective) == 1 or len(study.directions) > 1 else []
+    columns = [Column(f"val {name}", lambda t, i=i: _number(t.values[i] if t.values else None))
+               for i, name in enumerate(objective_names(study))]
+    val = task_metrics(_metric_names([records.trial_metrics(t) for t in trials]), objective)
+    columns += [Column(f"val {m}", lambda t, m=m: _number(records.trial_metrics(t).get(m)))
+                for m in val if m not in repeated]
+    tests = [scored_on_test(attrs, t) for t in trials]
+    if any(score is not None for score, _ in tests):
+        single = objective[0] if len(objective) == 1 else None
+
+        def test_objective(t: FrozenTrial) -> str:
+            stderr = records.test_stderr(attrs, t).get(single) if single else None
+            return _with_stderr(scored_on_test(attrs, t)[0], stderr)
+
+        columns.append(Column("test objective", test_objective))
+    test = task_metrics(_metric_names([metrics for _, metrics in tests]), objective)
+    columns += [Column(f"test {m}", lambda t, m=m: _with_stderr(scored_on_test(attrs, t)[1].get(m),
+                                                                 records.test_stderr(attrs, t).get(m)))
+                for m in test if m not in repeated]
+    if any(records.test_error(attrs, t) for t in trials):
+        columns.append(Column("test error", lambda t: _cell(records.test_error(attrs, t))))
+    return columns
+
+
 def comparison_table(
     study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial]
-) -> tuple[list[str], list[list[str]]]:
-    """The "best vs baselines" table: one row for the best (or each Pareto-optimal) trial of ``best``, then one per
-    completed baseline trial (uniform soup, defaults, each source alone, ...), in trial order."""
+) -> tuple[list[str], list[list[str]], FrozenTrial | None]:
+    """The compact "best vs baselines" table (:func:`summary_columns`, then ``Δ val`` / ``Δ test``: the objective
+    minus the best source's) and the best source: one row for the best (or each Pareto-optimal) trial of ``best``,
+    then one per completed baseline trial (uniform soup, defaults, each source alone, ...) in trial order, then the
+    references. Every metric and timing is in ``trials.csv``."""
     if greedy := records.greedy(study):
         rows = [(f"greedy soup (kept {len(greedy['kept'])} of {greedy['of']}: {', '.join(greedy['kept'])})", t)
                 for t in best]
@@ -220,10 +314,17 @@ def comparison_table(
         rows = [(f"{tag} ({kind_label(trial_kind(t))})", t) for t in best]
     rows += [(kind_label(trial_kind(t)), t) for t in trials if t.state == TrialState.COMPLETE and is_baseline(t)]
     rows += [(f"{kind_label(label)} (linear, outside the space)", t) for label, t in reference_trials(study)]
-    columns = value_columns(study, [t for _, t in rows])
+    columns = summary_columns(study, [t for _, t in rows])
+    source = best_source(study, [t for _, t in rows])
+    attrs = study.user_attrs
+    if source is not None:
+        columns += [
+            Column("Δ val", lambda t: _delta(t.values[0] if t.values else None, source.values[0])),
+            Column("Δ test", lambda t: _delta(scored_on_test(attrs, t)[0], scored_on_test(attrs, source)[0])),
+        ]
     header = ["row", "trial", *(c.header for c in columns)]
-    return header, [[label, f"#{t.number}" if t.number >= 0 else MISSING, *(_cell(c.get(t)) for c in columns)]
-                    for label, t in rows]
+    return header, [[label, f"#{t.number}" if t.number >= 0 else MISSING, *(c.get(t) for c in columns)]
+                    for label, t in rows], source
 
 
 def reference_trials(study: optuna.Study) -> list[tuple[str, FrozenTrial]]:
@@ -258,6 +359,30 @@ def write_trials_csv(study: optuna.Study, trials: Sequence[FrozenTrial], path: P
         for t in trials:
             values = (c.get(t) for c in columns)
             writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in values])
+
+
+def trials_dataframe(study: optuna.Study) -> Any:
+    """``study.trials_dataframe()`` (a pandas DataFrame: ``value_<objective>``, ``params_<name>``,
+    ``user_attrs_val/<metric>``, ...) with the test-split scores added as columns ``test/objective``,
+    ``test/<metric>``, ``test/<metric>/stderr`` and ``test/error``: Optuna keeps finished trials read-only, so the
+    final test scoring stores them on the study (``test:<number>``) and this joins them back by trial number."""
+    frame = study.trials_dataframe()
+    if frame.empty:
+        return frame
+    attrs = study.user_attrs
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows: dict[str, dict[int, Any]] = {}
+    for number, trial in by_number.items():
+        objective, metrics = scored_on_test(attrs, trial)
+        cells = {"test/objective": objective, **{f"test/{m}": v for m, v in metrics.items()},
+                 **{f"test/{m}/stderr": v for m, v in records.test_stderr(attrs, trial).items()},
+                 "test/error": records.test_error(attrs, trial)}
+        for column, value in cells.items():
+            if value is not None:
+                rows.setdefault(column, {})[number] = value
+    for column, values in rows.items():
+        frame[column] = frame["number"].map(values)
+    return frame
 
 
 # -------------------------------------------------------------------------------------------- layers
@@ -336,18 +461,38 @@ def plot_history(study: optuna.Study, trials: Sequence[FrozenTrial], path: Path)
     _save(fig, path)
 
 
-def compute_importances(
-    study: optuna.Study, trials: Sequence[FrozenTrial]
-) -> tuple[dict[str, dict[str, float]], str | None]:
-    """({objective: {param: importance}}, None): fANOVA importances (seeded) of the parameters shared by the
-    completed search trials, per objective; or ({}, why they were skipped): fewer than 2 search trials, fewer than
-    2 shared parameters, or no variance to explain."""
-    search = [t for t in trials if t.state == TrialState.COMPLETE and trial_kind(t) == "search"]
-    if len(search) < 2:
-        return {}, f"skipped: {len(search)} completed search trial(s); importances need at least 2"
-    shared = optuna.search_space.intersection_search_space(search)
-    if len(shared) < 2:
-        return {}, f"skipped: the search trials share {len(shared)} parameter(s); importances need at least 2"
+@dataclass(frozen=True)
+class Importances:
+    """Parameter importances of a study: ``values`` ``{objective: {param: importance}}`` (empty when skipped, with
+    the reason in ``skipped``), over ``n_trials`` completed search trials that share ``n_params`` parameters."""
+
+    values: dict[str, dict[str, float]]
+    n_trials: int
+    n_params: int
+    skipped: str | None = None
+
+    @property
+    def warning(self) -> str | None:
+        """fANOVA fits a random forest to the trials: with fewer trials than parameters it cannot tell them apart."""
+        if self.values and self.n_trials < self.n_params:
+            return (f"only {self.n_trials} search trials for {self.n_params} parameters: too few to tell the "
+                    "parameters apart, read these importances as noise")
+        return None
+
+
+def compute_importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> Importances:
+    """fANOVA importances (:func:`optuna.importance.get_param_importances` with a seeded
+    :class:`~optuna.importance.FanovaImportanceEvaluator`) of the parameters shared by the completed *search* trials,
+    per objective: baselines, soup steps and references are left out (they are not samples of the search space; a
+    baseline sits on its edge), whereas optuna-dashboard uses every trial. Skipped with fewer than 2 search trials,
+    fewer than 2 shared parameters, or no variance to explain."""
+    search = [t for t in trials if t.state == TrialState.COMPLETE and trial_kind(t) == records.SEARCH_KIND]
+    shared = optuna.search_space.intersection_search_space(search) if search else {}
+    n, k = len(search), len(shared)
+    if n < 2:
+        return Importances({}, n, k, f"skipped: {n} completed search trial(s); importances need at least 2")
+    if k < 2:
+        return Importances({}, n, k, f"skipped: the search trials share {k} parameter(s); importances need at least 2")
     try:
         with quiet_optuna():  # no "new study created in memory" line
             sub = optuna.create_study(directions=study.directions)
@@ -359,10 +504,30 @@ def compute_importances(
                     target=lambda t, i=i: t.values[i],
                 )
     except RuntimeError as exc:  # fANOVA: zero total variance (every trial scored the same)
-        return {}, f"skipped: {exc}"
-    return out, None
+        return Importances({}, n, k, f"skipped: {exc}")
+    return Importances(out, n, k)
 
 
+def importance_section(importances: Importances) -> list[str]:
+    """The summary's importance table (the :data:`MAX_IMPORTANCE_ROWS` most important parameters, 3 decimals),
+    which trials it is computed over, and the warning when they are too few; ``[]`` when skipped."""
+    if not importances.values:
+        return []
+    names = list(importances.values)
+    first = importances.values[names[0]]
+    ranked = sorted(first, key=first.__getitem__, reverse=True)
+    rows = [[_cell(p), *(f"{importances.values[o][p]:.3f}" for o in names)]
+            for p in ranked[:MAX_IMPORTANCE_ROWS]]
+    lines = ["## Parameter importances", "",
+             f"fANOVA (Optuna's `get_param_importances`, seed 0) over the {importances.n_trials} completed search "
+             f"trials, {importances.n_params} parameters; baselines excluded (optuna-dashboard uses every trial, so "
+             "its numbers differ).", ""]
+    if importances.warning:
+        lines += [f"**Warning:** {importances.warning}.", ""]
+    lines += [markdown_table(["parameter", *(n if len(names) > 1 else "importance" for n in names)], rows), ""]
+    if len(ranked) > MAX_IMPORTANCE_ROWS:
+        lines += [f"{len(ranked) - MAX_IMPORTANCE_ROWS} more in importances.png.", ""]
+    return lines
 
 
 def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path) -> None:
@@ -503,6 +668,9 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     lines.append(f"- Objective: {', '.join(objective) if isinstance(objective, list) else objective or MISSING}"
                  f" ({directions})")
     lines.append(f"- Trials: {len(trials)} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    if wall := wall_seconds(trials):
+        lines.append(f"- Wall time: {format_seconds(wall)} (first trial start to last trial end; the test scoring, "
+                     "export and report come after)")
     if not best:
         lines.append("- Best trial: none yet (no completed trial)")
     elif len(study.directions) == 1:
@@ -514,13 +682,22 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     lines.append("")
 
     write_trials_csv(study, trials, out_dir / "trials.csv")
-    header, rows = comparison_table(study, trials, best)
-    lines += ["## Best vs baselines", "", "Validation objective and metrics (`val`), test split (`test`) where scored.",
-              "", markdown_table(header, rows) if rows else "No completed trial yet.", ""]
+    header, rows, source = comparison_table(study, trials, best)
+    about = ["Validation (`val`) and test split (`test`, `± stderr` where the evaluator computed it) scores: the "
+             "objective and one metric per task; every metric and timing is in [trials.csv](trials.csv)."]
+    if source is not None:
+        name = kind_label(trial_kind(source).removeprefix(records.REFERENCE_PREFIX))
+        first = " first" if len(study.directions) > 1 else ""
+        about.append(f"`Δ`:{first} objective minus that of the best source alone ({name}"
+                     f"{', lower is better' if records.direction_sign(study) < 0 else ''}).")
+    lines += ["## Best vs baselines", "", " ".join(about), "",
+              markdown_table(header, rows) if rows else "No completed trial yet.", ""]
     if best:
         lines += [f"## Best recipe (trial #{best[0].number})", "", "```yaml", _recipe_yaml(best[0]).rstrip(), "```", ""]
 
-    notes = _write_plots(study, trials, best, out_dir)
+    importances = compute_importances(study, trials)
+    lines += importance_section(importances)
+    notes = _write_plots(study, trials, best, importances, out_dir)
     lines += ["## Plots", ""]
     lines += [f"![{name}]({name})\n" for name, note in notes.items() if not note]
     lines += [f"- `{name}`: {note}" for name, note in notes.items() if note]
@@ -543,7 +720,8 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
 
 
 def _write_plots(
-    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], out_dir: Path
+    study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], importances: Importances,
+    out_dir: Path,
 ) -> dict[str, str | None]:
     """Draw every plot that applies; {file name: None if drawn, else why not}. Stale skipped files are removed."""
     notes: dict[str, str | None] = {}
@@ -552,10 +730,9 @@ def _write_plots(
         notes["history.png"] = None
     else:
         notes["history.png"] = "skipped: no completed trial"
-    importances, why = compute_importances(study, trials)
-    if importances:
-        plot_importances(importances, out_dir / "importances.png")
-    notes["importances.png"] = why
+    if importances.values:
+        plot_importances(importances.values, out_dir / "importances.png")
+    notes["importances.png"] = importances.skipped
     num_layers = records.study_info(study)[records.NUM_LAYERS]
     best_recipe = records.trial_recipe(best[0]) if best else None
     if best_recipe is None:

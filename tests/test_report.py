@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,15 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from evomerge.recipe import Recipe
-from evomerge.report import RunStorage, kind_label, layer_table, load_study, write_report
+from evomerge.report import (
+    RunStorage,
+    format_seconds,
+    kind_label,
+    layer_table,
+    load_study,
+    task_metrics,
+    write_report,
+)
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
@@ -91,7 +100,7 @@ def add_trials(study: optuna.Study) -> None:
 
 def markdown_rows(text: str, section: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (lists of cells) of the first Markdown table after heading ``section``."""
-    body = text.split(f"## {section}\n", 1)[1]
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in body.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
     return cells[0], cells[2:]
@@ -122,24 +131,27 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------ summary
 def test_summary_table_has_the_exact_values_of_best_and_baselines(report: tuple[Path, Path]) -> None:
+    """The compact table: objective and one metric per task (acc is the objective: not repeated), 3 decimals, the
+    difference to the best source alone (expert_b: 0.5625 on validation, 0.53125 on test)."""
     text = (report[1] / "summary.md").read_text()
     header, table = markdown_rows(text, "Best vs baselines")
     rows = {row[0]: row for row in table}
     assert len(rows) == len(table)
-    assert header == ["row", "trial", "objective", "val acc", "val ppl", "test objective", "test acc", "merge s",
-                      "eval s"]
+    assert header == ["row", "trial", "val objective", "val ppl", "test objective", "Δ val", "Δ test"]
     assert list(rows) == ["best (search)", "source: expert_a", "source: expert_b", "uniform"]
-    tests = {0: (0.4375, 0.4375), 1: (0.53125, 0.53125), 4: (0.65625, 0.65625)}  # trial attrs / study attrs
+    tests = {0: 0.4375, 1: 0.53125, 4: 0.65625}  # trial attrs / study attrs
     for label, number in {"best (search)": 4, "source: expert_a": 0, "source: expert_b": 1, "uniform": 2}.items():
-        _, value, metrics, merge_s, eval_s, _ = TRIALS[number]
+        _, value, metrics, _, _, _ = TRIALS[number]
         row = rows[label]
         assert row[1] == f"#{number}"
-        assert [float(c) for c in row[2:5]] == [value, metrics["acc"], metrics["ppl"]]
-        assert [float(c) for c in row[7:9]] == [merge_s, eval_s]
+        assert row[2:4] == [f"{value:.3f}", f"{metrics['ppl']:.3f}"]
+        assert row[5] == f"{value - 0.5625:+.3f}"
         if number in tests:
-            assert (float(row[5]), float(row[6])) == tests[number]
+            assert row[4] == f"{tests[number]:.3f}" and row[6] == f"{tests[number] - 0.53125:+.3f}"
         else:
-            assert row[5:7] == ["—", "—"]
+            assert row[4] == row[6] == "—"
+    assert rows["best (search)"][2:] == ["0.688", "9.500", "0.656", "+0.125", "+0.125"]
+    assert "objective minus that of the best source alone (source: expert_b)" in text
 
 
 def test_summary_header_counts_recipe_failures_and_dashboard(report: tuple[Path, Path]) -> None:
@@ -177,6 +189,45 @@ def test_trials_csv_has_every_trial(report: tuple[Path, Path]) -> None:
         assert (float(row["merge s"]), float(row["eval s"])) == (merge_s, eval_s)
     assert float(rows[4]["test acc"]) == 0.65625 and rows[2]["test acc"] == ""
     assert rows[7]["state"] == "FAIL" and rows[7]["objective"] == "" and rows[7]["error"].startswith("MergeError")
+
+
+def optuna_importances(trials: list[optuna.trial.FrozenTrial]) -> dict[str, float]:
+    """Optuna's own fANOVA importances (seed 0) of a study holding exactly ``trials``."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(trials)
+    return optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def test_importances_are_optunas_over_the_search_trials(report: tuple[Path, Path]) -> None:
+    run, out = report
+    text = (out / "summary.md").read_text()
+    assert "over the 4 completed search trials, 3 parameters; baselines excluded" in text
+    assert "Warning" not in text  # 4 trials for 3 parameters
+    header, rows = markdown_rows(text, "Parameter importances")
+    assert header == ["parameter", "importance"]
+    search = [t for t in load_study(run).get_trials() if t.user_attrs["kind"] == "search" and t.params]
+    expected = optuna_importances(search)
+    assert [row[0] for row in rows] == sorted(expected, key=expected.__getitem__, reverse=True)
+    assert {row[0]: row[1] for row in rows} == {p: f"{v:.3f}" for p, v in expected.items()}
+
+
+def test_importances_warn_with_fewer_search_trials_than_parameters(tmp_path: Path) -> None:
+    study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
+    for value, (w_a, w_b, lam) in ((0.25, (0.5, -0.5, 1.0)), (0.75, (-0.25, 0.25, 0.5))):
+        study.add_trial(create_trial(value=value, params={"w_a": w_a, "w_b": w_b, "lam": lam}, distributions=DIST,
+                                     user_attrs={"kind": "search", "recipe": ta_recipe(w_a, w_b, lam)}))
+    # a baseline enqueued with parameters, as a search enqueues them: Optuna's importances over every trial (what
+    # optuna-dashboard shows) count it, the report's do not
+    study.add_trial(create_trial(value=1.0, params={"w_a": 1.0, "w_b": 0.0, "lam": 1.0}, distributions=DIST,
+                                 user_attrs={"kind": "baseline:uniform", "recipe": ta_recipe(1.0, 0.0, 1.0)}))
+    text = write_report(study, tmp_path / "report").read_text()
+    assert ("**Warning:** only 2 search trials for 3 parameters: too few to tell the parameters apart, read these "
+            "importances as noise.") in text
+    _, rows = markdown_rows(text, "Parameter importances")
+    expected = optuna_importances(study.get_trials()[:2])
+    assert {row[0]: row[1] for row in rows} == {p: f"{v:.3f}" for p, v in expected.items()}
+    assert optuna_importances(study.get_trials()) != expected
 
 
 # ----------------------------------------------------------------------------------------- layer table
@@ -242,7 +293,7 @@ def test_multi_objective_pareto(tmp_path: Path) -> None:
     listed = re.search(r"- Pareto-optimal trials: (.*)", text).group(1)  # type: ignore[union-attr]
     assert listed == "#4, #1, #2, #0"  # highest first objective first
     header, rows = markdown_rows(text, "Best vs baselines")
-    assert header[2:4] == ["objective: acc", "objective: speed"]
+    assert header[2:4] == ["val objective: acc", "val objective: speed"]
     assert [(r[0], r[1]) for r in rows] == [("pareto (search)", "#4"), ("pareto (search)", "#1"),
                                             ("pareto (search)", "#2"), ("pareto (uniform)", "#0"), ("uniform", "#0")]
     for row in rows:
@@ -274,6 +325,27 @@ def test_report_of_a_study_without_completed_trials(tmp_path: Path) -> None:
     text = write_report(study, tmp_path / "report").read_text()
     assert "- Best trial: none yet (no completed trial)" in text and "- #0 (uniform): OOM" in text
     assert not any((tmp_path / "report").glob("*.png"))
+
+
+def test_one_metric_per_task_and_number_formats() -> None:
+    names = ["zoo_add/acc", "zoo_add/acc_norm", "zoo_sub/acc", "zoo_sub/acc_norm", "gsm8k/exact_match,strict-match",
+             "gsm8k/exact_match,flexible-extract", "ppl"]
+    assert task_metrics(names, ["zoo_sub/acc_norm"]) == ["zoo_add/acc", "zoo_sub/acc_norm",
+                                                          "gsm8k/exact_match,strict-match", "ppl"]
+    assert [format_seconds(s) for s in (4.25, 60.4, 723.0, 7530.0)] == ["4.2 s", "1 min 00 s", "12 min 03 s",
+                                                                       "2 h 05 min"]
+
+
+def test_wall_time_spans_first_start_to_last_end(tmp_path: Path) -> None:
+    study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
+    start = datetime(2026, 1, 1, 12, 0, 0)
+    for i, (begin, end) in enumerate(((0, 30), (20, 95), (100, 763))):
+        trial = create_trial(value=0.5, user_attrs={"kind": "search", "recipe": ta_recipe(0.5, 0.5, 1.0)})
+        trial.datetime_start, trial.datetime_complete = (start + timedelta(seconds=begin),
+                                                         start + timedelta(seconds=end))
+        study.add_trial(trial)
+    assert "- Wall time: 12 min 43 s (first trial start to last trial end" in write_report(
+        study, tmp_path / "report").read_text()
 
 
 def test_kind_labels() -> None:
@@ -324,8 +396,9 @@ def test_dashboard_command_masks_a_password() -> None:
 
 
 def test_test_stderr_gets_a_column_beside_its_metric(tmp_path: Path) -> None:
-    """Standard errors stored with test results (the study's test:<n>, a reference's record) are shown in a
-    ``test <metric> ±`` column next to the metric; rows without one show the missing mark."""
+    """Standard errors stored with test results (the study's test:<n>, a reference's record) are shown as
+    ``value ± stderr`` in the summary and in a ``test <metric> ±`` column of trials.csv; rows without one show the
+    value alone."""
     from evomerge.search import trials as records
 
     study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
@@ -338,9 +411,11 @@ def test_test_stderr_gets_a_column_beside_its_metric(tmp_path: Path) -> None:
                                stderr={"acc": 0.0625})
     text = write_report(study, tmp_path / "report", title="stderr").read_text()
     header, table = markdown_rows(text, "Best vs baselines")
-    assert header[header.index("test acc") + 1] == "test acc ±"
-    column = header.index("test acc ±")
+    column = header.index("test objective")  # the objective is acc: its stderr is the objective's
     rows = {row[0]: row for row in table}
-    assert float(rows["best (search)"][column]) == 0.03125
-    assert float(rows["uniform (linear, outside the space)"][column]) == 0.0625
-    assert rows["source: expert_b"][column] == "—"
+    assert rows["best (search)"][column] == "0.656 ± 0.031"
+    assert rows["uniform (linear, outside the space)"][column] == "0.469 ± 0.062"
+    assert rows["source: expert_b"][column] == "0.531"
+    with (tmp_path / "report" / "trials.csv").open() as f:  # the CSV keeps the full columns
+        csv_rows = list(csv.DictReader(f))
+    assert float(csv_rows[4]["test acc ±"]) == 0.03125 and csv_rows[1]["test acc ±"] == ""

@@ -125,8 +125,10 @@ def test_kill_9_mid_trial_then_resume(family, tmp_path):
     assert retry.user_attrs["recipe"] == killed.user_attrs["recipe"]
     assert retry.user_attrs["kind"] == killed.user_attrs["kind"]
     states = [t.state for t in trials]
-    assert states.count(TrialState.COMPLETE) == N_TRIALS and states.count(TrialState.FAIL) == 1
-    assert len(trials) == N_TRIALS + 1
+    kinds = [t.user_attrs["kind"] for t in trials if t.state == TrialState.COMPLETE]
+    # n_trials counts searched trials; the baselines (each source alone, uniform, defaults) run on top of them
+    assert kinds.count("search") == N_TRIALS and len(kinds) == N_TRIALS + 4 and states.count(TrialState.FAIL) == 1
+    assert len(trials) == N_TRIALS + 4 + 1
     # the re-run evaluated only what was missing: each new trial once, the two kept ones not again
     (rerun_calls,) = logged_calls(second_logs).values()
     assert sorted(rerun_calls) == sorted(t.value for t in trials

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -11,8 +12,9 @@ from tiny_models import tiny_family
 from transformers import AutoModelForCausalLM
 
 from evomerge.recipe import Recipe, load_recipe
+from evomerge.report import trials_dataframe
 from evomerge.search.config import RunConfig
-from evomerge.search.study import run_search, run_soup
+from evomerge.search.study import objective_labels, run_search, run_soup, trial_plan
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -35,13 +37,17 @@ def load(cfg: RunConfig) -> optuna.Study:
     return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
 
 
-def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
+def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     cfg = config(family, tmp_path)
-    summary = run_search(cfg, progress=False)
+    with caplog.at_level("INFO", logger="evomerge.search.study"):
+        summary = run_search(cfg, progress=False)
+    assert "6 searched trials + 5 baselines" in caplog.messages  # printed at start
     study = load(cfg)
     trials = study.get_trials()
-    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
     kinds = [t.user_attrs["kind"] for t in trials]
+    # n_trials: 6 searched trials, the baselines on top (3 sources alone, uniform, defaults)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 11
+    assert kinds.count("search") == 6 and len(kinds) == 6 + 5
     # baselines first: each source alone, the uniform average, the method defaults
     assert kinds[:3] == [f"baseline:source:{Path(p).name}" for p in family[1]] or kinds[0].startswith("baseline")
     assert any(k == "baseline:uniform" for k in kinds)
@@ -51,6 +57,9 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
         assert t.value == pytest.approx(t.user_attrs["metrics"]["norm_sum"])
     best = max(trials, key=lambda t: t.value)
     assert summary["best_trial"] == best.number
+    # a new study: the parameters are named for what they are (naming version 2)
+    assert study.user_attrs["param_naming"] == 2
+    assert set(best.params) == {"lambda", *(f"weight[{Path(p).name}]" for p in family[1])}
     run = Path(cfg.out)
     assert load_recipe(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
     assert yaml.safe_load((run / "best_recipe.mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
@@ -62,6 +71,56 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path):
     assert best.number in tested
     assert {t.number for t in trials if t.user_attrs["kind"].startswith("baseline")} <= tested
     assert (run / "report" / "summary.md").is_file()
+    # Optuna's own dataframe names the objective and holds every validation metric as a column; evomerge's adds the
+    # test scores, which the study keeps (finished trials are read-only)
+    assert study.metric_names == ["norm_sum"]
+    frame = study.trials_dataframe()
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert list(complete["value_norm_sum"]) == pytest.approx(list(complete["user_attrs_val/norm_sum"]))
+    assert frame.sort_values("user_attrs_val/norm_sum", ascending=False)["number"].iloc[0] == best.number
+    frame = trials_dataframe(study)
+    tested_frame = frame.dropna(subset=["test/objective"])
+    assert set(tested_frame["number"]) == tested
+    for number, value, norm_sum in zip(tested_frame["number"], tested_frame["test/objective"],
+                                       tested_frame["test/norm_sum"]):
+        assert value == norm_sum == study.user_attrs[f"test:{number}"]["objective"]
+
+
+def test_config_callbacks_see_every_trial(family, tmp_path):
+    import recording_callbacks
+
+    recording_callbacks.SEEN.clear()
+    cfg = config(family, tmp_path, n_trials=2, baselines=False, callbacks=["recording_callbacks:recorder"])
+    run_search(cfg, progress=False, export=False)
+    assert recording_callbacks.SEEN == [(t.number, t.state.name, t.value) for t in load(cfg).get_trials()]
+    assert len(recording_callbacks.SEEN) == 2
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("recording_callbacks", "write 'module:factory'"),
+    ("no_such_module_xyz:f", "No module named 'no_such_module_xyz'; is the module installed or on PYTHONPATH?"),
+    ("recording_callbacks:missing", "has no attribute 'missing'"),
+    ("recording_callbacks:not_a_factory", "not_a_factory() returned int 3, not a callback"),
+])
+def test_bad_callbacks_entry_fails_before_any_study(family, tmp_path, entry, message):
+    cfg = config(family, tmp_path, callbacks=[entry])
+    with pytest.raises(ValueError, match=re.escape(f"callbacks entry {entry!r}: ")) as err:
+        run_search(cfg, progress=False)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (Path(cfg.out) / "study.db").exists()
+
+
+def test_trial_plan_line():
+    assert trial_plan(40, 6, 0) == "40 searched trials + 6 baselines"
+    assert trial_plan(40, 1, 2, done=12) == ("40 searched trials + 1 baseline (+ 2 references outside the space, "
+                                             "scored beside the study); 12 searched already")
+
+
+def test_objective_labels_name_the_mean_that_makes_the_objective():
+    assert objective_labels(["zoo_add/acc"], None, 1) == ["zoo_add/acc"]
+    assert objective_labels(["a/acc", "b/acc"], None, 1) == ["mean(a/acc, b/acc)"]
+    assert objective_labels(["a/acc", "b/acc"], (0.75, 0.25), 1) == ["weighted mean(0.75 a/acc, 0.25 b/acc)"]
+    assert objective_labels(["a/acc", "b/acc"], (0.75, 0.25), 2) == ["a/acc", "b/acc"]
 
 
 def test_source_alone_baseline_reproduces_the_source(family, tmp_path, caplog):
@@ -97,7 +156,7 @@ def test_resume_and_same_seed_same_proposals(family, tmp_path):
     resumed = config(family, tmp_path / "a", n_trials=7)
     run_search(resumed, progress=False, export=False)
     after = load(resumed).get_trials()
-    assert len(after) == 7 and [t.params for t in after[:5]] == before
+    assert len(after) == 7 + 5 and [t.params for t in after[:10]] == before  # 5 baselines on top
     again = config(family, tmp_path / "b", n_trials=5)
     run_search(again, progress=False, export=False)
     assert [t.params for t in load(again).get_trials()] == before
@@ -175,7 +234,7 @@ def test_successive_halving_prunes_on_fidelity_levels(family, tmp_path):
             assert t.intermediate_values[1] == pytest.approx(t.value - 0.75)
         else:  # baselines are never pruned: scored once, in full
             assert t.intermediate_values == {}
-    assert len(pruned) + len(complete) == 10
+    assert len(pruned) + len([t for t in complete if t.user_attrs["kind"] == "search"]) == 10
 
 
 def test_lower_is_better_objective_is_minimized(family, tmp_path):

@@ -12,7 +12,14 @@ from optuna.trial import FixedTrial
 
 from evomerge.methods import METHODS, MergeMethod, get_method, validate_params
 from evomerge.recipe import Recipe, resolve_params
-from evomerge.search.space import ModelSet, SearchSpace, SpaceError, source_alone_targets, uniform_targets
+from evomerge.search.space import (
+    NAMING,
+    ModelSet,
+    SearchSpace,
+    SpaceError,
+    source_alone_targets,
+    uniform_targets,
+)
 from evomerge.stacking import layer_plan
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
@@ -58,21 +65,32 @@ def dyadic(*shape: int, seed: int) -> torch.Tensor:
     return torch.randint(-64, 64, shape, generator=torch.Generator().manual_seed(seed)).float() / 16
 
 
+HALVES = ["[layers 0-1]", "[layers 2-3]"]  # the layer ranges of 2 groups over 4 layers
+
+
 def space(**data: object) -> SearchSpace:
     return SearchSpace.from_dict(data)
+
+
+def names_of(sp: SearchSpace, models: ModelSet, naming: int = NAMING) -> list[str]:
+    """The trial parameter names a space suggests, through a trial of a study in memory."""
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(0)).ask()
+    sp.suggest(trial, models, naming)
+    return list(trial.params)
 
 
 # ------------------------------------------------------------------------------------------- resolution
 def test_step_groups_and_filters_from_fixed_trial():
     sp = space(method="ties", layer_groups=2, filters=["self_attn"],
                parameters={"weight": {"low": 0.0, "high": 1.0}, "density": "search", "lambda": 0.75})
-    # weight/s<i>/g<g>/<f> = i/4 + g/16 + (f == default)/64 (exact in binary); density the same minus 1/8.
+    # weight[<source i>][<f>][<group g>] = i/4 + g/16 + (f == default)/64 (exact in binary); density the same + 1/8.
     params = {}
     for i in range(3):
         for g in range(2):
             for j, f in enumerate(["self_attn", "default"]):
-                params[f"weight/s{i}/g{g}/{f}"] = i / 4 + g / 16 + j / 64
-                params[f"density/s{i}/g{g}/{f}"] = i / 4 + g / 16 + j / 64 + 1 / 8
+                params[f"weight[{'abc'[i]}][{f}]{HALVES[g]}"] = i / 4 + g / 16 + j / 64
+                params[f"density[{'abc'[i]}][{f}]{HALVES[g]}"] = i / 4 + g / 16 + j / 64 + 1 / 8
+    assert set(params) == set(names_of(sp, MODELS))
     recipe = sp.suggest(FixedTrial(params), MODELS)
     assert recipe.method == "ties" and recipe.base == "zoo/base"
     assert [s.model for s in recipe.sources] == MODELS.sources
@@ -91,18 +109,20 @@ def test_step_groups_and_filters_from_fixed_trial():
 def test_uneven_groups_all_clamp_and_scalar():
     # L = 4, G = 3: group of layer l = floor(3 l / 4) = 0, 0, 1, 2.
     sp = space(method="linear", layer_groups=3, parameters={"weight": "search"})
-    params = {f"weight/s{i}/g{g}": 0.25 + i / 2 + g / 8 for i in range(3) for g in range(3)}
+    params = {f"weight[{'abc'[i]}]{layers}": 0.25 + i / 2 + g / 8 for i in range(3)
+              for g, layers in enumerate(["[layers 0-1]", "[layer 2]", "[layer 3]"])}
+    assert set(params) == set(names_of(sp, MODELS))
     recipe = sp.suggest(FixedTrial(params), MODELS)
     assert recipe.sources[1].parameters["weight"] == [0.75, 0.75, 0.875, 1.0]
     # `all` and a group count above the depth both give one group per layer.
     for groups in ("all", 9):
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(0)).ask()
         recipe = space(method="linear", layer_groups=groups, parameters={"weight": "search"}).suggest(trial, MODELS)
-        assert sorted(trial.params) == sorted(f"weight/s{i}/g{g}" for i in range(3) for g in range(4))
-        assert recipe.sources[2].parameters["weight"] == [trial.params[f"weight/s2/g{g}"] for g in range(4)]
-    # One group: a scalar per source.
+        assert sorted(trial.params) == sorted(f"weight[{s}][layer {g}]" for s in "abc" for g in range(4))
+        assert recipe.sources[2].parameters["weight"] == [trial.params[f"weight[c][layer {g}]"] for g in range(4)]
+    # One group: a scalar per source, no layer range in the name.
     recipe = space(method="linear", parameters={"weight": "search"}).suggest(
-        FixedTrial({"weight/s0/g0": 0.5, "weight/s1/g0": 1.5, "weight/s2/g0": 2.0}), MODELS)
+        FixedTrial({"weight[a]": 0.5, "weight[b]": 1.5, "weight[c]": 2.0}), MODELS)
     assert [s.parameters["weight"] for s in recipe.sources] == [0.5, 1.5, 2.0]
 
 
@@ -110,7 +130,8 @@ def test_gradient_profile_and_layerwise_switches():
     sp = space(method="slerp", layer_groups=3, layer_profile="gradient",
                parameters={"t": {"low": 0.0, "high": 1.0, "layerwise": True}})
     five = ModelSet(base=None, sources=["a", "b"], num_layers=5)
-    recipe = sp.suggest(FixedTrial({"t/g0": 0.0, "t/g1": 0.5, "t/g2": 0.75}), five)
+    # anchor g of 3 over 5 layers sits at layer g * 4 / 2
+    recipe = sp.suggest(FixedTrial({"t[at layer 0]": 0.0, "t[at layer 2]": 0.5, "t[at layer 4]": 0.75}), five)
     assert recipe.parameters == {"t": [0.0, 0.5, 0.75]}  # anchors at positions 0, 0.5, 1
     # Layer 1 of 5 sits at position 0.25, half-way between the first two anchors.
     assert resolved(recipe, "model.layers.1.mlp.up_proj.weight", 5)["t"] == pytest.approx(0.25)
@@ -118,7 +139,9 @@ def test_gradient_profile_and_layerwise_switches():
     # layerwise false on a per-source parameter; true on a global one.
     sp = space(method="task_arithmetic", layer_groups=2,
                parameters={"weight": {"layerwise": False}, "lambda": {"low": 0.5, "high": 1.5, "layerwise": True}})
-    params = {"weight/s0": -1.0, "weight/s1": 0.5, "weight/s2": 2.0, "lambda/g0": 0.5, "lambda/g1": 1.5}
+    params = {"weight[a]": -1.0, "weight[b]": 0.5, "weight[c]": 2.0, "lambda[layers 0-1]": 0.5,
+              "lambda[layers 2-3]": 1.5}
+    assert set(params) == set(names_of(sp, MODELS))
     recipe = sp.suggest(FixedTrial(params), MODELS)
     assert [s.parameters["weight"] for s in recipe.sources] == [-1.0, 0.5, 2.0]  # registry range [-2, 2]
     assert recipe.parameters == {"lambda": [0.5, 0.5, 1.5, 1.5]}
@@ -127,13 +150,13 @@ def test_gradient_profile_and_layerwise_switches():
 def test_method_choice_conditional_params():
     sp = SearchSpace.from_yaml(SPACES / "method_choice.yaml")
     ta = {"method": "task_arithmetic", "task_arithmetic/lambda": 1.25,
-          **{f"task_arithmetic/weight/s{i}": 0.25 * i for i in range(3)}}
+          **{f"task_arithmetic/weight[{s}]": 0.25 * i for i, s in enumerate("abc")}}
     recipe = sp.suggest(FixedTrial(ta), MODELS)
     assert recipe.method == "task_arithmetic"
     assert recipe.parameters == {"lambda": 1.25}
     assert [s.parameters for s in recipe.sources] == [{"weight": 0.0}, {"weight": 0.25}, {"weight": 0.5}]
     ties = {"method": "ties", "ties/lambda": 0.5}
-    ties |= {f"ties/{p}/s{i}/g{g}": 0.25 + i / 8 + g / 16 for p in ("weight", "density")
+    ties |= {f"ties/{p}[{'abc'[i]}]{HALVES[g]}": 0.25 + i / 8 + g / 16 for p in ("weight", "density")
              for i in range(3) for g in range(2)}
     recipe = sp.suggest(FixedTrial(ties), MODELS)
     assert recipe.parameters == {"lambda": 0.5}
@@ -169,9 +192,44 @@ def test_random_sampler_is_deterministic_and_recipe_mirrors_params():
     assert [r for _, r in a] != [r for _, r in c]
     for params, recipe in a:  # 4 groups over 4 layers: layer l holds group l's value
         for i, source in enumerate(recipe.sources):
-            assert source.parameters["weight"] == [params[f"weight/s{i}/g{g}"] for g in range(4)]
-            assert source.parameters["density"] == [params[f"density/s{i}/g{g}"] for g in range(4)]
+            assert source.parameters["weight"] == [params[f"weight[{'abc'[i]}][layer {g}]"] for g in range(4)]
+            assert source.parameters["density"] == [params[f"density[{'abc'[i]}][layer {g}]"] for g in range(4)]
             assert all(0.1 <= d <= 1.0 for d in source.parameters["density"])
+
+
+def test_parameter_names_say_source_filter_and_layer_range():
+    experts = ModelSet(base="zoo/base", sources=["zoo/expert_math", "zoo/expert_code"], num_layers=16)
+    sp = space(method="dare_ties", layer_groups=2, filters=["mlp"],
+               parameters={"weight": "search", "density": "search", "lambda": {"low": 0.5, "high": 1.5}})
+    names = names_of(sp, experts)
+    assert "density[expert_math][mlp][layers 0-7]" in names and "weight[expert_code][default][layers 8-15]" in names
+    assert sorted(names) == sorted([f"{p}[{s}][{f}][layers {r}]" for p in ("weight", "density")
+                                    for s in ("expert_math", "expert_code") for f in ("mlp", "default")
+                                    for r in ("0-7", "8-15")] + ["lambda"])
+    # gradient anchors: anchor g of 3 over 4 layers sits at layer 1.5 g
+    sp = space(method="slerp", layer_groups=3, layer_profile="gradient",
+               parameters={"t": {"low": 0.0, "high": 1.0, "layerwise": True}})
+    assert names_of(sp, ModelSet(base=None, sources=["x/a", "y/a"], num_layers=4)) == [
+        "t[at layer 0]", "t[at layer 1.5]", "t[at layer 3]"]
+    # two sources with one dir name are named by their paths; one path listed twice, by index too
+    sp = space(method="linear", parameters={"weight": "search"})
+    assert names_of(sp, ModelSet(base=None, sources=["x/a", "y/a"], num_layers=4)) == ["weight[x/a]", "weight[y/a]"]
+    assert names_of(sp, ModelSet(base=None, sources=["x/a", "x/a"], num_layers=4)) == ["weight[0:x/a]",
+                                                                                         "weight[1:x/a]"]
+
+
+def test_naming_version_1_keeps_the_index_names_of_old_studies():
+    sp = space(method="ties", layer_groups=2, filters=["self_attn"],
+               parameters={"weight": "search", "density": 1.0, "lambda": {"low": 0.5, "high": 1.5,
+                                                                           "layerwise": True}})
+    assert names_of(sp, PAIR, naming=1) == [f"{p}{s}/g{g}/{f}" for p, sources in (("weight", ("/s0", "/s1")),
+                                                                                ("lambda", ("",)))
+                                            for s in sources for g in (0, 1) for f in ("self_attn", "default")]
+    # the baselines of an old study are enqueued with its own names, and give the same recipe as the new names
+    old, new = (dict(sp.baseline_params(PAIR, naming)) for naming in (1, NAMING))
+    assert old["source:b"]["weight/s1/g0/self_attn"] == 1.0
+    assert new["source:b"]["weight[b][self_attn][layers 0-1]"] == 1.0
+    assert sp.suggest(FixedTrial(old["source:b"]), PAIR, 1) == sp.suggest(FixedTrial(new["source:b"]), PAIR)
 
 
 # -------------------------------------------------------------------------------------------- baselines
@@ -258,7 +316,7 @@ def test_baselines_outside_the_space_are_skipped_with_a_reason(caplog):
     with caplog.at_level(logging.DEBUG, logger="evomerge.search.space"):
         labels = [label for label, _ in sp.baseline_params(MODELS)]
     assert labels == ["defaults"]  # weight 0 is outside [0.25, 1]; 1/3 is off the 0.25 grid; lambda is not searched
-    assert "weight/s1/g0 = 0.0, outside the space's range [0.25, 1.0]" in caplog.text
+    assert "weight[b] = 0.0, outside the space's range [0.25, 1.0]" in caplog.text
     assert "needs lambda = 0.3333333333333333; the space leaves it at its default 1.0" in caplog.text
 
 

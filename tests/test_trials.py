@@ -31,10 +31,10 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
         evaluator={"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]},
         n_trials=3, out=str(tmp_path / "run"), device="cpu", seed=1, baselines=False))
     space = SearchSpace.from_yaml(cfg.space)
-    params = {"weight/s0": 0.25, "weight/s1": 0.75, "lambda": 1.0}
+    params = {"weight/s0": 0.25, "weight/s1": 0.75, "lambda": 1.0}  # the names of naming version 1
     distributions = _distributions(space, fts, base)
-    assert set(params) == set(distributions)  # the space's own parameter names
-    recipe = space.suggest(FixedTrial(params), ModelSet(base=base, sources=fts, num_layers=2))
+    assert set(params) == set(distributions)
+    recipe = space.suggest(FixedTrial(params), ModelSet(base=base, sources=fts, num_layers=2), naming=1)
     recipe = recipe.model_copy(update={"seed": cfg.seed, "dtype": cfg.dtype}).model_dump(mode="json")
 
     Path(cfg.out).mkdir(parents=True)
@@ -63,9 +63,14 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
     assert records.trial_error(trials[1]) == "RuntimeError: planted old failure"
     assert records.trial_kind(trials[1]) == "baseline:uniform" and records.is_baseline(trials[1])
     for new in trials[2:]:  # the new trials are written with the same keys
-        assert set(new.user_attrs) == {"recipe", "kind", "metrics", "merge_seconds", "eval_seconds"}
+        metrics = new.user_attrs["metrics"]
+        assert set(new.user_attrs) == {"recipe", "kind", "metrics", "merge_seconds", "eval_seconds",
+                                       *(f"val/{m}" for m in metrics)}
+        assert {m: new.user_attrs[f"val/{m}"] for m in metrics} == metrics
         assert new.user_attrs["metrics"]["norm_sum"] == pytest.approx(new.value)
+        assert set(new.params) == set(params)  # and keep the old study's parameter names
     attrs = optuna.load_study(study_name="old", storage=cfg.storage_url).user_attrs
+    assert "param_naming" not in attrs  # a resumed study keeps its description: version 1 (index names)
     # the final test scoring re-merged the old recipe: the true norm sum of base + 0.25 τ0 + 0.75 τ1
     true_value = attrs["test:0"]["objective"]
     assert attrs["test:0"]["metrics"]["norm_sum"] == true_value != OLD_BEST
@@ -73,8 +78,8 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
     assert attrs["reference:outside"]["values"] == [7.5]
 
     report = Path(summary["report"]).read_text()
-    assert "| best (search) | #0 | 1e+06 | 1e+06 |" in report
-    assert "| outside (linear, outside the space) | — | 7.5 | 7.5 |" in report
+    assert f"| best (search) | #0 | 1e+06 | {true_value:.3f} |" in report
+    assert f"| outside (linear, outside the space) | — | 7.500 | {true_value:.3f} |" in report
     assert "- #1 (uniform): RuntimeError: planted old failure" in report
     assert "kind search, space task_arithmetic.yaml" in report
     with open(Path(summary["report"]).parent / "trials.csv") as f:
@@ -86,5 +91,5 @@ def test_a_study_written_with_the_old_keys_resumes_and_reports(tmp_path):
 def _distributions(space: SearchSpace, fts: list[str], base: str) -> dict[str, BaseDistribution]:
     """The distribution of every parameter the space suggests, recorded through a trial of a study in memory."""
     trial = optuna.create_study().ask()
-    space.suggest(trial, ModelSet(base=base, sources=fts, num_layers=2))
+    space.suggest(trial, ModelSet(base=base, sources=fts, num_layers=2), naming=1)
     return dict(trial.distributions)

@@ -49,6 +49,8 @@ class RunConfig(BaseModel):
     calibration: CalibrationData | None = Field(None, description="text for Fisher / RegMean statistics")
     multi_objective: bool = Field(False, description="optimize the evaluator's metric vector (NSGA-II by default)")
     accept: Literal[">", ">="] = Field(">", description="greedy soup acceptance (soup only)")
+    callbacks: list[str] = Field(default_factory=list, description="Optuna callbacks, 'module:factory' entries: "
+                                 "factory() returns a callback(study, frozen_trial) called after every trial")
 
     @model_validator(mode="after")
     def _fidelities(self) -> RunConfig:

@@ -45,9 +45,19 @@ group ``floor(l·G/L)``. A layerwise value becomes, per filter,
 Tensors outside the stack (embeddings, final norm, head) take the value at its start, as in mergekit. With ``filters``
 the value is ``{f1: ..., f2: ..., default: ...}``; ``default`` (also searched) covers every tensor no filter matches.
 
-Trial parameter names: ``<param>[/s<source>][/g<group>][/<filter>]``, e.g. ``weight/s0/g1/mlp``, ``density/s2/g0``,
-``lambda``, ``t/g3/self_attn``; with a method choice the method's parameters are prefixed by its name
-(``dare_ties/density/s0/g1``) so that each method's values are modelled separately, and ``method`` holds the choice.
+Trial parameter names say what a value is, so that optuna-dashboard and importances read without evomerge:
+``<param>[<source>][<filter>][<layers>]``, e.g. ``weight[expert_math][layers 8-15]``,
+``density[expert_math][mlp][layers 0-7]``, ``lambda``, ``t[self_attn][layer 3]``. ``<source>`` is the source's label
+(:func:`~evomerge.recipe.schema.model_labels`; ``<index>:<label>`` where a source is listed twice); ``<layers>`` is
+the layer range of the group (left out with one group), ``at layer <x>`` for a gradient anchor (anchor ``g`` of
+``G`` sits at layer ``g·(L − 1)/(G − 1)``). With a method choice the method's parameters are prefixed by its name
+(``dare_ties/density[expert_math][layers 0-7]``) so that each method's values are modelled separately, and
+``method`` holds the choice.
+
+Studies written before these names (naming version 1; :data:`NAMING` is today's) keep theirs:
+``<param>[/s<source index>][/g<group>][/<filter>]`` (``weight/s0/g1/mlp``); the run passes the study's version
+(study user_attr ``param_naming``, :func:`evomerge.search.trials.param_naming`) to :meth:`SearchSpace.suggest`, so a
+resumed study goes on with the names its trials have.
 
 Checked at load, with an error naming the file, the entry and the fix: unknown keys, unknown methods or parameters,
 ranges outside the registry's valid range, booleans searched as floats, a missing required parameter (slerp ``t``),
@@ -100,6 +110,8 @@ from evomerge.yamlfile import load_yaml
 log = logging.getLogger(__name__)
 
 Cell = tuple[Union[int, None], Union[str, None]]  # (layer group, filter) of one searched value; None = not split
+#: The trial parameter naming new studies get (module docstring); 1: the index names of studies written before it.
+NAMING = 2
 
 
 class SpaceError(ValueError):
@@ -225,10 +237,24 @@ class _Layout:
             return [(None, None)]
         return [(g, f) for g in range(self.groups) for f in (self.filters or (None,))]
 
-    @staticmethod
-    def suffix(cell: Cell) -> str:
+    def suffix(self, cell: Cell, naming: int) -> str:
+        """The part of a trial parameter name that says which layers and tensors ``cell`` covers."""
         group, filter_ = cell
-        return ("" if group is None else f"/g{group}") + ("" if filter_ is None else f"/{filter_}")
+        if naming == 1:
+            return ("" if group is None else f"/g{group}") + ("" if filter_ is None else f"/{filter_}")
+        return ("" if filter_ is None else f"[{filter_}]") + ("" if group is None else self.layers(group))
+
+    def layers(self, group: int) -> str:
+        """``[layers a-b]`` (``[layer a]``) of a step group, ``[at layer x]`` of a gradient anchor, ``""`` when one
+        group covers the whole stack."""
+        groups = self.groups or 1
+        if groups == 1:
+            return ""
+        if self.gradient:  # anchors spread evenly over positions 0..1, i.e. layers 0..L-1 (>= 1 layer apart)
+            return f"[at layer {round(group * (self.num_layers - 1) / (groups - 1), 1):g}]"
+        members = [layer for layer in range(self.num_layers) if layer * groups // self.num_layers == group]
+        first, last = members[0], members[-1]
+        return f"[layer {first}]" if first == last else f"[layers {first}-{last}]"
 
     def assemble(self, values: Mapping[Cell, Scalar]) -> ParamValue:
         """The recipe value of one parameter from its cell values (module docstring: step / gradient)."""
@@ -373,17 +399,18 @@ class MergeSpace(StrictModel):
                        models.num_layers, self.layer_profile == "gradient")
 
     def _names(
-        self, method: str, param: Param, spec: ParamSpec, models: ModelSet
+        self, method: str, param: Param, spec: ParamSpec, models: ModelSet, naming: int
     ) -> list[tuple[int | None, Cell, str]]:
-        """(source index or None, cell, trial param name) of every searched value of ``param``."""
+        """(source index or None, cell, trial param name) of every searched value of ``param`` (module docstring)."""
         prefix = f"{method}/" if self.is_choice else ""
         layout = self._layout(spec, models)
         sources: list[int | None] = list(range(len(models.sources))) if param.per_source else [None]
-        return [(i, cell, f"{prefix}{param.name}{'' if i is None else f'/s{i}'}{layout.suffix(cell)}")
+        labels = _source_names(models.sources, naming)
+        return [(i, cell, f"{prefix}{param.name}{'' if i is None else labels[i]}{layout.suffix(cell, naming)}")
                 for i in sources for cell in layout.cells()]
 
     # ---------------------------------------------------------------------------------------- suggestion
-    def suggest(self, trial: optuna.Trial, models: ModelSet) -> Recipe:
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> Recipe:
         for name in self.methods:
             _check_models(get_method(name), models)
         name = trial.suggest_categorical("method", self.methods) if self.is_choice else self.methods[0]
@@ -396,7 +423,7 @@ class MergeSpace(StrictModel):
                 shared[pname] = spec.value
                 continue
             cells: dict[int | None, dict[Cell, Scalar]] = {}
-            for i, cell, trial_name in self._names(name, param, spec, models):
+            for i, cell, trial_name in self._names(name, param, spec, models, naming):
                 cells.setdefault(i, {})[cell] = _suggest_one(trial, trial_name, spec)
             layout = self._layout(spec, models)
             for i, values in cells.items():
@@ -407,7 +434,7 @@ class MergeSpace(StrictModel):
         )
 
     # ----------------------------------------------------------------------------------------- baselines
-    def baseline_params(self, models: ModelSet) -> list[tuple[str, dict[str, Any]]]:
+    def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         n = len(models.sources)
         wanted: list[tuple[str, list[tuple[str, dict[str, object]]]]] = []
         for i, label in enumerate(model_labels(models.sources)):
@@ -426,7 +453,7 @@ class MergeSpace(StrictModel):
             reasons = []
             for method, target in candidates:
                 try:
-                    out.append((label, self._fit(method, target, models)))
+                    out.append((label, self._fit(method, target, models, naming)))
                     break
                 except _NoFit as why:
                     reasons.append(f"{method}: {why}")
@@ -435,7 +462,7 @@ class MergeSpace(StrictModel):
                           "; ".join(reasons) or f"not expressible exactly with {', '.join(self.methods)}")
         return out
 
-    def _fit(self, name: str, target: Mapping[str, object], models: ModelSet) -> dict[str, Any]:
+    def _fit(self, name: str, target: Mapping[str, object], models: ModelSet, naming: int) -> dict[str, Any]:
         """Trial params that make :meth:`suggest` give ``target`` (per-source values as lists; absent = any)."""
         method = get_method(name)
         try:
@@ -457,13 +484,22 @@ class MergeSpace(StrictModel):
                     how = f"leaves it at its default {param.default}" if spec is None else f"fixes it at {spec.value}"
                     raise _NoFit(f"needs {param.name} = {want}; the space {how}")
                 continue
-            for i, _, trial_name in self._names(name, param, spec, models):
+            for i, _, trial_name in self._names(name, param, spec, models, naming):
                 value = want[i] if isinstance(want, list) and i is not None else want
                 value = _any_value(spec, param) if value is None else value
                 if not spec.contains(value):
                     raise _NoFit(f"needs {trial_name} = {value}, outside the space's {spec.describe()}")
                 params[trial_name] = value
         return params
+
+
+def _source_names(sources: Sequence[str], naming: int) -> list[str]:
+    """The source part of trial parameter names: ``[<label>]`` (``[<index>:<label>]`` for a source listed twice),
+    ``/s<index>`` in naming version 1."""
+    if naming == 1:
+        return [f"/s{i}" for i in range(len(sources))]
+    labels = model_labels(sources)
+    return [f"[{label}]" if labels.count(label) == 1 else f"[{i}:{label}]" for i, label in enumerate(labels)]
 
 
 def _suggest_one(trial: optuna.Trial, name: str, spec: Searched) -> Scalar:
@@ -585,7 +621,8 @@ class StackingSpace(StrictModel):
         layers = [j for j in range(depth) if self.window is None or abs(j - centre) <= self.window]
         return ["skip"] * (slot > 0) + [f"s{i}/l{j}" for i in range(len(models.sources)) for j in layers]
 
-    def suggest(self, trial: optuna.Trial, models: ModelSet) -> Recipe:
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> Recipe:
+        """The path's names (``slot/<k>``, ``scale/<k>``) are the same in every naming version."""
         path: list[tuple[int, int, float]] = []
         for k in range(self.slots(models)):
             pick = trial.suggest_categorical(f"slot/{k}", self.choices(k, models))
@@ -597,7 +634,7 @@ class StackingSpace(StrictModel):
             path.append((source, layer, float(scale)))  # type: ignore[arg-type]
         return Recipe(method="passthrough", base=models.base, slices=_slices(path, models.sources))
 
-    def baseline_params(self, models: ModelSet) -> list[tuple[str, dict[str, Any]]]:
+    def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         """Each source alone (its layers in order, scale 1), when the embeddings would be that source's too."""
         out = []
         for i, label in enumerate(model_labels(models.sources)):
@@ -672,11 +709,12 @@ class SearchSpace:
         path = Path(path)
         return cls.from_dict(load_yaml(path), path.name)
 
-    def suggest(self, trial: optuna.Trial, models: ModelSet) -> Recipe:
-        """Ask ``trial`` for every searched value (define-by-run, stable names) and build the recipe."""
-        return self.spec.suggest(trial, models)
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> Recipe:
+        """Ask ``trial`` for every searched value (define-by-run, stable names; ``naming``: the study's naming
+        version, module docstring) and build the recipe."""
+        return self.spec.suggest(trial, models, naming)
 
-    def baseline_params(self, models: ModelSet) -> list[tuple[str, dict[str, Any]]]:
+    def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         """``(label, params for study.enqueue_trial)`` of the baselines the space can express exactly.
 
         Labels: ``source:<name>`` (each source alone: :func:`source_alone_targets`), ``uniform`` (the uniform
@@ -684,7 +722,7 @@ class SearchSpace:
         of a choice). With a method choice the first method in choice order that expresses a baseline is used.
         A baseline whose values fall outside the space is skipped, with the reason in a debug log.
         """
-        return self.spec.baseline_params(models)
+        return self.spec.baseline_params(models, naming)
 
     def reference_recipes(self, models: ModelSet) -> list[tuple[str, Recipe]]:
         """The baselines this space cannot express (e.g. the plain average under TIES, whose sign election is no

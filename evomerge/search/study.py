@@ -10,6 +10,7 @@ on; trials left RUNNING by a killed process are failed and re-queued when the ne
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,7 +39,7 @@ from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
-from evomerge.search.space import ModelSet, SearchSpace
+from evomerge.search.space import NAMING, ModelSet, SearchSpace
 from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 from evomerge.stacking import build_stacked_model
@@ -75,6 +76,36 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
+
+
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def load_callback(spec: str) -> Callback:
+    """The Optuna callback of a config's ``callbacks`` entry ``"module:factory"``: ``factory()``, called once per run
+    (e.g. a tracker's constructor with its settings). A bad entry is a ValueError naming it, before any trial runs."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(f"callbacks entry {spec!r}: write 'module:factory' (a function returning a callback)")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"callbacks entry {spec!r}: {exc}; is the module installed or on PYTHONPATH?") from None
+    callback = factory()
+    if not callable(callback):
+        raise ValueError(f"callbacks entry {spec!r}: {attr}() returned {type(callback).__name__} {callback!r:.60}, "
+                         "not a callback (study, trial) -> None")
+    return callback
+
+
+def objective_labels(metrics: Sequence[str], weights: Sequence[float] | None, n_objectives: int) -> list[str]:
+    """The names of a study's objective values: the metrics themselves (several objectives, or one metric), else the
+    mean that makes up the one objective, ``mean(a, b)`` or ``weighted mean(0.75 a, 0.25 b)``."""
+    if n_objectives > 1 or len(metrics) == 1:
+        return list(metrics)
+    if weights is None:
+        return [f"mean({', '.join(metrics)})"]
+    return [f"weighted mean({', '.join(f'{w:g} {m}' for w, m in zip(weights, metrics))})"]
 
 
 class TrialFault(RuntimeError):
@@ -156,6 +187,7 @@ class Runner:
         self.space = SearchSpace.from_yaml(config.space) if config.space else None
         if study_kind == records.SEARCH_KIND and self.space is None:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
+        self.callbacks = [load_callback(spec) for spec in config.callbacks]  # before any model loads
         self.evaluator = build_evaluator(config.evaluator)
         self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
         self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
@@ -164,6 +196,7 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
 
     def __enter__(self) -> Runner:
         return self
@@ -194,7 +227,10 @@ class Runner:
         records.set_study_info(study, config=self.config.model_dump(mode="json"), num_layers=self.models.num_layers,
                                sources=self.models.sources, base=self.models.base, kind=self.kind,
                                space=Path(self.config.space).name if self.config.space else None,
-                               objective=self.evaluator.objective.metrics)
+                               objective=self.evaluator.objective.metrics, param_naming=NAMING)
+        self.naming = records.param_naming(study)
+        records.set_metric_names(study, objective_labels(self.evaluator.objective.metrics,
+                                                         self.evaluator.objective.weights, n_obj))
         # readable by the owner only, and the password masked: run.json may sit on a shared file system
         fd = os.open(self.run_dir / "run.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a run.json written before this rule existed keeps its old mode otherwise
@@ -277,7 +313,7 @@ class Runner:
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         assert self.space is not None
         try:
-            recipe = self.space.suggest(trial, self.models)
+            recipe = self.space.suggest(trial, self.models, self.naming)
         except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
@@ -287,7 +323,7 @@ class Runner:
     def enqueue_baselines(self, study: optuna.Study) -> None:
         if not self.config.baselines or records.baselines_enqueued(study) or self.space is None:
             return
-        for label, params in self.space.baseline_params(self.models):
+        for label, params in self.space.baseline_params(self.models, self.naming):
             study.enqueue_trial(params, user_attrs={records.KIND: records.baseline_kind(label)}, skip_if_exists=True)
         records.mark_baselines_enqueued(study)
 
@@ -312,37 +348,48 @@ class Runner:
                                   merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
 
     def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
-        """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; failed trials do not
-        count, but a round in which every trial fails ends the run (the failures are in the study and report)."""
-        total = n_trials or self.config.n_trials
+        """Run trials until the study holds ``n_trials`` finished (complete or pruned) *search* trials; the baselines
+        run on top of them (first: they are queued), failed trials do not count, and a round in which every trial
+        fails ends the run (the failures are in the study and report)."""
+        target = n_trials or self.config.n_trials
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
+        def progressed() -> int:
+            return len(study.get_trials(deepcopy=False, states=finished))
+
+        trials = study.get_trials(deepcopy=False)
+        scored = sum(records.is_baseline(t) and t.state in finished for t in trials)
+        waiting = sum(records.is_baseline(t) and t.state == TrialState.WAITING for t in trials)
         done = self.finished(study)
-        bar = tqdm(total=total, initial=done, desc=self.config.name, disable=not progress, unit="trial")
+        log.info("%s", trial_plan(target, scored + waiting, len(records.references(study.user_attrs)), done))
+        bar = tqdm(total=target + scored + waiting, initial=done + scored, desc=self.config.name,
+                   disable=not progress, unit="trial")
         # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
         quiet = quiet_optuna() if progress else contextlib.nullcontext()
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(total, states=finished), _progress(bar)]
+        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar), *self.callbacks]
         started = time.monotonic()
         with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
             stack.callback(failures.removeFilter, one_line)
-            while done < total:
+            while done < target:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
                 if timeout is not None and timeout <= 0:
                     break
-                study.optimize(self.objective, n_trials=total - done, timeout=timeout, callbacks=callbacks,
+                before = progressed()
+                study.optimize(self.objective, n_trials=target - done + waiting, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
-                before, done = done, self.finished(study)
-                if done == before:
+                before_done, done, waiting = done, self.finished(study), 0
+                if done == before_done and progressed() == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
 
     def finished(self, study: optuna.Study) -> int:
-        """How much of the budget the study has used: its complete and pruned trials (failures do not count)."""
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        """How much of the budget the study has used: its complete and pruned *search* trials (baselines run on top;
+        failures do not count)."""
+        return sum(trial_kind(t) == records.SEARCH_KIND
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     # ----------------------------------------------------------------------------------------- finalize
     def test_score(self, test: Evaluator, recipe: Recipe, what: str) -> EvalResult | Exception:
@@ -407,7 +454,26 @@ class _OneLineFailures(logging.Filter):
         return re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage()) is None
 
 
-def _progress(bar: tqdm) -> Callable[[optuna.Study, FrozenTrial], None]:
+def trial_plan(n_trials: int, baselines: int, references: int, done: int = 0) -> str:
+    """The line a run starts with: ``40 searched trials + 6 baselines`` (``n_trials`` counts searched trials only),
+    the references scored beside the study and the searched trials a resumed study holds already."""
+    line = f"{n_trials} searched trials + {baselines} baseline{'s' * (baselines != 1)}"
+    if references:
+        line += f" (+ {references} reference{'s' * (references != 1)} outside the space, scored beside the study)"
+    return line + (f"; {done} searched already" if done else "")
+
+
+def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callback:
+    """Stop the study (this process's optimize loop) once it holds ``n_trials`` finished searched trials."""
+
+    def stop(study: optuna.Study, trial: FrozenTrial) -> None:
+        if searched() >= n_trials:
+            study.stop()
+
+    return stop
+
+
+def _progress(bar: tqdm) -> Callback:
     started = time.perf_counter()
     count = [0]
 
@@ -496,6 +562,8 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             frozen = study.tell(trial, value)
+            for callback in runner.callbacks:  # as study.optimize calls them after each trial
+                callback(study, frozen)
             trials[recipe_key(recipe)] = frozen
             bar.update(1)
             bar.set_postfix(last=f"{value:.4f}")

@@ -9,7 +9,8 @@ Trial user_attrs:
 
 - ``recipe``: the recipe the trial scored (:meth:`Recipe.model_dump`, JSON mode);
 - ``kind``: ``"search"``, ``"baseline:<label>"``, ``"soup:<n>"`` or ``"sweep:<method>"`` (missing: a search trial);
-- ``metrics``: the validation metrics ``{name: value}``;
+- ``metrics``: the validation metrics ``{name: value}``; each numeric one also as its own attr ``val/<name>`` (e.g.
+  ``val/zoo_add/acc``), so that ``study.trials_dataframe()`` and optuna-dashboard sort and plot it;
 - ``merge_seconds`` / ``eval_seconds``: timings;
 - ``error``: ``"<ExceptionType>: <message>"`` of a failed trial;
 - ``retry_of``: the number of the interrupted trial this one re-runs with the same parameters;
@@ -17,7 +18,9 @@ Trial user_attrs:
   trials are read-only, so evomerge writes them to the study's ``test:<number>``).
 
 Study user_attrs: ``config`` (the run config), ``num_layers``, ``sources``, ``base``, ``kind`` (``search`` |
-``soup`` | ``sweep``), ``space`` (the space file's name), ``objective`` (metric names), ``baselines_enqueued``,
+``soup`` | ``sweep``), ``space`` (the space file's name), ``objective`` (metric names), ``param_naming`` (the trial
+parameter naming version, :data:`evomerge.search.space.NAMING`; missing: version 1, the index names),
+``baselines_enqueued``,
 ``greedy`` (a soup's result ``{trial, kept, of}``), ``test:<number>`` (``{metrics, objective}`` or ``{error}``) and
 ``reference:<label>`` (a baseline outside the space: ``{recipe, metrics, values, merge_seconds, eval_seconds,
 test_metrics, test_objective}``, or ``test_error``).
@@ -25,6 +28,7 @@ test_metrics, test_objective}``, or ``test_error``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -39,6 +43,7 @@ from evomerge.recipe import Recipe
 RECIPE = "recipe"
 KIND = "kind"
 METRICS = "metrics"
+VAL_PREFIX = "val/"
 MERGE_SECONDS = "merge_seconds"
 EVAL_SECONDS = "eval_seconds"
 ERROR = "error"
@@ -55,6 +60,7 @@ SOURCES = "sources"
 BASE = "base"
 SPACE = "space"
 OBJECTIVE = "objective"
+PARAM_NAMING = "param_naming"
 BASELINES_ENQUEUED = "baselines_enqueued"
 GREEDY = "greedy"
 TEST_PREFIX = "test:"
@@ -140,6 +146,9 @@ def set_started(trial: AttrTrial, recipe: Recipe, kind: str) -> None:
 
 def set_metrics(trial: AttrTrial, metrics: Mapping[str, Any]) -> None:
     trial.set_user_attr(METRICS, dict(metrics))
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            trial.set_user_attr(f"{VAL_PREFIX}{name}", value)
 
 
 def set_scored(trial: AttrTrial, metrics: Mapping[str, Any], merge_seconds: float, eval_seconds: float) -> None:
@@ -178,13 +187,28 @@ def study_info(study: optuna.Study) -> dict[str, Any]:
 
 
 def set_study_info(study: optuna.Study, *, config: dict[str, Any], num_layers: int, sources: Sequence[str],
-                   base: str | None, kind: str, space: str | None, objective: Sequence[str]) -> None:
-    """Describe the run on a new study (once: a resumed study keeps the description it was created with)."""
+                   base: str | None, kind: str, space: str | None, objective: Sequence[str],
+                   param_naming: int) -> None:
+    """Describe the run on a new study (once: a resumed study keeps the description it was created with, and so
+    the parameter naming of its trials)."""
     if CONFIG in study.user_attrs:
         return
     for key, value in {CONFIG: config, NUM_LAYERS: num_layers, SOURCES: list(sources), BASE: base, KIND: kind,
-                       SPACE: space, OBJECTIVE: list(objective)}.items():
+                       SPACE: space, OBJECTIVE: list(objective), PARAM_NAMING: param_naming}.items():
         study.set_user_attr(key, value)
+
+
+def set_metric_names(study: optuna.Study, names: Sequence[str]) -> None:
+    """Name the objective value(s) in Optuna itself (``study.metric_names``: ``trials_dataframe()``'s ``value_<name>``
+    column, optuna-dashboard's axis labels). Optuna calls the API experimental; its warning says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(names))
+
+
+def param_naming(study: optuna.Study) -> int:
+    """The trial parameter naming version of the study (1 for studies written before the key existed)."""
+    return int(study.user_attrs.get(PARAM_NAMING, 1))
 
 
 def study_kind(study_attrs: Mapping[str, Any]) -> str:

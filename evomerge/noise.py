@@ -1,0 +1,25 @@
+"""Third-party output a run does not need: lm-eval's, datasets' and transformers' progress bars and INFO lines.
+
+A search prints its own progress (one bar, one line per failure). Left alone, the libraries beneath it add
+"Building contexts" lines (lm-eval), "Generating split" lines and bars (datasets), "Loading weights" bars
+(transformers) and Optuna's "A new study created" line to every trial. ``evomerge --verbose`` keeps them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: Environment switches the libraries read when they are imported; a value the user set already is kept.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+#: Loggers whose INFO lines are per-call noise in a search (warnings and errors still show).
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "huggingface_hub", "optuna")
+
+
+def quiet_third_party() -> None:
+    """Turn the libraries' progress bars off (transformers' follow huggingface_hub's switch) and their loggers to
+    WARNING; call it before they are imported (the CLI does, first thing)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
