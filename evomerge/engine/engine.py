@@ -43,8 +43,16 @@ from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_s
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
 from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
-from evomerge.engine.plan import DTYPES, live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
-from evomerge.methods import MergeMethod, get_method
+from evomerge.engine.plan import (
+    DTYPES,
+    live_dtype,
+    method_kwargs,
+    open_sources,
+    plan_params,
+    recipe_indices,
+    recipe_method,
+)
+from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
 from evomerge.recipe import Recipe, RecipeError
 
@@ -138,7 +146,7 @@ class MergeEngine:
         if self.device.type == "cpu":
             return self.device
         need = sum(ck.nbytes(n) for ck in self.checkpoints for n in self.names)
-        budget = memory_budget if memory_budget is not None else int(0.8 * torch.cuda.mem_get_info(self.device)[0])
+        budget = memory_budget if memory_budget is not None else int(0.8 * available_bytes(self.device))
         if need <= budget:
             return self.device
         log.info("sources need %.1f GiB > budget %.1f GiB: streaming from pinned CPU memory",
@@ -170,9 +178,7 @@ class MergeEngine:
 
     def check(self, recipe: Recipe) -> MergeMethod:
         """Validate a recipe against the registry and the loaded models before any tensor work."""
-        if recipe.method == "passthrough":
-            raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
-        method = get_method(recipe.method)
+        method = recipe_method(recipe)
         self.indices(recipe)
         if recipe.dtype is not None and DTYPES[recipe.dtype] != self.dtype:
             raise RecipeError(f"recipe dtype {recipe.dtype} differs from the live model's {self.dtype}")

@@ -130,7 +130,7 @@ def plan_memory(*, live_model: int, source_bytes: int, largest_tensor: int, n_mo
                 ) -> MemoryPlan:
     """Choose ``resident`` when live model + sources + working set fit ``HEADROOM`` of ``available``, else
     ``mapped`` when the live model + working set fit (safetensors files are memory-mapped by their reader, pickle
-    checkpoints by ``torch.load(mmap=True)``); else
+    checkpoints by ``torch.load(weights_only=True, mmap=True)``); else
     :class:`MemoryPlanError` naming every number and what to change. ``largest_tensor``: entries of the largest
     merged tensor (its fp32 working set is ``(n_models + 3) * 4`` bytes per entry)."""
     working = (n_models + 3) * 4 * largest_tensor

@@ -18,7 +18,8 @@ from evomerge.engine.layout import model_class
 from evomerge.methods import MergeMethod, get_method, validate_params
 from evomerge.recipe import Recipe, RecipeError, resolve_params
 
-__all__ = ["DTYPES", "Sources", "live_dtype", "method_kwargs", "open_sources", "plan_params", "recipe_indices"]
+__all__ = ["DTYPES", "Sources", "live_dtype", "method_kwargs", "open_sources", "plan_params", "recipe_indices",
+           "recipe_method"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,12 +89,17 @@ def recipe_indices(paths: Sequence[str], recipe: Recipe) -> tuple[int | None, li
     return base, [where[s.model] for s in recipe.sources]
 
 
+def recipe_method(recipe: Recipe) -> MergeMethod:
+    """The registered method of a parameter merge (a layer stack is built by :mod:`evomerge.stacking` instead)."""
+    if recipe.method == "passthrough":
+        raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
+    return get_method(recipe.method)
+
+
 def plan_params(recipe: Recipe, names: Sequence[str], num_layers: int) -> tuple[MergeMethod, dict[str, dict]]:
     """The recipe's method and every tensor's resolved parameters, each distinct set checked against the method's
     ranges: a gradient or a per-filter value out of range anywhere in the stack fails here, not half-way through."""
-    if recipe.method == "passthrough":
-        raise RecipeError("passthrough changes the layer count; build it with evomerge.stacking.stack_layers")
-    method = get_method(recipe.method)
+    method = recipe_method(recipe)
     resolved = {n: resolve_params(recipe, method, n, num_layers) for n in names}
     seen: set[str] = set()
     for params in resolved.values():

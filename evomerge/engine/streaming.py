@@ -21,6 +21,7 @@ from torch import Tensor
 
 from evomerge.checkpoint import LazyTensors, save_hf_dir
 from evomerge.engine.device import compute_device
+from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
@@ -38,8 +39,6 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`); every check
     (compatibility, parameters of every tensor) runs before the first tensor is merged."""
     from transformers import AutoConfig
-
-    from evomerge.engine.engine import MergeError
 
     opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
     if opened.skipped:
