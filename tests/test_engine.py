@@ -266,7 +266,8 @@ def _plain(recipe: Recipe, weights, name: str, dtype: torch.dtype) -> torch.Tens
         if p.per_source and p.name != "weight":
             kwargs[p.key] = torch.full((3,), float(recipe.parameters.get(p.name, p.default)))
     base = weights[0][name].float() if recipe.base else None
-    return method.fn(base, sources, seed=tensor_seed(recipe.seed, name), **kwargs).to(dtype)
+    extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
+    return method.fn(base, sources, **kwargs, **extra).to(dtype)
 
 
 @pytest.mark.parametrize(("compiled", "dtype"), [(False, "float32"), (False, "bfloat16"), (True, "float32")],

@@ -42,7 +42,8 @@ def test_methods_agree_between_cpu_and_cuda(name: str) -> None:
     def run(device: str) -> torch.Tensor:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         b = base.to(device) if method.needs_base else None
-        return method.fn(b, sources.to(device), seed=7, stats=None if stats is None else stats.to(device), **moved)
+        extra = method.whole_tensor_inputs(7, None if stats is None else stats.to(device))
+        return method.fn(b, sources.to(device), **extra, **moved)
 
     assert torch.allclose(run("cuda").cpu(), run("cpu"), atol=1e-4, rtol=1e-4)
 

@@ -7,7 +7,9 @@ import inspect
 import pytest
 import torch
 
-from evomerge.methods import METHODS, MethodError, get_method, validate_params
+from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
+from evomerge.methods.registry import Coefficients, Ranks, Thresholds
+from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
 
 def test_unknown_method_lists_valid_names() -> None:
@@ -68,11 +70,25 @@ def test_valid_recipes_pass() -> None:
     validate_params(get_method("linear"), {}, 5, True)
 
 
+def _signature(method: MergeMethod) -> dict[str, inspect.Parameter]:
+    """The keyword parameters ``method.fn`` takes: its own, or for a member of the TIES family its merge's and its
+    sparsifier's (the member passes the rest on), with the member's ``normalize`` default."""
+    if not isinstance(method.fn, SparseTaskMerge):
+        return dict(inspect.signature(method.fn).parameters)
+    merge = inspect.signature(SparseTaskMerge.__call__).parameters
+    own = {k: v for k, v in merge.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    own["normalize"] = own["normalize"].replace(default=method.fn.normalize)
+    return {**own, **inspect.signature(method.fn.sparsify).parameters}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_registry_matches_function_signature(name: str) -> None:
     method = METHODS[name]
-    signature = inspect.signature(method.fn).parameters
-    assert {"seed", "stats"} <= set(signature)
+    signature = _signature(method)
+    # what a whole-tensor call passes, and the declared inputs, are keywords the function takes
+    extra = set(method.whole_tensor_inputs(0, None)) | {need.kwarg for need in method.inputs}
+    assert extra <= set(signature), extra - set(signature)
+    assert not {"seed", "stats"} & set(signature) - extra  # no unused seed / stats
     for p in method.params:
         assert p.key in signature, p.key
         declared = signature[p.key].default
@@ -82,6 +98,21 @@ def test_registry_matches_function_signature(name: str) -> None:
             assert declared == p.default and type(declared) is type(p.default), p.name
         if p.default is not None and not p.is_bool and p.low is not None and p.high is not None:
             assert p.low <= p.default <= p.high, p.name
+
+
+def test_ties_family_is_one_table() -> None:
+    """Every member of the family is (sparsifier, sign election); members sharing a sparsifier share parameters and
+    inputs, and differ in the election exactly as the table says."""
+    members = {member.name: member for member in FAMILY}
+    assert set(members) == {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                            "della_linear"}
+    assert [m.name for m in FAMILY if m.sign_election] == ["ties", "dare_ties", "breadcrumbs_ties", "della"]
+    for a, b in (("dare_linear", "dare_ties"), ("breadcrumbs", "breadcrumbs_ties"), ("della_linear", "della")):
+        assert members[a].sparsify is members[b].sparsify
+        assert [p.name for p in METHODS[a].params] == [p.name for p in METHODS[b].params]
+        assert METHODS[a].inputs == METHODS[b].inputs
+    assert METHODS["della"].stochastic and METHODS["dare_ties"].stochastic and not METHODS["ties"].stochastic
+    assert METHODS["ties"].needs(Thresholds) is not None and METHODS["della"].needs(Ranks) is not None
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -97,8 +128,8 @@ def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) ->
         kwargs[p.key] = torch.full((n,), float(value)) if p.per_source else value
     before = (base.clone(), sources.clone())
     out = method.fn(
-        base if method.needs_base else None, sources, seed=1,
-        stats=stats[method.statistic], **kwargs,
+        base if method.needs_base else None, sources, **method.whole_tensor_inputs(1, stats[method.statistic]),
+        **kwargs,
     )
     assert out.shape == base.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.equal(base, before[0]) and torch.equal(sources, before[1])
@@ -106,12 +137,13 @@ def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) ->
         validate_params(method, {}, n, True)  # the defaults satisfy the cross-parameter constraints
 
 
-@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.gram is not None])
+@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.needs(Coefficients) is not None])
 def test_precomputed_coefficients_give_the_same_bits(name: str) -> None:
     """Angle-based methods give exactly their own result when handed ``coefficients(gram(...))`` (what the engine
     computes once per tensor and candidate), and the combination is entrywise when it has one row."""
     method = METHODS[name]
-    assert method.coefficients is not None
+    need = method.needs(Coefficients)
+    assert need is not None and need.kwarg == "coefficients"
     g = torch.Generator().manual_seed(2)
     n = 2 if method.max_sources == 2 else 3
     base, sources = torch.randn(5, 4, generator=g), torch.randn(n, 5, 4, generator=g)
@@ -120,7 +152,7 @@ def test_precomputed_coefficients_give_the_same_bits(name: str) -> None:
         for p in method.params:
             if p.key not in kwargs and not p.is_bool:
                 kwargs[p.key] = torch.full((n,), 0.7) if p.per_source else 0.3
-        coefficients = method.coefficients(method.gram(base, sources, kwargs), kwargs)
+        coefficients = need.combine(need.gram(base, sources, kwargs), kwargs)
         out = method.fn(base, sources, coefficients=coefficients, **kwargs)
         assert torch.equal(out, method.fn(base, sources, **kwargs))
         if coefficients.shape[0] == 1:  # entrywise: any slice of the flattened entries gives that slice

@@ -17,8 +17,6 @@ from evomerge.search.space import (
     ModelSet,
     SearchSpace,
     SpaceError,
-    source_alone_targets,
-    uniform_targets,
 )
 from evomerge.stacking import layer_plan
 
@@ -57,7 +55,7 @@ def merge(method: MergeMethod, params: dict[str, object], base: torch.Tensor, so
         if p.per_source:
             value = torch.tensor(value if isinstance(value, list) else [value] * len(sources), dtype=torch.float32)
         kwargs[p.key] = value
-    return method.fn(base, sources, seed=0, stats=stats, **kwargs)
+    return method.fn(base, sources, **method.whole_tensor_inputs(0, stats), **kwargs)
 
 
 def dyadic(*shape: int, seed: int) -> torch.Tensor:
@@ -240,25 +238,24 @@ NO_IDENTITY_RULES = {"model_stock", "regmean", "nearswap", "arcee_fusion", "sce"
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_registry_identity_rules(method):
-    """source_alone_targets / uniform_targets against each method's own formula on small tensors."""
+    """Each method's declared baseline points (source alone, uniform average) against its own formula on small
+    tensors; the points name the method's own parameters only."""
     m = get_method(method)
     n = 2 if m.max_sources == 2 else 3
     base, sources = dyadic(6, 4, seed=0), torch.stack([dyadic(6, 4, seed=1 + i) for i in range(n)])
     stats = dyadic(n, 6, 4, seed=9).abs() + 0.0625 if m.statistic == "fisher" else None
     if m.name in NO_IDENTITY_RULES:
-        assert source_alone_targets(m, 0, n) == [] and uniform_targets(m, n) == []
+        assert m.source_alone_points(0, n) == [] and m.uniform_points(n) == []
         return
-    for i in range(n):
-        (target,) = source_alone_targets(m, i, n)
-        params = {k: v for k, v in target.items() if k in {p.name for p in m.params}}  # others are neutral
-        validate_params(m, params, n, True)
-        assert torch.equal(merge(m, params, base, sources, stats), sources[i])
     own = {p.name for p in m.params}
-    for target in uniform_targets(m, n):
-        if "lambda" not in own and target["lambda"] != 1.0:
-            continue  # needs a lambda the method lacks (the space skips this candidate too)
-        params = {k: v for k, v in target.items() if k in own}
-        torch.testing.assert_close(merge(m, params, base, sources, stats), sources.mean(0), rtol=0, atol=1e-6)
+    for i in range(n):
+        (target,) = m.source_alone_points(i, n)
+        assert set(target) <= own
+        validate_params(m, target, n, True)
+        assert torch.equal(merge(m, target, base, sources, stats), sources[i])
+    for target in m.uniform_points(n):
+        assert set(target) <= own
+        torch.testing.assert_close(merge(m, target, base, sources, stats), sources.mean(0), rtol=0, atol=1e-6)
 
 
 def test_source_and_uniform_baselines_reproduce_through_the_space():

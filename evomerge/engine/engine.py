@@ -54,6 +54,7 @@ from evomerge.engine.plan import (
 )
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
+from evomerge.methods.registry import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -238,10 +239,11 @@ class MergeEngine:
         """Tensors merged together: maximal runs of neighbours (in the flat layout) with the same parameters, for
         entrywise methods when the live tensors share one buffer (and, for stochastic ones, when the draws of the
         seed fit the noise store); else one each (angle-based methods: coefficients per tensor; DELLA: ranks)."""
-        per_tensor_inputs = method.gram is not None or method.ranked
-        groupable = method.elementwise and not method.statistic and not per_tensor_inputs \
-            and self.targets.flat is not None and self.sources.resident \
-            and (not method.stochastic or self.inputs.noise_store(seed, n_sources) is not None)
+        # per-tensor inputs (coefficients, ranks) and data statistics are made for one tensor at a time
+        per_tensor = any(isinstance(need, Coefficients | Ranks | Statistic) for need in method.inputs)
+        stored_draws = not method.stochastic or self.inputs.noise_store(seed, n_sources) is not None
+        groupable = method.elementwise and not per_tensor and self.targets.flat is not None \
+            and self.sources.resident and stored_draws
         if not groupable:
             return [[name] for name in todo]
         position = {n: i for i, n in enumerate(self.names)}
@@ -289,21 +291,23 @@ class MergeEngine:
         if self.targets.flat is None and not self.targets.tensors[run[0]].is_contiguous():
             return None
         inputs = KernelInputs()
-        if method.gram is not None:
-            host["coefficients"] = self.inputs.coefficients(method, run[0], base, sources, host)
-            if host["coefficients"].shape[0] > 1:  # type: ignore[union-attr]
-                return None
-        if method.ranked:
-            ranks = self.inputs.relative_ranks(run[0], base, sources)  # type: ignore[arg-type]
-            if ranks is None:
-                return None
-            inputs.entries["ranks"] = ranks
-        if method.keep_counts is not None:
-            inputs.blocks["thresholds"] = self.inputs.threshold_tables(method, run, base, sources, host)
-        if method.stochastic and self.inputs.noise_store(seed, len(sources)) is not None:
-            inputs.entries["noise"] = self.inputs.noise(run, seed, len(sources))
-        elif method.stochastic:  # nothing stored: the run is one tensor (_runs), drawn in the kernel
-            inputs.keys = row_keys(tensor_seed(seed, run[0]), len(sources)).to(self.device, non_blocking=True)
+        for need in method.inputs:
+            match need:
+                case Coefficients():
+                    host[need.kwarg] = self.inputs.coefficients(method, need, run[0], base, sources, host)
+                    if host[need.kwarg].shape[0] > 1:  # type: ignore[union-attr]
+                        return None
+                case Ranks():
+                    ranks = self.inputs.relative_ranks(run[0], base, sources)  # type: ignore[arg-type]
+                    if ranks is None:
+                        return None
+                    inputs.entries[need.kwarg] = ranks
+                case Thresholds():
+                    inputs.blocks[need.kwarg] = self.inputs.threshold_tables(need, run, base, sources, host)
+                case Draws() if self.inputs.noise_store(seed, len(sources)) is not None:
+                    inputs.entries[need.kwarg] = self.inputs.noise(run, seed, len(sources))
+                case Draws():  # nothing stored: the run is one tensor (_runs), drawn in the kernel
+                    inputs.keys = row_keys(tensor_seed(seed, run[0]), len(sources)).to(self.device, non_blocking=True)
         return inputs
 
     def _merge_whole(
@@ -312,12 +316,12 @@ class MergeEngine:
     ) -> Tensor:
         """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
         base_t, src = self.sources.fp32(name, base, sources)
-        stats = self._tensor_statistics(method, name, sources)
         kwargs = self.inputs.on_device(method_kwargs(method, params, len(sources)))
-        if method.gram is not None:
-            kwargs["coefficients"] = self.inputs.coefficients(method, name, base, sources, kwargs)
-        seed_of_tensor = tensor_seed(seed, name) if method.stochastic else None
-        return method.fn(base_t, src, seed=seed_of_tensor, stats=stats, **kwargs)
+        need = method.needs(Coefficients)
+        if need is not None:
+            kwargs[need.kwarg] = self.inputs.coefficients(method, need, name, base, sources, kwargs)
+        extra = method.whole_tensor_inputs(tensor_seed(seed, name), self._tensor_statistics(method, name, sources))
+        return method.fn(base_t, src, **kwargs, **extra)
 
     def _verify(self, method: MergeMethod, checks: list[tuple[list[str], Tensor]]) -> None:
         """One synchronisation for the whole candidate: MergeError naming the first tensor whose stored entries

@@ -27,6 +27,7 @@ from evomerge.engine.kernels import Kernels, draw_into
 from evomerge.engine.layout import SourceStacks
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
+from evomerge.methods.registry import Coefficients, Ranks, Thresholds
 from evomerge.methods.select import SortedMagnitudes
 from evomerge.methods.sparsify import kth_magnitudes, relative_ranks
 
@@ -135,15 +136,15 @@ class KeptInputs:
 
     # ------------------------------------------------------------------------------------ thresholds
     def thresholds(
-        self, method: MergeMethod, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
+        self, need: Thresholds, name: str, base: int | None, sources: list[int], host: Mapping[str, object]
     ) -> tuple[Tensor, ...]:
-        """Exact magnitude thresholds [N] of ``method.keep_counts`` for tensor ``name``, kept per (tensor, base,
+        """Exact magnitude thresholds [N] of ``need.counts`` for tensor ``name``, kept per (tensor, base,
         sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them. New
         counts are looked up in the sorted magnitudes of each task vector (CPU, when they fit their budget: a
         search over densities then sorts each task vector once), else found by :func:`kth_magnitudes`."""
         numel = self.stacks.spans[name].numel
         thresholds, tau = [], None
-        for counts in method.keep_counts(host, numel):  # type: ignore[misc]
+        for counts in need.counts(host, numel):
             key = (name, base, tuple(sources), tuple(counts.tolist()))
             if key not in self._thresholds:
                 sorted_rows = self.sorted_rows(name, base, sources)  # type: ignore[arg-type]
@@ -159,11 +160,11 @@ class KeptInputs:
         return tuple(thresholds)
 
     def threshold_tables(
-        self, method: MergeMethod, run: list[str], base: int | None, sources: list[int], host: Mapping[str, object]
+        self, need: Thresholds, run: list[str], base: int | None, sources: list[int], host: Mapping[str, object]
     ) -> tuple[Tensor, ...]:
         """Per fraction, the thresholds of every tensor of ``run`` as an [N, blocks] table: one column per block of
         ``ALIGN`` entries (tensors start on block boundaries, so every block belongs to one tensor)."""
-        per_tensor = [self.thresholds(method, name, base, sources, host) for name in run]
+        per_tensor = [self.thresholds(need, name, base, sources, host) for name in run]
         spans = self.stacks.spans
         if len(run) == 1:
             return tuple(t.view(-1, 1).expand(-1, spans[run[0]].blocks) for t in per_tensor[0])
@@ -207,10 +208,10 @@ class KeptInputs:
         if base is None:
             return
         jobs: list[Callable[[], object]] = []
-        if method.keep_counts is not None and self.device.type == "cpu":
+        if method.needs(Thresholds) is not None and self.device.type == "cpu":
             jobs += [lambda name=name: self.sorted_rows(name, base, sources) for name in names
                      if any((name, base, i) not in self._sorted for i in sources)]
-        if method.ranked:
+        if method.needs(Ranks) is not None:
             jobs += [lambda name=name: self.relative_ranks(name, base, sources) for name in names
                      if (name, base, tuple(sources)) not in self._ranks]
         workers = min(len(jobs), torch.get_num_threads())
@@ -220,16 +221,17 @@ class KeptInputs:
 
     # ------------------------------------------------------------------------------------ angle-based
     def coefficients(
-        self, method: MergeMethod, name: str, base: int | None, sources: list[int], kwargs: Mapping[str, object]
+        self, method: MergeMethod, need: Coefficients, name: str, base: int | None, sources: list[int],
+        kwargs: Mapping[str, object],
     ) -> Tensor:
-        """An angle-based method's combination for tensor ``name`` (``method.coefficients`` of its Gram matrices,
+        """An angle-based method's combination for tensor ``name`` (``need.combine`` of its Gram matrices,
         which are computed once per (method, tensor, base, sources, flags) and kept), on the compute device."""
         flags = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool)))
         key = (method.name, name, base, tuple(sources), flags)
         if key not in self._gram:
             base_t, src = self.stacks.fp32(name, base, sources)
-            _bounded_put(self._gram, key, method.gram(base_t, src, kwargs))  # type: ignore[misc]
-        return method.coefficients(self._gram[key], kwargs).to(self.device, torch.float32)  # type: ignore[misc]
+            _bounded_put(self._gram, key, need.gram(base_t, src, kwargs))
+        return need.combine(self._gram[key], kwargs).to(self.device, torch.float32)
 
     # ------------------------------------------------------------------------------------------ draws
     def noise_store(self, seed: int, n_sources: int) -> tuple[Tensor, set[str]] | None:

@@ -60,8 +60,8 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
         stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
         base_t = None if base is None else opened.checkpoints[base].get(name).to(compute, torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
-        seed = tensor_seed(recipe.seed, name) if method.stochastic else None
-        result = method.fn(base_t, torch.stack(stack), seed=seed, stats=None, **kwargs).to(dtype)
+        extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
+        result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
         if not all_finite(result):
             raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
         return result.to("cpu")

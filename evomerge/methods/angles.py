@@ -2,8 +2,8 @@
 
 SLERP, multi-SLERP and Model Stock read every entry twice: once for the Gram matrix of the (task) vectors, which
 depends on the models alone, and once to combine them with coefficients computed from it and the parameters.
-The engine computes the Gram matrix once per tensor and sources (``MergeMethod.gram``), the coefficients once per
-candidate (``MergeMethod.coefficients``), and runs :func:`combine`, which is entrywise, like a linear merge.
+The engine computes the Gram matrix once per tensor and sources (``Coefficients.gram``), the coefficients once per
+candidate (``Coefficients.combine``), and runs :func:`combine`, which is entrywise, like a linear merge.
 """
 
 from __future__ import annotations

@@ -55,8 +55,7 @@ def elected_sign_mask(tau: Tensor) -> Tensor:
 
 
 def sce(
-    base: Tensor | None, sources: Tensor, *, select_topk: float = 1.0, seed: int | None = None,
-    stats: Tensor | None = None,
+    base: Tensor | None, sources: Tensor, *, select_topk: float = 1.0
 ) -> Tensor:
     """SCE: ``θ0 + Σ_i w_i m_i τ'_i / max(Σ_i w_i m_i, 1e-6)`` per entry.
 
@@ -99,8 +98,7 @@ def _disjoint_sum(
 
 
 def ram(
-    base: Tensor | None, sources: Tensor, *, epsilon: float = 1e-5, seed: int | None = None,
-    stats: Tensor | None = None,
+    base: Tensor | None, sources: Tensor, *, epsilon: float = 1e-5
 ) -> Tensor:
     """RAM: ``θ0 + Σ_i τ̃_i · ([c = 1] + [c > 1] / c)`` per entry, ``τ̃_i = τ_i · [|τ_i| > ε]``, ``c`` the number of
     sources with ``|τ_i| > ε`` there: an entry changed by one source keeps its change, one changed by several
@@ -113,7 +111,6 @@ def ram(
 
 def ramplus_tl(
     base: Tensor | None, sources: Tensor, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5,
-    seed: int | None = None, stats: Tensor | None = None,
 ) -> Tensor:
     """RAM+ (tensor-local): RAM with each source's unique entries scaled up by ``λ_i = 1 + r · clamp(ρ_i, 0, α)``,
     ``ρ_i = (#entries source i shares with others) / max(#entries only source i changes, ε)`` counted in this

@@ -14,7 +14,6 @@ def fisher(
     *,
     weight: Tensor,
     fisher_floor: float = 1e-6,
-    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """Fisher merge: ``Σ_i w_i F̃_i θ_i / Σ_i w_i F̃_i`` per entry, ``F̃_i = max(F_i, floor · mean(F))``.

@@ -51,8 +51,6 @@ def linear(
     *,
     weight: Tensor,
     normalize: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
 ) -> Tensor:
     """Linear merge / model soup: ``Σ_i w_i θ_i / Σ_i w_i`` (``normalize``), else ``Σ_i w_i θ_i``.
 
@@ -70,8 +68,6 @@ def task_arithmetic(
     weight: Tensor,
     lam: float = 1.0,
     normalize: bool = False,
-    seed: int | None = None,
-    stats: Tensor | None = None,
 ) -> Tensor:
     """Task arithmetic: ``θ0 + λ Σ_i w_i τ_i`` with task vectors ``τ_i = θ_i − θ0``.
 

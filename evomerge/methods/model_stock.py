@@ -64,8 +64,6 @@ def model_stock(
     sources: Tensor,
     *,
     filter_wise: bool = False,
-    seed: int | None = None,
-    stats: Tensor | None = None,
     coefficients: Tensor | None = None,
 ) -> Tensor:
     """Model Stock: ``t · θ_avg + (1 − t) · θ0`` with ``t = N cos θ / (1 + (N − 1) cos θ)``.

@@ -23,7 +23,7 @@ def _the_other(base: Tensor | None, sources: Tensor, method: str) -> tuple[Tenso
 
 
 def nearswap(
-    base: Tensor | None, sources: Tensor, *, t: float, seed: int | None = None, stats: Tensor | None = None
+    base: Tensor | None, sources: Tensor, *, t: float
 ) -> Tensor:
     """NearSwap: take the other model's entries where they are close to the base's, keep the base's elsewhere.
 
@@ -60,9 +60,7 @@ def fusion_threshold(importance: Tensor) -> Tensor:
     return median + _FUSION_IQR_FACTOR * (q3 - q1)
 
 
-def arcee_fusion(
-    base: Tensor | None, sources: Tensor, *, seed: int | None = None, stats: Tensor | None = None
-) -> Tensor:
+def arcee_fusion(base: Tensor | None, sources: Tensor) -> Tensor:
     """Arcee Fusion: take the other model's change only where it is an outlier in importance.
 
     ``s = |b − a| · KL(softmax(b) ‖ softmax(a))`` (per row, :func:`fusion_importance`), threshold

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import TypeVar
 
 from torch import Tensor
 
@@ -27,17 +28,16 @@ from evomerge.methods.slerp import (
     slerp_coefficients,
     slerp_gram,
 )
-from evomerge.methods.sparsify import band_keep_counts, ties_keep_count
-from evomerge.methods.sphere import karcher, nuslerp
-from evomerge.methods.ties import (
-    breadcrumbs,
-    breadcrumbs_ties,
-    dare_linear,
-    dare_ties,
-    della,
-    della_linear,
-    ties,
+from evomerge.methods.sparsify import (
+    band_keep_counts,
+    magnitude_band_prune_rows,
+    magnitude_prune_rows,
+    random_prune_rows,
+    rank_random_prune_rows,
+    ties_keep_count,
 )
+from evomerge.methods.sphere import karcher, nuslerp
+from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
 
 class MethodError(ValueError):
@@ -68,6 +68,77 @@ class Param:
 
 # A cross-parameter check: (params with defaults filled in, n_sources) -> error message or None.
 Constraint = Callable[[Mapping[str, object], int], str | None]
+# Parameter points (recipe keys -> values; per-source values as lists) for a number of sources.
+Points = list[dict[str, object]]
+
+
+# ------------------------------------------------------------------------------ inputs a method declares
+# What a method needs beyond base, sources and its parameters; the engine loops over ``MergeMethod.inputs``, makes
+# each (once per tensor where it depends on the models only) and passes it as the keyword argument named here.
+@dataclass(frozen=True)
+class Draws:
+    """Uniform draws per entry and source (:func:`~evomerge.methods.counter_rng.uniform_like` of the tensor's seed)
+    as ``noise=`` [N, *S] or the matching slice; a whole-tensor call gets the tensor's ``seed=`` instead."""
+
+    kwarg = "noise"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Exact magnitude thresholds (:func:`~evomerge.methods.sparsify.kth_magnitudes` of the whole task vectors) for
+    the keep counts ``counts(kwargs, numel)`` returns, as ``thresholds=`` (one [N] tensor per count)."""
+
+    counts: Callable[[Mapping[str, object], int], tuple[Tensor, ...]]
+    kwarg = "thresholds"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Relative magnitude ranks of the task vectors (:func:`~evomerge.methods.sparsify.relative_ranks` of the whole
+    task vectors, [N, *S] or the matching slice) as ``ranks=``; they depend on the models only."""
+
+    kwarg = "ranks"
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """An angle-based combination (:mod:`evomerge.methods.angles`) as ``coefficients=``: ``gram(base, sources,
+    kwargs)`` depends on the models and the method's flags only (computed once per tensor), ``combine(gram,
+    kwargs)`` turns it into the coefficients of a candidate (entrywise when it has one row)."""
+
+    gram: Callable[[Tensor | None, Tensor, Mapping[str, object]], Tensor]
+    combine: Callable[[Tensor, Mapping[str, object]], Tensor]
+    kwarg = "coefficients"
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Data statistics of each source (``kind``: ``fisher`` diagonals or ``gram`` matrices of layer inputs,
+    :mod:`evomerge.methods.statistics`) as ``stats=`` [N, ...]; None for a tensor without them."""
+
+    kind: str
+    kwarg = "stats"
+
+
+MethodInput = Draws | Thresholds | Ranks | Coefficients | Statistic
+_Input = TypeVar("_Input", Draws, Thresholds, Ranks, Coefficients, Statistic)
+
+
+
+# --------------------------------------------------------------------------- baseline parameter points
+#: Values that leave each task vector untouched (no trimming, no outlier drop, no spread, unit scale).
+NEUTRAL: dict[str, object] = {"density": 1.0, "gamma": 0.0, "epsilon": 0.0, "lambda": 1.0}
+
+
+def _one_hot(index: int, n_sources: int) -> dict[str, object]:
+    return {"weight": [1.0 if i == index else 0.0 for i in range(n_sources)]}
+
+
+def _uniform_weights(n_sources: int) -> Points:
+    """Equal weights normalised, or ``w = 1/N`` unnormalised, or ``λ = 1/N`` (``θ0 + Σ (θ_i − θ0)/N = Σ θ_i / N``)."""
+    ones, n = [1.0] * n_sources, float(n_sources)
+    return [{"weight": ones, "normalize": True}, {"weight": [1.0 / n] * n_sources, "normalize": False},
+            {"weight": ones, "normalize": False, "lambda": 1.0 / n}]
 
 
 @dataclass(frozen=True)
@@ -80,29 +151,18 @@ class MergeMethod:
     needs_base: bool
     min_sources: int = 1
     max_sources: int | None = None
-    stochastic: bool = False  # draws from `seed` (counter_rng)
-    statistic: str | None = None  # None | "fisher" | "gram": what `stats` must hold
+    inputs: tuple[MethodInput, ...] = ()
     constraint: Constraint | None = None
     doc: str = ""
-    # Entrywise: given the per-tensor inputs below (thresholds, noise, ranks, coefficients), output entry j
-    # depends only on entry j of base and sources, so fn may be applied to any slice of the flattened entries (or
-    # to several tensors at once when no per-tensor input is needed) with bit-identical results. Stochastic
-    # entrywise methods take the uniform draw as `noise` ([N, *S], counter_rng.uniform_like(tau, seed), or the
-    # slice of it).
+    # Entrywise: given its inputs (thresholds, draws, ranks, coefficients), output entry j depends only on entry j
+    # of base and sources, so fn may be applied to any slice of the flattened entries (or to several tensors at once
+    # when no per-tensor input is needed) with bit-identical results.
     elementwise: bool = False
-    # Magnitude keep counts (from the method's tensor kwargs and the tensor's number of entries) whose exact
-    # thresholds fn takes as `thresholds=` (sparsify.kth_magnitudes of the whole task vectors), so thresholds can be
-    # computed once and cached.
-    keep_counts: Callable[[Mapping[str, object], int], tuple[Tensor, ...]] | None = None
-    # fn takes the relative magnitude ranks of the task vectors as `ranks=` (sparsify.relative_ranks of the whole
-    # task vectors, [N, *S] or the matching slice): they depend on the models only, so they can be kept.
-    ranked: bool = False
-    # Angle-based methods (evomerge.methods.angles): `gram` gives the Gram matrices fn measures angles on, from
-    # (base, sources, kwargs), depending on the models and the method's flags only (computed once per tensor);
-    # `coefficients` turns them and the kwargs into the combination fn takes as `coefficients=` (then entrywise
-    # when it has one row).
-    gram: Callable[[Tensor | None, Tensor, Mapping[str, object]], Tensor] | None = None
-    coefficients: Callable[[Tensor, Mapping[str, object]], Tensor] | None = None
+    # Baseline points: parameter values under which fn returns source ``index`` unchanged (up to float rounding of
+    # ``θ0 + (θ_i − θ0)``), and under which it is the uniform average ``Σ θ_i / N``; None when it cannot. Values the
+    # points leave out are the neutral ones (:data:`NEUTRAL`). tests/test_space.py checks each on tensors.
+    alone: Callable[[int, int], dict[str, object]] | None = None
+    uniform: Callable[[int], Points] | None = None
 
     def param(self, name: str) -> Param:
         """The parameter called ``name`` (recipe key); MethodError listing the valid ones if there is none."""
@@ -111,6 +171,47 @@ class MergeMethod:
                 return p
         valid = ", ".join(sorted(p.name for p in self.params))
         raise MethodError(f"unknown parameter {name!r} for method {self.name!r}; valid: {valid}")
+
+    def needs(self, kind: type[_Input]) -> _Input | None:
+        """The declared input of type ``kind``, or None."""
+        return next((need for need in self.inputs if isinstance(need, kind)), None)
+
+    @property
+    def stochastic(self) -> bool:
+        """Draws from the recipe's seed (DARE, DELLA)."""
+        return self.needs(Draws) is not None
+
+    @property
+    def statistic(self) -> str | None:
+        """The kind of data statistics the method needs (``fisher`` / ``gram``), or None."""
+        need = self.needs(Statistic)
+        return None if need is None else need.kind
+
+    def whole_tensor_inputs(self, seed: int | None, stats: Tensor | None) -> dict[str, object]:
+        """What a call on a whole tensor passes beside the parameters: the tensor's ``seed`` for a method with draws,
+        ``stats`` for one with data statistics (the other inputs such a call computes itself)."""
+        extra: dict[str, object] = {}
+        if self.stochastic:
+            extra["seed"] = seed
+        if self.statistic:
+            extra["stats"] = stats
+        return extra
+
+    def source_alone_points(self, index: int, n_sources: int) -> Points:
+        """Parameter points under which the method returns source ``index`` alone (empty when it cannot)."""
+        if self.alone is None or not self.min_sources <= n_sources <= (self.max_sources or n_sources):
+            return []
+        return [self._neutral(self.alone(index, n_sources))]
+
+    def uniform_points(self, n_sources: int) -> Points:
+        """Alternative parameter points under which the method is the uniform average (empty when it cannot)."""
+        own = {p.name for p in self.params}
+        points = [] if self.uniform is None else self.uniform(n_sources)
+        return [self._neutral(point) for point in points if set(point) <= own]
+
+    def _neutral(self, point: Mapping[str, object]) -> dict[str, object]:
+        own = {p.name for p in self.params}
+        return {**{k: v for k, v in NEUTRAL.items() if k in own}, **point}
 
 
 def _leaves(value: object) -> list[object]:
@@ -196,19 +297,6 @@ _DELLA = (
 )
 
 
-def _task_vector_method(
-    fn: Callable[..., Tensor], params: tuple[Param, ...], *, stochastic: bool = False,
-    constraint: Constraint | None = None, elementwise: bool = False,
-    keep_counts: Callable[[Mapping[str, object], int], tuple[Tensor, ...]] | None = None, ranked: bool = False,
-) -> MergeMethod:
-    """A method of the sparsify -> (elect) -> merge family (:mod:`evomerge.methods.ties`)."""
-    return MergeMethod(
-        fn.__name__, fn, (_weight(), *params, _LAMBDA), needs_base=True, stochastic=stochastic,
-        constraint=constraint, doc=(fn.__doc__ or "").split("\n")[0], elementwise=elementwise, keep_counts=keep_counts,
-        ranked=ranked,
-    )
-
-
 def _ties_counts(kwargs: Mapping[str, object], numel: int) -> tuple[Tensor, ...]:
     return (ties_keep_count(kwargs["density"], numel),)  # type: ignore[arg-type]
 
@@ -217,64 +305,77 @@ def _band_counts(kwargs: Mapping[str, object], numel: int) -> tuple[Tensor, ...]
     return band_keep_counts(kwargs["density"], kwargs["gamma"], numel)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class _Sparsifier:
+    """What a sparsifier of the TIES family brings to a method: its parameters (``after``: those listed after
+    ``normalize``, as mergekit lists them), the inputs it reads, its cross-parameter constraint."""
+
+    params: tuple[Param, ...]
+    inputs: tuple[MethodInput, ...]
+    after: tuple[Param, ...] = ()
+    constraint: Constraint | None = None
+
+
+_SPARSIFIERS: dict[Callable[..., object], _Sparsifier] = {
+    magnitude_prune_rows: _Sparsifier((_DENSITY,), (Thresholds(_ties_counts),)),
+    random_prune_rows: _Sparsifier((_DENSITY,), (Draws(),), after=(_RESCALE,)),
+    magnitude_band_prune_rows: _Sparsifier(_BREADCRUMBS, (Thresholds(_band_counts),), constraint=_breadcrumbs_band),
+    rank_random_prune_rows: _Sparsifier(_DELLA, (Draws(), Ranks()), after=(_RESCALE,), constraint=_della_window),
+}
+
+
+def _family_method(member: SparseTaskMerge) -> MergeMethod:
+    """The registry entry of a member of the TIES family (:data:`evomerge.methods.ties.FAMILY`): its parameters,
+    inputs and constraint come from its sparsifier; a weighted sum (no sign election) can express the uniform
+    average, and with one-hot weights every member returns the source alone (zero contributions never agree)."""
+    sparsifier = _SPARSIFIERS[member.sparsify]
+    return MergeMethod(
+        member.name, member, (_weight(), *sparsifier.params, _normalize(member.normalize), *sparsifier.after, _LAMBDA),
+        needs_base=True, inputs=sparsifier.inputs, constraint=sparsifier.constraint, doc=member.doc.split(". ")[0],
+        elementwise=True, alone=_one_hot, uniform=None if member.sign_election else _uniform_weights,
+    )
+
+
 _ALL: tuple[MergeMethod, ...] = (
     MergeMethod(
         "linear", linear, (_weight(), _normalize(True)), needs_base=False, elementwise=True,
-        doc="weighted average of the sources (model soup)",
+        doc="weighted average of the sources (model soup)", alone=_one_hot, uniform=_uniform_weights,
     ),
     MergeMethod(
         "task_arithmetic", task_arithmetic,
         (_weight(-2.0, 2.0), _LAMBDA, _normalize(False)), needs_base=True, elementwise=True,
-        doc="base + lambda * weighted sum of task vectors",
+        doc="base + lambda * weighted sum of task vectors", alone=_one_hot, uniform=_uniform_weights,
     ),
-    _task_vector_method(ties, (_DENSITY, _normalize(True)), elementwise=True, keep_counts=_ties_counts),
-    _task_vector_method(
-        dare_linear, (_DENSITY, _normalize(False), _RESCALE), stochastic=True, elementwise=True
-    ),
-    # normalize defaults as mergekit's registry (GeneralizedTaskArithmeticMerge.default_normalize): dare_ties and
-    # breadcrumbs_ties do not divide by the agreeing weights unless asked to
-    _task_vector_method(dare_ties, (_DENSITY, _normalize(False), _RESCALE), stochastic=True, elementwise=True),
-    _task_vector_method(
-        breadcrumbs, (*_BREADCRUMBS, _normalize(False)), constraint=_breadcrumbs_band, elementwise=True,
-        keep_counts=_band_counts,
-    ),
-    _task_vector_method(
-        breadcrumbs_ties, (*_BREADCRUMBS, _normalize(False)), constraint=_breadcrumbs_band, elementwise=True,
-        keep_counts=_band_counts,
-    ),
-    _task_vector_method(
-        della, (*_DELLA, _normalize(True), _RESCALE), stochastic=True, constraint=_della_window, elementwise=True,
-        ranked=True,
-    ),
-    _task_vector_method(
-        della_linear, (*_DELLA, _normalize(False), _RESCALE), stochastic=True, constraint=_della_window,
-        elementwise=True, ranked=True,
-    ),
+    *(_family_method(member) for member in FAMILY),
     MergeMethod(
         "slerp", slerp, (Param("t", None, 0.0, 1.0, doc="interpolation factor: 0 -> first source, 1 -> second"),),
         needs_base=False, min_sources=2, max_sources=2, doc="spherical interpolation of two sources",
-        elementwise=True, gram=slerp_gram, coefficients=slerp_coefficients,
+        elementwise=True, inputs=(Coefficients(slerp_gram, slerp_coefficients),),
+        alone=lambda index, n_sources: {"t": float(index)},
     ),
     MergeMethod(
-        "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True, gram=multislerp_gram,
-        coefficients=multislerp_coefficients,
+        "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True,
+        inputs=(Coefficients(multislerp_gram, multislerp_coefficients),),
         doc="weighted spherical (Karcher) mean of the sources, or of task vectors when a base is given",
+        alone=_one_hot,  # the Karcher mean of one point
     ),
     MergeMethod(
         "model_stock", model_stock,
         (Param("filter_wise", False, doc="one interpolation ratio per output row instead of per tensor"),),
         needs_base=True, min_sources=2, doc="average moved towards the base by the task vectors' angle",
-        elementwise=True, gram=model_stock_gram, coefficients=model_stock_coefficients,
+        elementwise=True, inputs=(Coefficients(model_stock_gram, model_stock_coefficients),),
     ),
     MergeMethod(
         "fisher", fisher,
         (_weight(), Param("fisher_floor", 1e-6, 0.0, 1.0, doc="Fisher floor, relative to the tensor's mean Fisher")),
-        needs_base=False, statistic="fisher", doc="Fisher-weighted average (diagonal Fisher per source)",
+        needs_base=False, inputs=(Statistic("fisher"),), doc="Fisher-weighted average (diagonal Fisher per source)",
+        alone=_one_hot,  # zero importance for the others
     ),
     MergeMethod(
         "regmean", regmean,
         (Param("alpha", 0.9, 0.0, 1.0, doc="scale of the Gram matrices' off-diagonal entries"),),
-        needs_base=False, statistic="gram", doc="least-squares merge of linear layers from input Gram matrices",
+        needs_base=False, inputs=(Statistic("gram"),),
+        doc="least-squares merge of linear layers from input Gram matrices",
     ),
 )
 

@@ -11,7 +11,6 @@ def regmean(
     sources: Tensor,
     *,
     alpha: float = 0.9,
-    seed: int | None = None,
     stats: Tensor | None = None,
 ) -> Tensor:
     """RegMean for an ``nn.Linear`` weight ``W`` [out, in] (``y = x Wᵀ``), from input Gram matrices.

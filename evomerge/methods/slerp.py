@@ -11,8 +11,8 @@ clamped to ``[-1, 1]``; linear interpolation when ``|cos| > 0.9995`` (nearly (an
 Multi-SLERP falls back to the linear combination when ``|cos| > 1 − 1e-6`` for every pair or a norm is ``<= 1e-8``,
 with dot products accumulated in float64 (no TF32 matmul): :func:`~evomerge.methods.angles.gram_matrix`.
 The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose coefficients depend on the angle statistics and the
-parameters only: the engine computes the statistics once per tensor (``MergeMethod.gram``) and the coefficients
-once per candidate, and merges entrywise.
+parameters only: the engine computes the statistics once per tensor (the registry's ``Coefficients.gram``) and
+the coefficients once per candidate, and merges entrywise.
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ def slerp(
     sources: Tensor,
     *,
     t: float,
-    seed: int | None = None,
-    stats: Tensor | None = None,
     coefficients: Tensor | None = None,
 ) -> Tensor:
     """SLERP between ``a = sources[0]`` (``t = 0``) and ``b = sources[1]`` (``t = 1``); ``base`` is unused.
@@ -150,8 +148,6 @@ def multislerp(
     sources: Tensor,
     *,
     weight: Tensor,
-    seed: int | None = None,
-    stats: Tensor | None = None,
     coefficients: Tensor | None = None,
 ) -> Tensor:
     """N-model SLERP: weighted spherical (Karcher) mean of the sources, or of task vectors when ``base`` is given.

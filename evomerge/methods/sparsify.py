@@ -85,20 +85,21 @@ def _row_thresholds(tau: Tensor, density: Tensor, threshold: Tensor | None) -> T
     return threshold.to(device=tau.device, dtype=torch.float32)
 
 
-def magnitude_prune_rows(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> list[Tensor]:
+def magnitude_prune_rows(tau: Tensor, density: Tensor, thresholds: tuple[Tensor] | None = None) -> list[Tensor]:
     """:func:`magnitude_prune` as a list of the N pruned rows (the form the merges consume: see
     :func:`~evomerge.methods.linear.source_sum`)."""
-    t = _row_thresholds(tau, density, threshold)
+    t = _row_thresholds(tau, density, None if thresholds is None else thresholds[0])
     return [row * row.abs().ge_(t[i]) for i, row in enumerate(tau)]
 
 
-def magnitude_prune(tau: Tensor, density: Tensor, threshold: Tensor | None = None) -> Tensor:
+def magnitude_prune(tau: Tensor, density: Tensor, thresholds: tuple[Tensor] | None = None) -> Tensor:
     """TIES trim: keep the top-``density`` fraction of each ``τ_i`` by magnitude, zero the rest.
 
-    Kept iff ``|τ| >= t_k`` (:func:`top_magnitude_mask`). ``threshold``: precomputed thresholds (as there).
+    Kept iff ``|τ| >= t_k`` (:func:`top_magnitude_mask`). ``thresholds``: ``(t,)``, the precomputed
+    :func:`kth_magnitudes` of the whole task vectors for :func:`ties_keep_count` ``(density, n)``.
     Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
     """
-    return torch.stack(magnitude_prune_rows(tau, density, threshold))
+    return torch.stack(magnitude_prune_rows(tau, density, thresholds))
 
 
 def magnitude_band_prune(
@@ -164,7 +165,7 @@ def random_prune(
 
 
 def random_prune_rows(
-    tau: Tensor, density: Tensor, *, rescale: bool, seed: int | None, noise: Tensor | None = None
+    tau: Tensor, density: Tensor, *, rescale: bool = True, seed: int | None = None, noise: Tensor | None = None
 ) -> list[Tensor]:
     """:func:`random_prune` as a list of the N pruned rows: ``where(u < d, τ / d, 0)`` (``τ`` without
     ``rescale``); ``d = 0`` keeps nothing, so its division is never used."""
@@ -220,7 +221,7 @@ def rank_random_prune(
 
 
 def rank_random_prune_rows(
-    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool, seed: int | None,
+    tau: Tensor, density: Tensor, epsilon: Tensor, *, rescale: bool = True, seed: int | None = None,
     noise: Tensor | None = None, ranks: Tensor | None = None,
 ) -> list[Tensor]:
     """:func:`rank_random_prune` as a list of the N pruned rows (what the merges consume; as rows, a compiled merge

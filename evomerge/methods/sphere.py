@@ -40,7 +40,7 @@ def slerp_vectors(t: float, v0: Tensor, v1: Tensor) -> Tensor:
 
 def nuslerp(
     base: Tensor | None, sources: Tensor, *, weight: Tensor, nuslerp_flatten: bool = True,
-    nuslerp_row_wise: bool = False, seed: int | None = None, stats: Tensor | None = None,
+    nuslerp_row_wise: bool = False,
 ) -> Tensor:
     """NuSLERP: SLERP of two models (or, with a base, ``θ0 +`` SLERP of their task vectors) at
     ``t = w_1 / (w_0 + w_1)`` (:func:`nuslerp_factor`, :func:`slerp_vectors`).
@@ -113,8 +113,7 @@ def karcher_mean(tensors: list[Tensor], alphas: list[float], *, max_iter: int, t
 
 
 def karcher(
-    base: Tensor | None, sources: Tensor, *, max_iter: float = 10, tol: float = 1e-5, seed: int | None = None,
-    stats: Tensor | None = None,
+    base: Tensor | None, sources: Tensor, *, max_iter: float = 10, tol: float = 1e-5
 ) -> Tensor:
     """Karcher mean of the sources with equal weights (:func:`karcher_mean`); ``base`` is not used (a base model
     that mergekit's config lists or adds is one of the sources here, see evomerge.recipe.mergekit)."""

@@ -1,17 +1,19 @@
 """TIES, DARE, breadcrumbs and DELLA: one pipeline over task vectors, parameterised by its two stages.
 
-    τ_i = θ_i − θ0  →  τ'_i = sparsify(τ_i)  →  m = disjoint_merge(τ', w)   (sign election, "*ties", della)
+    τ_i = θ_i − θ0  →  τ'_i = sparsify(τ_i)  →  m = disjoint_merge(τ', w)   (sign election: "*ties", della)
                                                m = Σ_i w_i τ'_i [/ Σ_i w_i]  (linear variants)
     result = θ0 + λ · m
 
-The sparsifiers, the tie / rounding conventions and the randomness contract are in
-:mod:`evomerge.methods.sparsify`. ``normalize`` divides by the (agreeing) weights, see
+The family is the table :data:`FAMILY` of (sparsifier, sign election) pairs; each member is a
+:class:`SparseTaskMerge`, called like any method. The sparsifiers, the tie / rounding conventions and the randomness
+contract are in :mod:`evomerge.methods.sparsify`. ``normalize`` divides by the (agreeing) weights, see
 :func:`~evomerge.methods.sparsify.disjoint_merge` and :func:`~evomerge.methods.linear.weighted_sum`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -24,194 +26,65 @@ from evomerge.methods.sparsify import (
     rank_random_prune_rows,
 )
 
+_TIES = 'Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.'
+_DARE = ('Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free '
+         'Lunch", ICML.')
+_BREADCRUMBS = ('Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", '
+                'ECCV.')
+_DELLA = ('Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based '
+          'Sampling".')
 
-def sparse_task_merge(
-    base: Tensor | None,
-    sources: Tensor,
-    sparsify: Callable[[Tensor], Tensor | Sequence[Tensor]],
-    *,
-    weight: Tensor,
-    lam: float,
-    normalize: bool,
-    sign_election: bool,
-) -> Tensor:
-    """``θ0 + λ · merge(sparsify(θ_i − θ0))`` with ``merge`` = TIES disjoint merge or a weighted sum.
 
-    ``sparsify`` maps the task vectors [N, *S] to the N sparsified rows (or a stacked tensor of them).
+@dataclass(frozen=True)
+class SparseTaskMerge:
+    """``θ0 + λ · merge(sparsify(θ_i − θ0))`` with ``merge`` = TIES disjoint merge (``sign_election``) or the
+    weighted sum.
+
+    ``sparsify(tau, **kwargs)`` maps the task vectors [N, *S] to the N sparsified rows; it receives every keyword
+    argument beyond ``weight``, ``lam`` and ``normalize`` (its parameters, e.g. ``density``, and the inputs made
+    beforehand: ``thresholds``, ``noise``, ``ranks``, or ``seed`` for a whole-tensor call). ``normalize``: the
+    member's default when not given (mergekit's ``default_normalize``: only TIES and DELLA divide by the agreeing
+    weights unless asked to).
     """
-    if base is None:
-        raise ValueError("sparsified task-vector merges (TIES/DARE/breadcrumbs/DELLA) need a base model")
-    tau = sparsify(sources - base)
-    if sign_election:
-        merged = disjoint_merge(tau, weight, normalize=normalize)
-    else:
-        merged = weighted_sum(tau, weight, normalize=normalize)
-    return base + merged * lam  # multiply, then add: one rounding each in every kernel (eager or compiled)
+
+    name: str
+    sparsify: Callable[..., Sequence[Tensor]]
+    sign_election: bool
+    normalize: bool
+    doc: str
+
+    def __call__(
+        self, base: Tensor | None, sources: Tensor, *, weight: Tensor, lam: float = 1.0, normalize: bool | None = None,
+        **sparsify_kwargs: object,
+    ) -> Tensor:
+        normalize = self.normalize if normalize is None else normalize
+        if base is None:
+            raise ValueError("sparsified task-vector merges (TIES/DARE/breadcrumbs/DELLA) need a base model")
+        tau = self.sparsify(sources - base, **sparsify_kwargs)
+        if self.sign_election:
+            merged = disjoint_merge(tau, weight, normalize=normalize)
+        else:
+            merged = weighted_sum(tau, weight, normalize=normalize)
+        return base + merged * lam  # multiply, then add: one rounding each in every kernel (eager or compiled)
 
 
-def ties(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lam: float = 1.0,
-    normalize: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    thresholds: tuple[Tensor] | None = None,
-) -> Tensor:
-    """TIES-Merging: trim each ``τ_i`` to its top-``d_i`` magnitudes, elect signs, disjoint mean; ``θ0 + λ·m``.
-
-    ``thresholds``: ``(t,)`` with ``t`` = :func:`~evomerge.methods.sparsify.kth_magnitudes` of the whole task
-    vectors for :func:`~evomerge.methods.sparsify.ties_keep_count` ``(density, n)`` (mergekit's count,
-    ``max(1, ⌊d·n⌋)``), computed beforehand (then the merge is entrywise; registry: ``MergeMethod.keep_counts``).
-    Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS.
-    """
-    threshold = None if thresholds is None else thresholds[0]
-    return sparse_task_merge(
-        base, sources, lambda tau: magnitude_prune_rows(tau, density, threshold),
-        weight=weight, lam=lam, normalize=normalize, sign_election=True,
-    )
-
-
-def dare_linear(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lam: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    noise: Tensor | None = None,
-) -> Tensor:
-    """DARE + task arithmetic: drop entries of ``τ_i`` with prob ``1 − d_i``, rescale by ``1/d_i``, weighted sum.
-
-    ``noise``: the uniform draw made beforehand (:func:`~evomerge.methods.sparsify.random_prune`).
-    Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
-    Lunch", ICML.
-    """
-    return sparse_task_merge(
-        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, seed=seed, noise=noise),
-        weight=weight, lam=lam, normalize=normalize, sign_election=False,
-    )
-
-
-def dare_ties(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    lam: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    noise: Tensor | None = None,
-) -> Tensor:
-    """DARE drop-and-rescale of each ``τ_i``, then TIES sign election and disjoint merge (``noise`` as in
-    :func:`dare_linear`). Yu et al. 2024."""
-    return sparse_task_merge(
-        base, sources, lambda tau: random_prune_rows(tau, density, rescale=rescale, seed=seed, noise=noise),
-        weight=weight, lam=lam, normalize=normalize, sign_election=True,
-    )
-
-
-def breadcrumbs(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    gamma: Tensor,
-    lam: float = 1.0,
-    normalize: bool = False,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    thresholds: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Model Breadcrumbs: per ``τ_i`` drop the top-``γ_i`` magnitudes and keep the next ``d_i``; weighted sum.
-
-    ``thresholds``: precomputed magnitude thresholds of the band's two counts (``sparsify.band_keep_counts``).
-    Davari & Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV.
-    """
-    return sparse_task_merge(
-        base, sources, lambda tau: magnitude_band_prune_rows(tau, density, gamma, thresholds),
-        weight=weight, lam=lam, normalize=normalize, sign_election=False,
-    )
-
-
-def breadcrumbs_ties(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    gamma: Tensor,
-    lam: float = 1.0,
-    normalize: bool = False,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    thresholds: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Breadcrumbs masks followed by TIES sign election and disjoint merge. Davari & Belilovsky 2024."""
-    return sparse_task_merge(
-        base, sources, lambda tau: magnitude_band_prune_rows(tau, density, gamma, thresholds),
-        weight=weight, lam=lam, normalize=normalize, sign_election=True,
-    )
-
-
-def della(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    epsilon: Tensor,
-    lam: float = 1.0,
-    normalize: bool = True,
-    rescale: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    noise: Tensor | None = None,
-    ranks: Tensor | None = None,
-) -> Tensor:
-    """DELLA-Merging: magnitude-ranked random drop (keep prob in ``[d − ε, d + ε]``), rescale ``1/p``, TIES elect
-    and disjoint merge (``noise`` / ``ranks`` made beforehand: :func:`~evomerge.methods.sparsify.rank_random_prune`).
-    Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling".
-    """
-    return sparse_task_merge(
-        base, sources,
-        lambda tau: rank_random_prune_rows(
-            tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
-        weight=weight, lam=lam, normalize=normalize, sign_election=True,
-    )
-
-
-def della_linear(
-    base: Tensor | None,
-    sources: Tensor,
-    *,
-    weight: Tensor,
-    density: Tensor,
-    epsilon: Tensor,
-    lam: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    seed: int | None = None,
-    stats: Tensor | None = None,
-    noise: Tensor | None = None,
-    ranks: Tensor | None = None,
-) -> Tensor:
-    """DELLA drop-and-rescale of each ``τ_i`` followed by a plain weighted sum (no sign election; ``noise`` /
-    ``ranks`` as in :func:`della`). Deep et al. 2024."""
-    return sparse_task_merge(
-        base, sources,
-        lambda tau: rank_random_prune_rows(
-            tau, density, epsilon, rescale=rescale, seed=seed, noise=noise, ranks=ranks),
-        weight=weight, lam=lam, normalize=normalize, sign_election=False,
-    )
+#: The family: every member is one (sparsifier, sign election) pair.
+FAMILY: tuple[SparseTaskMerge, ...] = (
+    SparseTaskMerge("ties", magnitude_prune_rows, sign_election=True, normalize=True, doc=
+                    "TIES-Merging: trim each task vector to its top-d magnitudes, elect signs, take the disjoint "
+                    f"mean. {_TIES}"),
+    SparseTaskMerge("dare_linear", random_prune_rows, sign_election=False, normalize=False, doc=
+                    f"DARE + task arithmetic: drop entries with prob 1 − d, rescale by 1/d, weighted sum. {_DARE}"),
+    SparseTaskMerge("dare_ties", random_prune_rows, sign_election=True, normalize=False, doc=
+                    f"DARE drop-and-rescale, then TIES sign election and disjoint merge. {_DARE}"),
+    SparseTaskMerge("breadcrumbs", magnitude_band_prune_rows, sign_election=False, normalize=False, doc=
+                    f"Model Breadcrumbs: drop the top-γ magnitudes, keep the next d, weighted sum. {_BREADCRUMBS}"),
+    SparseTaskMerge("breadcrumbs_ties", magnitude_band_prune_rows, sign_election=True, normalize=False, doc=
+                    f"Breadcrumbs masks, then TIES sign election and disjoint merge. {_BREADCRUMBS}"),
+    SparseTaskMerge("della", rank_random_prune_rows, sign_election=True, normalize=True, doc=
+                    "DELLA-Merging: magnitude-ranked random drop (keep prob in [d − ε, d + ε]), rescale 1/p, TIES "
+                    f"election and disjoint merge. {_DELLA}"),
+    SparseTaskMerge("della_linear", rank_random_prune_rows, sign_election=False, normalize=False, doc=
+                    f"DELLA drop-and-rescale, then a plain weighted sum (no sign election). {_DELLA}"),
+)
+ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear = FAMILY

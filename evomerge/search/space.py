@@ -287,43 +287,6 @@ def _format_errors(err: ValidationError) -> str:
     return "\n  ".join(lines)
 
 
-# ------------------------------------------------------------------------------------- baseline targets
-#: Values that leave each task vector untouched (no trimming, no outlier drop, no spread, unit scale); a method
-#: without the parameter behaves as if it had this value.
-_NEUTRAL: dict[str, float] = {"density": 1.0, "gamma": 0.0, "epsilon": 0.0, "lambda": 1.0}
-#: Methods that are a weighted sum ``Σ w_i x_i`` [``/ Σ w_i``] of the sources (``linear``) or of the (sparsified)
-#: task vectors added to the base: with neutral sparsification they can express the uniform average exactly.
-_WEIGHTED_SUM = frozenset({"linear", "task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"})
-#: Methods where weight 1 for source i and 0 for the others (neutral values elsewhere) gives θ_i: the weighted sums,
-#: the TIES disjoint merge (zero contributions never agree), multislerp (Karcher mean of one point) and Fisher
-#: (zero importance for the others). tests/test_space.py checks each on tensors.
-_ONE_HOT = _WEIGHTED_SUM | {"ties", "dare_ties", "breadcrumbs_ties", "della", "multislerp", "fisher"}
-
-
-def source_alone_targets(method: MergeMethod, index: int, n_sources: int) -> list[dict[str, object]]:
-    """Parameter values (per-source ones as lists) under which ``method`` returns source ``index`` unchanged, up
-    to float rounding of ``θ0 + (θ_i − θ0)``; empty when the method cannot (model stock, RegMean, and the methods
-    taken from mergekit's registry: nearswap, arcee_fusion, sce, ram, ramplus_tl, nuslerp, karcher)."""
-    if method.name == "slerp":
-        return [{"t": float(index)}] if n_sources == 2 else []
-    if method.name in _ONE_HOT:
-        return [{**_NEUTRAL, "weight": [1.0 if i == index else 0.0 for i in range(n_sources)]}]
-    return []
-
-
-def uniform_targets(method: MergeMethod, n_sources: int) -> list[dict[str, object]]:
-    """Alternative parameter values under which ``method`` is the uniform average ``Σ θ_i / N``: equal weights
-    normalised, or ``w λ = 1/N`` unnormalised (``θ0 + Σ (θ_i − θ0)/N = Σ θ_i / N``); empty if not expressible."""
-    if method.name not in _WEIGHTED_SUM:
-        return []
-    ones, n = [1.0] * n_sources, float(n_sources)
-    return [
-        {**_NEUTRAL, "weight": ones, "normalize": True},
-        {**_NEUTRAL, "weight": [1.0 / n] * n_sources, "normalize": False},
-        {**_NEUTRAL, "weight": ones, "normalize": False, "lambda": 1.0 / n},
-    ]
-
-
 def _check_models(method: MergeMethod, models: ModelSet) -> None:
     n = len(models.sources)
     if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
@@ -439,8 +402,8 @@ class MergeSpace(StrictModel):
         wanted: list[tuple[str, list[tuple[str, dict[str, object]]]]] = []
         for i, label in enumerate(model_labels(models.sources)):
             wanted.append((f"source:{label}", [(m, t) for m in self.methods
-                                               for t in source_alone_targets(get_method(m), i, n)]))
-        wanted.append(("uniform", [(m, t) for m in self.methods for t in uniform_targets(get_method(m), n)]))
+                                               for t in get_method(m).source_alone_points(i, n)]))
+        wanted.append(("uniform", [(m, t) for m in self.methods for t in get_method(m).uniform_points(n)]))
         for m in self.methods:
             defaults = {p.name: p.default for p in get_method(m).params}
             required = [k for k, v in defaults.items() if v is None]
@@ -469,10 +432,6 @@ class MergeSpace(StrictModel):
             _check_models(method, models)
         except SpaceError as err:
             raise _NoFit(str(err)) from None
-        own = {p.name for p in method.params}
-        for key, value in target.items():
-            if key not in own and value != _NEUTRAL.get(key):
-                raise _NoFit(f"needs {key} = {value}, which {name} does not have")
         params: dict[str, Any] = {"method": name} if self.is_choice else {}
         for param in method.params:
             want = target.get(param.name)
@@ -717,8 +676,8 @@ class SearchSpace:
     def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         """``(label, params for study.enqueue_trial)`` of the baselines the space can express exactly.
 
-        Labels: ``source:<name>`` (each source alone: :func:`source_alone_targets`), ``uniform`` (the uniform
-        average: :func:`uniform_targets`), ``defaults`` (the registry defaults; ``defaults:<method>`` per method
+        Labels: ``source:<name>`` (each source alone: ``MergeMethod.source_alone_points``), ``uniform`` (the uniform
+        average: ``MergeMethod.uniform_points``), ``defaults`` (the registry defaults; ``defaults:<method>`` per method
         of a choice). With a method choice the first method in choice order that expresses a baseline is used.
         A baseline whose values fall outside the space is skipped, with the reason in a debug log.
         """
