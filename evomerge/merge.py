@@ -12,11 +12,11 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
 from evomerge.outdir import check_target, recover
-from evomerge.recipe import Recipe, RecipeError
+from evomerge.recipe import AnyRecipe, Recipe, RecipeError, StackRecipe
 from evomerge.stacking import stack_layers
 
 
-def tokenizer_dir(recipe: Recipe) -> Path | None:
+def tokenizer_dir(recipe: AnyRecipe) -> Path | None:
     """Where the merged model's tokenizer comes from: ``tokenizer_source`` (must hold one), else the base or first
     model when it has tokenizer files, else None (a bare weights-only model)."""
     if recipe.tokenizer_source:
@@ -31,15 +31,13 @@ def tokenizer_dir(recipe: Recipe) -> Path | None:
 def check_values(recipe: Recipe) -> None:
     """The recipe's method, sources and every number it sets, against the registry, before any model is loaded
     (MethodError naming the problem). The engine checks again per tensor, with the values resolved."""
-    if recipe.method == "passthrough":
-        return
     method = get_method(recipe.method)
     for scope in (recipe.parameters, *(s.parameters for s in recipe.sources)):
         validate_params(method, scope, len(recipe.sources), recipe.base is not None, resolved=False)
 
 
 def merge_to_dir(
-    recipe: Recipe,
+    recipe: AnyRecipe,
     out: str | Path,
     *,
     device: str | torch.device | None = None,
@@ -60,9 +58,10 @@ def merge_to_dir(
     out = Path(out).expanduser()
     recover(out)
     check_target(out, force)
-    check_values(recipe)
+    if isinstance(recipe, Recipe):
+        check_values(recipe)
     tokenizer = tokenizer_dir(recipe)
-    if recipe.method == "passthrough":
+    if isinstance(recipe, StackRecipe):
         checkpoints = {p: Checkpoint.open(p, allow_pickle=allow_pickle) for p in recipe.model_paths()}
         state, config = stack_layers(recipe, checkpoints)
         if recipe.dtype:

@@ -48,7 +48,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.methods import Param, get_method
-from evomerge.recipe import Recipe, resolve_params
+from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
 from evomerge.search.storage import mask_url, unmasked_for_libpq
@@ -397,8 +397,8 @@ def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]
     labelled ``"<row> [<filter>]"``. Row labels: ``"<source>: <param>"`` (source: the model's last path component,
     its full path where two sources share one) or ``"<param>"``.
     """
-    if recipe.method == "passthrough":
-        raise ValueError("a passthrough recipe has no per-layer parameters; its layer path is stacking.layer_plan")
+    if not isinstance(recipe, Recipe):
+        raise ValueError("a layer stack has no per-layer parameters; its layer path is stacking.layer_plan")
     method = get_method(recipe.method)
     named = set(recipe.parameters).union(*(s.parameters for s in recipe.sources))
     params = [p for p in method.params if p.name in named and not p.is_bool]
@@ -547,10 +547,10 @@ def plot_importances(importances: Mapping[str, Mapping[str, float]], path: Path)
     _save(fig, path)
 
 
-def plot_layers(recipe: Recipe, num_layers: int, path: Path) -> str | None:
+def plot_layers(recipe: AnyRecipe, num_layers: int, path: Path) -> str | None:
     """Heatmap of :func:`layer_table` with the values annotated, or the layer path of a passthrough recipe
     (output layer -> source layer, coloured by source, scale annotated); why nothing was drawn, else None."""
-    if recipe.method == "passthrough":
+    if isinstance(recipe, StackRecipe):
         _plot_layer_path(recipe, num_layers, path)
         return None
     labels, matrix = layer_table(recipe, num_layers)
@@ -573,8 +573,8 @@ def plot_layers(recipe: Recipe, num_layers: int, path: Path) -> str | None:
     return None
 
 
-def _plot_layer_path(recipe: Recipe, num_layers: int, path: Path) -> None:
-    plan = layer_plan(recipe, {s.model: num_layers for s in recipe.slices or []})
+def _plot_layer_path(recipe: StackRecipe, num_layers: int, path: Path) -> None:
+    plan = layer_plan(recipe, {s.model: num_layers for s in recipe.slices})
     models = list(dict.fromkeys(m for m, _, _ in plan))
     fig = Figure(figsize=(min(16.0, 3.0 + 0.3 * len(plan)), 4.0))
     ax = fig.subplots()

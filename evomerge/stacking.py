@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.naming import layer_index, tensor_filter, with_layer_index
-from evomerge.recipe import Recipe, RecipeError
+from evomerge.recipe import RecipeError, StackRecipe
 
 #: Residual-branch output projections across families (Llama/Mistral/Qwen: o_proj, down_proj; GPT-2: attn.c_proj,
 #: mlp.c_proj; GPT-NeoX: attention.dense, dense_4h_to_h; BERT: attention.output.dense, output.dense).
@@ -29,10 +29,8 @@ OUTPUT_PROJECTION = re.compile(
     r"(o_proj|down_proj|c_proj|attention\.dense|dense_4h_to_h|output\.dense)\.(weight|bias)$")
 
 
-def layer_plan(recipe: Recipe, num_layers: Mapping[str, int]) -> list[tuple[str, int, float]]:
+def layer_plan(recipe: StackRecipe, num_layers: Mapping[str, int]) -> list[tuple[str, int, float]]:
     """The output layers as (source model, source layer, scale); checks every range against its source's depth."""
-    if recipe.method != "passthrough" or not recipe.slices:
-        raise RecipeError("layer stacking needs method 'passthrough' with 'slices'")
     plan = []
     for i, s in enumerate(recipe.slices):
         depth = num_layers[s.model]
@@ -50,11 +48,11 @@ def is_pre_stack(name: str) -> bool:
     return kind == "embed" or (kind != "lm_head" and "embed" in name)
 
 
-def stack_layers(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> tuple[dict[str, Tensor], object]:
+def stack_layers(recipe: StackRecipe, checkpoints: Mapping[str, Checkpoint]) -> tuple[dict[str, Tensor], object]:
     """Build the stacked model's state dict and config (a copy of the first slice's model's, with the new layer
     count): embeddings from the first slice's model, the other non-layer tensors from the last one's (module doc)."""
     plan = layer_plan(recipe, {p: ck.num_layers for p, ck in checkpoints.items()})
-    first, last = checkpoints[recipe.slices[0].model], checkpoints[recipe.slices[-1].model]  # type: ignore[index]
+    first, last = checkpoints[recipe.slices[0].model], checkpoints[recipe.slices[-1].model]
     state: dict[str, Tensor] = {n: (first if is_pre_stack(n) else last).get(n)
                                 for n in first.names if layer_index(n) is None}
     for k, (model, j, scale) in enumerate(plan):
@@ -72,7 +70,7 @@ def stack_layers(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> tuple
     return state, config
 
 
-def build_stacked_model(recipe: Recipe, checkpoints: Mapping[str, Checkpoint], *, device: str | torch.device,
+def build_stacked_model(recipe: StackRecipe, checkpoints: Mapping[str, Checkpoint], *, device: str | torch.device,
                         dtype: torch.dtype) -> nn.Module:
     """The stacked model as a live ``transformers`` model on ``device`` (a new object: its layer count differs)."""
     from evomerge.engine import model_class

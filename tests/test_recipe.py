@@ -12,9 +12,11 @@ from pydantic import ValidationError
 from evomerge.recipe import (
     Recipe,
     RecipeError,
+    StackRecipe,
     gradient_position,
     interpolate,
     load_recipe,
+    parse_recipe,
     resolve_params,
     resolve_value,
     select_filter,
@@ -58,14 +60,32 @@ def test_filters_first_match_then_default():
 
 
 def test_recipe_shape_errors():
-    with pytest.raises(ValidationError, match="needs 'slices'"):
-        Recipe(method="passthrough")
-    with pytest.raises(ValidationError, match="only used by method 'passthrough'"):
+    with pytest.raises(ValidationError, match="slices"):
+        StackRecipe()
+    with pytest.raises(ValidationError, match="'passthrough' is a layer stack: build it as a StackRecipe"):
+        Recipe(method="passthrough", sources=[{"model": "a"}])
+    with pytest.raises(ValidationError, match="Extra inputs"):  # slices belong to the stack kind
         Recipe(method="linear", sources=[{"model": "a"}], slices=[{"model": "a", "layer_range": [0, 1]}])
     with pytest.raises(ValidationError, match="at least one entry in 'sources'"):
         Recipe(method="ties", base="b")
     with pytest.raises(ValidationError, match="layer_range"):
-        Recipe(method="passthrough", slices=[{"model": "a", "layer_range": [3, 1]}])
+        StackRecipe(slices=[{"model": "a", "layer_range": [3, 1]}])
+    with pytest.raises(ValidationError, match="Extra inputs"):  # a stack has no merge parameters
+        parse_recipe({"method": "passthrough", "slices": [{"model": "a", "layer_range": [0, 1]}],
+                      "parameters": {"weight": 1.0}})
+
+
+def test_parse_recipe_picks_the_kind_and_reads_stacks_stored_before_kinds():
+    stack = parse_recipe({"method": "passthrough", "slices": [{"model": "a", "layer_range": [0, 2]}]})
+    assert isinstance(stack, StackRecipe) and stack.model_paths() == ["a"]
+    merge = parse_recipe({"method": "ties", "base": "b", "sources": [{"model": "a"}]})
+    assert isinstance(merge, Recipe) and merge.model_paths() == ["b", "a"]
+    # what a study stored for a stack before recipes had kinds: every field of the one recipe class
+    legacy = {"method": "passthrough", "base": None, "sources": [], "parameters": {}, "dtype": None, "seed": 0,
+              "tokenizer_source": None, "calibration": None,
+              "slices": [{"model": "a", "layer_range": [0, 2], "scale": 1.0}]}
+    assert parse_recipe(legacy) == stack
+    assert parse_recipe(stack.model_dump(mode="json")) == stack  # round trip of the new form
     with pytest.raises(ValidationError, match="Extra inputs"):
         Recipe(method="linear", sources=[{"model": "a"}], wieghts=1)
     with pytest.raises(ValidationError, match="dtype"):

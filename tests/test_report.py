@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import parse_recipe
 from evomerge.report import (
     RunStorage,
     format_seconds,
@@ -43,7 +43,7 @@ DIST = {"w_a": FloatDistribution(-1.0, 1.0), "w_b": FloatDistribution(-1.0, 1.0)
 
 def ta_recipe(weight_a: Any, weight_b: Any, lam: Any) -> dict[str, Any]:
     """A task-arithmetic recipe dict (as stored in user_attrs) with the given per-source weights and lambda."""
-    return Recipe.model_validate({
+    return parse_recipe({
         "method": "task_arithmetic", "base": "/zoo/base",
         "sources": [{"model": SOURCES[0], "parameters": {"weight": weight_a}},
                     {"model": SOURCES[1], "parameters": {"weight": weight_b}}],
@@ -163,7 +163,7 @@ def test_summary_header_counts_recipe_failures_and_dashboard(report: tuple[Path,
     assert "- #7 (search): MergeError: merge of 'model.layers.0.mlp.up_proj.weight' produced NaN/Inf" in text
     assert "Traceback" not in text  # first line of the error only
     recipe_yaml = text.split("## Best recipe (trial #4)\n\n```yaml\n", 1)[1].split("```", 1)[0]
-    assert Recipe.model_validate(yaml.safe_load(recipe_yaml)) == Recipe.model_validate(BEST_RECIPE)
+    assert parse_recipe(yaml.safe_load(recipe_yaml)) == parse_recipe(BEST_RECIPE)
     assert f"pip install optuna-dashboard && optuna-dashboard sqlite:///{(run / 'study.db').resolve()}" in text
     for name in ("history.png", "importances.png", "layers.png"):
         assert f"![{name}]({name})" in text
@@ -232,7 +232,7 @@ def test_importances_warn_with_fewer_search_trials_than_parameters(tmp_path: Pat
 
 # ----------------------------------------------------------------------------------------- layer table
 def test_layer_table_interpolates_gradients_and_splits_filters() -> None:
-    labels, matrix = layer_table(Recipe.model_validate(BEST_RECIPE), 4)
+    labels, matrix = layer_table(parse_recipe(BEST_RECIPE), 4)
     expected = {
         "expert_a: weight": [0, 1 / 3, 2 / 3, 1],  # [0, 1] at layer / (L - 1)
         "expert_b: weight [self_attn]": [0.2] * 4,
@@ -246,7 +246,7 @@ def test_layer_table_interpolates_gradients_and_splits_filters() -> None:
 def test_layer_table_lookup_order_and_exact_per_layer_lists() -> None:
     """Source value, then the recipe's top-level default, then the method default; a per-filter mapping without a
     matching key falls through; a list of num_layers values is taken layer by layer; booleans get no row."""
-    recipe = Recipe.model_validate({
+    recipe = parse_recipe({
         "method": "ties", "base": "/zoo/base",
         "sources": [{"model": SOURCES[0], "parameters": {"density": 0.3, "weight": [0.1, 0.9, 0.3, 0.7]}},
                     {"model": SOURCES[1], "parameters": {"weight": {"self_attn": 0.25}}}],
@@ -265,7 +265,7 @@ def test_layer_table_lookup_order_and_exact_per_layer_lists() -> None:
 
 
 def test_layer_table_names_sources_by_full_path_when_last_components_clash() -> None:
-    recipe = Recipe.model_validate({"method": "linear", "sources": [
+    recipe = parse_recipe({"method": "linear", "sources": [
         {"model": "/a/final", "parameters": {"weight": 1.0}}, {"model": "/b/final", "parameters": {"weight": 2.0}}]})
     labels, matrix = layer_table(recipe, 3)
     assert labels == ["/a/final: weight", "/b/final: weight"]
@@ -273,7 +273,7 @@ def test_layer_table_names_sources_by_full_path_when_last_components_clash() -> 
 
 
 def test_layer_table_refuses_passthrough() -> None:
-    recipe = Recipe.model_validate({"method": "passthrough", "slices": [{"model": SOURCES[0], "layer_range": [0, 2]}]})
+    recipe = parse_recipe({"method": "passthrough", "slices": [{"model": SOURCES[0], "layer_range": [0, 2]}]})
     with pytest.raises(ValueError, match="layer path"):
         layer_table(recipe, 4)
 
@@ -305,7 +305,7 @@ def test_multi_objective_pareto(tmp_path: Path) -> None:
 
 def test_skips_importances_with_one_search_trial_and_draws_a_layer_path(tmp_path: Path) -> None:
     study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
-    recipe = Recipe.model_validate({"method": "passthrough", "slices": [
+    recipe = parse_recipe({"method": "passthrough", "slices": [
         {"model": SOURCES[0], "layer_range": [0, 3]}, {"model": SOURCES[1], "layer_range": [1, 4], "scale": 0.5}]})
     study.add_trial(create_trial(value=0.5, params={"w_a": 0.1}, distributions={"w_a": DIST["w_a"]},
                                  user_attrs={"kind": "search", "recipe": recipe.model_dump(mode="json")}))
@@ -404,7 +404,7 @@ def test_test_stderr_gets_a_column_beside_its_metric(tmp_path: Path) -> None:
     study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
     add_trials(study)
     records.set_test_result(study, 4, {"acc": 0.65625}, 0.65625, stderr={"acc": 0.03125})
-    recipe = Recipe.model_validate(ta_recipe(0.5, 0.5, 1.0))
+    recipe = parse_recipe(ta_recipe(0.5, 0.5, 1.0))
     records.set_reference(study, "uniform", recipe=recipe, metrics={"acc": 0.5}, values=[0.5], merge_seconds=0.0,
                           eval_seconds=1.0)
     records.set_reference_test(study, "uniform", metrics={"acc": 0.46875}, objective=0.46875,

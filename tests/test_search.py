@@ -11,7 +11,7 @@ import yaml
 from tiny_models import tiny_family
 from transformers import AutoModelForCausalLM
 
-from evomerge.recipe import Recipe, load_recipe
+from evomerge.recipe import load_recipe, parse_recipe
 from evomerge.report import trials_dataframe
 from evomerge.search.config import RunConfig
 from evomerge.search.study import objective_labels, run_search, run_soup, trial_plan
@@ -52,7 +52,7 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     assert kinds[:3] == [f"baseline:source:{Path(p).name}" for p in family[1]] or kinds[0].startswith("baseline")
     assert any(k == "baseline:uniform" for k in kinds)
     for t in trials:
-        recipe = Recipe.model_validate(t.user_attrs["recipe"])
+        recipe = parse_recipe(t.user_attrs["recipe"])
         assert recipe.method == "task_arithmetic"
         assert t.value == pytest.approx(t.user_attrs["metrics"]["norm_sum"])
     best = max(trials, key=lambda t: t.value)
@@ -61,7 +61,7 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     assert study.user_attrs["param_naming"] == 2
     assert set(best.params) == {"lambda", *(f"weight[{Path(p).name}]" for p in family[1])}
     run = Path(cfg.out)
-    assert load_recipe(run / "best_recipe.yaml") == Recipe.model_validate(best.user_attrs["recipe"])
+    assert load_recipe(run / "best_recipe.yaml") == parse_recipe(best.user_attrs["recipe"])
     assert yaml.safe_load((run / "best_recipe.mergekit.yaml").read_text())["merge_method"] == "task_arithmetic"
     # the exported model is the best recipe: its fitness equals the best value
     exported = AutoModelForCausalLM.from_pretrained(run / "best_model")
@@ -211,10 +211,10 @@ def test_layer_stacking_search(family, tmp_path):
     trials = [t for t in load(cfg).get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) >= 4
     for t in trials:
-        recipe = Recipe.model_validate(t.user_attrs["recipe"])
+        recipe = parse_recipe(t.user_attrs["recipe"])
         assert recipe.method == "passthrough"
     best = max(trials, key=lambda t: t.value)
-    recipe = Recipe.model_validate(best.user_attrs["recipe"])
+    recipe = parse_recipe(best.user_attrs["recipe"])
     exported = AutoModelForCausalLM.from_pretrained(Path(cfg.out) / "best_model")
     assert exported.config.num_hidden_layers == sum(s.layer_range[1] - s.layer_range[0] for s in recipe.slices)
     assert float(exported.model.norm.weight.double().sum()) == pytest.approx(best.value, rel=1e-6)

@@ -9,7 +9,7 @@ from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 from evomerge.merge import merge_to_dir
-from evomerge.recipe import Recipe
+from evomerge.recipe import StackRecipe
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def pair(tmp_path_factory):
 
 def test_stacked_model_has_new_layer_count_and_copied_layers(pair, tmp_path):
     a, b = pair
-    recipe = Recipe(method="passthrough", slices=[
+    recipe = StackRecipe(slices=[
         {"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [1, 3], "scale": 0.5}])
     out = merge_to_dir(recipe, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -40,7 +40,7 @@ def test_stacked_model_has_new_layer_count_and_copied_layers(pair, tmp_path):
 
 def test_layer_range_past_the_stack(pair, tmp_path):
     a, _ = pair
-    recipe = Recipe(method="passthrough", slices=[{"model": str(a), "layer_range": [1, 5]}])
+    recipe = StackRecipe(slices=[{"model": str(a), "layer_range": [1, 5]}])
     with pytest.raises(ValueError, match=r"past the 3 layers"):
         merge_to_dir(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -49,7 +49,7 @@ def test_layer_range_past_the_stack(pair, tmp_path):
 def test_non_layer_tensors_come_from_first_and_last_slice_like_mergekit(pair, tmp_path):
     # mergekit/plan.py: pre-weights with slices[0]'s sources, post-weights with slices[-1]'s; the base is not read
     a, b = pair
-    recipe = Recipe(method="passthrough", base=str(a), slices=[
+    recipe = StackRecipe(base=str(a), slices=[
         {"model": str(a), "layer_range": [0, 1]}, {"model": str(b), "layer_range": [1, 3]}])
     got = load_file(merge_to_dir(recipe, tmp_path / "out") / "model.safetensors")
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")

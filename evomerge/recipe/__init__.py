@@ -1,6 +1,7 @@
 """Recipes: the plain-data contract between search and merge (no torch or transformers import).
 
-- :mod:`~evomerge.recipe.schema`: :class:`Recipe` and its parts;
+- :mod:`~evomerge.recipe.schema`: the recipe kinds (:class:`Recipe`: a parameter merge, :class:`StackRecipe`: a layer
+  stack; :data:`AnyRecipe`, :func:`parse_recipe`) and their parts;
 - :mod:`~evomerge.recipe.resolve`: which value each tensor gets (:func:`resolve_params`);
 - :mod:`~evomerge.recipe.mergekit`: mergekit YAML <-> recipe;
 - :mod:`~evomerge.recipe.io`: :func:`load_recipe`, evomerge or mergekit YAML.
@@ -16,6 +17,7 @@ from evomerge.recipe.resolve import (
     tensor_position,
 )
 from evomerge.recipe.schema import (
+    AnyRecipe,
     CalibrationData,
     Gradient,
     LayerSlice,
@@ -24,11 +26,13 @@ from evomerge.recipe.schema import (
     RecipeError,
     Scalar,
     SourceSpec,
+    StackRecipe,
     Value,
+    parse_recipe,
 )
 
 __all__ = [
-    "CalibrationData", "Gradient", "LayerSlice", "ParamValue", "Recipe", "RecipeError", "Scalar", "SourceSpec",
-    "Value", "gradient_position", "interpolate", "load_recipe", "resolve_params", "resolve_value", "select_filter",
-    "tensor_position",
+    "AnyRecipe", "CalibrationData", "Gradient", "LayerSlice", "ParamValue", "Recipe", "RecipeError", "Scalar",
+    "SourceSpec", "StackRecipe", "Value", "gradient_position", "interpolate", "load_recipe", "parse_recipe",
+    "resolve_params", "resolve_value", "select_filter", "tensor_position",
 ]

@@ -23,7 +23,16 @@ from typing import Any
 
 import yaml
 
-from evomerge.recipe.schema import LayerSlice, ParamValue, Recipe, RecipeError, SourceSpec
+from evomerge.recipe.schema import (
+    STACK_METHOD,
+    AnyRecipe,
+    LayerSlice,
+    ParamValue,
+    Recipe,
+    RecipeError,
+    SourceSpec,
+    StackRecipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +89,10 @@ def _slice_models(slices: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in s.items() if k != "layer_range"} for s in slices[0]["sources"]]
 
 
-def from_mergekit(data: Mapping[str, Any]) -> Recipe:
-    """Convert a parsed mergekit config into a Recipe (errors name unsupported keys; an unknown method is named
-    when the recipe is checked against the registry, :func:`evomerge.merge.check_values`)."""
+def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
+    """Convert a parsed mergekit config into a recipe (``passthrough``: a layer stack). Errors name unsupported
+    keys; an unknown method is named when the recipe is checked against the registry
+    (:func:`evomerge.merge.check_values`)."""
     _check_keys(data, TOP_LEVEL_KEYS, "config")
     method = data["merge_method"]
     params = _params_from_mergekit(data.get("parameters"), "parameters")
@@ -91,7 +101,7 @@ def from_mergekit(data: Mapping[str, Any]) -> Recipe:
         raise RecipeError("mergekit tokenizer_source 'union' is not supported; use 'base' or a model path")
     base = data.get("base_model")
     common = {"dtype": data.get("dtype"), "tokenizer_source": base if tokenizer == "base" else tokenizer}
-    if method == "passthrough":
+    if method == STACK_METHOD:
         slices = []
         for s in data.get("slices") or []:
             if len(s["sources"]) != 1:
@@ -102,7 +112,7 @@ def from_mergekit(data: Mapping[str, Any]) -> Recipe:
             _check_keys(scale, {"scale"}, "slice parameters")
             slices.append(LayerSlice(model=src["model"], layer_range=tuple(src["layer_range"]),
                                      scale=float(scale.get("scale", 1.0))))
-        return Recipe(method=method, base=base, slices=slices, **common)
+        return StackRecipe(base=base, slices=slices, **common)
     models = data.get("models") or (_slice_models(data["slices"]) if data.get("slices") else [])
     sources = []
     for i, m in enumerate(models):
@@ -134,14 +144,14 @@ def _source_defaults(recipe: Recipe) -> dict[str, Any]:
             if p.per_source and p.default is not None and p.name not in recipe.parameters}
 
 
-def to_mergekit(recipe: Recipe) -> dict[str, Any]:
-    """Convert a Recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file)."""
+def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
+    """Convert a recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file)."""
     out: dict[str, Any] = {"merge_method": recipe.method}
-    if recipe.method == "passthrough":
+    if isinstance(recipe, StackRecipe):
         out["slices"] = [
             {"sources": [{"model": s.model, "layer_range": list(s.layer_range),
                           **({"parameters": {"scale": s.scale}} if s.scale != 1.0 else {})}]}
-            for s in recipe.slices or []
+            for s in recipe.slices
         ]
     else:
         base = recipe.sources[0].model if recipe.method == "slerp" else recipe.base
@@ -154,8 +164,8 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         for s in recipe.sources:
             params = {**defaults, **{k: _param_to_mergekit(v) for k, v in s.parameters.items()}}
             out["models"].append({"model": s.model, **({"parameters": params} if params else {})})
-    if recipe.parameters:
-        out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
+        if recipe.parameters:
+            out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
     if recipe.dtype:
         out["dtype"] = recipe.dtype
     if recipe.tokenizer_source:
@@ -173,9 +183,9 @@ RANDOM_NOTE = (
 )
 
 
-def to_mergekit_yaml(recipe: Recipe) -> str:
+def to_mergekit_yaml(recipe: AnyRecipe) -> str:
     """:func:`to_mergekit` as YAML text, with a comment on where mergekit's result differs (DARE / DELLA draws)."""
     text = yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
-    if recipe.method in RANDOM_METHODS:
+    if isinstance(recipe, Recipe) and recipe.method in RANDOM_METHODS:
         text = RANDOM_NOTE.format(method=recipe.method, seed=recipe.seed) + text
     return text

@@ -1,7 +1,9 @@
 """The merge recipe: plain data that says how to build one merged model.
 
-A :class:`Recipe` is the contract between the search and the merge core: the search writes recipes, the engine
+A recipe is the contract between the search and the merge core: the search writes recipes, the engine
 materializes them, and ``evomerge merge recipe.yaml`` reproduces one bit-identically (given the same seed and device).
+Recipes come in kinds, like search spaces: a :class:`Recipe` is a parameter merge (one method over every tensor), a
+:class:`StackRecipe` a layer stack (``passthrough``); :data:`AnyRecipe` / :func:`parse_recipe` take either.
 How a parameter value (scalar, gradient, per-filter mapping; per source or global) becomes the value of one tensor
 is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is :mod:`evomerge.recipe.io`.
 """
@@ -11,10 +13,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 Scalar = Union[bool, float]
 Gradient = list[float]
@@ -74,50 +76,104 @@ class CalibrationData(StrictModel):
     batch_size: int = Field(8, ge=1)
 
 
-class Recipe(StrictModel):
-    """How to build one merged model.
+#: The method name of a layer stack, as mergekit spells it.
+STACK_METHOD = "passthrough"
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _RecipeFile(StrictModel):
+    """What every kind of recipe does: name the models it reads, write itself as YAML. (Each kind declares its own
+    fields, ``method`` first: the order unknown-key messages list them in.)"""
+
+    def model_paths(self) -> list[str]:
+        """Every distinct model path the recipe reads, base first."""
+        raise NotImplementedError
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+class Recipe(_RecipeFile):
+    """A parameter merge: every tensor of the output is ``method`` applied to that tensor of the sources.
 
     ``method`` names a registered method; ``base`` is the model task vectors are taken against (required by
     task-vector methods); ``sources`` the models being merged; ``parameters`` global parameters (and defaults for
-    per-source ones); ``slices`` the layer plan of ``passthrough``; ``seed`` seeds stochastic methods per tensor.
+    per-source ones); ``seed`` seeds stochastic methods per tensor. A layer stack is a :class:`StackRecipe`.
     """
 
     method: str
     base: str | None = None
     sources: list[SourceSpec] = Field(default_factory=list)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    slices: list[LayerSlice] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: DType | None = None
     seed: int = 0
     tokenizer_source: str | None = None
     calibration: CalibrationData | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Recipe:
-        if self.method == "passthrough":
-            if not self.slices:
-                raise ValueError("method 'passthrough' needs 'slices': a list of {model, layer_range: [start, end]}")
-        else:
-            if self.slices:
-                raise ValueError(f"'slices' is only used by method 'passthrough', not by '{self.method}'")
-            if not self.sources:
-                raise ValueError(f"method '{self.method}' needs at least one entry in 'sources'")
+        if self.method == STACK_METHOD:
+            raise ValueError("method 'passthrough' is a layer stack: build it as a StackRecipe (slices: a list of "
+                             "{model, layer_range: [start, end]}); parse_recipe picks the kind from the method")
+        if not self.sources:
+            raise ValueError(f"method '{self.method}' needs at least one entry in 'sources'")
         return self
 
-    # ----------------------------------------------------------------------------------------------- models
     def model_paths(self) -> list[str]:
-        """Every distinct model path the recipe reads, base first."""
         paths: list[str] = [self.base] if self.base else []
-        paths += [s.model for s in self.sources]
-        paths += [s.model for s in self.slices or []]
-        return list(dict.fromkeys(paths))
+        return list(dict.fromkeys(paths + [s.model for s in self.sources]))
 
-    # ------------------------------------------------------------------------------------------------ files
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+
+class StackRecipe(_RecipeFile):
+    """A layer stack (mergekit's ``passthrough``, a "frankenmerge"): the output's layers are ``slices`` of the
+    sources' layer stacks, in order, each optionally scaled; built by :mod:`evomerge.stacking`. ``base`` is kept
+    for the record (mergekit's ``base_model``); the stack does not read it."""
+
+    method: Literal["passthrough"] = STACK_METHOD
+    base: str | None = None
+    slices: list[LayerSlice] = Field(min_length=1)
+    dtype: DType | None = None
+    tokenizer_source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: object) -> object:
+        """Studies written before recipes had kinds stored every field of one recipe class: the merge fields of a
+        stack are dropped when they hold their empty defaults (anything else is still an unknown key)."""
+        if isinstance(data, Mapping):
+            empty = {"sources": [], "parameters": {}, "seed": 0, "calibration": None}
+            data = {k: v for k, v in data.items() if not (k in empty and v == empty[k])}
+        return data
+
+    def model_paths(self) -> list[str]:
+        paths: list[str] = [self.base] if self.base else []
+        return list(dict.fromkeys(paths + [s.model for s in self.slices]))
+
+
+def _kind(data: object) -> str:
+    method = data.get("method") if isinstance(data, Mapping) else getattr(data, "method", None)
+    return "stack" if method == STACK_METHOD else "merge"
+
+
+#: Any kind of recipe, told apart by ``method`` (``passthrough``: a layer stack).
+AnyRecipe = Annotated[Union[Annotated[Recipe, Tag("merge")], Annotated[StackRecipe, Tag("stack")]],
+                      Discriminator(_kind)]
+_ANY_RECIPE: TypeAdapter[Recipe | StackRecipe] = TypeAdapter(AnyRecipe)
+
+
+def parse_recipe(data: object) -> Recipe | StackRecipe:
+    """The recipe of kind ``data["method"]`` names (a mapping, e.g. a stored trial's ``recipe``), validated."""
+    return _ANY_RECIPE.validate_python(data)
+
+
+def recipe_fields(data: Mapping[str, object]) -> Mapping[str, object]:
+    """The valid keys of the recipe kind ``data`` describes (for unknown-key messages)."""
+    return (StackRecipe if _kind(data) == "stack" else Recipe).model_fields
 
 
 def model_labels(paths: Sequence[str]) -> list[str]:

@@ -76,7 +76,7 @@ arXiv:2403.13187): a searched path through the layers of the sources, each used 
 Slot ``k`` (trial param ``slot/<k>``) is a categorical choice of ``"s<i>/l<j>"`` (layer ``j`` of source ``i``) or
 ``"skip"`` (slot 0 never skips, so a path is never empty); a used slot gets a scale (``scale/<k>``). Slot ``k`` of
 ``K`` sits at layer ``c_k = round(k·(L − 1)/(K − 1))`` of the sources' stack; ``window`` restricts around it. The
-path becomes ``Recipe(method="passthrough", slices=[...])``, adjacent slots of one source with consecutive layers and
+path becomes ``StackRecipe(slices=[...])``, adjacent slots of one source with consecutive layers and
 equal scales merged into one slice; embeddings and head come from the model set's base, else from the first slice's
 model (:mod:`evomerge.stacking`).
 """
@@ -103,8 +103,8 @@ from pydantic import (
 )
 
 from evomerge.methods import MergeMethod, MethodError, Param, get_method, validate_params
-from evomerge.recipe import LayerSlice, ParamValue, Recipe, Scalar, SourceSpec
-from evomerge.recipe.schema import StrictModel, model_labels
+from evomerge.recipe import AnyRecipe, LayerSlice, ParamValue, Recipe, Scalar, SourceSpec, StackRecipe
+from evomerge.recipe.schema import STACK_METHOD, StrictModel, model_labels
 from evomerge.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ class MergeSpace(StrictModel):
         methods = self.methods
         if len(set(methods)) != len(methods):
             raise ValueError(f"method choice lists a method twice: {methods}")
-        if "passthrough" in methods:
+        if STACK_METHOD in methods:
             raise ValueError("passthrough is a layer-stacking space of its own: write `method: passthrough` alone")
         registered = {m: get_method(m) for m in methods}
         if len(set(self.filters)) != len(self.filters) or "default" in self.filters or "" in self.filters:
@@ -580,7 +580,7 @@ class StackingSpace(StrictModel):
         layers = [j for j in range(depth) if self.window is None or abs(j - centre) <= self.window]
         return ["skip"] * (slot > 0) + [f"s{i}/l{j}" for i in range(len(models.sources)) for j in layers]
 
-    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> Recipe:
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> StackRecipe:
         """The path's names (``slot/<k>``, ``scale/<k>``) are the same in every naming version."""
         path: list[tuple[int, int, float]] = []
         for k in range(self.slots(models)):
@@ -591,7 +591,7 @@ class StackingSpace(StrictModel):
             scale = spec.value if isinstance(spec, FixedSpec) else _suggest_one(trial, f"scale/{k}", spec)
             source, layer = (int(part[1:]) for part in str(pick).split("/"))
             path.append((source, layer, float(scale)))  # type: ignore[arg-type]
-        return Recipe(method="passthrough", base=models.base, slices=_slices(path, models.sources))
+        return StackRecipe(base=models.base, slices=_slices(path, models.sources))
 
     def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         """Each source alone (its layers in order, scale 1), when the embeddings would be that source's too."""
@@ -657,7 +657,7 @@ class SearchSpace:
             raise SpaceError(f"{name}: a search space is a YAML mapping, got {type(data).__name__}")
         if "method" not in data:
             raise SpaceError(f"{name}: missing 'method' (a method name, or {{choice: [...]}})")
-        model = StackingSpace if data["method"] == "passthrough" else MergeSpace
+        model = StackingSpace if data["method"] == STACK_METHOD else MergeSpace
         try:
             return cls(model.model_validate(data), name)
         except ValidationError as err:
@@ -668,7 +668,7 @@ class SearchSpace:
         path = Path(path)
         return cls.from_dict(load_yaml(path), path.name)
 
-    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> Recipe:
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> AnyRecipe:
         """Ask ``trial`` for every searched value (define-by-run, stable names; ``naming``: the study's naming
         version, module docstring) and build the recipe."""
         return self.spec.suggest(trial, models, naming)

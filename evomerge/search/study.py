@@ -34,7 +34,7 @@ from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
@@ -116,7 +116,7 @@ class TrialFault(RuntimeError):
 class Scored:
     """A recipe and its validation result."""
 
-    recipe: Recipe
+    recipe: AnyRecipe
     result: EvalResult
     merge_seconds: float
 
@@ -245,10 +245,10 @@ class Runner:
                             n_objectives=n_objectives)
 
     # ------------------------------------------------------------------------------------------- scoring
-    def materialize(self, recipe: Recipe) -> tuple[nn.Module, float]:
+    def materialize(self, recipe: AnyRecipe) -> tuple[nn.Module, float]:
         """The model holding ``recipe`` and the merge time: the engine's live model, written in place, or for
         layer stacking (a new layer count) a new model assembled from the sources' layers."""
-        if recipe.method != "passthrough":
+        if isinstance(recipe, Recipe):
             prepare(self.engine, recipe, self.config.calibration, self.tokenizer)
             return self.engine.model, self.engine.materialize(recipe).seconds
         start = time.perf_counter()
@@ -256,14 +256,14 @@ class Runner:
                                     device=self.engine.device, dtype=self.engine.dtype)
         return model, time.perf_counter() - start
 
-    def export(self, recipe: Recipe, out: Path) -> Path:
+    def export(self, recipe: AnyRecipe, out: Path) -> Path:
         """Write ``recipe``'s merged model as an HF dir (replacing ``out``)."""
-        if recipe.method == "passthrough":
+        if isinstance(recipe, StackRecipe):
             return merge_to_dir(recipe, out, device=self.engine.device, force=True)
         self.engine.materialize(recipe)
         return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True)
 
-    def score(self, recipe: Recipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
+    def score(self, recipe: AnyRecipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
         """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
         on the growing fidelity levels and reports each to ``trial``; the pruner may stop it before the last level.
         Otherwise it is scored once, on every validation item."""
@@ -295,7 +295,7 @@ class Runner:
         for i, value in enumerate(items):
             trial.report(value, i)
 
-    def record(self, trial: optuna.Trial, recipe: Recipe, kind: str) -> float | list[float]:
+    def record(self, trial: optuna.Trial, recipe: AnyRecipe, kind: str) -> float | list[float]:
         """Score ``recipe`` as ``trial``, storing recipe, metrics and timings; errors are stored then re-raised."""
         records.set_started(trial, recipe, kind)
         prunable = self.config.pruner != "none" and kind == records.SEARCH_KIND
@@ -392,7 +392,7 @@ class Runner:
                    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     # ----------------------------------------------------------------------------------------- finalize
-    def test_score(self, test: Evaluator, recipe: Recipe, what: str) -> EvalResult | Exception:
+    def test_score(self, test: Evaluator, recipe: AnyRecipe, what: str) -> EvalResult | Exception:
         """``recipe``'s test result, or the error that prevented it (stored in its row: one failure loses one
         cell)."""
         try:
@@ -428,7 +428,7 @@ class Runner:
         for label, reference in records.references(study.user_attrs).items():
             if records.RECIPE not in reference or records.ERROR in reference:
                 continue  # its validation scoring failed: nothing to test
-            result = self.test_score(test, Recipe.model_validate(reference[records.RECIPE]), f"reference {label}")
+            result = self.test_score(test, parse_recipe(reference[records.RECIPE]), f"reference {label}")
             if isinstance(result, Exception):
                 records.set_reference_test(study, label, error=result)
             else:

@@ -7,7 +7,8 @@ The keys are the on-disk format of every study ever written: renaming one loses 
 
 Trial user_attrs:
 
-- ``recipe``: the recipe the trial scored (:meth:`Recipe.model_dump`, JSON mode);
+- ``recipe``: the recipe the trial scored (``model_dump`` of either kind, JSON mode; read back by
+  :func:`evomerge.recipe.parse_recipe`);
 - ``kind``: ``"search"``, ``"baseline:<label>"``, ``"soup:<n>"`` or ``"sweep:<method>"`` (missing: a search trial);
 - ``metrics``: the validation metrics ``{name: value}``; each numeric one also as its own attr ``val/<name>`` (e.g.
   ``val/zoo_add/acc``), so that ``study.trials_dataframe()`` and optuna-dashboard sort and plot it;
@@ -37,7 +38,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, parse_recipe
 
 # trial user_attrs
 RECIPE = "recipe"
@@ -111,13 +112,13 @@ def sweep_kind(method: str) -> str:
     return f"{SWEEP_KIND}:{method}"
 
 
-def trial_recipe(trial: FrozenTrial) -> Recipe | None:
+def trial_recipe(trial: FrozenTrial) -> AnyRecipe | None:
     """The recipe a trial scored, None if it stored none (it failed before its recipe was built)."""
     data = trial.user_attrs.get(RECIPE)
-    return Recipe.model_validate(data) if data else None
+    return parse_recipe(data) if data else None
 
 
-def recipe_of(trial: FrozenTrial) -> Recipe:
+def recipe_of(trial: FrozenTrial) -> AnyRecipe:
     """The recipe of a trial that scored one (a completed trial stores it before scoring)."""
     recipe = trial_recipe(trial)
     if recipe is None:
@@ -138,7 +139,7 @@ def trial_error(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(ERROR)
 
 
-def set_started(trial: AttrTrial, recipe: Recipe, kind: str) -> None:
+def set_started(trial: AttrTrial, recipe: AnyRecipe, kind: str) -> None:
     """What a trial is about to score (written before scoring: a failed trial keeps its recipe)."""
     trial.set_user_attr(RECIPE, recipe.model_dump(mode="json"))
     trial.set_user_attr(KIND, kind)
@@ -279,14 +280,14 @@ def reference_key(label: str) -> str:
     return f"{REFERENCE_PREFIX}{label}"
 
 
-def set_reference(study: optuna.Study, label: str, *, recipe: Recipe, metrics: Mapping[str, Any],
+def set_reference(study: optuna.Study, label: str, *, recipe: AnyRecipe, metrics: Mapping[str, Any],
                   values: Sequence[float], merge_seconds: float, eval_seconds: float) -> None:
     study.set_user_attr(reference_key(label), {
         RECIPE: recipe.model_dump(mode="json"), METRICS: dict(metrics), VALUES: list(values),
         MERGE_SECONDS: merge_seconds, EVAL_SECONDS: eval_seconds})
 
 
-def set_reference_error(study: optuna.Study, label: str, *, recipe: Recipe, error: BaseException) -> None:
+def set_reference_error(study: optuna.Study, label: str, *, recipe: AnyRecipe, error: BaseException) -> None:
     """Reference ``label`` could not be scored on the validation split: why (it has no row in the table)."""
     study.set_user_attr(reference_key(label), {RECIPE: recipe.model_dump(mode="json"), ERROR: describe(error)})
 
