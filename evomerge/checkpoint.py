@@ -512,10 +512,6 @@ def check_compatible(
 # --------------------------------------------------------------------------------------------------
 
 
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _separate_shared(state: Mapping[str, Tensor], tie_word_embeddings: bool) -> dict[str, Tensor]:
     """A copy of ``state`` in which no two tensors share storage (safetensors refuses shared storage).
 
@@ -549,7 +545,7 @@ class LazyTensors:
 
     @classmethod
     def of(cls, state: Mapping[str, Tensor]) -> LazyTensors:
-        return cls({n: _nbytes(t) for n, t in state.items()}, lambda n: state[n])
+        return cls({n: t.nbytes for n, t in state.items()}, lambda n: state[n])
 
 
 def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:

@@ -9,11 +9,11 @@ import torch
 from evomerge.calibration import prepare
 from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.engine import MergeEngine
+from evomerge.engine.stacking import stack_layers
 from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import AnyRecipe, Recipe, RecipeError, StackRecipe
-from evomerge.stacking import stack_layers
 
 
 def tokenizer_dir(recipe: AnyRecipe) -> Path | None:

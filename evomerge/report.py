@@ -47,13 +47,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.engine.stacking import layer_plan
 from evomerge.methods import Param, get_method
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
 from evomerge.search.storage import mask_url, unmasked_for_libpq
 from evomerge.search.trials import best_trials, is_baseline, quiet_optuna, scored_on_test, trial_kind
-from evomerge.stacking import layer_plan
 
 DPI = 100
 MISSING = "—"

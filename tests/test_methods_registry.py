@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
-from evomerge.methods.registry import Coefficients, Ranks, Thresholds
+from evomerge.methods.spec import Coefficients, Ranks, Thresholds
 from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
 

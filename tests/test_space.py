@@ -10,6 +10,7 @@ import pytest
 import torch
 from optuna.trial import FixedTrial
 
+from evomerge.engine.stacking import layer_plan
 from evomerge.methods import METHODS, MergeMethod, get_method, validate_params
 from evomerge.recipe import Recipe, resolve_params
 from evomerge.search.space import (
@@ -18,7 +19,6 @@ from evomerge.search.space import (
     SearchSpace,
     SpaceError,
 )
-from evomerge.stacking import layer_plan
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
 

@@ -60,7 +60,7 @@ def test_non_layer_tensors_come_from_first_and_last_slice_like_mergekit(pair, tm
 
 
 def test_pre_stack_tensors_by_family():
-    from evomerge.stacking import is_pre_stack
+    from evomerge.engine.stacking import is_pre_stack
 
     assert is_pre_stack("model.embed_tokens.weight") and is_pre_stack("embeddings.LayerNorm.weight")
     assert is_pre_stack("transformer.wte.weight")

@@ -3,7 +3,9 @@
 :class:`MergeEngine` (:mod:`~evomerge.engine.engine`) coordinates plan -> merge -> verify and export over its
 parts: :mod:`~evomerge.engine.device` (which device, how much memory), :mod:`~evomerge.engine.layout` (flat
 buffers, binding into the live model), :mod:`~evomerge.engine.inputs` (what is kept across candidates, within
-memory budgets) and :mod:`~evomerge.engine.kernels` (compiled / eager / chunked entrywise merges).
+memory budgets) and :mod:`~evomerge.engine.kernels` (compiled / eager / chunked entrywise merges). Beside it:
+:mod:`~evomerge.engine.streaming` (a merge written tensor by tensor) and :mod:`~evomerge.engine.stacking` (layer
+stacks, which change the layer count).
 """
 
 from evomerge.engine.device import compute_device

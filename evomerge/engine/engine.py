@@ -54,7 +54,7 @@ from evomerge.engine.plan import (
 )
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
-from evomerge.methods.registry import Coefficients, Draws, Ranks, Statistic, Thresholds
+from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)

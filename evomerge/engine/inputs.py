@@ -27,9 +27,9 @@ from evomerge.engine.kernels import Kernels, draw_into
 from evomerge.engine.layout import SourceStacks
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
-from evomerge.methods.registry import Coefficients, Ranks, Thresholds
 from evomerge.methods.select import SortedMagnitudes
 from evomerge.methods.sparsify import kth_magnitudes, relative_ranks
+from evomerge.methods.spec import Coefficients, Ranks, Thresholds
 
 __all__ = ["CACHE_ENTRIES", "DRAWS_SHARE", "KEPT_SHARE", "Budget", "KeptInputs", "tensor_seed"]
 

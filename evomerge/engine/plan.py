@@ -90,10 +90,10 @@ def recipe_indices(paths: Sequence[str], recipe: Recipe) -> tuple[int | None, li
 
 
 def recipe_method(recipe: Recipe) -> MergeMethod:
-    """The registered method of a parameter merge (a :class:`StackRecipe` is built by :mod:`evomerge.stacking`)."""
+    """The registered method of a parameter merge (a layer stack is built by :mod:`evomerge.engine.stacking`)."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"the merge engine materializes parameter merges, not a {type(recipe).__name__} "
-                          "(a layer stack changes the layer count: build it with evomerge.stacking)")
+                          "(a layer stack changes the layer count: build it with evomerge.engine.stacking)")
     return get_method(recipe.method)
 
 

@@ -8,7 +8,8 @@ scalars; the result is a new float32 tensor [*S] on the inputs' device. ``<input
 (data statistics) where it declares those (``MergeMethod.whole_tensor_inputs``).
 """
 
-from evomerge.methods.registry import METHODS, MergeMethod, MethodError, Param, get_method, validate_params
+from evomerge.methods.registry import METHODS, get_method
 from evomerge.methods.select import magnitude_threshold
+from evomerge.methods.spec import MergeMethod, MethodError, Param, validate_params
 
 __all__ = ["METHODS", "MergeMethod", "MethodError", "Param", "get_method", "magnitude_threshold", "validate_params"]

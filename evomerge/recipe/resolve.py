@@ -28,7 +28,7 @@ __all__ = ["gradient_position", "interpolate", "resolve_params", "resolve_value"
 
 
 class ParamSpec(Protocol):
-    """What resolution needs of a method parameter (:class:`evomerge.methods.registry.Param` is one)."""
+    """What resolution needs of a method parameter (:class:`evomerge.methods.spec.Param` is one)."""
 
     name: str
     default: float | bool | None
@@ -36,7 +36,7 @@ class ParamSpec(Protocol):
 
 
 class MethodSpec(Protocol):
-    """What resolution needs of a method (:class:`evomerge.methods.registry.MergeMethod` is one)."""
+    """What resolution needs of a method (:class:`evomerge.methods.spec.MergeMethod` is one)."""
 
     params: Sequence[ParamSpec]
 

@@ -131,8 +131,8 @@ class Recipe(_RecipeFile):
 
 class StackRecipe(_RecipeFile):
     """A layer stack (mergekit's ``passthrough``, a "frankenmerge"): the output's layers are ``slices`` of the
-    sources' layer stacks, in order, each optionally scaled; built by :mod:`evomerge.stacking`. ``base`` is kept
-    for the record (mergekit's ``base_model``); the stack does not read it."""
+    sources' layer stacks, in order, each optionally scaled; built by :mod:`evomerge.engine.stacking`. ``base`` is
+    kept for the record (mergekit's ``base_model``); the stack does not read it."""
 
     method: Literal["passthrough"] = STACK_METHOD
     base: str | None = None

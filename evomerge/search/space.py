@@ -78,7 +78,7 @@ Slot ``k`` (trial param ``slot/<k>``) is a categorical choice of ``"s<i>/l<j>"``
 ``K`` sits at layer ``c_k = round(k·(L − 1)/(K − 1))`` of the sources' stack; ``window`` restricts around it. The
 path becomes ``StackRecipe(slices=[...])``, adjacent slots of one source with consecutive layers and
 equal scales merged into one slice; embeddings and head come from the model set's base, else from the first slice's
-model (:mod:`evomerge.stacking`).
+model (:mod:`evomerge.engine.stacking`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
+from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
@@ -42,7 +43,6 @@ from evomerge.search.config import RunConfig
 from evomerge.search.space import NAMING, ModelSet, SearchSpace
 from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
-from evomerge.stacking import build_stacked_model
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from evomerge.checkpoint import Checkpoint
+from evomerge.engine.layout import model_class
 from evomerge.naming import layer_index, tensor_filter, with_layer_index
 from evomerge.recipe import RecipeError, StackRecipe
 
@@ -73,8 +74,6 @@ def stack_layers(recipe: StackRecipe, checkpoints: Mapping[str, Checkpoint]) -> 
 def build_stacked_model(recipe: StackRecipe, checkpoints: Mapping[str, Checkpoint], *, device: str | torch.device,
                         dtype: torch.dtype) -> nn.Module:
     """The stacked model as a live ``transformers`` model on ``device`` (a new object: its layer count differs)."""
-    from evomerge.engine import model_class
-
     state, config = stack_layers(recipe, checkpoints)
     model = model_class(config, list(state)).from_config(config, dtype=dtype)
     model.load_state_dict(state)
