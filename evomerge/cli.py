@@ -6,7 +6,7 @@
     evomerge sweep CONFIG.yaml                                             methods x hyperparameter grids
     evomerge worker --storage URL --study NAME                             join a shared study as one more worker
     evomerge report RUN_DIR [--out DIR]                                    tables and plots of a run
-    evomerge zoo build DIR [--mini] [--force]                              build the offline tiny model zoo
+    evomerge zoo build DIR [--preset full|bench|mini] [--force]            build the offline tiny model zoo
 
 Errors reach the user as one line, `evomerge: error: ...`, with exit code 2 for bad input (a malformed file, an
 invalid recipe or config, an output that exists or is a link) and 1 for faults at run time (a full disk, a failed
@@ -145,7 +145,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from evomerge.zoo import ZooConfig, build_zoo
 
-    config = ZooConfig.mini() if args.mini else ZooConfig.full()
+    config = getattr(ZooConfig, "mini" if args.mini else args.preset)()
     zoo = build_zoo(Path(args.dir), config, force=args.force)
     print(f"zoo ready in {zoo.root}")
 
@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zoo_sub.add_parser("build", help="build the zoo (base, experts, soup sweep, tasks, score table)")
     build.add_argument("dir", help="output dir")
-    build.add_argument("--mini", action="store_true", help="the small zoo used by unit tests (~1 minute)")
+    build.add_argument("--preset", choices=["full", "bench", "mini"], default="full",
+                       help="full: the demo's zoo (default); bench: the method benchmarks' zoo; mini: the tests'")
+    build.add_argument("--mini", action="store_true", help="the small zoo used by unit tests, same as --preset mini")
     build.add_argument("--force", action="store_true", help="replace a different zoo in DIR")
     build.set_defaults(func=cmd_zoo_build)
     return parser

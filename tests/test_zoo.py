@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.zoo import TrainSpec, Zoo, ZooConfig, build_zoo, cached_zoo, default_cache_root
 from evomerge.zoo import build as build_module
-from evomerge.zoo.table import accuracy
+from evomerge.zoo.table import accuracy, ensemble_logprobs
 from evomerge.zoo.taskfiles import read_jsonl
-from evomerge.zoo.tasks import TASKS, generate_items
-from evomerge.zoo.train import lr_at
+from evomerge.zoo.tasks import SYMMETRIES, TASKS, answer_pairs, augment_pairs, generate_items
+from evomerge.zoo.train import IGNORE_INDEX, lr_at, smoothed_loss
 
 CLOSER = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
@@ -37,7 +37,10 @@ def solve(task: str, query: str) -> str:
         "reverse": lambda s: s[::-1],
         "sort": lambda s: "".join(sorted(s)),
         "shift": lambda s: "".join(chr(ord(ch) + 1) for ch in s),
+        "back": lambda s: "".join("z" if ch == "a" else chr(ord(ch) - 1) for ch in s),
         "rotate": lambda s: s[1:] + s[:1],
+        "rotr": lambda s: s[-1:] + s[:-1],
+        "swap": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
         "brackets": lambda s: "".join(CLOSER[ch] for ch in reversed(s)),
     }[task](body)
 
@@ -115,6 +118,61 @@ def test_task_generation_is_seeded() -> None:
 def test_task_too_small_for_item_count_names_the_problem() -> None:
     with pytest.raises(ValueError, match="cannot produce"):
         generate_items("reverse", 1001, seed=0, size=3)  # only 10**3 strings of length 3
+
+
+@pytest.mark.parametrize("task", sorted(SYMMETRIES))
+def test_augmented_pairs_are_valid_items_and_avoid_held_out_queries(task: str) -> None:
+    items = generate_items(task, 400, seed=5)
+    pairs = answer_pairs(items[:300])
+    held_out = {str(item["query"]) for item in items[300:]}
+    augmented = augment_pairs(task, pairs, 0.5, seed=7, held_out=held_out)
+    changed = [(new, old) for new, old in zip(augmented, pairs, strict=True) if new != old]
+    assert 100 < len(changed) < 200  # about half of 300
+    for (query, answer), (old_query, _) in changed:
+        assert answer == solve(task, query) and query.split(":")[0] == old_query.split(":")[0]
+        assert query not in held_out and len(query) == len(old_query)
+    assert augment_pairs(task, pairs, 0.5, seed=7, held_out=held_out) == augmented
+    assert augment_pairs(task, pairs, 0.5, seed=8, held_out=held_out) != augmented
+    assert augment_pairs(task, pairs, 0.0, seed=7, held_out=held_out) == pairs
+
+
+def test_label_noise_replaces_that_share_of_answers_by_the_confuser() -> None:
+    items = generate_items("rotr", 1000, seed=1)
+    noisy = answer_pairs(items, 0.2, seed=3)
+    confused = sum(answer == item["confuser"] for (_, answer), item in zip(noisy, items, strict=True))
+    assert 150 < confused < 250
+
+
+def test_smoothed_loss_is_the_mixture_of_cross_entropy_and_uniform_target() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6]])
+    logp = torch.log_softmax(logits, dim=-1)
+    terms = [
+        -(0.9 * logp[b, t - 1, labels[b, t]] + 0.1 * logp[b, t - 1].mean())
+        for b in range(2)
+        for t in range(1, 5)
+        if labels[b, t] != IGNORE_INDEX
+    ]
+    assert float(smoothed_loss(logits, labels, 0.1)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-6)
+
+
+def test_config_refuses_augmenting_a_task_without_symmetry() -> None:
+    mini = ZooConfig.mini()
+    with pytest.raises(ValueError, match="augment > 0 needs a task with a symmetry.*sort"):
+        ZooConfig.model_validate({**mini.model_dump(), "expert": {"steps": 5, "lr": 1e-3, "augment": 0.5}})
+    assert mini.model_copy(update={"sweep": (TrainSpec(steps=5, lr=1e-3, augment=0.5),)}).sweep[0].augment == 0.5
+
+
+def test_regularisers_enter_the_hash_only_when_used() -> None:
+    plain = TrainSpec(steps=5, lr=1e-3)
+    assert set(plain.model_dump()) == {"steps", "lr", "seed", "weight_decay", "warmup_frac"}  # as before they existed
+    smoothed = TrainSpec(steps=5, lr=1e-3, label_smoothing=0.1)
+    assert TrainSpec.model_validate(smoothed.model_dump()) == smoothed
+    mini = ZooConfig.mini()
+    assert mini.model_copy(update={"expert": smoothed}).config_hash() != mini.model_copy(
+        update={"expert": plain}
+    ).config_hash()
 
 
 def test_config_hash_is_stable_and_sensitive() -> None:
@@ -215,6 +273,23 @@ def test_table_matches_unbatched_loglikelihood(mini_zoo: Zoo) -> None:
                 scores.append(sum(float(logp[t - 1, ids[0, t]]) for t in range(n_ctx, ids.shape[1])))
             correct += scores.index(max(scores)) == item["gold"]
     assert accuracy(model, tok, items, batch_size=7) == correct / len(items)
+
+
+def test_ensemble_logprobs_average_probabilities_or_logits(mini_zoo: Zoo) -> None:
+    models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in mini_zoo.sweep[:2]]
+    ids = AutoTokenizer.from_pretrained(mini_zoo.base)(["CLOSE:([{= }])"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        z1, z2 = (m(input_ids=ids).logits for m in models)
+        probs = ensemble_logprobs(models, "probs")(ids)
+        logits = ensemble_logprobs(models, "logits")(ids)
+    assert torch.allclose(probs.exp(), (z1.softmax(-1) + z2.softmax(-1)) / 2, atol=1e-6)
+    assert torch.allclose(logits.exp(), ((z1 + z2) / 2).softmax(-1), atol=1e-6)
+    assert not torch.allclose(probs, logits, atol=1e-4)
+    items = read_jsonl(mini_zoo.split_file("brackets", "validation"))
+    tok = AutoTokenizer.from_pretrained(mini_zoo.base)
+    assert accuracy(ensemble_logprobs(models[:1], "probs"), tok, items) == accuracy(models[0], tok, items)
+    with pytest.raises(ValueError, match="average must be"):
+        ensemble_logprobs(models, "median")  # type: ignore[arg-type]
 
 
 def test_lm_eval_yaml_scores_equal_the_table(mini_zoo: Zoo) -> None:

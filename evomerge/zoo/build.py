@@ -27,7 +27,7 @@ from evomerge.zoo import taskfiles
 from evomerge.zoo.config import TrainSpec, ZooConfig
 from evomerge.zoo.manifest import MANIFEST, Zoo
 from evomerge.zoo.table import Table, model_row, table_markdown, write_table
-from evomerge.zoo.tasks import Item, answer_pairs, generate_items, split_items
+from evomerge.zoo.tasks import Item, answer_pairs, augment_pairs, generate_items, split_items
 from evomerge.zoo.tokenizer import train_tokenizer
 from evomerge.zoo.train import Encoded, encode, make_model, torch_threads, train
 
@@ -80,15 +80,22 @@ def _plan(config: ZooConfig) -> list[_Run]:
 
 
 def _training_data(
-    run: _Run, train_items: dict[str, list[Item]], tokenizer: PreTrainedTokenizerFast, config: ZooConfig
+    run: _Run, splits: dict[str, dict[str, list[Item]]], tokenizer: PreTrainedTokenizerFast, config: ZooConfig
 ) -> Encoded:
-    """Base: the mixture of all tasks, answers swapped for confusers at ``confuser_rate``, loss on
-    every token. Fine-tunes: clean answers of their task, loss on the answer tokens only."""
+    """Base: the mixture of all tasks' train items, answers swapped for confusers at ``confuser_rate``, loss on
+    every token. Fine-tunes: their task's train items, answers swapped for the confuser at the run's
+    ``label_noise`` and relabelled at its ``augment`` rate (never into a validation or test query), loss on the
+    answer tokens only."""
     if run.task is None:
-        mixture = [item for items in train_items.values() for item in items]
+        mixture = [item for task_splits in splits.values() for item in task_splits["train"]]
         pairs = answer_pairs(mixture, config.confuser_rate, config.data_seed)
         return encode(pairs, tokenizer, answer_only=False)
-    return encode(answer_pairs(train_items[run.task]), tokenizer, answer_only=True)
+    spec, task_splits = run.spec, splits[run.task]
+    pairs = answer_pairs(task_splits["train"], spec.label_noise, spec.seed)
+    if spec.augment:
+        held_out = {str(item["query"]) for split in ("validation", "test") for item in task_splits[split]}
+        pairs = augment_pairs(run.task, pairs, spec.augment, spec.seed, held_out)
+    return encode(pairs, tokenizer, answer_only=True)
 
 
 def _build_into(root: Path, final_root: Path, config: ZooConfig, progress: bool) -> Table:
@@ -97,8 +104,7 @@ def _build_into(root: Path, final_root: Path, config: ZooConfig, progress: bool)
     splits = _make_splits(config)
     for task, task_splits in splits.items():
         taskfiles.write_task_files(root / TASKS_DIR, task, task_splits, data_dir=final_root / TASKS_DIR)
-    train_items = {task: s["train"] for task, s in splits.items()}
-    mixture = [item for items in train_items.values() for item in items]
+    mixture = [item for task_splits in splits.values() for item in task_splits["train"]]
     tokenizer = train_tokenizer((f"{query} {answer}" for query, answer in answer_pairs(mixture)), config.vocab_size)
     tokenizer.save_pretrained(root / TOKENIZER_DIR)
 
@@ -109,7 +115,7 @@ def _build_into(root: Path, final_root: Path, config: ZooConfig, progress: bool)
     for run in _plan(config):
         t_run = time.perf_counter()
         model = make_model(config.model, tokenizer, run.spec.seed) if base is None else copy.deepcopy(base)
-        data = _training_data(run, train_items, tokenizer, config)
+        data = _training_data(run, splits, tokenizer, config)
         loss = train(model, data, run.spec, batch_size=config.batch_size, desc=f"zoo {run.name}", progress=progress)
         if base is None:
             base = model

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from evomerge.zoo.tasks import TASKS
+from evomerge.zoo.tasks import SYMMETRIES, TASKS
 
 #: bump when the build code changes what a given config produces, so cached zoos are rebuilt
 ZOO_FORMAT_VERSION = 2  # 2: a generation variant zoo_<task>_gen.yaml of every task
@@ -37,14 +38,31 @@ class ModelShape(_Frozen):
         return self
 
 
+_REGULARISERS = ("label_smoothing", "label_noise", "augment")
+
+
 class TrainSpec(_Frozen):
-    """One training run: AdamW steps, peak learning rate (cosine schedule), seed, weight decay."""
+    """One training run: AdamW steps, peak learning rate (cosine schedule), seed, weight decay, and the
+    regularisers of a fine-tune (the knobs the model-soups paper varied across its ingredients)."""
 
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
     seed: int = 0
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_frac: float = Field(default=0.05, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    label_noise: float = Field(
+        default=0.0, ge=0, le=1, description="share of fine-tuning answers replaced by the task's confuser (seeded)"
+    )
+    augment: float = Field(
+        default=0.0, ge=0, le=1, description="share of fine-tuning items relabelled by a symmetry of the task"
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_regularisers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the regularisers came after zoos were built and cached: left out when 0, a config without them
+        # keeps its hash (and its cached zoo), since it trains exactly as before
+        return {k: v for k, v in handler(self).items() if k not in _REGULARISERS or v}
 
 
 class ZooConfig(_Frozen):
@@ -80,6 +98,12 @@ class ZooConfig(_Frozen):
         missing = (set(self.expert_tasks) | {self.sweep_task} | set(self.task_sizes)) - set(self.tasks)
         if missing:
             raise ValueError(f"expert/sweep/size tasks {sorted(missing)} must also be listed in tasks")
+        runs = [(task, self.expert) for task in self.expert_tasks] + [(self.sweep_task, s) for s in self.sweep]
+        asymmetric = sorted({task for task, spec in runs if spec.augment > 0 and task not in SYMMETRIES})
+        if asymmetric:
+            raise ValueError(
+                f"augment > 0 needs a task with a symmetry ({sorted(SYMMETRIES)}); {asymmetric} have none"
+            )
         return self
 
     def config_hash(self) -> str:
@@ -106,6 +130,28 @@ class ZooConfig(_Frozen):
             base=TrainSpec(steps=1500, lr=3e-3, seed=0, weight_decay=0.01),
             expert=TrainSpec(steps=150, lr=5e-4, seed=1),
             sweep=_sweep(steps=60),
+        )
+
+    @classmethod
+    def bench(cls) -> ZooConfig:
+        """The zoo of the method benchmarks: 8 layers, 7 experts whose tasks interfere, a 12-model soup sweep.
+
+        DRAFT: numbers below are being tuned.
+        """
+        letters = ("reverse", "sort", "rotate", "rotr", "shift", "back", "swap")
+        return cls(
+            tasks=(*letters, "brackets"),
+            expert_tasks=letters,
+            sweep_task="brackets",
+            task_sizes={**dict.fromkeys(letters, 8), "brackets": 12},
+            n_train=2000,
+            n_validation=300,
+            n_test=300,
+            model=ModelShape(layers=8, hidden=128, heads=4, kv_heads=2, intermediate=344),
+            batch_size=64,
+            base=TrainSpec(steps=1500, lr=3e-3, seed=0, weight_decay=0.01),
+            expert=TrainSpec(steps=100, lr=5e-4, seed=1, label_noise=0.1),
+            sweep=_soup_sweep(steps=40),
         )
 
     @classmethod
@@ -137,3 +183,23 @@ def _sweep(steps: int) -> tuple[TrainSpec, ...]:
     far = [TrainSpec(steps=steps, lr=lr, seed=seed) for lr, seed in ((1e-2, 21), (2e-2, 22))]
     other_steps = [TrainSpec(steps=3 * steps // 2, lr=5e-4, seed=31), TrainSpec(steps=steps // 2, lr=2e-3, seed=32)]
     return (*gentle, *far, *other_steps)
+
+
+def _soup_sweep(steps: int) -> tuple[TrainSpec, ...]:
+    """Soup ingredients made the way Wortsman et al. (2022) made theirs: one pretrained start, fine-tuned with
+    varied learning rate, seed, length, label smoothing and augmentation; the last three use learning rates
+    high enough to leave the basin the others share."""
+    return (
+        TrainSpec(steps=steps, lr=3e-4, seed=11),
+        TrainSpec(steps=steps, lr=5e-4, seed=12),
+        TrainSpec(steps=steps, lr=5e-4, seed=13, label_smoothing=0.1),
+        TrainSpec(steps=steps, lr=1e-3, seed=14),
+        TrainSpec(steps=steps, lr=1e-3, seed=15, augment=0.5),
+        TrainSpec(steps=steps, lr=7e-4, seed=16, label_smoothing=0.2, augment=0.3),
+        TrainSpec(steps=3 * steps // 2, lr=5e-4, seed=17),
+        TrainSpec(steps=steps // 2, lr=2e-3, seed=18),
+        TrainSpec(steps=steps, lr=1e-3, seed=19, label_noise=0.2),
+        TrainSpec(steps=steps, lr=1e-2, seed=21),
+        TrainSpec(steps=steps, lr=2e-2, seed=22, augment=0.5),
+        TrainSpec(steps=steps, lr=3e-2, seed=23),
+    )

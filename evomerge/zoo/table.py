@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -36,16 +38,47 @@ def choice_requests(items: Sequence[Item], tokenizer: PreTrainedTokenizerFast) -
     return out
 
 
+#: input ids ``[batch, length]`` -> next-token log-probabilities ``[batch, length, vocab]`` (fp32)
+TokenLogProbs = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_logprobs(model: PreTrainedModel) -> TokenLogProbs:
+    """Next-token log-probabilities of one model: ``log_softmax`` of its logits."""
+    return lambda ids: torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+
+
+def ensemble_logprobs(models: Sequence[PreTrainedModel], average: Literal["probs", "logits"]) -> TokenLogProbs:
+    """Next-token log-probabilities of the output ensemble of ``models`` (Wortsman et al. 2022, "Model soups",
+    the ensemble baseline): ``average="probs"``: ``log((1/M) sum_m softmax(z_m))``, the mean of the models'
+    output distributions; ``average="logits"``: ``log_softmax((1/M) sum_m z_m)``, the mean of their logits."""
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    if average not in ("probs", "logits"):
+        raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
+
+    def logprobs(ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(input_ids=ids).logits.float() for m in models])
+        if average == "logits":
+            return torch.log_softmax(logits.mean(0), dim=-1)
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(models))
+
+    return logprobs
+
+
 @torch.no_grad()
 def continuation_logprobs(
-    model: PreTrainedModel, requests: Sequence[tuple[list[int], int]], pad_id: int, batch_size: int
+    logprobs: TokenLogProbs,
+    requests: Sequence[tuple[list[int], int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
 ) -> torch.Tensor:
-    """``sum_t log p(y_t | prefix)`` over the last ``n_cont`` tokens of every request (fp32, on CPU).
+    """``sum_t log p(y_t | prefix)`` over the last ``n_cont`` tokens of every request (fp32, on CPU), with ``p``
+    from ``logprobs`` (:func:`model_logprobs`, :func:`ensemble_logprobs`) on ``device``.
 
     Requests are batched by length (right padding, so the causal mask keeps padding out of every
     scored position).
     """
-    device = next(model.parameters()).device
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     scores = torch.empty(len(requests), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
@@ -60,20 +93,28 @@ def continuation_logprobs(
             inputs[row, :n] = torch.tensor(ids[:-1])
             targets[row, :n] = torch.tensor(ids[1:])
             mask[row, n - n_cont : n] = True
-        logits = model(input_ids=inputs.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
+        logp = logprobs(inputs.to(device)).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
         scores[chunk] = (logp * mask.to(device)).sum(-1).cpu()
     return scores
 
 
 def accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, items: Sequence[Item], batch_size: int = 256
+    model: PreTrainedModel | TokenLogProbs,
+    tokenizer: PreTrainedTokenizerFast,
+    items: Sequence[Item],
+    batch_size: int = 256,
 ) -> float:
-    """lm-eval ``acc`` of ``model`` on multiple-choice ``items`` (see the module docstring)."""
+    """lm-eval ``acc`` of ``model`` (or of an ensemble's :data:`TokenLogProbs` on CPU) on multiple-choice ``items``
+    (see the module docstring)."""
     n_choices = {len(item["choices"]) for item in items}  # type: ignore[arg-type]
     if len(n_choices) != 1:
         raise ValueError(f"items must all have the same number of choices, got {sorted(n_choices)}")
-    scores = continuation_logprobs(model, choice_requests(items, tokenizer), tokenizer.pad_token_id, batch_size)
+    if isinstance(model, PreTrainedModel):
+        logprobs, device = model_logprobs(model), next(model.parameters()).device
+    else:
+        logprobs, device = model, torch.device("cpu")
+    requests = choice_requests(items, tokenizer)
+    scores = continuation_logprobs(logprobs, requests, tokenizer.pad_token_id, batch_size, device)
     pred = scores.view(len(items), n_choices.pop()).argmax(dim=1)
     gold = torch.tensor([int(item["gold"]) for item in items])  # type: ignore[arg-type]
     return int((pred == gold).sum()) / len(items)

@@ -22,6 +22,9 @@ count     ``COUNT:a:abacad=``  ``3``      one too many: ``4``
 length    ``LEN:abcde=``       ``5``      one too many: ``6``
 shift     ``SHIFT:abc=``       ``bcd``    shifted by two: ``cde``
 rotate    ``ROT:abcd=``        ``bcda``   rotated right: ``dabc``
+rotr      ``ROTR:abcd=``       ``dabc``   rotated left: ``bcda`` (rotate's answer)
+back      ``BACK:bcd=``        ``abc``    shifted forward: ``cde`` (shift's answer)
+swap      ``SWAP:abcde=``      ``badce``  the input copied: ``abcde``
 brackets  ``CLOSE:([{=``       ``}])``    closers in opening order: ``)]}``
 ========  ===================  =========  =========================================
 """
@@ -143,6 +146,36 @@ def gen_shift(rng: random.Random, max_len: int) -> Problem:
     return Problem(f"SHIFT:{s}=", answer, _shift(s, 2), (s, *_string_near_misses(answer, alphabet, rng)))
 
 
+def gen_rotr(rng: random.Random, max_len: int) -> Problem:
+    """``ROTR:s=``; answer ``s`` rotated right by one (last letter moved to the front). Confuser: rotated left,
+    the answer of ``rotate``: the two tasks share their input format and swap answer and confuser, so their
+    task vectors pull the same weights in opposite directions."""
+    s = _letters(rng, 3, max_len)
+    answer = s[-1] + s[:-1]
+    return Problem(f"ROTR:{s}=", answer, s[1:] + s[0], (s, *_string_near_misses(answer, LETTERS, rng)))
+
+
+def gen_back(rng: random.Random, max_len: int) -> Problem:
+    """``BACK:s=``; answer every letter moved one back (b->a, a->z). Confuser: moved one forward, the answer of
+    ``shift`` (the same conflict as ``rotr`` with ``rotate``)."""
+    s = _letters(rng, 3, max_len)
+    answer = _shift(s, -1)
+    return Problem(f"BACK:{s}=", answer, _shift(s, 1), (s, *_string_near_misses(answer, _shift(LETTERS, -1), rng)))
+
+
+def _swap_pairs(s: str) -> str:
+    """``s`` with the letters of every pair ``(0, 1), (2, 3), ...`` exchanged; an odd last letter stays."""
+    return "".join(s[i + 1] + s[i] for i in range(0, len(s) - 1, 2)) + (s[-1] if len(s) % 2 else "")
+
+
+def gen_swap(rng: random.Random, max_len: int) -> Problem:
+    """``SWAP:s=``; answer ``s`` with neighbouring letters exchanged pairwise (``abcde`` -> ``badce``).
+    Confuser: ``s`` copied (as for ``reverse``, which moves the same letters differently)."""
+    s = _letters(rng, 3, max_len)
+    answer = _swap_pairs(s)
+    return Problem(f"SWAP:{s}=", answer, s, (s[::-1], *_string_near_misses(answer, LETTERS, rng)))
+
+
 def gen_brackets(rng: random.Random, max_len: int) -> Problem:
     """``CLOSE:p=`` for ``3..max_len`` random opening brackets ``p``; answer the closers that balance
     ``p``, innermost first (``CLOSE:([{= }])``). Confuser: the closers in opening order (``)]}``)."""
@@ -166,8 +199,37 @@ TASKS: dict[str, tuple[Generator, int]] = {
     "length": (gen_length, 9),
     "shift": (gen_shift, 6),
     "rotate": (gen_rotate, 6),
+    "rotr": (gen_rotr, 6),
+    "back": (gen_back, 6),
+    "swap": (gen_swap, 6),
     "brackets": (gen_brackets, 7),
 }
+
+
+#: tasks whose rule commutes with a consistent relabelling of these characters (any permutation of them),
+#: so a relabelled item is another valid item: the label-preserving augmentation of fine-tunes
+SYMMETRIES: dict[str, str] = {
+    "reverse": LETTERS,
+    "rotate": LETTERS,
+    "rotr": LETTERS,
+    "swap": LETTERS,
+    "brackets": OPENERS,
+}
+
+
+def relabel(task: str, text: str, rng: random.Random) -> str:
+    """``text`` (a query or an answer of ``task``) under a random permutation of the task's symmetry alphabet
+    (:data:`SYMMETRIES`); for brackets each closer follows its opener. Task keywords are upper case and untouched.
+
+    The permutation is drawn from ``rng``: call it with equal ``rng`` states for a query and its answer.
+    """
+    alphabet = SYMMETRIES[task]
+    image = list(alphabet)
+    rng.shuffle(image)
+    mapping = dict(zip(alphabet, image, strict=True))
+    if task == "brackets":
+        mapping |= {CLOSER_OF[a]: CLOSER_OF[b] for a, b in zip(alphabet, image, strict=True)}
+    return text.translate(str.maketrans(mapping))
 
 
 def to_item(problem: Problem, rng: random.Random) -> Item:
@@ -227,6 +289,24 @@ def answer_pairs(items: list[Item], confuser_rate: float = 0.0, seed: int = 0) -
         answer = item["confuser"] if rng.random() < confuser_rate else item["choices"][item["gold"]]  # type: ignore[index]
         pairs.append((str(item["query"]), str(answer)))
     return pairs
+
+
+def augment_pairs(
+    task: str, pairs: list[tuple[str, str]], rate: float, seed: int, held_out: set[str]
+) -> list[tuple[str, str]]:
+    """``pairs`` with each pair replaced, with probability ``rate`` (seeded), by its image under a random
+    relabelling (:func:`relabel`, the same permutation for query and answer); an image whose query is in
+    ``held_out`` (the validation and test queries) is not used, the pair stays as it was."""
+    rng = random.Random(f"augment:{seed}")
+    out = []
+    for query, answer in pairs:
+        if rng.random() < rate:
+            draw = rng.random()
+            image = (relabel(task, query, random.Random(draw)), relabel(task, answer, random.Random(draw)))
+            if image[0] not in held_out:
+                query, answer = image
+        out.append((query, answer))
+    return out
 
 
 def split_items(items: list[Item], sizes: dict[str, int]) -> dict[str, list[Item]]:

@@ -3,8 +3,10 @@
 Training minimises the usual next-token cross-entropy of a causal LM,
 ``L = -(1/|M|) sum_{t in M} log p(x_t | x_<t)``, over the positions ``M`` that carry a label:
 every token of ``<s> query answer</s>`` when pretraining the base, only the answer tokens
-(`` answer</s>``) when fine-tuning experts and sweep models. AdamW (Loshchilov & Hutter, 2019)
-with a linear warm-up and a cosine decay to zero (Loshchilov & Hutter, 2017, SGDR) drives it.
+(`` answer</s>``) when fine-tuning experts and sweep models. With label smoothing ``eps`` (Szegedy et al.
+2016) the target of each position is ``(1 - eps) * onehot + eps / V`` over the ``V`` tokens. AdamW
+(Loshchilov & Hutter, 2019) with a linear warm-up and a cosine decay to zero (Loshchilov & Hutter, 2017, SGDR)
+drives it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    """Next-token cross-entropy with label smoothing ``eps`` (module docstring), the mean over labelled positions:
+    position ``t`` predicts ``labels[:, t + 1]``; ``IGNORE_INDEX`` positions do not count."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=eps,
+    )
+
+
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """``steps`` index batches that walk through seeded permutations of ``range(n)``, epoch after epoch."""
     gen = torch.Generator().manual_seed(seed)
@@ -136,16 +149,18 @@ def train(
         width = int(data.attention_mask[idx].sum(1).max())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec.steps, spec.lr, warmup)
+        labels = data.labels[idx, :width]
         out = model(
             input_ids=data.input_ids[idx, :width],
             attention_mask=data.attention_mask[idx, :width],
-            labels=data.labels[idx, :width],
+            labels=None if spec.label_smoothing else labels,
         )
-        out.loss.backward()
+        loss_t = out.loss if not spec.label_smoothing else smoothed_loss(out.logits, labels, spec.label_smoothing)
+        loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(out.loss.detach())
+        loss = float(loss_t.detach())
         if step >= spec.steps - max(1, spec.steps // 10):
             tail.append(loss)
         bar.update(1)
