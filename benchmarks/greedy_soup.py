@@ -147,16 +147,23 @@ def _training(zoo: Zoo, name: str) -> str:
     return ", ".join(shown)
 
 
-def write_markdown(result: GreedySoupBenchmark, zoo: Zoo, path: Path, command: str) -> None:
-    n_val, n_test = result.n_items["validation"], result.n_items["test"]
-    lines = [
-        "# Greedy soup on the zoo's soup sweep",
-        "",
+def provenance(command: str) -> list[str]:
+    """Markdown header lines of every zoo benchmark result: command, commit, date, machine, versions."""
+    return [
         f"- command: `{command}`",
         f"- commit: {revision()}; date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine(torch.device('cpu'))}",
         f"- versions: evomerge {evomerge.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
+    ]
+
+
+def write_markdown(result: GreedySoupBenchmark, zoo: Zoo, path: Path, command: str) -> None:
+    n_val, n_test = result.n_items["validation"], result.n_items["test"]
+    lines = [
+        "# Greedy soup on the zoo's soup sweep",
+        "",
+        *provenance(command),
         f"- zoo: {zoo.root} (config {zoo.config_hash}); task `{result.task}`, {len(result.ingredients)} "
         f"ingredients; {n_val} validation and {n_test} test items",
         "- deterministic given the zoo: no part of this benchmark is random (one run; test ± is the binomial "

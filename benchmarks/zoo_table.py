@@ -27,16 +27,14 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
 import yaml
-from candidate_turnaround import machine, revision  # benchmarks/ is sys.path[0] when run as a script
+from greedy_soup import provenance  # benchmarks/ is sys.path[0] when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import evomerge
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import load_recipe
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo
@@ -117,11 +115,7 @@ def write_outputs(zoo: Zoo, table: Table, out: Path, command: str, build_log: Pa
     lines = [
         f"# Zoo score table: {zoo.root.name} (config {zoo.config_hash})",
         "",
-        f"- command: `{command}`",
-        f"- commit: {revision()}; date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine(torch.device('cpu'))}",
-        f"- versions: evomerge {evomerge.__version__}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
+        *provenance(command),
         f"- model: Llama, {config.model.layers} layers, hidden {config.model.hidden}, {config.model.heads} heads "
         f"({config.model.kv_heads} KV), intermediate {config.model.intermediate}; "
         f"{config.n_validation} validation / {config.n_test} test items per task (test stderr <= "
