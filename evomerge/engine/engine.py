@@ -42,6 +42,7 @@ from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
+from evomerge.engine.lowrank import LowRankStacks, has_adapters, stack_bytes
 from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
 from evomerge.engine.plan import (
     DTYPES,
@@ -126,8 +127,9 @@ class MergeEngine:
             # mapped sources leave no room for a heap that keeps freed pages (measured: results/memory_limit.md)
             keep_cpu_heap()
         self.model = load_model(self.paths[0], device=self.device, dtype=self.dtype)
-        self.sources = SourceStacks(self.checkpoints, self.paths, self.names, storage, self.device,
-                                    mapped=self.memory.sources == "mapped")
+        stacks = LowRankStacks if has_adapters(self.checkpoints) else SourceStacks
+        self.sources = stacks(self.checkpoints, self.paths, self.names, storage, self.device,
+                              mapped=self.memory.sources == "mapped")
         self.targets = LiveTargets(self.model, kept, self.names, self.sources.spans, self.sources.total,
                                    self.dtype, self.device)
         self.kernels = Kernels(self.device, self.sources.total, compile=compile,
@@ -161,8 +163,7 @@ class MergeEngine:
         first = self.checkpoints[0]
         live = sum(math.prod(first.shape(n)) * (self.dtype.itemsize if first.dtype(n).is_floating_point
                                                 else first.dtype(n).itemsize) for n in first.names)
-        itemsize = common_dtype(self.checkpoints, self.names).itemsize
-        sources = len(self.paths) * sum(math.prod(first.shape(n)) * itemsize for n in self.names)
+        sources = stack_bytes(self.checkpoints, self.names, common_dtype(self.checkpoints, self.names).itemsize)
         largest = max((math.prod(first.shape(n)) for n in self.names), default=0)
         if storage == self.device:  # sources beside the live model
             return plan_memory(live_model=live, source_bytes=sources, largest_tensor=largest,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.adapters import AdapterCheckpoint, LoraAdapter, is_adapter_dir
 from evomerge.checkpoint import Checkpoint, check_compatible
 from evomerge.engine.layout import model_class
 from evomerge.methods import MergeMethod, get_method, validate_params
@@ -24,16 +25,40 @@ __all__ = ["DTYPES", "Sources", "live_dtype", "method_kwargs", "open_sources", "
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _rebuilt_buffers(path: str, first: Checkpoint) -> set[str]:
-    """Names of the non-persistent buffers of ``path``'s model class (BERT's ``embeddings.position_ids``, rotary
-    ``inv_freq``): the model rebuilds them and transformers neither loads nor saves them, yet checkpoints saved by
-    some transformers versions hold them. Read from a weightless (meta-device) instance, before anything is loaded."""
+def _meta_model(path: str, first: Checkpoint) -> torch.nn.Module:
+    """A weightless (meta-device) instance of ``path``'s model class: what the model rebuilds and which modules it
+    has, known before anything is loaded."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with torch.device("meta"):
-        model = model_class(config, first.names).from_config(config, trust_remote_code=False)
+        return model_class(config, first.names).from_config(config, trust_remote_code=False)
+
+
+def _rebuilt_buffers(model: torch.nn.Module) -> set[str]:
+    """Names of the non-persistent buffers of a model (BERT's ``embeddings.position_ids``, rotary ``inv_freq``): the
+    model rebuilds them and transformers neither loads nor saves them, yet checkpoints saved by some transformers
+    versions hold them."""
     return {n for n, _ in model.named_buffers()} - set(model.state_dict())
+
+
+def _transposed_weights(model: torch.nn.Module) -> set[str]:
+    """Weights stored [d_in, d_out] (transformers' ``Conv1D``, GPT-2): a LoRA delta on them is transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+
+
+def _open_model(path: str, base: Checkpoint | None, meta: torch.nn.Module | None,
+                allow_pickle: bool) -> Checkpoint | AdapterCheckpoint:
+    """A full checkpoint, or a LoRA adapter dir as the model it makes on ``base`` (the first model)."""
+    if not is_adapter_dir(path):
+        return Checkpoint.open(path, allow_pickle=allow_pickle)
+    if base is None or meta is None:
+        raise RecipeError(f"{path} is a LoRA adapter; an adapter needs its base model first: set the recipe's "
+                          "'base' to the model the adapter was trained on")
+    adapter = LoraAdapter.open(path, base, transposed=_transposed_weights(meta), allow_pickle=allow_pickle)
+    return AdapterCheckpoint(adapter, base)
 
 
 @dataclass
@@ -43,7 +68,7 @@ class Sources:
     checkpoints hold."""
 
     paths: list[str]
-    checkpoints: list[Checkpoint]
+    checkpoints: list[Checkpoint | AdapterCheckpoint]
     kept: list[str]
     names: list[str]
     skipped: list[str]
@@ -54,13 +79,15 @@ class Sources:
 
 
 def open_sources(paths: Sequence[str | Path], *, allow_pickle: bool = False) -> Sources:
-    """Open every model and check, from metadata alone, that they can be merged tensor by tensor."""
+    """Open every model and check, from metadata alone, that they can be merged tensor by tensor. LoRA adapter dirs
+    (:mod:`evomerge.adapters`) are sources on the first model, which must be a full checkpoint (the recipe's base)."""
     if not paths:
         raise RecipeError("a merge needs at least one model path")
     names = [str(p) for p in paths]
-    checkpoints = [Checkpoint.open(p, allow_pickle=allow_pickle) for p in names]
-    first = checkpoints[0]
-    rebuilt = _rebuilt_buffers(names[0], first)
+    first = _open_model(names[0], None, None, allow_pickle)
+    meta = _meta_model(names[0], first)
+    checkpoints = [first] + [_open_model(p, first, meta, allow_pickle) for p in names[1:]]
+    rebuilt = _rebuilt_buffers(meta)
     skipped = check_compatible(checkpoints, skip=rebuilt)
     kept = [n for n in first.names if n not in rebuilt]
     return Sources(names, checkpoints, kept, [n for n in kept if first.dtype(n).is_floating_point], list(skipped))
@@ -85,6 +112,10 @@ def recipe_indices(paths: Sequence[str], recipe: Recipe) -> tuple[int | None, li
     unknown = [p for p in recipe.model_paths() if p not in where]
     if unknown:
         raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {list(paths)}")
+    adapters = [s.model for s in recipe.sources if is_adapter_dir(s.model)]
+    if adapters and recipe.base != paths[0]:
+        raise RecipeError(f"recipe sources {adapters[:2]} are LoRA adapters on {paths[0]}; set the recipe's base to "
+                          "it (an adapter is a task vector against the base it was trained on)")
     base = where[recipe.base] if recipe.base else None
     return base, [where[s.model] for s in recipe.sources]
 
