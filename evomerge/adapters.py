@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,15 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from evomerge.checkpoint import Checkpoint, CheckpointError
+from evomerge.outdir import apply_umask, check_target, make_partial, move_into_place, recover, refuse_symlink
 
 __all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterError", "LoraAdapter", "LoraFactors", "adapted_tensor",
            "adapter_source",
-           "is_adapter_dir"]
+           "is_adapter_dir", "save_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -356,3 +359,41 @@ class AdapterCheckpoint:
 
     def __repr__(self) -> str:
         return f"AdapterCheckpoint({str(self.path)!r} on {str(self.base.path)!r})"
+
+
+def save_adapter(modules: Mapping[str, tuple[Tensor, Tensor]], out: str | Path, *, base: str | Path,
+                 force: bool = False) -> Path:
+    """Write a PEFT LoRA dir (``adapter_config.json`` + ``adapter_model.safetensors``) holding ``A, B`` per base
+    weight name (``<module>.weight`` -> (A [r, d_in], B [d_out, r])) with scale 1 (``lora_alpha = r`` per module,
+    through ``rank_pattern`` / ``alpha_pattern`` where ranks differ), on ``base``; atomic like every output
+    (:mod:`evomerge.outdir`). ``peft.PeftModel.from_pretrained(base_model, out)`` loads it."""
+    if not modules:
+        raise ValueError("no adapted module to save")
+    target = Path(out).expanduser()
+    refuse_symlink(target)
+    target = target.resolve()
+    check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    ranks = {name.removesuffix(".weight"): A.shape[0] for name, (A, _) in modules.items()}
+    r = max(ranks.values())
+    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": patterns,
+              "alpha_pattern": dict(patterns), "base_model_name_or_path": str(base), "bias": "none",
+              "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "modules_to_save": None, "inference_mode": True, "task_type": None}
+    tensors = {}
+    for name, (A, B) in modules.items():
+        module = PREFIX + name.removesuffix(".weight")
+        tensors[f"{module}.lora_A.weight"] = A.detach().to("cpu").contiguous()
+        tensors[f"{module}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+    building = make_partial(target)
+    try:
+        (building / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(building / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        apply_umask(building)
+        move_into_place(building, target, force=force)
+    finally:
+        if building.exists():
+            shutil.rmtree(building, ignore_errors=True)
+    return target

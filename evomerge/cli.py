@@ -56,9 +56,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from evomerge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    adapter = None
+    if args.adapter_out:  # computed (and refused when the merge is not low-rank) before the long merge
+        from evomerge.engine.lowrank import merged_adapter
+
+        adapter = merged_adapter(recipe, rank=args.adapter_rank, allow_pickle=args.allow_pickle)
     out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle,
                        max_shard_size=args.max_shard_size)
     print(f"merged model written to {out}")
+    if adapter is not None:
+        from evomerge.adapters import save_adapter
+
+        modules, base = adapter
+        print(f"merged adapter written to {save_adapter(modules, args.adapter_out, base=base, force=args.force)}")
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -171,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "shard in memory at a time")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="read pytorch_model.bin checkpoints (torch.load with weights_only=True)")
+    merge.add_argument("--adapter-out", default=None, metavar="DIR",
+                       help="also write the merge as one PEFT LoRA dir (LoRA adapter sources; lorahub, "
+                            "task_arithmetic, linear)")
+    merge.add_argument("--adapter-rank", type=int, default=None, metavar="K",
+                       help="reduce the merged adapter to rank K by SVD")
     merge.set_defaults(func=cmd_merge)
 
     for name, func, text in [("search", cmd_search, "search for the best merge recipe (Optuna study)"),

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from tiny_models import save_tiny
 
-#: Three adapters covering what a source adapter may hold: a plain one, rsLoRA with rank/alpha patterns, and one
-#: with a LoRA embedding and a saved module (modules_to_save).
+#: Adapters covering what a source adapter may hold: two plain ones of one rank (for LoraHub), rsLoRA with rank /
+#: alpha patterns, and one with a LoRA embedding and a saved module (modules_to_save).
 ADAPTERS: dict[str, dict[str, object]] = {
     "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "rslora": {"r": 2, "lora_alpha": 4, "use_rslora": True, "target_modules": ["q_proj", "o_proj", "gate_proj"],
                "rank_pattern": {"gate_proj": 3}, "alpha_pattern": {r"layers\.1\.self_attn\.o_proj": 7}},
+    "plain2": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "up_proj"]},
     "saved": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "down_proj", "embed_tokens"],
               "modules_to_save": ["lm_head"]},
 }

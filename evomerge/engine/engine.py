@@ -42,7 +42,7 @@ from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
-from evomerge.engine.lowrank import LowRankStacks, has_adapters, stack_bytes
+from evomerge.engine.lowrank import LowRankStacks, check_factor_sources, has_adapters, stack_bytes
 from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
 from evomerge.engine.plan import (
     DTYPES,
@@ -55,6 +55,7 @@ from evomerge.engine.plan import (
 )
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
+from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.recipe import Recipe, RecipeError
 
@@ -181,7 +182,9 @@ class MergeEngine:
     def check(self, recipe: Recipe) -> MergeMethod:
         """Validate a recipe against the registry and the loaded models before any tensor work."""
         method = recipe_method(recipe)
-        self.indices(recipe)
+        _, sources = self.indices(recipe)
+        if method.name in FACTOR_METHODS:
+            check_factor_sources(self.checkpoints, self.paths, sources, method.name)
         if recipe.dtype is not None and DTYPES[recipe.dtype] != self.dtype:
             raise RecipeError(f"recipe dtype {recipe.dtype} differs from the live model's {self.dtype}")
         if method.statistic and method.statistic not in self._statistics:
@@ -315,7 +318,12 @@ class MergeEngine:
         self, method: MergeMethod, name: str, base: int | None, sources: list[int],
         params: Mapping[str, object], seed: int,
     ) -> Tensor:
-        """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches)."""
+        """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches); a factor method on
+        the sources' LoRA factors."""
+        if method.name in FACTOR_METHODS:
+            factors, transpose = self.sources.factors(name, sources)  # type: ignore[attr-defined]
+            base_t = self.sources.fp32(name, base, [base])[0]  # type: ignore[list-item]
+            return method.fn(base_t, factors, transpose=transpose, **method_kwargs(method, params, len(sources)))
         base_t, src = self.sources.fp32(name, base, sources)
         kwargs = self.inputs.on_device(method_kwargs(method, params, len(sources)))
         need = method.needs(Coefficients)

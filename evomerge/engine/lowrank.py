@@ -13,7 +13,7 @@ tensors whose parameters changed) forms the dense products only for the tensors 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,8 +21,13 @@ from torch import Tensor
 from evomerge.adapters import AdapterCheckpoint, LoraFactors, adapted_tensor
 from evomerge.checkpoint import Checkpoint
 from evomerge.engine.layout import SourceStacks
+from evomerge.engine.plan import method_kwargs, open_sources, plan_params, recipe_indices
+from evomerge.methods import MergeMethod
+from evomerge.methods.lorahub import Factors, compose_factors, rank_sum, svd_factors
+from evomerge.recipe import Recipe, RecipeError
 
-__all__ = ["LowRankStacks", "has_adapters", "stack_bytes"]
+__all__ = ["LOW_RANK_MERGES", "LowRankStacks", "check_factor_sources", "has_adapters", "merged_adapter",
+           "module_factors", "stack_bytes"]
 
 
 def has_adapters(checkpoints: Sequence[Checkpoint | AdapterCheckpoint]) -> bool:
@@ -34,6 +39,29 @@ def stack_bytes(checkpoints: Sequence[Checkpoint | AdapterCheckpoint], names: Se
     adapter's stored factors and replaced tensors."""
     full = sum(math.prod(checkpoints[0].shape(n)) for n in names) * itemsize
     return sum(ck.adapter.total_bytes if isinstance(ck, AdapterCheckpoint) else full for ck in checkpoints)
+
+
+def check_factor_sources(checkpoints: Sequence[Checkpoint | AdapterCheckpoint], paths: Sequence[str],
+                         sources: Sequence[int], method: str) -> None:
+    """RecipeError unless every source of a factor method (:data:`~evomerge.methods.lorahub.FACTOR_METHODS`) is a
+    LoRA adapter with factors only (a saved full tensor has no factors to compose)."""
+    full = [paths[i] for i in sources if not isinstance(checkpoints[i], AdapterCheckpoint)]
+    if full:
+        raise RecipeError(f"method '{method}' composes LoRA adapters; {full[:2]} are full checkpoints (merge them "
+                          "with a task-vector method such as task_arithmetic or ties)")
+    saved = [paths[i] for i in sources if checkpoints[i].adapter.replaced]  # type: ignore[union-attr]
+    if saved:
+        raise RecipeError(f"method '{method}' composes LoRA factors; {saved[:2]} also save full tensors "
+                          "(modules_to_save, embeddings' base layers), which have no factors: merge them with a "
+                          "task-vector method")
+
+
+def module_factors(per_source: Sequence[Mapping[str, LoraFactors]], name: str) -> tuple[list[Factors | None], bool]:
+    """Each source's ``(A, B, scale)`` on tensor ``name`` (None where it does not adapt it), and whether the delta
+    is transposed there."""
+    found = [f.get(name) for f in per_source]
+    transpose = any(f.transpose for f in found if f is not None)
+    return [None if f is None else (f.A, f.B, f.scale) for f in found], transpose
 
 
 class LowRankStacks(SourceStacks):
@@ -91,3 +119,59 @@ class LowRankStacks(SourceStacks):
                         view = out[j, span.offset - begin : span.end - begin].view(span.shape)
                         view.copy_(self._adapter_tensor(i, name, view.clone()))
         return out.to(self.device, non_blocking=True)
+
+    def factors(self, name: str, sources: list[int]) -> tuple[list[Factors | None], bool]:
+        """:func:`module_factors` of the adapters ``sources`` on tensor ``name`` (on the storage device)."""
+        return module_factors([self._factors.get(i, {}) for i in sources], name)
+
+
+#: Merges of adapter sources that stay low-rank, and so can be written as one adapter (:func:`merged_adapter`).
+LOW_RANK_MERGES = ("lorahub", "task_arithmetic", "linear")
+
+
+def _low_rank(method: MergeMethod, kwargs: Mapping[str, object], factors: list[Factors | None]) \
+        -> tuple[Tensor, Tensor]:
+    """The merged factors of one module: LoraHub's composition (``lorahub``), or the rank sum with the weights
+    ``λ w_i`` of task arithmetic (``/ Σ w`` with normalize) or ``w_i / Σ w`` of a normalized linear merge (which is
+    ``θ_0 + Σ_i (w_i / Σ w) τ_i`` when every source is an adapter on the base)."""
+    weight = kwargs["weight"]
+    if method.name == "lorahub":
+        return (rank_sum if kwargs["rank_sum"] else compose_factors)(factors, weight)  # type: ignore[arg-type]
+    if method.name == "task_arithmetic":
+        scale = float(kwargs["lam"]) / (float(weight.sum()) if kwargs["normalize"] else 1.0)  # type: ignore[union-attr]
+    elif kwargs["normalize"]:
+        scale = 1.0 / float(weight.sum())  # type: ignore[union-attr]
+    else:
+        raise RecipeError("linear with normalize: false scales the base by Σ w, which no adapter on it can express; "
+                          "use normalize: true or task_arithmetic")
+    return rank_sum(factors, weight * scale)  # type: ignore[operator]
+
+
+def merged_adapter(recipe: Recipe, *, rank: int | None = None,
+                   allow_pickle: bool = False) -> tuple[dict[str, tuple[Tensor, Tensor]], str]:
+    """The merge of a recipe on LoRA adapter sources as one adapter: ``A, B`` per adapted base weight (fp32), and
+    the base's path. ``rank``: every module's ``B A`` reduced to that rank by SVD (:func:`svd_factors`; the exact
+    product when it is already of that rank or lower). Merges that are not low-rank (TIES, DARE, ...: entrywise
+    selections of the dense products) are refused: write the full model instead."""
+    if recipe.method not in LOW_RANK_MERGES:
+        raise RecipeError(f"method '{recipe.method}' does not keep a merge of adapters low-rank; a merged adapter is "
+                          f"written for {', '.join(LOW_RANK_MERGES)} only (write the full model for the others)")
+    if rank is not None and rank < 1:
+        raise RecipeError(f"the adapter rank must be at least 1, got {rank}")
+    opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
+    _, sources = recipe_indices(opened.paths, recipe)
+    method, resolved = plan_params(recipe, opened.names, opened.num_layers)
+    check_factor_sources(opened.checkpoints, opened.paths, sources, method.name)
+    modules: dict[str, tuple[Tensor, Tensor]] = {}
+    for name in opened.names:
+        factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
+        if all(f is None for f in factors):
+            continue
+        if transpose:
+            raise RecipeError(f"'{name}' is an embedding or Conv1D weight; writing merged adapters for those is not "
+                              "supported yet: write the full model")
+        A, B = _low_rank(method, method_kwargs(method, resolved[name], len(sources)), factors)
+        if rank is not None and rank < A.shape[0]:
+            A, B = svd_factors(B @ A, rank)
+        modules[name] = (A, B)
+    return modules, opened.paths[0]

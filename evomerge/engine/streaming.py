@@ -24,7 +24,9 @@ from evomerge.engine.device import compute_device
 from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite
+from evomerge.engine.lowrank import check_factor_sources, module_factors
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
+from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.naming import tensor_filter
 from evomerge.recipe import Recipe
 
@@ -53,15 +55,21 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
         raise ValueError(f"method '{method.name}' needs data statistics and the live model; merge it with "
                          "evomerge.merge.merge_to_dir (the engine path)")
     merged = set(opened.names)
+    if method.name in FACTOR_METHODS:
+        check_factor_sources(opened.checkpoints, opened.paths, sources, method.name)
 
     def produce(name: str) -> Tensor:
         if name not in merged:  # integer buffers and the like: the first model's, as the engine's live model holds
             return first.get(name)
-        stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
         base_t = None if base is None else opened.checkpoints[base].get(name).to(compute, torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
-        extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
-        result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
+        if method.name in FACTOR_METHODS:
+            factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
+            result = method.fn(base_t, factors, transpose=transpose, **kwargs).to(dtype)
+        else:
+            stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
+            extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
+            result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
         if not all_finite(result):
             raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
         return result.to("cpu")

@@ -11,6 +11,7 @@ from torch import Tensor
 from evomerge.methods.consensus import ram, ramplus_tl, sce
 from evomerge.methods.fisher import fisher
 from evomerge.methods.linear import linear, task_arithmetic
+from evomerge.methods.lorahub import lorahub
 from evomerge.methods.model_stock import model_stock, model_stock_coefficients, model_stock_gram
 from evomerge.methods.pairwise import arcee_fusion, nearswap
 from evomerge.methods.regmean import regmean
@@ -251,7 +252,15 @@ _MERGEKIT_MORE: tuple[MergeMethod, ...] = (
     ),
 )
 
-METHODS: dict[str, MergeMethod] = {method.name: method for method in (*_ALL, *_MERGEKIT_MORE)}
+_LORA: tuple[MergeMethod, ...] = (
+    MergeMethod(
+        "lorahub", lorahub,
+        (_weight(-1.5, 1.5), Param("rank_sum", False, doc="exact Σ w_i s_i B_i A_i instead of LoraHub's factor sums")),
+        needs_base=True, doc="LoraHub composition of LoRA adapter sources (evomerge.methods.lorahub)",
+    ),
+)
+
+METHODS: dict[str, MergeMethod] = {method.name: method for method in (*_ALL, *_MERGEKIT_MORE, *_LORA)}
 
 
 def get_method(name: str) -> MergeMethod:

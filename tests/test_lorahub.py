@@ -1,0 +1,159 @@
+"""LoRA compositions (evomerge.methods.lorahub): LoraHub's factor sums and the exact rank sum, in the engine and the
+streaming merge, written as a merged PEFT adapter (optionally SVD-reduced), and against PEFT's add_weighted_adapter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lora_models import lora_family
+from safetensors.torch import load_file
+
+from evomerge.adapters import save_adapter
+from evomerge.engine import MergeEngine
+from evomerge.engine.lowrank import merged_adapter
+from evomerge.engine.streaming import stream_merge
+from evomerge.recipe import Recipe, RecipeError
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+K = "model.layers.1.self_attn.k_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, str]:
+    return {k: str(v) for k, v in lora_family(tmp_path_factory.mktemp("lorahub")).items()}
+
+
+def _recipe(family: dict[str, str], method: str, weights: list[float], names=("plain", "plain2"),
+            **params: object) -> Recipe:
+    return Recipe(method=method, base=family["base"], parameters=params,
+                  sources=[{"model": family[n], "parameters": {"weight": w}} for n, w in zip(names, weights)])
+
+
+def _factors(path: str, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = load_file(f"{path}/adapter_model.safetensors")
+    stem = "base_model.model." + module.removesuffix(".weight")
+    return saved[stem + ".lora_A.weight"], saved[stem + ".lora_B.weight"]
+
+
+def test_lorahub_sums_the_factors_and_rank_sum_is_exact(family):
+    w = [0.7, -0.4]
+    base = load_file(f"{family['base']}/model.safetensors")
+    (a1, b1), (a2, b2) = _factors(family["plain"], Q), _factors(family["plain2"], Q)
+    s1, s2 = 8 / 4, 16 / 4  # lora_alpha / r
+    engine = MergeEngine([family["base"], family["plain"], family["plain2"]], device="cpu")
+    engine.materialize(_recipe(family, "lorahub", w))
+    got = engine.state_dict()
+    # the paper's composition: (Σ w_i √s_i B_i)(Σ w_i √s_i A_i), cross terms included
+    A = w[0] * math.sqrt(s1) * a1 + w[1] * math.sqrt(s2) * a2
+    B = w[0] * math.sqrt(s1) * b1 + w[1] * math.sqrt(s2) * b2
+    torch.testing.assert_close(got[Q], base[Q] + B @ A, rtol=1e-6, atol=1e-6)
+    # k_proj is adapted by plain2 only: its factors alone, weight applied on both sides (w²)
+    a, b = _factors(family["plain2"], K)
+    torch.testing.assert_close(got[K], base[K] + (w[1] ** 2 * s2) * (b @ a), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])
+    engine.materialize(_recipe(family, "lorahub", w, rank_sum=True))
+    exact = engine.state_dict()
+    torch.testing.assert_close(exact[Q], base[Q] + w[0] * s1 * (b1 @ a1) + w[1] * s2 * (b2 @ a2), rtol=1e-6, atol=1e-6)
+
+
+def test_lorahub_streams_as_the_engine_merges_and_refuses_full_sources(family, tmp_path):
+    recipe = _recipe(family, "lorahub", [0.5, 1.2])
+    engine = MergeEngine([family["base"], family["plain"], family["plain2"]], device="cpu")
+    engine.materialize(recipe)
+    written = load_file(f"{stream_merge(recipe, tmp_path / 'out', device='cpu')}/model.safetensors")
+    for name, tensor in engine.state_dict().items():
+        assert torch.equal(written[name], tensor), name
+    with pytest.raises(RecipeError, match="are full checkpoints"):
+        stream_merge(_recipe(family, "lorahub", [1.0, 1.0], names=("plain", "ft")), tmp_path / "x", device="cpu")
+    with pytest.raises(RecipeError, match="also save full tensors"):
+        MergeEngine([family["base"], family["plain"], family["saved"]], device="cpu").materialize(
+            _recipe(family, "lorahub", [1.0, 1.0], names=("plain", "saved")))
+    with pytest.raises(ValueError, match="one rank"):
+        stream_merge(_recipe(family, "lorahub", [1.0, 1.0], names=("plain", "rslora")), tmp_path / "y", device="cpu")
+
+
+@pytest.mark.parametrize("method,params", [("lorahub", {}), ("lorahub", {"rank_sum": True}),
+                                           ("task_arithmetic", {"lambda": 0.8}), ("linear", {})])
+def test_the_merged_adapter_loads_in_peft_and_gives_the_merged_models_logits(family, tmp_path, method, params):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    recipe = _recipe(family, method, [0.6, 0.9], **params)
+    modules, base = merged_adapter(recipe)
+    out = save_adapter(modules, tmp_path / "adapter", base=base)
+    full = stream_merge(recipe, tmp_path / "full", device="cpu")
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out)(ids).logits
+        full_logits = LlamaForCausalLM.from_pretrained(full)(ids).logits
+    # the same update: W x + B (A x) against (W + B A) x, fp32 rounding of the two orders
+    torch.testing.assert_close(peft_logits, full_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_svd_reduces_the_merged_adapter_to_the_best_low_rank_product(family):
+    recipe = _recipe(family, "lorahub", [0.6, 0.9], rank_sum=True)
+    exact, _ = merged_adapter(recipe)
+    reduced, _ = merged_adapter(recipe, rank=3)
+    A, B = exact[Q]
+    a, b = reduced[Q]
+    assert A.shape[0] == 8 and a.shape == (3, 16) and b.shape == (16, 3)
+    S = torch.linalg.svdvals(B @ A)
+    # Eckart-Young: the error of the best rank-3 approximation is the norm of the dropped singular values
+    torch.testing.assert_close(torch.linalg.norm(B @ A - b @ a), torch.linalg.norm(S[3:]), rtol=1e-4, atol=1e-5)
+    assert merged_adapter(recipe, rank=16)[0][Q][0].shape[0] == 8  # a rank above the product's keeps it exact
+    with pytest.raises(RecipeError, match="does not keep a merge of adapters low-rank"):
+        merged_adapter(_recipe(family, "ties", [1.0, 1.0]))
+
+
+def _peft_merge(family, names, weights, combination_type, **kwargs) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(family["base"]), family[names[0]],
+                                      adapter_name="a0")
+    for i, name in enumerate(names[1:], start=1):
+        model.load_adapter(family[name], adapter_name=f"a{i}")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(names))], weights, "merged",
+                               combination_type=combination_type, **kwargs)
+    model.set_adapter("merged")
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def _evomerge(family, recipe) -> dict[str, torch.Tensor]:
+    engine = MergeEngine(recipe.model_paths(), device="cpu")
+    engine.materialize(recipe)
+    return engine.state_dict()
+
+
+def _assert_same(got, want, **tol):
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_peft_cat_is_the_exact_rank_sum(family):
+    w = [0.7, 1.3]
+    _assert_same(_evomerge(family, _recipe(family, "lorahub", w, rank_sum=True)),
+                 _peft_merge(family, ["plain", "plain2"], w, "cat"), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_linear_is_lorahub_with_square_rooted_weights(family):
+    # PEFT's linear puts √(w_i s_i) on both factors; LoraHub puts w_i √s_i: the same for w ≥ 0 with w -> √w
+    w = [0.5, 1.4]
+    _assert_same(_evomerge(family, _recipe(family, "lorahub", [math.sqrt(x) for x in w])),
+                 _peft_merge(family, ["plain", "plain2"], w, "linear"), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_svd_is_task_arithmetic_of_the_products(family):
+    # svd: Σ w_i s_i B_i A_i reduced to the full rank of the sum (8 ≥ its rank), i.e. task arithmetic on the adapters
+    w = [0.7, 1.3]
+    want = _peft_merge(family, ["plain", "plain2"], w, "svd", svd_rank=8)
+    _assert_same(_evomerge(family, _recipe(family, "task_arithmetic", w)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_ties_svd_is_ties_on_the_products(family):
+    # equal weights: PEFT's disjoint mean (÷ count of agreeing entries) is evomerge's normalized one (÷ Σ agreeing w)
+    want = _peft_merge(family, ["plain", "plain2"], [1.0, 1.0], "ties_svd", density=0.5, svd_rank=16,
+                       svd_full_matrices=False)
+    _assert_same(_evomerge(family, _recipe(family, "ties", [1.0, 1.0], density=0.5)), want, rtol=1e-5, atol=1e-5)
