@@ -20,13 +20,18 @@ ADAPTERS: dict[str, dict[str, object]] = {
 }
 
 
-def save_adapter(base: Path, out: Path, seed: int, **config: object) -> Path:
+def _model_class(name: str) -> type:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def save_adapter(base: Path, out: Path, seed: int, model_class: str = "LlamaForCausalLM", **config: object) -> Path:
     """A LoRA adapter on ``base`` with seeded random factors (B too, so that ΔW ≠ 0), saved by PEFT."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(**config))  # type: ignore[arg-type]
+    model = get_peft_model(_model_class(model_class).from_pretrained(base), LoraConfig(**config))  # type: ignore
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
@@ -35,12 +40,11 @@ def save_adapter(base: Path, out: Path, seed: int, **config: object) -> Path:
     return out
 
 
-def merged_full(base: Path, adapter: Path, out: Path) -> Path:
+def merged_full(base: Path, adapter: Path, out: Path, model_class: str = "LlamaForCausalLM") -> Path:
     """PEFT's own merge of ``adapter`` into ``base`` (merge_and_unload), saved as a full checkpoint."""
     from peft import PeftModel
-    from transformers import LlamaForCausalLM
 
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(_model_class(model_class).from_pretrained(base), adapter).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -174,3 +174,56 @@ def test_another_base_name_warns_but_merges(family, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="evomerge.adapters"):
         open_sources([family["base"], str(other)])
     assert "names base 'meta-llama/Llama-3-8B'" in caplog.text
+
+
+def test_mergekit_model_plus_lora_is_the_adapter_as_a_source(family, tmp_path):
+    from evomerge.recipe.mergekit import from_mergekit
+
+    base, lora = family["base"], family["plain"]
+    recipe = from_mergekit({"merge_method": "task_arithmetic", "base_model": base,
+                            "models": [{"model": f"{base}+{lora}", "parameters": {"weight": 0.5}},
+                                       {"model": family["ft"], "parameters": {"weight": 0.5}}]})
+    assert [s.model for s in recipe.sources] == [lora, family["ft"]]
+    written = load_file(f"{stream_merge(recipe, tmp_path / 'out', device='cpu')}/model.safetensors")
+    reference = _recipe("task_arithmetic", base, [family["plain_full"], family["ft"]], weight=0.5)
+    want = load_file(f"{stream_merge(reference, tmp_path / 'ref', device='cpu')}/model.safetensors")
+    assert all(torch.equal(written[n], want[n]) for n in want)
+    with pytest.raises(RecipeError, match="is not base_model"):
+        from_mergekit({"merge_method": "task_arithmetic", "base_model": base,
+                       "models": [{"model": f"{family['ft']}+{lora}"}]})
+    with pytest.raises(RecipeError, match="carries a LoRA adapter"):
+        from_mergekit({"merge_method": "task_arithmetic", "base_model": f"{base}+{lora}", "models": [base]})
+
+
+def test_gpt2_conv1d_deltas_are_transposed_as_peft_does(tmp_path):
+    # GPT-2 stores its Conv1D weights [d_in, d_out]; PEFT sets fan_in_fan_out by the module type, whatever the config
+    from lora_models import merged_full, save_adapter
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "base")
+    adapter = save_adapter(tmp_path / "base", tmp_path / "lora", 1, r=2, lora_alpha=4, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_fc"], model_class="GPT2LMHeadModel")
+    full = load_file(f"{merged_full(tmp_path / 'base', adapter, tmp_path / 'full', 'GPT2LMHeadModel')}"
+                     "/model.safetensors")
+    view = open_sources([str(tmp_path / "base"), str(adapter)]).checkpoints[1]
+    assert view.adapter.factors["transformer.h.0.attn.c_attn.weight"].transpose
+    for name, tensor in full.items():
+        assert torch.equal(view.get(name), tensor), name
+
+
+def test_evomerge_merge_writes_the_model_and_the_merged_adapter(family, tmp_path, capsys):
+    from evomerge.cli import main
+
+    recipe = _recipe("task_arithmetic", family["base"], [family["plain"], family["rslora"]], weight=0.5)
+    recipe.to_yaml(tmp_path / "recipe.yaml")
+    main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "model"), "--adapter-out",
+          str(tmp_path / "adapter"), "--device", "cpu"])
+    assert "merged adapter written to" in capsys.readouterr().out
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # the rank sum: q_proj 4 + 2 (both adapt it), v_proj 4, o_proj 2, gate_proj 3 (rank_pattern)
+    assert config["peft_type"] == "LORA" and config["r"] == 6
+    assert config["rank_pattern"][r"model\.layers\.0\.mlp\.gate_proj"] == 3
+    assert config["alpha_pattern"] == config["rank_pattern"]  # scale 1 everywhere
+    assert (tmp_path / "model" / "model.safetensors").is_file()

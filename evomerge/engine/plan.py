@@ -42,11 +42,14 @@ def _rebuilt_buffers(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_buffers()} - set(model.state_dict())
 
 
-def _transposed_weights(model: torch.nn.Module) -> set[str]:
-    """Weights stored [d_in, d_out] (transformers' ``Conv1D``, GPT-2): a LoRA delta on them is transposed."""
+def _transposed_weights(model: torch.nn.Module, names: Sequence[str]) -> set[str]:
+    """The checkpoint's weights stored [d_in, d_out] (transformers' ``Conv1D``, GPT-2), on which a LoRA delta is
+    transposed; matched by module path, also when the checkpoint's names carry the head model's prefix
+    (``transformer.``) and ``model`` is the bare model."""
     from transformers.pytorch_utils import Conv1D
 
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    return {n for n in names if any(n == c or n.endswith("." + c) for c in conv)} if conv else set()
 
 
 def _open_model(path: str, base: Checkpoint | None, meta: torch.nn.Module | None,
@@ -57,7 +60,7 @@ def _open_model(path: str, base: Checkpoint | None, meta: torch.nn.Module | None
     if base is None or meta is None:
         raise RecipeError(f"{path} is a LoRA adapter; an adapter needs its base model first: set the recipe's "
                           "'base' to the model the adapter was trained on")
-    adapter = LoraAdapter.open(path, base, transposed=_transposed_weights(meta), allow_pickle=allow_pickle)
+    adapter = LoraAdapter.open(path, base, transposed=_transposed_weights(meta, base.names), allow_pickle=allow_pickle)
     return AdapterCheckpoint(adapter, base)
 
 

@@ -11,6 +11,8 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
   so the base stays one of the sources, at that place; exported, a base that is not one of the sources is left out;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
+- a model ``MODEL+LORA`` (mergekit's model with a LoRA applied) is the adapter dir as a source on the base, which
+  must be MODEL (:mod:`evomerge.adapters`);
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
   option of mergekit that does not change the result) is accepted and dropped with a warning.
 """
@@ -76,8 +78,18 @@ def _params_from_mergekit(params: Mapping[str, Any] | None, where: str) -> dict[
     return out
 
 
-def _model_name(entry: Any) -> str:
-    return entry if isinstance(entry, str) else entry["model"]
+def _model_name(entry: Any, base: str | None = None) -> str:
+    """A model reference's path; mergekit's ``MODEL+LORA`` (the model with a LoRA adapter applied) is the adapter dir,
+    a source on the recipe's base (:mod:`evomerge.adapters`), so MODEL must be the base."""
+    name = entry if isinstance(entry, str) else entry["model"]
+    if "+" not in name:
+        return name
+    model, lora = name.split("+", 1)
+    if model != base:
+        raise RecipeError(f"mergekit model {name!r}: a LoRA adapter is a source on the recipe's base only, and "
+                          f"{model!r} is not base_model {base!r}; merge it into {model!r} first (peft's "
+                          "merge_and_unload) or set base_model to it")
+    return lora
 
 
 def _slice_models(slices: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -100,6 +112,9 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     if tokenizer == "union":
         raise RecipeError("mergekit tokenizer_source 'union' is not supported; use 'base' or a model path")
     base = data.get("base_model")
+    if isinstance(base, str) and "+" in base:
+        raise RecipeError(f"mergekit base_model {base!r} carries a LoRA adapter; evomerge takes adapters as sources on "
+                          "a full base: list the adapter under models as BASE+LORA with base_model: BASE")
     common = {"dtype": data.get("dtype"), "tokenizer_source": base if tokenizer == "base" else tokenizer}
     if method == STACK_METHOD:
         slices = []
@@ -118,7 +133,7 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     for i, m in enumerate(models):
         if isinstance(m, Mapping):
             _check_keys(m, MODEL_KEYS | {"layer_range"}, f"models[{i}]")
-        sources.append(SourceSpec(model=_model_name(m),
+        sources.append(SourceSpec(model=_model_name(m, base),
                                   parameters=_params_from_mergekit(m.get("parameters") if isinstance(m, Mapping)
                                                                    else None, f"models[{i}].parameters")))
     if method == "slerp":
