@@ -7,6 +7,7 @@
     evomerge worker --storage URL --study NAME                             join a shared study as one more worker
     evomerge report RUN_DIR [--out DIR]                                    tables and plots of a run
     evomerge zoo build DIR [--preset full|bench|mini] [--force]            build the offline tiny model zoo
+    evomerge zoo lora DIR [--out OUT] [--mini]                             LoRA adapters on the zoo's tasks
 
 Errors reach the user as one line, `evomerge: error: ...`, with exit code 2 for bad input (a malformed file, an
 invalid recipe or config, an output that exists or is a link) and 1 for faults at run time (a full disk, a failed
@@ -160,6 +161,16 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
     print(f"zoo ready in {zoo.root}")
 
 
+def cmd_zoo_lora(args: argparse.Namespace) -> None:
+    from evomerge.zoo import Zoo
+    from evomerge.zoo.lora import LoraZooConfig, build_lora_zoo
+
+    zoo = Zoo.load(args.dir)
+    config = LoraZooConfig.mini() if args.mini else LoraZooConfig.full()
+    out = build_lora_zoo(zoo, Path(args.out) if args.out else zoo.root / "lora", config, force=args.force)
+    print(f"LoRA adapters ready in {out.root}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -223,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--mini", action="store_true", help="the small zoo used by unit tests, same as --preset mini")
     build.add_argument("--force", action="store_true", help="replace a different zoo in DIR")
     build.set_defaults(func=cmd_zoo_build)
+    lora = zoo_sub.add_parser("lora", help="train PEFT LoRA adapters on a built zoo's tasks (one per task and rank)")
+    lora.add_argument("dir", help="a built zoo")
+    lora.add_argument("--out", default=None, help="output dir (default: DIR/lora; the zoo's own files are not changed)")
+    lora.add_argument("--mini", action="store_true", help="the small setting of the tests (for a --mini zoo)")
+    lora.add_argument("--force", action="store_true", help="replace a different LoRA stage in the output dir")
+    lora.set_defaults(func=cmd_zoo_lora)
     return parser
 
 
