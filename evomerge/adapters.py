@@ -334,10 +334,12 @@ class AdapterCheckpoint:
         return self.adapter.nbytes(name)
 
     def get(self, name: str, device: str | torch.device = "cpu") -> Tensor:
+        """Tensor ``name`` of the adapted model, formed on ``device`` (the product ``B A`` is computed there)."""
         factors, saved = self.adapter.factors.get(name), self.adapter.replaced.get(name)
         if factors is None and saved is None:
             return self.base.get(name, device)
-        return adapted_tensor(self.base.get(name), factors, saved, self.base.dtype(name)).to(device)
+        factors = None if factors is None else factors.to(torch.device(device))
+        return adapted_tensor(self.base.get(name, device), factors, saved, self.base.dtype(name))
 
     def __contains__(self, name: object) -> bool:
         return name in self.base

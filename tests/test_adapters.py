@@ -227,3 +227,16 @@ def test_evomerge_merge_writes_the_model_and_the_merged_adapter(family, tmp_path
     assert config["rank_pattern"][r"model\.layers\.0\.mlp\.gate_proj"] == 3
     assert config["alpha_pattern"] == config["rank_pattern"]  # scale 1 everywhere
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_engine_and_the_streaming_merge_form_the_same_products(family, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    sources = [family["plain"], family["rslora"], family["ft"]]
+    recipe = _recipe("ties", family["base"], sources, density=0.5, weight=1.0)
+    engine = MergeEngine([family["base"], *sources], device="cuda")
+    engine.materialize(recipe)
+    written = load_file(f"{stream_merge(recipe, tmp_path / 'out', device='cuda')}/model.safetensors")
+    for name, tensor in engine.state_dict().items():
+        assert torch.equal(written[name], tensor), name

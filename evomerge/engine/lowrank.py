@@ -66,7 +66,7 @@ def module_factors(per_source: Sequence[Mapping[str, LoraFactors]], name: str) -
 
 class LowRankStacks(SourceStacks):
     """Full models as in :class:`SourceStacks` (the first one is the adapters' base), adapters as factors on the
-    storage device; model indices are the engine's (full models and adapters in the order given)."""
+    compute device; model indices are the engine's (full models and adapters in the order given)."""
 
     def __init__(self, checkpoints: Sequence[Checkpoint | AdapterCheckpoint], paths: Sequence[str],
                  names: Sequence[str], storage: torch.device, device: torch.device, *, mapped: bool = False) -> None:
@@ -79,8 +79,9 @@ class LowRankStacks(SourceStacks):
         self._replaced: dict[int, dict[str, Tensor]] = {}
         for i, ck in enumerate(checkpoints):
             if isinstance(ck, AdapterCheckpoint):
-                self._factors[i] = {n: f.to(storage) for n, f in ck.adapter.factors.items() if n in self.spans}
-                self._replaced[i] = {n: t.to(storage) for n, t in ck.adapter.replaced.items() if n in self.spans}
+                # on the compute device, where every product B A is formed (as the streaming merge forms it)
+                self._factors[i] = {n: f.to(device) for n, f in ck.adapter.factors.items() if n in self.spans}
+                self._replaced[i] = {n: t.to(device) for n, t in ck.adapter.replaced.items() if n in self.spans}
         self.n_models = len(checkpoints)
 
     def _adapter_tensor(self, i: int, name: str, base: Tensor) -> Tensor:
@@ -91,12 +92,13 @@ class LowRankStacks(SourceStacks):
         return adapted_tensor(base, factors, saved, self._base_dtypes[name]).to(self.dtype)
 
     def _select(self, name: str, idx: list[int]) -> Tensor:
+        """As :meth:`SourceStacks._select`; with adapters among ``idx``, on the compute device."""
         rows = [self._row.get(i) for i in idx]
         if all(r is not None for r in rows):
             return super()._select(name, rows)  # type: ignore[arg-type]
-        base = super()._select(name, [0])[0]
-        return torch.stack([super()._select(name, [r])[0] if r is not None else self._adapter_tensor(i, name, base)
-                            for i, r in zip(idx, rows)])
+        base = super()._select(name, [0])[0].to(self.device)
+        return torch.stack([super()._select(name, [r])[0].to(self.device) if r is not None
+                            else self._adapter_tensor(i, name, base) for i, r in zip(idx, rows)])
 
     def run_rows(self, run: Sequence[str], idx: list[int]) -> Tensor:
         """As :meth:`SourceStacks.run_rows`; an adapter's rows are the base's entries of the run with its formed
@@ -109,7 +111,7 @@ class LowRankStacks(SourceStacks):
         if self.flat is None:
             raise ValueError("memory-mapped sources are merged one tensor at a time")
         begin, end = self.extent(run)
-        out = torch.empty(len(idx), end - begin, dtype=self.dtype, device=self.flat.device)
+        out = torch.empty(len(idx), end - begin, dtype=self.dtype, device=self.device)
         for j, (i, r) in enumerate(zip(idx, rows)):
             out[j].copy_(self.flat[0 if r is None else r, begin:end])
             if r is None:
@@ -118,10 +120,10 @@ class LowRankStacks(SourceStacks):
                         span = self.spans[name]
                         view = out[j, span.offset - begin : span.end - begin].view(span.shape)
                         view.copy_(self._adapter_tensor(i, name, view.clone()))
-        return out.to(self.device, non_blocking=True)
+        return out
 
     def factors(self, name: str, sources: list[int]) -> tuple[list[Factors | None], bool]:
-        """:func:`module_factors` of the adapters ``sources`` on tensor ``name`` (on the storage device)."""
+        """:func:`module_factors` of the adapters ``sources`` on tensor ``name`` (on the compute device)."""
         return module_factors([self._factors.get(i, {}) for i in sources], name)
 
 

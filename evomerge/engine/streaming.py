@@ -61,13 +61,13 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     def produce(name: str) -> Tensor:
         if name not in merged:  # integer buffers and the like: the first model's, as the engine's live model holds
             return first.get(name)
-        base_t = None if base is None else opened.checkpoints[base].get(name).to(compute, torch.float32)
+        base_t = None if base is None else opened.checkpoints[base].get(name, compute).to(torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
         if method.name in FACTOR_METHODS:
             factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
             result = method.fn(base_t, factors, transpose=transpose, **kwargs).to(dtype)
         else:
-            stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
+            stack = [opened.checkpoints[i].get(name, compute).to(torch.float32) for i in sources]
             extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
             result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
         if not all_finite(result):
