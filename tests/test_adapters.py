@@ -166,6 +166,10 @@ def test_an_adapter_needs_its_base_first(family, caplog):
     engine = MergeEngine([family["base"], family["ft"], family["plain"]], device="cpu")
     with pytest.raises(RecipeError, match="set the recipe's base"):
         engine.materialize(_recipe("task_arithmetic", family["ft"], [family["plain"]]))
+    # without a base (a plain average) the adapters still sit on the engine's first model
+    engine.materialize(Recipe(method="linear", sources=[{"model": family["plain"]}]))
+    want = load_file(f"{family['plain_full']}/model.safetensors")
+    assert all(torch.equal(engine.state_dict()[n], want[n]) for n in want)
 
 
 def test_another_base_name_warns_but_merges(family, tmp_path, caplog):

@@ -116,7 +116,7 @@ def recipe_indices(paths: Sequence[str], recipe: Recipe) -> tuple[int | None, li
     if unknown:
         raise RecipeError(f"recipe names models the engine was not loaded with: {unknown}; loaded: {list(paths)}")
     adapters = [s.model for s in recipe.sources if is_adapter_dir(s.model)]
-    if adapters and recipe.base != paths[0]:
+    if adapters and recipe.base is not None and recipe.base != paths[0]:  # no base: a plain average of the models
         raise RecipeError(f"recipe sources {adapters[:2]} are LoRA adapters on {paths[0]}; set the recipe's base to "
                           "it (an adapter is a task vector against the base it was trained on)")
     base = where[recipe.base] if recipe.base else None
