@@ -35,7 +35,8 @@ from evomerge.outdir import apply_umask, check_target, make_partial, move_into_p
 from evomerge.zoo.config import TrainSpec
 from evomerge.zoo.manifest import Zoo
 from evomerge.zoo.table import Table, model_row, table_markdown, write_table
-from evomerge.zoo.tasks import Item, answer_pairs
+from evomerge.zoo.taskfiles import read_jsonl
+from evomerge.zoo.tasks import answer_pairs
 from evomerge.zoo.train import encode, torch_threads, train
 
 __all__ = ["LORA_MANIFEST", "LoraSetting", "LoraZoo", "LoraZooConfig", "build_lora_zoo"]
@@ -91,10 +92,6 @@ def adapter_name(task: str, setting: LoraSetting) -> str:
     return f"lora_{task}_r{setting.r}"
 
 
-def _items(path: Path) -> list[Item]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def train_adapter(zoo: Zoo, tokenizer: PreTrainedTokenizerFast, task: str, setting: LoraSetting,
                    config: LoraZooConfig) -> tuple[Any, float]:
     """A PEFT model of the zoo's base with a fresh adapter (factors seeded by the config's seed), trained on
@@ -105,7 +102,7 @@ def train_adapter(zoo: Zoo, tokenizer: PreTrainedTokenizerFast, task: str, setti
     torch.manual_seed(config.train.seed)
     model = get_peft_model(base, LoraConfig(r=setting.r, lora_alpha=setting.lora_alpha, lora_dropout=0.0,
                                             target_modules=list(config.target_modules)))
-    data = encode(answer_pairs(_items(zoo.split_file(task, "train"))), tokenizer, answer_only=True)
+    data = encode(answer_pairs(read_jsonl(zoo.split_file(task, "train"))), tokenizer, answer_only=True)
     loss = train(model, data, config.train, batch_size=config.batch_size, desc=f"lora {task} r{setting.r}",
                  progress=False)
     return model, loss
@@ -113,7 +110,7 @@ def train_adapter(zoo: Zoo, tokenizer: PreTrainedTokenizerFast, task: str, setti
 
 def _build_into(root: Path, zoo: Zoo, config: LoraZooConfig, progress: bool) -> Table:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(zoo.tokenizer_dir)
-    scored = {(t, s): _items(zoo.split_file(t, s)) for t in zoo.task_names for s in ("validation", "test")}
+    scored = {(t, s): read_jsonl(zoo.split_file(t, s)) for t in zoo.task_names for s in ("validation", "test")}
     table: Table = {"base": model_row(LlamaForCausalLM.from_pretrained(zoo.base), tokenizer, scored,
                                       config.eval_batch_size)} if config.table else {}
     adapters: dict[str, dict[str, object]] = {}
