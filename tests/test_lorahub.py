@@ -160,14 +160,13 @@ def test_peft_ties_svd_is_ties_on_the_products(family):
 
 
 def test_one_hot_lorahub_weights_are_each_adapter_alone(family):
-    # the space's "source alone" baselines (search/space.py source_alone_targets): weight 1 for adapter i, 0 for
-    # the others gives (√s B_i)(√s A_i) = s B_i A_i, adapter i's model up to the rounding of √s·√s
+    # the declared "source alone" baselines (MergeMethod.source_alone_points): weight 1 for adapter i, 0 for the
+    # others gives (√s B_i)(√s A_i) = s B_i A_i, adapter i's model up to the rounding of √s·√s
     from evomerge.methods import get_method
-    from evomerge.search.space import source_alone_targets
 
     engine = MergeEngine([family["base"], family["plain"], family["plain2"]], device="cpu")
     for i, name in enumerate(["plain", "plain2"]):
-        (target,) = source_alone_targets(get_method("lorahub"), i, 2)
+        (target,) = get_method("lorahub").source_alone_points(i, 2)
         engine.materialize(_recipe(family, "lorahub", target["weight"]))
         want = load_file(f"{family[name + '_full']}/model.safetensors")
         _assert_same(engine.state_dict(), want, rtol=1e-6, atol=1e-6)
