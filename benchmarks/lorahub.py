@@ -165,8 +165,7 @@ def header(args: argparse.Namespace) -> list[str]:
     import peft
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return [f"- command: `python {' '.join(sys.argv)}`; commit {commit or 'unknown'}; date "
+    return [f"- command: `python {' '.join(sys.argv)}`; commit {args.commit or 'unknown'}; date "
             f"{time.strftime('%Y-%m-%d')}",
             f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
             f"transformers {transformers.__version__}, peft {peft.__version__}, optuna {optuna.__version__}",
@@ -215,6 +214,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one task, k = 5, 2 seeds, 4 trials, tiny adapters")
     parser.add_argument("--out", default="results/lorahub", help="output path without suffix (.md and .csv)")
     args = parser.parse_args()
+    # the code that runs: read now, the checkout may move while the benchmark runs
+    args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     args.ks = [int(k) for k in args.ks.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
     if args.quick:

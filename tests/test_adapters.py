@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.adapters import AdapterError
 from evomerge.engine import MergeEngine
+from evomerge.engine.lowrank import stack_bytes
 from evomerge.engine.plan import open_sources
 from evomerge.engine.streaming import stream_merge
 from evomerge.recipe import Recipe, RecipeError
@@ -42,9 +43,12 @@ def test_an_adapter_reads_as_peft_merge_and_unload_bit_for_bit(family):
         assert sorted(view.names) == sorted(full)
         for tensor in full:
             assert torch.equal(view.get(tensor), full[tensor]), (name, tensor)
-    # the adapter holds factors, not a model: what it stores is a fraction of the base
+    # the adapter holds factors, not a model: what it stores is a fraction of the base, and so is what the engine's
+    # memory plan counts for it (stack_bytes: the base's tensors + each adapter's factors and saved tensors)
     base_bytes = sum(opened.checkpoints[0].nbytes(n) for n in opened.names)
     assert sum(opened.checkpoints[1].nbytes(n) for n in opened.names) < base_bytes / 5
+    factor_bytes = sum(ck.adapter.total_bytes for ck in opened.checkpoints[1:])
+    assert stack_bytes(opened.checkpoints, opened.names, 4) == base_bytes + factor_bytes
 
 
 METHOD_PARAMS = [
