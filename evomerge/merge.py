@@ -14,6 +14,7 @@ from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import AnyRecipe, Recipe, RecipeError, StackRecipe
+from evomerge.recipe.moe import MoeRecipe
 
 
 def tokenizer_dir(recipe: AnyRecipe) -> Path | None:
@@ -37,7 +38,7 @@ def check_values(recipe: Recipe) -> None:
 
 
 def merge_to_dir(
-    recipe: AnyRecipe,
+    recipe: AnyRecipe | MoeRecipe,
     out: str | Path,
     *,
     device: str | torch.device | None = None,
@@ -54,7 +55,14 @@ def merge_to_dir(
     All checks (existing output, a symbolic link as output, recipe validity, source compatibility, parameter
     ranges) run before any tensor work; a failure at any point leaves no output dir behind. Temporary dirs that
     killed merges left beside ``out`` are cleaned first (an old output found renamed aside is restored).
+
+    An MoE recipe (:class:`~evomerge.recipe.moe.MoeRecipe`) is built by :func:`evomerge.moe.moe_to_dir`.
     """
+    if isinstance(recipe, MoeRecipe):
+        from evomerge.moe import moe_to_dir
+
+        return moe_to_dir(recipe, out, device=device, force=force, allow_pickle=allow_pickle,
+                          max_shard_size=max_shard_size)
     out = Path(out).expanduser()
     recover(out)
     check_target(out, force)

@@ -1,0 +1,208 @@
+"""The live mixture of experts: built once from a base and its experts, re-materialized per MoE recipe, exported.
+
+:class:`MoeModel` holds one ``MixtralForCausalLM`` (see :mod:`evomerge.moe.arch` for which bases map to it) whose
+attention, norms, embeddings and head are the base's, and keeps each expert's MLP tensors (as read). A recipe
+(:class:`~evomerge.recipe.moe.MoeRecipe`) over the same base and experts is written into it in place by
+:meth:`MoeModel.materialize`: the routers (prompt gates computed once per gate mode and prompt set, then scaled and
+mixed per candidate, :func:`~evomerge.moe.gates.router_rows`), ``experts_per_token``, and per layer either the
+experts' MLPs or one dense MLP merged from them by any evomerge method (a :class:`~evomerge.engine.MergeEngine` over
+the base and the experts, made on first use). Only layers whose content changed are written again.
+
+Tensors as mergekit-moe writes them (``mergekit/moe/mixtral.py``): non-MLP tensors of the base cast to the output
+dtype; per layer ``experts.gate_up_proj[e] = cat(gate_proj, up_proj)`` and ``experts.down_proj[e] = down_proj ·
+residual_scale`` of expert ``e`` (scaled in its stored dtype, then cast); ``mlp.gate.weight`` the router rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.checkpoint import TOKENIZER_FILES, save_hf_dir
+from evomerge.engine.device import compute_device
+from evomerge.engine.plan import live_dtype, plan_params
+from evomerge.moe.arch import MLP_PARTS, MoeError, mlp_name, moe_config, open_moe_inputs
+from evomerge.moe.gates import prompt_rows, random_rows, router_rows
+from evomerge.outdir import check_target, recover
+from evomerge.recipe import Recipe, SourceSpec, gradient_position, interpolate
+from evomerge.recipe.moe import PROMPT_MODES, MoeRecipe
+
+__all__ = ["MoeModel", "moe_to_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class MoeModel:
+    """A live ``MixtralForCausalLM`` assembled from ``recipe``'s base and experts; later recipes over the same models
+    are written into it by :meth:`materialize` (the one given here is materialized at once)."""
+
+    def __init__(self, recipe: MoeRecipe, *, device: str | torch.device | None = None, allow_pickle: bool = False,
+                 materialize: bool = True) -> None:
+        from transformers import MixtralForCausalLM
+
+        self.inputs = open_moe_inputs(recipe, allow_pickle=allow_pickle)
+        self.base, self.experts = recipe.base, [e.model for e in recipe.experts]
+        self._check_dense(recipe)
+        self.allow_pickle = allow_pickle
+        self.device = compute_device(device)
+        self.dtype = live_dtype(recipe.dtype, self.inputs.base)
+        self.num_layers = self.inputs.num_layers
+        config = moe_config(self.inputs.base, len(self.experts), recipe.experts_per_token, self.dtype)
+        self.model = MixtralForCausalLM(config).to(self.device, self.dtype).eval()
+        self._load_base()
+        self._gates: dict[tuple, Tensor] = {}
+        self._layer_content: dict[int, object] = {}
+        self._dense_engine: object = None
+        if materialize:
+            self.materialize(recipe)
+
+    # ------------------------------------------------------------------------------------------- building
+    def _load_base(self) -> None:
+        params = dict(self.model.named_parameters())
+        base = self.inputs.base
+        for name in base.names:
+            if ".mlp." in name:
+                continue
+            if name not in params:
+                if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
+                    continue
+                raise MoeError(f"base {base.path}: tensor {name!r} has no place in MixtralForCausalLM")
+            with torch.no_grad():
+                params[name].copy_(base.get(name).to(self.dtype))
+
+    def _check_models(self, recipe: MoeRecipe) -> None:
+        if recipe.base != self.base or [e.model for e in recipe.experts] != self.experts:
+            raise MoeError(f"this MoE model was built from base {self.base} and experts {self.experts}; the recipe "
+                           f"names base {recipe.base} and experts {[e.model for e in recipe.experts]}: build a new "
+                           "MoeModel for other models")
+        if recipe.shared_experts:
+            raise MoeError("shared_experts: MixtralForCausalLM has no shared expert; remove shared_experts")
+        if (recipe.dtype is not None and live_dtype(recipe.dtype, self.inputs.base) != self.dtype):
+            raise MoeError(f"this MoE model holds {self.dtype}; the recipe asks for {recipe.dtype}: build a new "
+                           "MoeModel for another dtype")
+        self._check_dense(recipe)
+
+    def _check_dense(self, recipe: MoeRecipe) -> None:
+        """The dense merge's method and values against the registry, from file headers (before any tensor work)."""
+        dense = recipe.dense_layers
+        if dense is None:
+            return
+        base = self.inputs.base
+        if dense.layers and dense.layers[-1] >= base.num_layers:
+            raise MoeError(f"dense_layers.layers names layer {dense.layers[-1]}, but the base has {base.num_layers} "
+                           f"layers (0-{base.num_layers - 1})")
+        names = [mlp_name(i, part) for i in dense.layers for part in MLP_PARTS]
+        method, _ = plan_params(self._dense_recipe(recipe), names, base.num_layers)
+        if method.statistic:
+            raise MoeError(f"dense_layers.method {method.name!r} needs data statistics (calibration), which MoE "
+                           "recipes do not carry; choose a method without them (linear, ties, ...)")
+
+    def _gate_rows(self, recipe: MoeRecipe) -> Tensor:
+        """(layers, experts, hidden) rows of the recipe's gate mode, cached per gate mode and prompts (or seed)."""
+        mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
+        if mode in PROMPT_MODES:
+            key: tuple = (mode, *((tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in recipe.experts))
+        else:
+            key = (mode, recipe.seed)
+        if key not in self._gates:
+            if mode in PROMPT_MODES:
+                self._gates[key] = prompt_rows(mode, recipe.experts, self.inputs.base.path, self.num_layers,
+                                               lambda: self.inputs.base.get("model.embed_tokens.weight"))
+            else:
+                shape = (self.num_layers, len(self.experts), self.model.config.hidden_size)
+                self._gates[key] = random_rows(recipe.seed, shape, uniform=mode == "uniform_random")
+        return self._gates[key]
+
+    def _expert_mlp(self, layer: int, recipe: MoeRecipe) -> tuple[Tensor, Tensor]:
+        """(experts, 2·intermediate, hidden) and (experts, hidden, intermediate): the experts' own MLPs."""
+        gate_up, down = [], []
+        for spec, checkpoint in zip(recipe.experts, self.inputs.experts):
+            gate, up, proj = (checkpoint.get(mlp_name(layer, part)) for part in MLP_PARTS)
+            if spec.residual_scale != 1.0:
+                proj = proj * spec.residual_scale
+            gate_up.append(torch.cat([gate, up], dim=0))
+            down.append(proj)
+        return torch.stack(gate_up), torch.stack(down)
+
+    def _dense_recipe(self, recipe: MoeRecipe) -> Recipe:
+        dense = recipe.dense_layers
+        assert dense is not None
+        weights = dense.weights
+        sources = [SourceSpec(model=path, parameters={} if weights is None else {"weight": weights[i]})
+                   for i, path in enumerate(self.experts)]
+        return Recipe(method=dense.method, base=self.base, sources=sources, parameters=dense.parameters,
+                      seed=recipe.seed)
+
+    def _dense_mlp(self, layer: int, merged: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        gate, up, proj = (merged[mlp_name(layer, part)] for part in MLP_PARTS)
+        n = len(self.experts)
+        return torch.cat([gate, up], dim=0).expand(n, -1, -1), proj.expand(n, -1, -1)
+
+    def _merged_mlps(self, recipe: MoeRecipe, layers: list[int]) -> dict[str, Tensor]:
+        """The MLP tensors of ``layers`` in the dense merge of the experts (the base's other tensors are unused)."""
+        from evomerge.engine import MergeEngine
+
+        if self._dense_engine is None:
+            self._dense_engine = MergeEngine(list(dict.fromkeys([self.base, *self.experts])), device=self.device,
+                                             dtype=self.dtype, allow_pickle=self.allow_pickle)
+        engine: MergeEngine = self._dense_engine  # type: ignore[assignment]
+        engine.materialize(self._dense_recipe(recipe))
+        params = dict(engine.model.named_parameters())
+        return {mlp_name(layer, part): params[mlp_name(layer, part)].detach()
+                for layer in layers for part in MLP_PARTS}
+
+    # ---------------------------------------------------------------------------------------- materialize
+    def materialize(self, recipe: MoeRecipe) -> list[int]:
+        """Write ``recipe`` into the live model in place; returns the layers whose MLPs were written again."""
+        self._check_models(recipe)
+        for layer in self.model.model.layers:
+            layer.mlp.top_k = layer.mlp.gate.top_k = recipe.experts_per_token
+        self.model.config.num_experts_per_tok = recipe.experts_per_token
+        scale = [float(interpolate(recipe.router_scale, gradient_position(i, self.num_layers)))
+                 for i in range(self.num_layers)]
+        rows = router_rows(self._gate_rows(recipe), scale, recipe.random_weight, recipe.seed)
+        dense = recipe.dense_layers
+        dense_layers = set(dense.layers) if dense is not None else set()
+        dense_key = None if dense is None else self._dense_recipe(recipe).model_dump_json()
+        residual = tuple(e.residual_scale for e in recipe.experts)
+        wanted = {i: ("dense", dense_key) if i in dense_layers else ("experts", residual)
+                  for i in range(self.num_layers)}
+        changed = [i for i in range(self.num_layers) if self._layer_content.get(i) != wanted[i]]
+        merged = self._merged_mlps(recipe, sorted(dense_layers & set(changed))) if dense_layers & set(changed) else {}
+        with torch.no_grad():
+            for i, layer in enumerate(self.model.model.layers):
+                layer.mlp.gate.weight.copy_(rows[i].to(self.dtype))
+                if i in changed:
+                    gate_up, down = self._dense_mlp(i, merged) if i in dense_layers else self._expert_mlp(i, recipe)
+                    layer.mlp.experts.gate_up_proj.copy_(gate_up.to(self.dtype))
+                    layer.mlp.experts.down_proj.copy_(down.to(self.dtype))
+                    self._layer_content[i] = wanted[i]
+        return changed
+
+    # --------------------------------------------------------------------------------------------- output
+    def state_dict(self) -> dict[str, Tensor]:
+        """The live model's tensors under MixtralForCausalLM's names (CPU copies)."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()}
+
+    def export(self, out: str | Path, *, force: bool = False, max_shard_size: int = 2 * 1024**3) -> Path:
+        """Write the live MoE as an HF dir (atomic, :func:`~evomerge.checkpoint.save_hf_dir`) with the base's
+        tokenizer files; ``AutoModelForCausalLM.from_pretrained`` loads it."""
+        base = self.inputs.base.path
+        tokenizer = base if any((base / f).is_file() for f in TOKENIZER_FILES) else None
+        return save_hf_dir(self.state_dict(), out, config=self.model.config, tokenizer_dir=tokenizer, force=force,
+                           max_shard_size=max_shard_size)
+
+
+def moe_to_dir(recipe: MoeRecipe, out: str | Path, *, device: str | torch.device | None = None, force: bool = False,
+               allow_pickle: bool = False, max_shard_size: int = 2 * 1024**3) -> Path:
+    """Build the MoE of ``recipe`` and write it atomically as an HF dir (``evomerge merge`` of an MoE recipe or a
+    mergekit-moe config). Every check (output path, models, architectures, shapes, prompts) runs before any weight
+    is loaded; a failure leaves no output dir behind."""
+    out = Path(out).expanduser()
+    recover(out)
+    check_target(out, force)
+    return MoeModel(recipe, device=device, allow_pickle=allow_pickle).export(out, force=force,
+                                                                             max_shard_size=max_shard_size)

@@ -1,0 +1,124 @@
+"""Router rows of an MoE built from dense experts: from prompts (hidden states, token embeddings) or seeded noise.
+
+The conventions are mergekit-moe 0.1.5's (``mergekit/moe/router.py``, ``scripts/moe.py``), so that the same config
+gives the same router tensors:
+
+- prompts are tokenized with the base's tokenizer, each prefixed with the BOS token's text, no other special
+  tokens, padded on the left with the BOS id (the EOS token when there is no BOS);
+- ``hidden`` / ``hidden_last``: the base model is run in bfloat16 with ``output_hidden_states``; the state entering
+  layer ``l`` (``hidden_states[l]``, the embeddings for layer 0) is taken at the last position of each prompt and
+  averaged over the prompts; ``hidden_avg`` averages over every position of the padded batch instead (padding
+  included, as mergekit does);
+- ``cheap_embed``: the sum of the token embeddings of every non-padding token of the prompts, normalised, the same
+  row for every layer (float32);
+- an expert's row is ``v(positive) − v(negative)`` (the second term only with negative prompts), divided by its L2
+  norm clamped at 1e-8;
+- ``random``: ``N(0, 1)`` rows of shape (layers, experts, hidden) from one torch generator seeded with ``seed``
+  (``mergekit-moe --random-seed SEED`` seeds torch's global generator and draws the same tensor);
+  ``uniform_random``: ``U(−1/√h, 1/√h)`` from the same generator (torch.nn.Linear's initialisation).
+
+evomerge's additions (:func:`router_rows`): the rows ``g`` mixed with seeded unit-norm noise ``ẑ`` and scaled per
+layer, ``s_l·((1 − r)·g + r·ẑ)``: ``s`` is an inverse softmax temperature of the router (its logits are ``x·Wᵀ``),
+``r`` the weight of random routing vs the prompts' directions (``ẑ`` drawn from ``seed + 1``, so that it is not the
+``random`` gate's own draw).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.recipe.moe import MoeExpert
+
+__all__ = ["cheap_embed_rows", "expert_rows", "hidden_rows", "prompt_rows", "random_rows", "router_rows",
+           "tokenize_prompts"]
+
+
+def tokenize_prompts(tokenizer: object, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``prompts`` as mergekit-moe tokenizes them (module docstring)."""
+    tok = tokenizer  # a transformers tokenizer; its padding settings are changed, as mergekit changes them
+    tok.padding_side = "left"  # type: ignore[attr-defined]
+    if tok.bos_token_id is not None:  # type: ignore[attr-defined]
+        tok.pad_token_id = tok.bos_token_id  # type: ignore[attr-defined]
+    else:
+        tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
+    bos = tok.bos_token or ""  # type: ignore[attr-defined]
+    batch = tok([bos + p for p in prompts], return_tensors="pt", padding=True,  # type: ignore[operator]
+                add_special_tokens=False)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def hidden_rows(model: torch.nn.Module, tokens: dict[str, Tensor], *, last: bool) -> Tensor:
+    """(layers, hidden): the hidden state entering each layer, at the last position (``last``) or averaged over
+    positions, then averaged over the prompts; in the model's dtype (mergekit: bfloat16)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(**{k: v.to(device) for k, v in tokens.items()}, output_hidden_states=True, return_dict=True)
+    states = torch.stack(out.hidden_states[:-1])  # (layers, batch, positions, hidden)
+    states = states[:, :, -1, :] if last else states.sum(dim=2) / states.shape[2]
+    return states.sum(dim=1) / states.shape[1]
+
+
+def cheap_embed_rows(embed: Tensor, tokens: dict[str, Tensor], num_layers: int) -> Tensor:
+    """(layers, hidden), float32: the normalised sum of the prompts' token embeddings (padding masked out), repeated
+    for every layer. ``embed[ids]`` is what mergekit's one-hot product computes, entry for entry."""
+    h = embed.float()[tokens["input_ids"]]
+    summed = (h * tokens["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+    return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(num_layers, 1)
+
+
+def expert_rows(expert: MoeExpert, rows_of: Callable[[Sequence[str]], Tensor]) -> Tensor:
+    """(layers, hidden): ``rows_of(positive) − rows_of(negative)``, divided by its L2 norm clamped at 1e-8."""
+    rows = rows_of(expert.positive_prompts)
+    if expert.negative_prompts:
+        rows -= rows_of(expert.negative_prompts)
+    rows /= rows.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+    return rows
+
+
+def random_rows(seed: int, shape: tuple[int, int, int], *, uniform: bool = False) -> Tensor:
+    """(layers, experts, hidden) float32 rows from a CPU generator seeded with ``seed``: ``N(0, 1)``, or with
+    ``uniform`` ``U(−1/√h, 1/√h)`` computed as mergekit does (``rand·2·scale − scale``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if not uniform:
+        return torch.randn(shape, generator=generator)
+    scale = math.sqrt(1.0 / shape[-1])
+    return torch.rand(shape, generator=generator) * 2 * scale - scale
+
+
+def prompt_rows(gate_mode: str, experts: Sequence[MoeExpert], base: Path, num_layers: int,
+                embed: Callable[[], Tensor]) -> Tensor:
+    """(layers, experts, hidden) rows of a prompt gate mode, the base model loaded for ``hidden*`` modes only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
+    if gate_mode == "cheap_embed":
+        table = embed()
+
+        def rows_of(prompts: Sequence[str]) -> Tensor:
+            return cheap_embed_rows(table, tokenize_prompts(tokenizer, prompts), num_layers)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16, trust_remote_code=False)
+        model.eval()
+        last = gate_mode != "hidden_avg"
+
+        def rows_of(prompts: Sequence[str]) -> Tensor:
+            return hidden_rows(model, tokenize_prompts(tokenizer, prompts), last=last)
+    return torch.stack([expert_rows(e, rows_of) for e in experts]).permute(1, 0, 2)
+
+
+def router_rows(gates: Tensor, scale: Sequence[float], random_weight: float, seed: int) -> Tensor:
+    """(layers, experts, hidden) float32 router rows ``s_l·((1 − r)·g + r·ẑ)`` with ``ẑ`` the seeded normal rows
+    normalised to unit length (module docstring); ``s = 1, r = 0`` gives ``g`` itself, bit for bit."""
+    rows = gates.float()
+    if random_weight:
+        noise = random_rows(seed + 1, tuple(rows.shape))  # type: ignore[arg-type]
+        noise /= noise.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        rows = (1 - random_weight) * rows + random_weight * noise
+    if any(s != 1.0 for s in scale):
+        rows = rows * torch.tensor(scale, dtype=torch.float32).view(-1, 1, 1)
+    return rows

@@ -1,0 +1,36 @@
+"""Parity with mergekit-moe itself (marker ``mergekit``): the quick cases of ``benchmarks/moe_parity.py`` (hidden
+and cheap_embed gates with prompts from the mini zoo's train splits, seeded random gates, an exported evomerge
+recipe) through ``mergekit-moe`` and ``evomerge merge`` give bit-identical tensors, routers included. Needs
+mergekit in its own venv: ``/tmp/venv-bench/bin/mergekit-moe`` (beside ``$EVOMERGE_MERGEKIT_BIN``); skipped
+without it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import moe_parity as parity  # noqa: E402
+
+pytestmark = pytest.mark.mergekit
+
+BINARY = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml")).parent / "mergekit-moe"
+if not BINARY.is_file():
+    pytestmark = [pytestmark, pytest.mark.skip(
+        reason=f"mergekit-moe not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
+               "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
+
+QUICK = [c for c in parity.CASES if c.quick]
+
+
+@pytest.mark.parametrize("case", QUICK, ids=[c.name for c in QUICK])
+def test_mergekit_moe_config_gives_mergekit_moes_tensors(case: parity.Case, mini_zoo, tmp_path: Path) -> None:  # noqa: ANN001
+    result = parity.run_case(case, mini_zoo, BINARY, tmp_path)
+    assert result.error is None, result.error
+    assert set(result.diffs) == set(parity.GROUPS)
+    assert all(d.tensors > 0 for d in result.diffs.values())
+    worst = {g: d.max_ulp for g, d in result.diffs.items()}
+    assert all(ulp == 0 for ulp in worst.values()), f"{case.name}: max ulp per group {worst}"
