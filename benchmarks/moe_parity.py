@@ -187,7 +187,7 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
         "`down_proj`), `base` (attention, norms, embeddings, head). `max_ulp` 0 = bit-identical. The `hidden` "
         "gates come from a bfloat16 forward pass of the base, which evomerge runs as mergekit-moe does (same "
         "tokenization, padding, positions, dtype), so they are bit-identical on one machine and library version; "
-        "another CPU, torch or attention kernel may move them by bfloat16 rounding (~1e-2 relative).",
+        "another CPU, torch build or attention kernel may change their last bfloat16 bits (not measured here).",
         "",
         f"- command: `python {' '.join(info['argv'])}` (evomerge at {info['revision']})",
         f"- machine: {info['machine']}",
