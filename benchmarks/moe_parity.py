@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from candidate_turnaround import find_mergekit, machine, mergekit_versions, revision  # noqa: E402
-from mergekit_parity import GroupDiff, compare, read_tensors  # noqa: E402
+from mergekit_parity import GroupDiff, Result, compare, read_tensors  # noqa: E402
 
 from evomerge.merge import merge_to_dir  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
@@ -51,6 +51,7 @@ class Case:
     seed: int = 0
     exported: bool = False  # evomerge recipe -> to_mergekit_moe_yaml -> mergekit-moe
     quick: bool = False
+    tolerance: str = "exact"  # every tensor bit-identical (mergekit_parity.Result judges it)
 
 
 CASES = [
@@ -112,17 +113,6 @@ def compare_moe(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) 
                                max(d.max_abs for d in diffs), sum(d.differing for d in diffs),
                                max(d.max_ulp for d in diffs))
     return out
-
-
-@dataclass
-class Result:
-    case: Case
-    diffs: dict[str, GroupDiff] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(d.max_ulp == 0 for d in self.diffs.values())
 
 
 def run_case(case: Case, zoo: Zoo, binary: Path, root: Path) -> Result:
