@@ -55,6 +55,7 @@ def test_suggestions_are_named_for_what_they_are_and_assemble_the_recipe(tiny_ll
     ({"random_weight": {"low": 0.0, "high": 1.5}}, "random_weight takes values in [0, 1] here (3 experts), got [1.5]"),
     ({"prompts": 5}, "prompts is 5 but experts [0, 1, 2] have fewer positive prompts"),
     ({"layer_groups": 3}, "layer_groups 3 > the model's 2 layers"),
+    ({"router_scale": {"low": 0.5}}, "router_scale needs low and high"),
 ])
 def test_bad_spaces_are_refused_before_any_trial(tiny_llamas: list[str], space: dict, message: str) -> None:
     with pytest.raises(SpaceError, match=re.escape(message)):

@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 
 from evomerge.recipe.moe import DenseMlp, MoeRecipe
 from evomerge.recipe.schema import Scalar, StrictModel, model_labels
-from evomerge.search.space import ChoiceSpec, FixedSpec, ParamSpec, RangeSpec, SpaceError, _Layout
+from evomerge.search.space import ChoiceSpec, FixedSpec, ParamSpec, RangeSpec, SpaceError, _Layout, _suggest_one
 from evomerge.yamlfile import load_yaml
 
 __all__ = ["MoeSpace"]
@@ -68,6 +68,8 @@ class MoeSpace(StrictModel):
         for name, low, high in (("experts_per_token", 1, n), ("random_weight", 0.0, 1.0),
                                 ("router_scale", 1e-6, float("inf")), ("dense_weight", 0.0, float("inf"))):
             spec = getattr(self, name)
+            if isinstance(spec, RangeSpec) and (spec.low is None or spec.high is None):
+                raise SpaceError(f"moe space: {name} needs low and high (an MoE key has no registry range)")
             values = [] if spec is None else _ends(spec)
             bad = [v for v in values if isinstance(v, bool) or not low <= v <= high]
             if bad:
@@ -150,13 +152,7 @@ def _ends(spec: ParamSpec) -> list[Any]:
 
 
 def _ask(trial: optuna.Trial, name: str, spec: ParamSpec) -> Any:
-    if isinstance(spec, FixedSpec):
-        return spec.value
-    if isinstance(spec, ChoiceSpec):
-        return trial.suggest_categorical(name, spec.choice)
-    if spec.low is None or spec.high is None:
-        raise SpaceError(f"moe space: {name.split('[')[0]} needs low and high (there is no registry range)")
-    return trial.suggest_float(name, spec.low, spec.high, log=spec.log, step=spec.step)
+    return spec.value if isinstance(spec, FixedSpec) else _suggest_one(trial, name, spec)
 
 
 def _layers(group: int, groups: int, num_layers: int) -> str:
