@@ -153,7 +153,7 @@ def test_mixtral_layer_is_the_top_k_mixture_of_the_experts_mlps(tiny_llamas: lis
 
 def test_router_scale_and_random_weight_are_the_formula(tiny_llamas: list[str]) -> None:
     base, *experts = tiny_llamas
-    live = MoeModel(moe(base, experts, seed=2))
+    live = MoeModel(moe(base, experts, seed=2), device="cpu")
     plain = {i: layer.mlp.gate.weight.clone() for i, layer in enumerate(live.model.model.layers)}
     live.materialize(moe(base, experts, seed=2, router_scale=[0.5, 3.0], random_weight=0.25))
     noise = random_rows(3, (2, 3, 16))  # seed + 1
@@ -166,7 +166,7 @@ def test_router_scale_and_random_weight_are_the_formula(tiny_llamas: list[str]) 
 def test_dense_layers_hold_the_merged_mlp_in_every_expert_slot(tiny_llamas: list[str]) -> None:
     base, *experts = tiny_llamas
     weights = [load_file(f"{p}/model.safetensors") for p in experts]
-    live = MoeModel(moe(base, experts, dense_layers={"layers": [0], "method": "linear"}))
+    live = MoeModel(moe(base, experts, dense_layers={"layers": [0], "method": "linear"}), device="cpu")
     mean = {n: sum(w[n] for w in weights) / 3 for n in weights[0] if ".mlp." in n}  # linear, equal weights
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -181,10 +181,10 @@ def test_rematerialized_live_model_equals_a_fresh_build(tiny_llamas: list[str]) 
     first = moe(base, experts, experts_per_token=1, dense_layers={"layers": [1], "method": "ties",
                                                                   "parameters": {"density": 0.5}})
     second = moe(base, [{"model": e, "residual_scale": 0.5} for e in experts], experts_per_token=3, router_scale=2.0)
-    live = MoeModel(first)
+    live = MoeModel(first, device="cpu")
     assert live.materialize(second) == [0, 1]  # residual_scale changes both layers
     assert live.materialize(first) == [0, 1] and live.materialize(first) == []
-    fresh = MoeModel(first).state_dict()
+    fresh = MoeModel(first, device="cpu").state_dict()
     again = live.state_dict()
     assert all(torch.equal(fresh[n], again[n]) for n in fresh)
     assert all(layer.mlp.gate.top_k == 1 for layer in live.model.model.layers)

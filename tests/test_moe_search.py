@@ -94,7 +94,7 @@ def test_search_rematerializes_one_live_moe_and_its_best_recipe_rebuilds(mini_zo
     texts = [json.loads(line)["query"] for t in tasks
              for line in mini_zoo.split_file(t, "validation").read_text().splitlines()[:3]]
     evaluator = LossEvaluator(texts)
-    study, live = search_moe(moe, space, evaluator, n_trials=4, seed=0)
+    study, live = search_moe(moe, space, evaluator, n_trials=4, seed=0, device="cpu")
     trials = study.trials
     assert len(trials) == 4 and trials[0].user_attrs["kind"] == "baseline"
     first = MoeRecipe.model_validate(trials[0].user_attrs["recipe"])
@@ -104,7 +104,30 @@ def test_search_rematerializes_one_live_moe_and_its_best_recipe_rebuilds(mini_zo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(mini_zoo.base)
-    fresh = MoeModel(best)  # built from scratch: the score the study recorded for the re-materialized live MoE
+    fresh = MoeModel(best, device="cpu")  # from scratch: the score the study recorded for the re-materialized MoE
     assert math.isclose(evaluator.score(fresh.model, tokenizer).objective, study.best_value, rel_tol=0, abs_tol=0)
     live.materialize(best)
     assert all(torch.equal(a, b) for a, b in zip(live.state_dict().values(), fresh.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_moe_benchmark_quick_writes_its_tables(mini_zoo, tmp_path) -> None:  # noqa: ANN001
+    """``benchmarks/moe.py --quick`` (one seed, one trial per search) runs end to end and writes every row."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "moe.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--seeds", "1", "--trials", "1", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    rows = list(csv.DictReader(open(tmp_path / "moe.csv")))
+    methods = [r["method"] for r in rows]
+    assert methods == [f"expert {t}" for t in mini_zoo.experts] + ["dense merge (searched)",
+                                                                    "MoE, mergekit-moe defaults", "MoE (searched)"]
+    moe_params = {r["method"]: int(r["params"]) for r in rows}
+    layers, hidden, inter, experts = 2, 64, 176, 4  # the mini zoo's Llama: each expert adds an MLP, each layer a router
+    assert moe_params["MoE (searched)"] - moe_params["dense merge (searched)"] == \
+        layers * ((experts - 1) * 3 * hidden * inter + experts * hidden)
+    assert all(0 <= float(r["test_mean"]) <= 1 for r in rows)
+    assert "| MoE (searched) | 1 |" in (tmp_path / "moe.md").read_text()
