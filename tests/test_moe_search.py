@@ -16,7 +16,7 @@ from evomerge.moe import MoeModel
 from evomerge.recipe.moe import MoeRecipe
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.moe_study import best_moe_recipe, search_moe
-from evomerge.search.space import SpaceError
+from evomerge.search.space import RangeSpec, SpaceError
 
 SPACE = {"layer_groups": 2, "experts_per_token": {"choice": [1, 2, 3]},
          "router_scale": {"low": 0.25, "high": 4.0, "log": True}, "random_weight": {"low": 0.0, "high": 0.5},
@@ -60,6 +60,19 @@ def test_suggestions_are_named_for_what_they_are_and_assemble_the_recipe(tiny_ll
 def test_bad_spaces_are_refused_before_any_trial(tiny_llamas: list[str], space: dict, message: str) -> None:
     with pytest.raises(SpaceError, match=re.escape(message)):
         MoeSpace.model_validate(space).check(template(tiny_llamas), num_layers=2)
+
+
+def test_the_shipped_space_loads_and_a_bad_file_is_one_line(tiny_llamas: list[str], tmp_path) -> None:  # noqa: ANN001
+    from pathlib import Path
+
+    shipped = MoeSpace.from_yaml(Path(__file__).resolve().parent.parent / "search_spaces" / "moe.yaml")
+    shipped.model_copy(update={"prompts": 4}).check(template(tiny_llamas), num_layers=2)
+    assert isinstance(shipped.router_scale, RangeSpec) and shipped.router_scale.log
+    (tmp_path / "bad.yaml").write_text("kind: moe\nlayer_groups: 0\nrouter_scal: 1.0\n")
+    with pytest.raises(SpaceError) as err:
+        MoeSpace.from_yaml(tmp_path / "bad.yaml")
+    assert "layer_groups: Input should be greater than or equal to 1" in str(err.value)
+    assert "router_scal: Extra inputs are not permitted" in str(err.value) and "\n" not in str(err.value)
 
 
 class LossEvaluator:

@@ -15,7 +15,6 @@ residual_scale`` of expert ``e`` (scaled in its stored dtype, then cast); ``mlp.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -25,15 +24,12 @@ from evomerge.checkpoint import TOKENIZER_FILES, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.plan import live_dtype, plan_params
 from evomerge.moe.arch import MLP_PARTS, MoeError, mlp_name, moe_config, open_moe_inputs
-from evomerge.moe.gates import prompt_rows, random_rows, router_rows
+from evomerge.moe.gates import PromptGates, random_rows, router_rows
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import Recipe, SourceSpec, gradient_position, interpolate
 from evomerge.recipe.moe import PROMPT_MODES, MoeRecipe
 
 __all__ = ["MoeModel", "moe_to_dir"]
-
-log = logging.getLogger(__name__)
-
 
 class MoeModel:
     """A live ``MixtralForCausalLM`` assembled from ``recipe``'s base and experts; later recipes over the same models
@@ -53,7 +49,8 @@ class MoeModel:
         config = moe_config(self.inputs.base, len(self.experts), recipe.experts_per_token, self.dtype)
         self.model = MixtralForCausalLM(config).to(self.device, self.dtype).eval()
         self._load_base()
-        self._gates: dict[tuple, Tensor] = {}
+        self._prompt_gates = PromptGates(self.inputs.base.path, self.num_layers,
+                                         lambda: self.inputs.base.get("model.embed_tokens.weight"))
         self._layer_content: dict[int, object] = {}
         self._dense_engine: object = None
         if materialize:
@@ -64,7 +61,7 @@ class MoeModel:
         params = dict(self.model.named_parameters())
         base = self.inputs.base
         for name in base.names:
-            if ".mlp." in name:
+            if ".mlp." in name or name.endswith(".inv_freq"):  # rotary tables: the model rebuilds them
                 continue
             if name not in params:
                 if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
@@ -101,20 +98,13 @@ class MoeModel:
                            "recipes do not carry; choose a method without them (linear, ties, ...)")
 
     def _gate_rows(self, recipe: MoeRecipe) -> Tensor:
-        """(layers, experts, hidden) rows of the recipe's gate mode, cached per gate mode and prompts (or seed)."""
+        """(layers, experts, hidden) rows of the recipe's gate mode: prompt rows computed once per expert and prompt
+        set (:class:`~evomerge.moe.gates.PromptGates`), random rows drawn from the seed."""
         mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
         if mode in PROMPT_MODES:
-            key: tuple = (mode, *((tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in recipe.experts))
-        else:
-            key = (mode, recipe.seed)
-        if key not in self._gates:
-            if mode in PROMPT_MODES:
-                self._gates[key] = prompt_rows(mode, recipe.experts, self.inputs.base.path, self.num_layers,
-                                               lambda: self.inputs.base.get("model.embed_tokens.weight"))
-            else:
-                shape = (self.num_layers, len(self.experts), self.model.config.hidden_size)
-                self._gates[key] = random_rows(recipe.seed, shape, uniform=mode == "uniform_random")
-        return self._gates[key]
+            return self._prompt_gates.rows(mode, recipe.experts)
+        shape = (self.num_layers, len(self.experts), self.model.config.hidden_size)
+        return random_rows(recipe.seed, shape, uniform=mode == "uniform_random")
 
     def _expert_mlp(self, layer: int, recipe: MoeRecipe) -> tuple[Tensor, Tensor]:
         """(experts, 2·intermediate, hidden) and (experts, hidden, intermediate): the experts' own MLPs."""

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from evomerge.recipe.moe import MoeExpert
 
-__all__ = ["cheap_embed_rows", "expert_rows", "hidden_rows", "prompt_rows", "random_rows", "router_rows",
+__all__ = ["PromptGates", "cheap_embed_rows", "expert_rows", "hidden_rows", "random_rows", "router_rows",
            "tokenize_prompts"]
 
 
@@ -90,25 +90,45 @@ def random_rows(seed: int, shape: tuple[int, int, int], *, uniform: bool = False
     return torch.rand(shape, generator=generator) * 2 * scale - scale
 
 
-def prompt_rows(gate_mode: str, experts: Sequence[MoeExpert], base: Path, num_layers: int,
-                embed: Callable[[], Tensor]) -> Tensor:
-    """(layers, experts, hidden) rows of a prompt gate mode, the base model loaded for ``hidden*`` modes only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class PromptGates:
+    """Router rows of the prompt gate modes for one base, per expert (layers, hidden), each prompt set computed once;
+    the tokenizer and, for the ``hidden*`` modes, the bfloat16 base model are loaded on first use and kept."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
-    if gate_mode == "cheap_embed":
-        table = embed()
+    def __init__(self, base: Path, num_layers: int, embed: Callable[[], Tensor]) -> None:
+        self.base, self.num_layers, self._embed = base, num_layers, embed
+        self._tokenizer: object = None
+        self._model: torch.nn.Module | None = None
+        self._table: Tensor | None = None
+        self._rows: dict[tuple, Tensor] = {}
 
-        def rows_of(prompts: Sequence[str]) -> Tensor:
-            return cheap_embed_rows(table, tokenize_prompts(tokenizer, prompts), num_layers)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16, trust_remote_code=False)
-        model.eval()
-        last = gate_mode != "hidden_avg"
+    def _tokens(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        def rows_of(prompts: Sequence[str]) -> Tensor:
-            return hidden_rows(model, tokenize_prompts(tokenizer, prompts), last=last)
-    return torch.stack([expert_rows(e, rows_of) for e in experts]).permute(1, 0, 2)
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.base), trust_remote_code=False)
+        return tokenize_prompts(self._tokenizer, prompts)
+
+    def _rows_of(self, gate_mode: str, prompts: Sequence[str]) -> Tensor:
+        if gate_mode == "cheap_embed":
+            if self._table is None:
+                self._table = self._embed()
+            return cheap_embed_rows(self._table, self._tokens(prompts), self.num_layers)
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(str(self.base), dtype=torch.bfloat16,
+                                                               trust_remote_code=False).eval()
+        return hidden_rows(self._model, self._tokens(prompts), last=gate_mode != "hidden_avg")
+
+    def rows(self, gate_mode: str, experts: Sequence[MoeExpert]) -> Tensor:
+        """(layers, experts, hidden): every expert's row (:func:`expert_rows`) in ``gate_mode``."""
+        out = []
+        for expert in experts:
+            key = (gate_mode, tuple(expert.positive_prompts), tuple(expert.negative_prompts))
+            if key not in self._rows:
+                self._rows[key] = expert_rows(expert, lambda prompts: self._rows_of(gate_mode, prompts))
+            out.append(self._rows[key])
+        return torch.stack(out).permute(1, 0, 2)
 
 
 def router_rows(gates: Tensor, scale: Sequence[float], random_weight: float, seed: int) -> Tensor:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evomerge.recipe.schema import ParamValue, RecipeError, StrictModel, Value, refuse_unknown_keys
+from evomerge.recipe.schema import ParamValue, RecipeError, StrictModel, Value, one_line, refuse_unknown_keys
 
 __all__ = ["DenseMlp", "GATE_MODES", "MoeExpert", "MoeRecipe", "from_mergekit_moe", "is_mergekit_moe",
            "load_moe_recipe", "to_mergekit_moe", "to_mergekit_moe_yaml"]
@@ -220,6 +220,4 @@ def _validated(data: Mapping[str, Any], where: str) -> MoeRecipe:
     try:
         return MoeRecipe.model_validate(data)
     except ValidationError as err:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'recipe'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in err.errors()]
-        raise RecipeError(f"{where}: {'; '.join(problems)}") from None
+        raise RecipeError(f"{where}: {one_line(err)}") from None

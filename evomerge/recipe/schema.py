@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Scalar = Union[bool, float]
 Gradient = list[float]
@@ -35,6 +45,12 @@ def refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object],
         hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(str(key), known, 1))
                  for key in unknown]
         raise RecipeError(f"{where}: unknown key {', '.join(hints)}; valid keys: {', '.join(known)}")
+
+
+def one_line(err: ValidationError) -> str:
+    """pydantic's errors as one line, ``key.path: problem; ...`` (the "Value error, " prefix dropped)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
 
 
 class StrictModel(BaseModel):

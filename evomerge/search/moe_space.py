@@ -30,7 +30,7 @@ import optuna
 from pydantic import Field, ValidationError
 
 from evomerge.recipe.moe import DenseMlp, MoeRecipe
-from evomerge.recipe.schema import Scalar, StrictModel, model_labels
+from evomerge.recipe.schema import Scalar, StrictModel, model_labels, one_line
 from evomerge.search.space import ChoiceSpec, FixedSpec, ParamSpec, RangeSpec, SpaceError, _Layout, _suggest_one
 from evomerge.yamlfile import load_yaml
 
@@ -57,9 +57,7 @@ class MoeSpace(StrictModel):
         try:
             return cls.model_validate(data or {})
         except ValidationError as err:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'space'}: {e['msg'].removeprefix('Value error, ')}"
-                        for e in err.errors()]
-            raise SpaceError(f"{path}: {'; '.join(problems)}") from None
+            raise SpaceError(f"{path}: {one_line(err)}") from None
 
     # ---------------------------------------------------------------------------------------------- checks
     def check(self, template: MoeRecipe, num_layers: int) -> None:
