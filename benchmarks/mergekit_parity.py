@@ -425,6 +425,14 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
     (out / "mergekit_parity.md").write_text("\n".join(lines))
 
 
+def run_info(binary: Path, start: float) -> dict[str, str]:
+    """The header facts of a parity run: command, commit, machine, the mergekit side's versions, date, seconds since
+    ``start`` (``time.perf_counter()``)."""
+    return {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device("cpu")),
+            "mergekit": mergekit_versions(binary), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": f"{time.perf_counter() - start:.0f}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the recipes marked quick (CI)")
@@ -452,10 +460,7 @@ def main() -> None:
                 print(" | ".join(cells), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    info = {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device("cpu")),
-            "mergekit": mergekit_versions(binary), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": f"{time.perf_counter() - start:.0f}"}
-    write_results(Path(args.out), results, info)
+    write_results(Path(args.out), results, run_info(binary, start))
     if any(r.ok is False for r in results):
         sys.exit(1)
 

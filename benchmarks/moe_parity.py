@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from candidate_turnaround import find_mergekit, machine, mergekit_versions, revision  # noqa: E402
-from mergekit_parity import GroupDiff, Result, compare, read_tensors  # noqa: E402
+from candidate_turnaround import find_mergekit  # noqa: E402
+from mergekit_parity import GroupDiff, Result, compare, read_tensors, run_info  # noqa: E402
 
 from evomerge.merge import merge_to_dir  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
@@ -165,9 +164,7 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
     out.mkdir(parents=True, exist_ok=True)
     rows = [cells for r in results for cells in _rows(r)]
     with open(out / "moe_parity.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
+        csv.writer(f).writerows([COLUMNS, *rows])
     lines = [
         "# Parity with mergekit-moe: the same MoE config through both tools", "",
         "Each case is a mergekit-moe config over the mini zoo (Llama base, 4 experts, 8 positive prompts each from "
@@ -217,10 +214,7 @@ def main() -> None:
                 print(" | ".join(cells), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    info = {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device("cpu")),
-            "mergekit": mergekit_versions(binary), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": f"{time.perf_counter() - start:.0f}"}
-    write_results(Path(args.out), results, info)
+    write_results(Path(args.out), results, run_info(binary, start))
     if not all(r.ok for r in results):
         sys.exit(1)
 
