@@ -360,7 +360,8 @@ def test_layer_stacking_path_choices_and_baseline():
 
 
 def test_every_shipped_space_suggests_valid_recipes():
-    files = sorted(SPACES.glob("*.yaml"))
+    # MoE spaces (kind: moe) propose MoE recipes: tests/test_moe_search.py checks the shipped one
+    files = sorted(f for f in SPACES.glob("*.yaml") if "kind: moe" not in f.read_text())
     assert {f.name for f in files} >= {"ties_dare_layerwise.yaml", "task_arithmetic.yaml", "slerp_gradient.yaml",
                                        "method_choice.yaml", "layer_stacking.yaml"}
     for file in files:
