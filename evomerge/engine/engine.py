@@ -55,6 +55,7 @@ from evomerge.engine.plan import (
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
+from evomerge.modelcard import Provenance, provenance_files
 from evomerge.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -374,8 +375,9 @@ class MergeEngine:
         return self.targets.state_dict()
 
     def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False,
-               max_shard_size: int = 2 * 1024**3) -> Path:
+               max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
         """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
-        files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes."""
+        files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes, and the model card,
+        recipes and metadata of ``provenance`` (:func:`evomerge.modelcard.provenance`)."""
         return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
-                           force=force, max_shard_size=max_shard_size)
+                           force=force, max_shard_size=max_shard_size, **provenance_files(provenance))

@@ -25,6 +25,7 @@ from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
+from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
 from evomerge.recipe import Recipe
 
@@ -35,9 +36,10 @@ log = logging.getLogger(__name__)
 
 def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device | None = None,
                  tokenizer_dir: str | Path | None = None, force: bool = False, allow_pickle: bool = False,
-                 max_shard_size: int = 2 * 1024**3) -> Path:
-    """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`); every check
-    (compatibility, parameters of every tensor) runs before the first tensor is merged."""
+                 max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
+    """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`, with the files and
+    metadata of ``provenance``); every check (compatibility, parameters of every tensor) runs before the first
+    tensor is merged."""
     from transformers import AutoConfig
 
     opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
@@ -77,4 +79,4 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     names = [n for n in opened.kept if not (tied and tensor_filter(n) == "lm_head")]
     lazy = LazyTensors({n: out_bytes(n) for n in names}, produce)
     return save_hf_dir(lazy, out, config=config, tokenizer_dir=tokenizer_dir, force=force,
-                       max_shard_size=max_shard_size)
+                       max_shard_size=max_shard_size, **provenance_files(provenance))

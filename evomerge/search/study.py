@@ -35,6 +35,7 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
+from evomerge.modelcard import Provenance, SplitScores, provenance
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
@@ -256,12 +257,13 @@ class Runner:
                                     device=self.engine.device, dtype=self.engine.dtype)
         return model, time.perf_counter() - start
 
-    def export(self, recipe: AnyRecipe, out: Path) -> Path:
-        """Write ``recipe``'s merged model as an HF dir (replacing ``out``)."""
+    def export(self, recipe: AnyRecipe, out: Path, card: Provenance) -> Path:
+        """Write ``recipe``'s merged model as an HF dir (replacing ``out``) with the model card, recipes and metadata
+        of ``card``."""
         if isinstance(recipe, StackRecipe):
-            return merge_to_dir(recipe, out, device=self.engine.device, force=True)
+            return merge_to_dir(recipe, out, device=self.engine.device, force=True, card=card)
         self.engine.materialize(recipe)
-        return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True)
+        return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True, provenance=card)
 
     def score(self, recipe: AnyRecipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
         """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
@@ -418,8 +420,11 @@ class Runner:
                    if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
 
+        scores = [SplitScores("validation", records.trial_metrics(best))]
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
             result = self.test_score(test, records.recipe_of(trial), f"trial #{number}")
+            if number == best.number and not isinstance(result, Exception):
+                scores.append(SplitScores("test", result.metrics, result.stderr or {}))
             if isinstance(result, Exception):
                 records.set_test_error(study, number, result)
             else:
@@ -436,7 +441,10 @@ class Runner:
                                             stderr=result.stderr)
             summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
         if export:
-            self.export(recipe, self.run_dir / "best_model")
+            origin = (f"Found by `evomerge {self.kind}`: study `{study.study_name}`, trial #{best.number} "
+                      f"({trial_kind(best)}); chosen on the validation split.")
+            out = self.run_dir / "best_model"
+            self.export(recipe, out, provenance(recipe, name=out.name, scores=scores, origin=origin))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
