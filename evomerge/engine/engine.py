@@ -42,7 +42,7 @@ from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
-from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
+from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory, working_set_bytes
 from evomerge.engine.plan import (
     DTYPES,
     live_dtype,
@@ -164,13 +164,16 @@ class MergeEngine:
                                                 else first.dtype(n).itemsize) for n in first.names)
         itemsize = common_dtype(self.checkpoints, self.names).itemsize
         sources = len(self.paths) * sum(math.prod(first.shape(n)) * itemsize for n in self.names)
-        largest = max((math.prod(first.shape(n)) for n in self.names), default=0)
+        entries = sorted((math.prod(first.shape(n)) for n in self.names), reverse=True)
+        working = working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=len(self.paths),
+                                    device_type=self.device.type,
+                                    sorted_entries=sum(entries[:torch.get_num_threads()]))
         if storage == self.device:  # sources beside the live model
-            return plan_memory(live_model=live, source_bytes=sources, largest_tensor=largest,
+            return plan_memory(live_model=live, source_bytes=sources, working_set=working,
                                n_models=len(self.paths), available=available_bytes(self.device))
-        plan_memory(live_model=live, source_bytes=0, largest_tensor=largest, n_models=len(self.paths),
+        plan_memory(live_model=live, source_bytes=0, working_set=working, n_models=len(self.paths),
                     available=available_bytes(self.device))  # the GPU must hold the live model
-        return plan_memory(live_model=0, source_bytes=sources, largest_tensor=0, n_models=len(self.paths),
+        return plan_memory(live_model=0, source_bytes=sources, working_set=0, n_models=len(self.paths),
                            available=available_bytes(storage))
 
     # ------------------------------------------------------------------------------------------- recipes
@@ -333,6 +336,7 @@ class MergeEngine:
         for (run, _), ok in zip(checks, finite):
             bad = [] if ok else [n for n in run if not all_finite(self.targets.tensors[n].float())]
             if bad:
+                self.sources.refuse_nonfinite(bad[0])  # a mapped source holding NaN/Inf is named, like at load
                 raise MergeError(f"merge of '{bad[0]}' with {method.name} produced NaN/Inf; check its parameters")
 
     def invalidate(self) -> None:

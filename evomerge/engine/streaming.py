@@ -23,7 +23,7 @@ from evomerge.checkpoint import LazyTensors, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
-from evomerge.engine.layout import all_finite
+from evomerge.engine.layout import all_finite, refuse_nonfinite
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
@@ -59,12 +59,15 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     def produce(name: str) -> Tensor:
         if name not in merged:  # integer buffers and the like: the first model's, as the engine's live model holds
             return first.get(name)
-        stack = [opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources]
+        # the rows are stacked at once, so their list is freed before the formula runs (one fp32 copy, not two)
+        stack = torch.stack([opened.checkpoints[i].get(name).to(compute, torch.float32) for i in sources])
         base_t = None if base is None else opened.checkpoints[base].get(name).to(compute, torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
         extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
-        result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
-        if not all_finite(result):
+        result = method.fn(base_t, stack, **kwargs, **extra).to(dtype)
+        if not all_finite(result):  # a source holding NaN/Inf is named, as the engine does
+            used = [*sources, *([] if base is None else [base])]
+            refuse_nonfinite(name, [*stack, *([] if base_t is None else [base_t])], [opened.paths[i] for i in used])
             raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
         return result.to("cpu")
 
