@@ -122,6 +122,8 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
     (run_dir / f".best_model.partial-{killed}-{outdir._HOST}-0123abcd").mkdir()
     (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef").mkdir()
     (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef" / "model.safetensors").write_text("old")
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "summary.md").write_text("the previous report")
     fill(tiny_disk / "filler", leave=24 * 1024)  # the recipes and summary.json fit, the report's plots do not
     assert main(["search", str(config), "--no-export"]) == 1
     line = one_line(capsys)
@@ -132,6 +134,9 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
                          "resume, finished trials are not run again")
     assert finished(tmp_path) == 2
     assert (run_dir / "best_model" / "model.safetensors").read_text() == "old"  # restored under its name
+    # the report is built aside: the previous one stays whole, nothing half-written is left beside it
+    assert [p.name for p in (run_dir / "report").iterdir()] == ["summary.md"]
+    assert (run_dir / "report" / "summary.md").read_text() == "the previous report"
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
 
 
