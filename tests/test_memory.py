@@ -35,13 +35,14 @@ def family(tmp_path_factory):
 
 
 def test_working_set_is_the_largest_of_formula_selection_and_sorting():
-    # 3 models, 2^20 entries: a formula holds (3 + 3) fp32 copies = 24 B/entry; TIES' radix select 13 B per entry and
-    # model = 39; CUDA's topk 20 per entry and model = 60; two threads sorting two such tensors: 2 * 18 = 36
+    # 2^20 entries: a formula holds (models + 3) fp32 copies; TIES' radix select of one task vector 13 B per entry,
+    # CUDA's topk 20; two threads sorting two such tensors 2 * 18 = 36 (CPU only)
     m = 1 << 20
-    assert working_set_bytes(largest_tensor=m, n_models=3, device_type="cpu") == 39 * m
-    assert working_set_bytes(largest_tensor=m, n_models=3, device_type="cuda", sorted_entries=2 * m) == 60 * m
+    assert working_set_bytes(largest_tensor=m, n_models=3, device_type="cpu") == 24 * m  # (3 + 3) * 4 > 13
+    assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cuda", sorted_entries=2 * m) == 20 * m
     assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cpu", sorted_entries=2 * m) == 36 * m
     assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cpu") == 16 * m  # (1 + 3) * 4 > 13
+    assert working_set_bytes(largest_tensor=m, n_models=2, device_type="cuda") == 20 * m  # 20 > (2 + 3) * 4
 
 
 # The peak of each selection step in a fresh process (VmHWM, reset through /proc/self/clear_refs; tracemalloc does
@@ -54,14 +55,14 @@ from evomerge.methods.sparsify import kth_magnitudes
 torch.set_num_threads(1)
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-n, m = 3, 1 << 22
+m = 1 << 22
 peaks = {}
 for step in ("select", "sort"):
     Path("/proc/self/clear_refs").write_text("5")
     before = status("VmRSS:")
     if step == "select":
-        tau = torch.rand(n, m)
-        kth_magnitudes(tau, torch.tensor([m // 3, m // 5, m // 7]))
+        tau = torch.rand(1, m)
+        kth_magnitudes(tau, torch.tensor([m // 3]))
     else:
         tau = torch.rand(m)
         SortedMagnitudes.build(tau.abs_())
@@ -76,10 +77,12 @@ def test_selection_peaks_measured_match_the_counted_bytes():
         pytest.skip("/proc/self/clear_refs cannot be written here (the peak RSS cannot be reset)")
     done = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=120, check=True)
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
-    n, m = 3, 1 << 22
-    counted = {"select": SELECT_BYTES["cpu"] * n * m, "sort": SORT_BYTES * m}
-    for step, peak in peaks.items():  # within 10% (pages not touched; the allocator, the k-th bucket's int64 ids)
-        assert 0.9 * counted[step] <= peak <= 1.1 * counted[step], (step, peak / m, counted[step] / m)
+    m = 1 << 22
+    counted = {"select": SELECT_BYTES["cpu"] * m, "sort": SORT_BYTES * m}
+    # at most 10% below (pages not touched) and 5% + 16 MiB above: the first radix select's one-time set-up measured
+    # ~10 MiB whatever the size (2^22 and 2^23 entries), the k-th bucket's int64 ids and the histograms < 1%
+    for step, peak in peaks.items():
+        assert 0.9 * counted[step] <= peak <= 1.05 * counted[step] + 16 * 2**20, (step, peak / m, counted[step] / m)
 
 
 def test_plan_prefers_resident_then_mapped_then_refuses_with_the_numbers():

@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 0.9  # plan within this share of what is free: the allocator, Python and the evaluator need the rest
 
-#: Bytes per entry and source of the exact magnitude selection over whole task vectors (TIES / breadcrumbs
-#: thresholds: :func:`evomerge.methods.sparsify.kth_magnitudes` of ``SourceStacks.task_vectors``), by device type.
-#: CPU (radix select, :func:`evomerge.methods.select.radix_kth_largest_rows`): τ (fp32) 4, |τ| (fp32) 4, the high
-#: halves as bucket ids (int32, offset per row in place) 4, the mask of the k-th bucket (bool) 1. CUDA
-#: (``torch.topk``, up to every entry kept): τ 4, |τ| 4, the top values (fp32) 4 and their int64 indices 8.
+#: Bytes per entry of the exact magnitude selection over one whole task vector (TIES / breadcrumbs thresholds,
+#: ``KeptInputs.thresholds``: :func:`evomerge.methods.sparsify.kth_magnitudes` of one source's
+#: ``SourceStacks.task_vectors`` at a time), by device type. CPU (radix select,
+#: :func:`evomerge.methods.select.radix_kth_largest_rows`): τ (fp32) 4, |τ| (fp32) 4, the high halves as bucket ids
+#: (int32, offset in place) 4, the mask of the k-th bucket (bool) 1. CUDA (``torch.topk``, up to every entry kept):
+#: τ 4, |τ| 4, the top values (fp32) 4 and their int64 indices 8.
 SELECT_BYTES = {"cpu": 13, "cuda": 20}
 #: Bytes per entry of sorting one task-vector row on CPU (``KeptInputs.sorted_rows`` ->
 #: :meth:`evomerge.methods.select.SortedMagnitudes.build`, one job per tensor in ``torch.get_num_threads()``
@@ -51,14 +52,14 @@ def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, s
 
     - a formula on the whole tensor: the sources' rows, the base, the result and the temporaries, about
       ``n_models + 3`` fp32 copies of the largest tensor (``largest_tensor`` entries);
-    - the exact magnitude selection of the TIES family over the task vectors of up to every model:
-      ``SELECT_BYTES[device_type] * n_models * largest_tensor``;
+    - the exact magnitude selection of the TIES family, one task vector at a time:
+      ``SELECT_BYTES[device_type] * largest_tensor``;
     - on CPU, the threads sorting task vectors at once: ``SORT_BYTES * sorted_entries`` (``sorted_entries``: the
       entries of the ``torch.get_num_threads()`` largest tensors, each sorted by its own thread).
 
     The engine is planned before any recipe is known, so it plans for the method that needs most."""
     formula = (n_models + 3) * 4 * largest_tensor
-    select = SELECT_BYTES["cuda" if device_type == "cuda" else "cpu"] * n_models * largest_tensor
+    select = SELECT_BYTES["cuda" if device_type == "cuda" else "cpu"] * largest_tensor
     return max(formula, select, SORT_BYTES * sorted_entries if device_type == "cpu" else 0)
 
 

@@ -42,7 +42,15 @@ from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import NAMING, ModelSet, SearchSpace
-from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
+from evomerge.search.storage import (
+    StudyLock,
+    check_storage,
+    make_storage,
+    mask_url,
+    recover,
+    sqlite_path,
+    storage_full,
+)
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 
 log = logging.getLogger(__name__)
@@ -371,7 +379,8 @@ class Runner:
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar), *self.callbacks]
+        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar),
+                                     _stop_when_full(one_line, self.config.storage_url), *self.callbacks]
         started = time.monotonic()
         with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
             stack.callback(failures.removeFilter, one_line)
@@ -382,6 +391,9 @@ class Runner:
                 before = progressed()
                 study.optimize(self.objective, n_trials=target - done + waiting, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
+                full = None if one_line.last is None else storage_full(one_line.last, self.config.storage_url)
+                if full is not None:  # stopped at once (_stop_when_full): the trials' errors cannot be stored either
+                    raise full
                 before_done, done, waiting = done, self.finished(study), 0
                 if done == before_done and progressed() == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
@@ -453,8 +465,13 @@ class _OneLineFailures(logging.Filter):
     """Optuna logs each failed trial with all its parameters and the full traceback (and a second line "failed with
     value None"); evomerge prints one line per failure instead: the trial's ``error`` attr and the report keep it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: BaseException | None = None  # the exception of the last failed trial
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
+            self.last = record.exc_info[1]
             number = re.match(r"Trial (\d+)", record.getMessage())
             record.msg = f"Trial {number.group(1) if number else '?'} failed: {records.describe(record.exc_info[1])}"
             record.args, record.exc_info, record.exc_text = (), None, None
@@ -476,6 +493,16 @@ def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callback:
 
     def stop(study: optuna.Study, trial: FrozenTrial) -> None:
         if searched() >= n_trials:
+            study.stop()
+
+    return stop
+
+
+def _stop_when_full(failures: _OneLineFailures, url: str) -> Callback:
+    """Stop the study at the first trial that failed because its storage is out of space (every later one would)."""
+
+    def stop(study: optuna.Study, trial: FrozenTrial) -> None:
+        if failures.last is not None and storage_full(failures.last, url) is not None:
             study.stop()
 
     return stop
