@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from evomerge import __version__
 from evomerge.noise import quiet_third_party
-from evomerge.outdir import OutputWriteError, recover, write_error
+from evomerge.outdir import OutputWriteError, write_error
 
 if TYPE_CHECKING:
     from evomerge.search.config import RunConfig
@@ -104,13 +104,6 @@ def _run_faults(config: RunConfig) -> Iterator[None]:
         raise OutputWriteError(full.errno, f"{full}{kept}") from exc
 
 
-def _start_run(args: argparse.Namespace) -> RunConfig:
-    """The run config; the temporary dirs that killed runs left beside its ``best_model/`` are cleaned at once."""
-    config = _run_config(args)
-    recover(config.run_dir / "best_model")
-    return config
-
-
 def _study_kept(config: RunConfig) -> str:
     return (f"; the study {config.name!r} is intact (every finished trial is stored): re-run the same command to "
             "resume, finished trials are not run again")
@@ -119,7 +112,7 @@ def _study_kept(config: RunConfig) -> str:
 def cmd_search(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_search
 
-    config = _start_run(args)
+    config = _run_config(args)
     with _run_faults(config):
         summary = run_search(config, export=not args.no_export, progress=not args.quiet)
     print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
@@ -128,7 +121,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_soup(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_soup
 
-    config = _start_run(args)
+    config = _run_config(args)
     with _run_faults(config):
         summary = run_soup(config, export=not args.no_export, progress=not args.quiet)
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")

@@ -36,6 +36,7 @@ from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
 from evomerge.modelcard import Provenance, SplitScores, provenance
+from evomerge.outdir import recover as recover_dir
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
@@ -205,6 +206,7 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        recover_dir(self.run_dir / "best_model")  # what killed exports of best_model/ left: cleaned at once
         self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
 
     def __enter__(self) -> Runner:
