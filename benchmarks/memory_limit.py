@@ -39,6 +39,10 @@ from evomerge.recipe import Recipe
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 METHODS = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
+# Bytes per entry and source that TIES' whole-tensor formula (what `evomerge merge` runs per tensor) holds beyond its
+# inputs: task vectors, their exact selection, pruned rows, weighted contributions, agreement masks and products.
+# Measured like tests/test_memory.py's PEAK (VmHWM of methods.ties.ties on 3 x 8M entries): 25.9.
+STREAM_TIES_BYTES = 26
 
 
 def _peak_rss() -> int:
@@ -157,11 +161,12 @@ def main() -> None:
         if limit >= resident["imported_rss"] + source_bytes:
             raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
         mapped = run_child(paths, args, limit)
-        # evomerge merge: the interpreter, one shard and the fp32 working set of the largest tensor (every model's
-        # copy, the result and the formula's temporaries: TIES holds about three fp32 copies per source)
+        # evomerge merge: the interpreter, one shard and the working set of the largest tensor: every model's fp32
+        # copy and the result (4 bytes per entry each), and the formula's temporaries per source (TIES, the largest)
         with Checkpoint.open(paths[0]) as first:
             largest = max(math.prod(first.shape(n)) for n in first.names)
-        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + (3 * len(paths) + 4) * 4 * largest)
+        per_entry = 4 * (len(paths) + 1) + STREAM_TIES_BYTES * (len(paths) - 1)
+        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + per_entry * largest)
         streamed = run_child(paths, args, stream_limit, stream=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

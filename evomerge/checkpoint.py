@@ -550,7 +550,11 @@ class LazyTensors:
 
 def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
     """Greedy split in write order: a shard is closed when the next tensor would push it over ``max_shard_size``
-    bytes; a tensor larger than the limit gets a shard of its own."""
+    bytes; a tensor larger than the limit gets a shard of its own.
+
+    Not huggingface_hub's ``split_state_dict_into_shards_factory``: it gives the same shards except that a tensor
+    over the limit is moved ahead of the shard being filled, so shards no longer follow the write order that
+    :class:`LazyTensors` produces them in (one shard held at a time)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, nbytes in sizes.items():
@@ -562,7 +566,7 @@ def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str
     return shards
 
 
-def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int) -> None:
+def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int, metadata: Mapping[str, str]) -> None:
     plan = _plan_shards(state.nbytes, max_shard_size)
     if len(plan) == 1:
         files = [SAFE_WEIGHTS]
@@ -570,7 +574,7 @@ def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int) -> 
         files = [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
     for file, names in zip(files, plan):
         tensors = {n: state.get(n).detach().to("cpu").contiguous() for n in names}
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        save_file(tensors, str(directory / file), metadata={**metadata, "format": "pt"})
         del tensors  # one shard at a time
     if len(plan) > 1:
         index = {
@@ -615,13 +619,16 @@ _METADATA_BYTES = 64 * 1024
 _HEADER_BYTES_PER_TENSOR = 256
 
 
-def _bytes_to_write(state: LazyTensors, tokenizer_dir: Path | None, extra_files: Mapping[str, str]) -> int:
-    """Estimate of the bytes :func:`save_hf_dir` writes: tensor data, tokenizer files, extra files, metadata."""
+def _bytes_to_write(state: LazyTensors, tokenizer_dir: Path | None, extra_files: Mapping[str, str],
+                    metadata: Mapping[str, str], max_shard_size: int) -> int:
+    """Estimate of the bytes :func:`save_hf_dir` writes: tensor data, tokenizer files, extra files, metadata (the
+    header metadata once per shard)."""
     tokenizer = 0 if tokenizer_dir is None else sum(
         (tokenizer_dir / n).stat().st_size for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file())
     extra = sum(len(text.encode()) for text in extra_files.values())
-    return (sum(state.nbytes.values()) + tokenizer + extra + _METADATA_BYTES
-            + _HEADER_BYTES_PER_TENSOR * len(state.nbytes))
+    data = sum(state.nbytes.values())
+    header = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) * (data // max_shard_size + 1)
+    return data + tokenizer + extra + header + _METADATA_BYTES + _HEADER_BYTES_PER_TENSOR * len(state.nbytes)
 
 
 def _safetensors_os_error(exc: SafetensorError) -> OSError:
@@ -640,13 +647,15 @@ def save_hf_dir(
     force: bool = False,
     max_shard_size: int = 2 * 1024**3,
     extra_files: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``state_dict`` as a Hugging Face model dir at ``out_dir`` and return its absolute path.
 
     Layout: ``config.json``; ``model.safetensors`` when all tensors fit in ``max_shard_size`` bytes,
     else ``model-0000i-of-0000N.safetensors`` shards (greedy, in state-dict order) plus
     ``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``); every file carries
-    metadata ``{"format": "pt"}``. Tokenizer files (:data:`TOKENIZER_FILES`) are copied from
+    ``metadata`` (strings; e.g. :func:`evomerge.modelcard.weights_metadata`) with ``{"format": "pt"}``, which
+    transformers requires. Tokenizer files (:data:`TOKENIZER_FILES`) are copied from
     ``tokenizer_dir``; ``extra_files`` maps relative file names to text written beside them (e.g. a
     recipe YAML or README).
 
@@ -682,7 +691,7 @@ def save_hf_dir(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
-    needed = _bytes_to_write(state, tokenizer_path, extra_files or {})
+    needed = _bytes_to_write(state, tokenizer_path, extra_files or {}, metadata or {}, max_shard_size)
     check_free_space(out, needed)
     try:
         building = make_partial(out)
@@ -691,7 +700,7 @@ def save_hf_dir(
     try:
         try:
             _write_config(config, building)
-            _write_weights(state, building, max_shard_size)
+            _write_weights(state, building, max_shard_size, metadata or {})
             if tokenizer_path is not None:
                 _copy_tokenizer(tokenizer_path, building)
             _write_extra_files(extra_files or {}, building)

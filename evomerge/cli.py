@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from evomerge import __version__
 from evomerge.noise import quiet_third_party
-from evomerge.outdir import OutputWriteError, recover, write_error
+from evomerge.outdir import OutputWriteError, write_error
 
 if TYPE_CHECKING:
     from evomerge.search.config import RunConfig
@@ -96,11 +96,23 @@ def _writing(path: Path, after: str = "") -> Iterator[None]:
         raise OutputWriteError(error.errno, f"{error}{after}") from exc
 
 
-def _start_run(args: argparse.Namespace) -> RunConfig:
-    """The run config; the temporary dirs that killed runs left beside its ``best_model/`` are cleaned at once."""
-    config = _run_config(args)
-    recover(config.run_dir / "best_model")
-    return config
+@contextmanager
+def _run_faults(config: RunConfig) -> Iterator[None]:
+    """One line for a write fault of a run: under its run dir (:func:`_writing`) or in its study's storage (a full
+    disk under the SQLite file, a server out of space), each saying that the study is intact."""
+    from evomerge.search.storage import storage_full
+
+    kept = _study_kept(config)
+    try:
+        with _writing(config.run_dir, kept):
+            yield
+    except OutputWriteError:
+        raise
+    except Exception as exc:
+        full = storage_full(exc, config.storage_url)
+        if full is None:
+            raise
+        raise OutputWriteError(full.errno, f"{full}{kept}") from exc
 
 
 def _study_kept(config: RunConfig) -> str:
@@ -111,8 +123,8 @@ def _study_kept(config: RunConfig) -> str:
 def cmd_search(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_search
 
-    config = _start_run(args)
-    with _writing(config.run_dir, _study_kept(config)):
+    config = _run_config(args)
+    with _run_faults(config):
         summary = run_search(config, export=not args.no_export, progress=not args.quiet)
     print(f"best trial {summary['best_trial']}: validation {summary['best_value']:.4f}; report: {summary['report']}")
 
@@ -120,8 +132,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_soup(args: argparse.Namespace) -> None:
     from evomerge.search.study import run_soup
 
-    config = _start_run(args)
-    with _writing(config.run_dir, _study_kept(config)):
+    config = _run_config(args)
+    with _run_faults(config):
         summary = run_soup(config, export=not args.no_export, progress=not args.quiet)
     print(f"greedy soup kept {summary['kept']}; report: {summary['report']}")
 
@@ -130,7 +142,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from evomerge.search.sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config, storage=args.storage, out=args.out, device=args.device, seed=args.seed)
-    with _writing(config.run_dir, _study_kept(config)):
+    with _run_faults(config):
         summary = run_sweep(config)
     print(f"validation picks {summary['best_point']} (validation {summary['best_value']:.4f}); report: "
           f"{summary['report']}")

@@ -12,6 +12,7 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.stacking import stack_layers
 from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
+from evomerge.modelcard import Provenance, provenance, provenance_files
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import AnyRecipe, Recipe, RecipeError, StackRecipe
 from evomerge.recipe.moe import MoeRecipe
@@ -45,8 +46,11 @@ def merge_to_dir(
     force: bool = False,
     allow_pickle: bool = False,
     max_shard_size: int = 2 * 1024**3,
+    card: Provenance | None = None,
 ) -> Path:
-    """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer).
+    """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer, and what
+    :mod:`evomerge.modelcard` adds: model card, recipes, generation config, metadata; ``card``: those of a search,
+    with its scores, else the recipe's own).
 
     Tensor by tensor (:func:`~evomerge.engine.streaming.stream_merge`: one shard of ``max_shard_size`` bytes and one
     tensor's working set in memory, bit-identical to the engine's merge), except for methods that need data
@@ -69,6 +73,7 @@ def merge_to_dir(
     if isinstance(recipe, Recipe):
         check_values(recipe)
     tokenizer = tokenizer_dir(recipe)
+    card = card or provenance(recipe, name=out.name)
     if isinstance(recipe, StackRecipe):
         checkpoints = {p: Checkpoint.open(p, allow_pickle=allow_pickle) for p in recipe.model_paths()}
         state, config = stack_layers(recipe, checkpoints)
@@ -76,13 +81,13 @@ def merge_to_dir(
             state = {n: t.to(getattr(torch, recipe.dtype)) if t.is_floating_point() else t for n, t in state.items()}
             config.dtype = recipe.dtype
         return save_hf_dir(state, out, config=config, tokenizer_dir=tokenizer, force=force,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, **provenance_files(card))
     if not get_method(recipe.method).statistic:
         return stream_merge(recipe, out, device=device, tokenizer_dir=tokenizer, force=force,
-                            allow_pickle=allow_pickle, max_shard_size=max_shard_size)
+                            allow_pickle=allow_pickle, max_shard_size=max_shard_size, provenance=card)
     engine = MergeEngine(recipe.model_paths(), device=device, dtype=recipe.dtype, allow_pickle=allow_pickle)
     from transformers import AutoTokenizer
 
     prepare(engine, recipe, recipe.calibration, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None)
     engine.materialize(recipe)
-    return engine.export(out, tokenizer_dir=tokenizer, force=force, max_shard_size=max_shard_size)
+    return engine.export(out, tokenizer_dir=tokenizer, force=force, max_shard_size=max_shard_size, provenance=card)

@@ -1,8 +1,12 @@
 """Third-party output a run does not need: lm-eval's, datasets' and transformers' progress bars and INFO lines.
 
 A search prints its own progress (one bar, one line per failure). Left alone, the libraries beneath it add
-"Building contexts" lines (lm-eval), "Generating split" lines and bars (datasets), "Loading weights" bars
+"Building contexts" lines and bars (lm-eval), "Generating split" lines and bars (datasets), "Loading weights" bars
 (transformers) and Optuna's "A new study created" line to every trial. ``evomerge --verbose`` keeps them all.
+
+lm-eval's "Building contexts" bar is a plain ``tqdm`` with no switch of its own: ``TQDM_DISABLE=1`` makes
+``disable=True`` tqdm's default (tqdm >= 4.66 reads ``TQDM_<argument>`` when it is imported), which turns off every
+bar that does not set ``disable`` itself; evomerge's own bars always pass ``disable=not progress``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import os
 
 #: Environment switches the libraries read when they are imported; a value the user set already is kept.
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 #: Loggers whose INFO lines are per-call noise in a search (warnings and errors still show).
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "huggingface_hub", "optuna")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -49,6 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.stacking import layer_plan
 from evomerge.methods import Param, get_method
+from evomerge.outdir import make_partial, move_into_place, recover, refuse_symlink
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
@@ -640,18 +642,35 @@ def _recipe_yaml(trial: FrozenTrial) -> str:
 
 
 def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None, run_dir: Path | None = None) -> Path:
-    """Write ``summary.md``, ``trials.csv`` and the plots (see the module docstring) into ``out_dir``.
+    """Write ``summary.md``, ``trials.csv`` and the plots (see the module docstring; a sweep's:
+    :mod:`evomerge.report_sweep`) as the dir ``out_dir``, and return the path of its ``summary.md``.
 
     ``run_dir`` (optional): the run dir the study was loaded from, to print its exact optuna-dashboard command.
     Plots that do not apply (no completed trial, one objective, too few search trials) are skipped with a note in
-    the summary, and a stale file of the same name is removed. Returns the path of ``summary.md``.
+    the summary. The report is built in a temporary dir beside ``out_dir`` and then replaces it whole
+    (:mod:`evomerge.outdir`): a full disk or a kill leaves the previous report (or none), never a half-written one
+    or a stale plot of an earlier state; temporary dirs of killed reports are cleaned first.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if records.study_kind(study.user_attrs) == records.SWEEP_KIND:
-        from evomerge.report_sweep import write_sweep_report
+    out = Path(out_dir).expanduser()
+    refuse_symlink(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    building = make_partial(out)
+    try:
+        if records.study_kind(study.user_attrs) == records.SWEEP_KIND:
+            from evomerge.report_sweep import write_sweep_report
 
-        return write_sweep_report(study, out_dir, title=title)
+            write_sweep_report(study, building, title=title)
+        else:
+            _write_study_report(study, building, title=title, run_dir=run_dir)
+        move_into_place(building, out, force=True)
+    finally:
+        if building.exists():
+            shutil.rmtree(building, ignore_errors=True)
+    return out / "summary.md"
+
+
+def _write_study_report(study: optuna.Study, out_dir: Path, *, title: str | None, run_dir: Path | None) -> None:
     trials = study.get_trials(deepcopy=False)
     info = records.study_info(study)
     counts = {STATE_WORDS.get(s, s.name.lower()): sum(t.state == s for t in trials) for s in TrialState
@@ -714,16 +733,14 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
         lines += [f"- reference {label} (outside the space): {error}" for label, error in broken.items()]
         lines.append("")
     lines += _dashboard_section(run_dir)
-    summary = out_dir / "summary.md"
-    summary.write_text("\n".join(lines))
-    return summary
+    (out_dir / "summary.md").write_text("\n".join(lines))
 
 
 def _write_plots(
     study: optuna.Study, trials: Sequence[FrozenTrial], best: Sequence[FrozenTrial], importances: Importances,
     out_dir: Path,
 ) -> dict[str, str | None]:
-    """Draw every plot that applies; {file name: None if drawn, else why not}. Stale skipped files are removed."""
+    """Draw every plot that applies; {file name: None if drawn, else why not}."""
     notes: dict[str, str | None] = {}
     if best:
         plot_history(study, trials, out_dir / "history.png")
@@ -745,7 +762,4 @@ def _write_plots(
         if best:
             plot_pareto(study, trials, best, out_dir / "pareto.png")
         notes["pareto.png"] = None if best else "skipped: no completed trial"
-    for name, note in notes.items():
-        if note:
-            (out_dir / name).unlink(missing_ok=True)
     return notes

@@ -166,8 +166,6 @@ def plot_picks(summary: SweepSummary, path: Path) -> None:
 def write_sweep_report(study: optuna.Study, out_dir: Path, *, title: str | None = None) -> Path:
     """Write ``summary.md``, ``sweep.csv``, ``picks.csv`` and the plots (module docstring); returns ``summary.md``."""
     summary = summarize(study)
-    for stale in out_dir.glob("sweep_*.png"):  # a plot of an earlier state of the run must not be read as current
-        stale.unlink()
     methods = list(dict.fromkeys(r.point.method for r in summary.points))
     lines = [f"# {title or f'evomerge sweep {study.study_name}'}", "",
              f"- Study: `{study.study_name}` (kind sweep); {len(summary.points)} points, "

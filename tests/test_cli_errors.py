@@ -113,6 +113,29 @@ def test_search_export_on_a_full_disk_then_resume(tmp_path: Path, tiny_disk: Pat
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_study_database_filling_its_disk_is_one_line_naming_it_then_resume(
+        tmp_path: Path, tiny_disk: Path, quiet_optuna: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite's "database or disk is full" (inside Optuna's StorageInternalError) mid-search: the run stops at once
+    with one line naming the database file, not a round of generic failures; freed, the same command resumes."""
+    config = search_config(tmp_path, tmp_path / "run")
+    data = yaml.safe_load(config.read_text())
+    db = tiny_disk / "study.db"
+    config.write_text(yaml.safe_dump({**data, "n_trials": 16, "storage": f"sqlite:///{db}"}))
+    filler = fill(tiny_disk / "filler", leave=150_000)  # the study is created and some trials stored, not 16
+    assert main(["search", str(config), "--no-export"]) == 1
+    line = one_line(capsys)
+    assert line.startswith(f"no space left on the device to write {db}: ") and "(the study database" in line
+    assert line.endswith("the study 'full' is intact (every finished trial is stored): re-run the same command to "
+                         "resume, finished trials are not run again")
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{db}")
+    stored = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials())
+    assert 0 < stored < 16
+    filler.unlink()
+    assert main(["search", str(config), "--no-export"]) == 0
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{db}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) == 16
+
+
 def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quiet_optuna: None,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tiny_disk / "run"
@@ -122,6 +145,8 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
     (run_dir / f".best_model.partial-{killed}-{outdir._HOST}-0123abcd").mkdir()
     (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef").mkdir()
     (run_dir / f".best_model.old-{killed}-{outdir._HOST}-89abcdef" / "model.safetensors").write_text("old")
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "summary.md").write_text("the previous report")
     fill(tiny_disk / "filler", leave=24 * 1024)  # the recipes and summary.json fit, the report's plots do not
     assert main(["search", str(config), "--no-export"]) == 1
     line = one_line(capsys)
@@ -132,6 +157,9 @@ def test_report_on_a_full_disk_is_one_line(tmp_path: Path, tiny_disk: Path, quie
                          "resume, finished trials are not run again")
     assert finished(tmp_path) == 2
     assert (run_dir / "best_model" / "model.safetensors").read_text() == "old"  # restored under its name
+    # the report is built aside: the previous one stays whole, nothing half-written is left beside it
+    assert [p.name for p in (run_dir / "report").iterdir()] == ["summary.md"]
+    assert (run_dir / "report" / "summary.md").read_text() == "the previous report"
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
 
 

@@ -3,6 +3,10 @@ engine in mapped mode giving the resident engine's bits."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,16 @@ import torch
 from tiny_models import tiny_family
 
 from evomerge.engine import MergeEngine
-from evomerge.engine.memory import HEADROOM, MemoryPlanError, _cgroup_free, plan_memory
-from evomerge.recipe import Recipe
+from evomerge.engine.memory import (
+    HEADROOM,
+    SELECT_BYTES,
+    SORT_BYTES,
+    MemoryPlanError,
+    _cgroup_free,
+    plan_memory,
+    working_set_bytes,
+)
+from evomerge.recipe import Recipe, RecipeError
 
 GIB = 2**30
 
@@ -22,10 +34,61 @@ def family(tmp_path_factory):
     return str(base), [str(f) for f in fts]
 
 
+def test_working_set_is_the_largest_of_formula_selection_and_sorting():
+    # 2^20 entries: a formula holds (models + 3) fp32 copies; TIES' radix select of one task vector 13 B per entry,
+    # CUDA's topk 20; two threads sorting two such tensors 2 * 18 = 36 (CPU only)
+    m = 1 << 20
+    assert working_set_bytes(largest_tensor=m, n_models=3, device_type="cpu") == 24 * m  # (3 + 3) * 4 > 13
+    assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cuda", sorted_entries=2 * m) == 20 * m
+    assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cpu", sorted_entries=2 * m) == 36 * m
+    assert working_set_bytes(largest_tensor=m, n_models=1, device_type="cpu") == 16 * m  # (1 + 3) * 4 > 13
+    assert working_set_bytes(largest_tensor=m, n_models=2, device_type="cuda") == 20 * m  # 20 > (2 + 3) * 4
+
+
+# The peak of each selection step in a fresh process (VmHWM, reset through /proc/self/clear_refs; tracemalloc does
+# not see torch's allocations), from the task vectors' creation on: what SELECT_BYTES / SORT_BYTES count.
+PEAK = """
+import json, sys, torch
+from pathlib import Path
+from evomerge.methods.select import SortedMagnitudes
+from evomerge.methods.sparsify import kth_magnitudes
+torch.set_num_threads(1)
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+m = 1 << 22
+peaks = {}
+for step in ("select", "sort"):
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS:")
+    if step == "select":
+        tau = torch.rand(1, m)
+        kth_magnitudes(tau, torch.tensor([m // 3]))
+    else:
+        tau = torch.rand(m)
+        SortedMagnitudes.build(tau.abs_())
+    del tau
+    peaks[step] = status("VmHWM:") - before
+print(json.dumps(peaks))
+"""
+
+
+def test_selection_peaks_measured_match_the_counted_bytes():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("/proc/self/clear_refs cannot be written here (the peak RSS cannot be reset)")
+    done = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=120, check=True)
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    m = 1 << 22
+    counted = {"select": SELECT_BYTES["cpu"] * m, "sort": SORT_BYTES * m}
+    # at most 10% below (pages not touched) and 5% + 16 MiB above: the first radix select's one-time set-up measured
+    # ~10 MiB whatever the size (2^22 and 2^23 entries), the k-th bucket's int64 ids and the histograms < 1%
+    for step, peak in peaks.items():
+        assert 0.9 * counted[step] <= peak <= 1.05 * counted[step] + 16 * 2**20, (step, peak / m, counted[step] / m)
+
+
 def test_plan_prefers_resident_then_mapped_then_refuses_with_the_numbers():
     # working set: (3 models + 3) * 4 bytes * 2^20 entries = 24 MiB
-    common = {"live_model": GIB, "source_bytes": 3 * GIB, "largest_tensor": 1 << 20, "n_models": 3}
     working = 6 * 4 * (1 << 20)
+    common = {"live_model": GIB, "source_bytes": 3 * GIB, "working_set": working, "n_models": 3}
     fits = (2 * GIB + 3 * GIB + working) / HEADROOM
     assert plan_memory(**common, available=int(fits) + 1).sources == "resident"
     mapped = plan_memory(**common, available=int(fits) - 1)
@@ -88,3 +151,34 @@ def test_models_that_do_not_fit_even_mapped_are_refused_before_loading(family, m
     monkeypatch.setattr("evomerge.engine.engine.load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(MemoryPlanError, match="not enough memory"):
         MergeEngine([base, *fts], device="cpu")
+
+
+def test_a_nan_source_is_named_when_mapped_as_when_resident(family, tmp_path, monkeypatch):
+    """A mapped source is not read at load, so its NaN shows first in the merged tensor: the error still names the
+    tensor and the source (as the resident engine does at load), not the merge's parameters; evomerge merge too."""
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.engine.streaming import stream_merge
+
+    base, fts = family
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in Path(fts[0]).iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 2] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    named = r"tensor 'model.layers.1.mlp.up_proj.weight' holds NaN/Inf in \['" + str(bad) + r"'\]"
+    with pytest.raises(RecipeError, match=named):
+        MergeEngine([base, str(bad)], device="cpu")  # resident: refused at load
+    recipe = Recipe(method="ties", base=base, parameters={"density": 0.5},
+                    sources=[{"model": str(bad)}, {"model": fts[1]}])
+    with pytest.raises(RecipeError, match=named):
+        stream_merge(recipe, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+    need = MergeEngine([base, *fts[:2]], device="cpu").memory.mapped_need  # the same shapes, finite
+    monkeypatch.setattr("evomerge.engine.engine.available_bytes", lambda device: need * 1.05 / HEADROOM)
+    mapped = MergeEngine([base, str(bad), fts[1]], device="cpu")
+    assert mapped.memory.sources == "mapped"
+    with pytest.raises(RecipeError, match=named):
+        mapped.materialize(recipe)

@@ -36,3 +36,29 @@ def test_quiet_third_party_turns_bars_and_info_lines_off():
                   "quiet_third_party()")
     assert not quiet["transformers_bars"] and not quiet["datasets_bars"]
     assert set(quiet["levels"].values()) == {logging.WARNING}
+
+
+BUILD = """
+import sys
+{setup}
+from evomerge.evaluate import LmEvalEvaluator
+LmEvalEvaluator([{task!r}], include_path={tasks!r}, include_defaults=False)
+"""
+
+
+def test_lm_evals_building_contexts_bar_is_off_unless_verbose(mini_zoo, capfd):
+    """lm-eval's "Building contexts" tqdm bar (the requests are built when the evaluator is made): shown in a process
+    that did not quieten the libraries (this one), absent from stderr after quiet_third_party (a fresh process:
+    tqdm reads its switch when imported)."""
+    from evomerge.evaluate import LmEvalEvaluator
+    from evomerge.zoo.taskfiles import lm_eval_name
+
+    task = lm_eval_name(next(iter(mini_zoo.experts)))
+    LmEvalEvaluator([task], include_path=str(mini_zoo.task_dir), include_defaults=False)
+    assert "%|" in capfd.readouterr().err  # the bar, as a run with --verbose shows it
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    script = BUILD.format(setup="from evomerge.noise import quiet_third_party\nquiet_third_party()", task=task,
+                          tasks=str(mini_zoo.task_dir))
+    quiet = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True, timeout=300,
+                           check=True)
+    assert "%|" not in quiet.stderr and "Building contexts" not in quiet.stderr, quiet.stderr[-2000:]

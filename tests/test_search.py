@@ -69,6 +69,12 @@ def test_search_stores_trials_baselines_and_outputs(family, tmp_path, caplog):
     # test-split scores of the best and of every baseline
     tested = {int(k.split(":")[1]) for k in study.user_attrs if k.startswith("test:")}
     assert best.number in tested
+    # best_model's card names the study and trial and shows the best trial's validation and test scores
+    card = (run / "best_model" / "README.md").read_text()
+    test_value = study.user_attrs[f"test:{best.number}"]["metrics"]["norm_sum"]
+    assert f"study `{cfg.name}`, trial #{best.number}" in card
+    assert f"| norm_sum | {best.value:.3f} | {test_value:.3f} |" in card
+    assert load_recipe(run / "best_model" / "recipe.yaml") == load_recipe(run / "best_recipe.yaml")
     assert {t.number for t in trials if t.user_attrs["kind"].startswith("baseline")} <= tested
     assert (run / "report" / "summary.md").is_file()
     # Optuna's own dataframe names the objective and holds every validation metric as a column; evomerge's adds the

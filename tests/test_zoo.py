@@ -374,11 +374,17 @@ def test_interrupted_build_leaves_no_out_dir(tmp_path: Path, monkeypatch: pytest
             raise Interrupted
         return 0.0
 
+    from faults import dead_pid
+
+    from evomerge import outdir
+
+    killed = tmp_path / f".zoo.partial-{dead_pid()}-{outdir._HOST}-0123abcd"  # what a kill -9 of a build leaves
+    (killed / "base").mkdir(parents=True)
     monkeypatch.setattr(build_module, "train", train_then_fail)
     with pytest.raises(Interrupted):
         build_zoo(tmp_path / "zoo", micro_config(), progress=False)
     assert len(calls) == 2
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither this build's temporary dir nor the killed one's
 
 
 def test_same_config_builds_bit_identical_weights(tmp_path: Path) -> None:

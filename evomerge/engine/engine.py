@@ -43,7 +43,7 @@ from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_s
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
 from evomerge.engine.lowrank import LowRankStacks, check_factor_sources, has_adapters, stack_bytes
-from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory
+from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory, working_set_bytes
 from evomerge.engine.plan import (
     DTYPES,
     live_dtype,
@@ -57,6 +57,7 @@ from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
 from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
+from evomerge.modelcard import Provenance, provenance_files
 from evomerge.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,18 @@ class MergeEngine:
         first = self.checkpoints[0]
         live = sum(math.prod(first.shape(n)) * (self.dtype.itemsize if first.dtype(n).is_floating_point
                                                 else first.dtype(n).itemsize) for n in first.names)
-        sources = stack_bytes(self.checkpoints, self.names, common_dtype(self.checkpoints, self.names).itemsize)
-        largest = max((math.prod(first.shape(n)) for n in self.names), default=0)
+        itemsize = common_dtype(self.checkpoints, self.names).itemsize
+        sources = stack_bytes(self.checkpoints, self.names, itemsize)
+        entries = sorted((math.prod(first.shape(n)) for n in self.names), reverse=True)
+        working = working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=len(self.paths),
+                                    device_type=self.device.type,
+                                    sorted_entries=sum(entries[:torch.get_num_threads()]))
         if storage == self.device:  # sources beside the live model
-            return plan_memory(live_model=live, source_bytes=sources, largest_tensor=largest,
+            return plan_memory(live_model=live, source_bytes=sources, working_set=working,
                                n_models=len(self.paths), available=available_bytes(self.device))
-        plan_memory(live_model=live, source_bytes=0, largest_tensor=largest, n_models=len(self.paths),
+        plan_memory(live_model=live, source_bytes=0, working_set=working, n_models=len(self.paths),
                     available=available_bytes(self.device))  # the GPU must hold the live model
-        return plan_memory(live_model=0, source_bytes=sources, largest_tensor=0, n_models=len(self.paths),
+        return plan_memory(live_model=0, source_bytes=sources, working_set=0, n_models=len(self.paths),
                            available=available_bytes(storage))
 
     # ------------------------------------------------------------------------------------------- recipes
@@ -341,6 +346,7 @@ class MergeEngine:
         for (run, _), ok in zip(checks, finite):
             bad = [] if ok else [n for n in run if not all_finite(self.targets.tensors[n].float())]
             if bad:
+                self.sources.refuse_nonfinite(bad[0])  # a mapped source holding NaN/Inf is named, like at load
                 raise MergeError(f"merge of '{bad[0]}' with {method.name} produced NaN/Inf; check its parameters")
 
     def invalidate(self) -> None:
@@ -383,8 +389,9 @@ class MergeEngine:
         return self.targets.state_dict()
 
     def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False,
-               max_shard_size: int = 2 * 1024**3) -> Path:
+               max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
         """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
-        files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes."""
+        files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes, and the model card,
+        recipes and metadata of ``provenance`` (:func:`evomerge.modelcard.provenance`)."""
         return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
-                           force=force, max_shard_size=max_shard_size)
+                           force=force, max_shard_size=max_shard_size, **provenance_files(provenance))

@@ -141,9 +141,11 @@ class KeptInputs:
         """Exact magnitude thresholds [N] of ``need.counts`` for tensor ``name``, kept per (tensor, base,
         sources, keep counts): they depend on nothing else, so candidates that keep the counts reuse them. New
         counts are looked up in the sorted magnitudes of each task vector (CPU, when they fit their budget: a
-        search over densities then sorts each task vector once), else found by :func:`kth_magnitudes`."""
+        search over densities then sorts each task vector once), else found by :func:`kth_magnitudes` one task
+        vector at a time (the k-th largest of a row does not depend on the others; one row's selection is the
+        working set :data:`~evomerge.engine.memory.SELECT_BYTES` counts, whatever the number of sources)."""
         numel = self.stacks.spans[name].numel
-        thresholds, tau = [], None
+        thresholds = []
         for counts in need.counts(host, numel):
             key = (name, base, tuple(sources), tuple(counts.tolist()))
             if key not in self._thresholds:
@@ -152,9 +154,8 @@ class KeptInputs:
                     found = [row.kth_largest(k) if k > 0 else math.nan for row, k in zip(sorted_rows, counts.tolist())]
                     value = torch.tensor(found, dtype=torch.float32, device=self.device)
                 else:
-                    if tau is None:
-                        tau = self.stacks.task_vectors(name, base, sources)  # type: ignore[arg-type]
-                    value = kth_magnitudes(tau, counts)
+                    value = torch.cat([kth_magnitudes(self.stacks.task_vectors(name, base, [i]), counts[j : j + 1])
+                                       for j, i in enumerate(sources)])  # type: ignore[arg-type]
                 _bounded_put(self._thresholds, key, value)
             thresholds.append(self._thresholds[key])
         return tuple(thresholds)

@@ -19,7 +19,7 @@ from evomerge.checkpoint import Checkpoint
 from evomerge.recipe import RecipeError
 
 __all__ = ["ALIGN", "LiveTargets", "SourceStacks", "Span", "all_finite", "common_dtype", "load_model", "model_class",
-           "rows"]
+           "refuse_nonfinite", "rows"]
 
 ALIGN = 64  # entries: every tensor starts at a multiple of this in the flat buffers
 
@@ -27,6 +27,14 @@ ALIGN = 64  # entries: every tensor starts at a multiple of this in the flat buf
 def all_finite(t: Tensor) -> bool:
     """True when ``t`` holds no NaN/Inf: one float64 reduction (NaN/Inf propagate; fp32 values cannot overflow it)."""
     return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+def refuse_nonfinite(name: str, tensors: Sequence[Tensor], paths: Sequence[str]) -> None:
+    """RecipeError naming tensor ``name`` and the models (``paths``, one per tensor) whose copy of it holds NaN/Inf:
+    such a source cannot be merged, whatever the recipe."""
+    bad = [str(p) for p, t in zip(paths, tensors) if not all_finite(t)]
+    if bad:
+        raise RecipeError(f"tensor '{name}' holds NaN/Inf in {bad}; it cannot be merged")
 
 
 def rows(stack: Tensor, idx: list[int]) -> Tensor:
@@ -106,6 +114,7 @@ class SourceStacks:
         self.total = offset
         self.dtype = common_dtype(checkpoints, names)
         self.n_models = len(checkpoints)
+        self.paths = list(paths)
         pin = storage.type == "cpu" and device.type == "cuda"
         self.flat = None if mapped else torch.zeros(self.n_models, self.total, dtype=self.dtype, device=storage,
                                                      pin_memory=pin)
@@ -117,9 +126,7 @@ class SourceStacks:
             if self.flat is None:  # mapped: read per merge; a NaN/Inf source then shows in the merged tensor's check
                 self._tensors[name] = stored
                 continue
-            for i, tensor in enumerate(stored):
-                if not all_finite(tensor):
-                    raise RecipeError(f"tensor '{name}' holds NaN/Inf in ['{paths[i]}']; it cannot be merged")
+            refuse_nonfinite(name, stored, paths)
             stack = self.flat[:, span.offset : span.end]
             for i, tensor in enumerate(stored):
                 stack[i].copy_(tensor.reshape(-1))
@@ -128,6 +135,11 @@ class SourceStacks:
     @property
     def resident(self) -> bool:
         return self.flat is not None
+
+    def refuse_nonfinite(self, name: str) -> None:
+        """:func:`refuse_nonfinite` for tensor ``name`` of every model (mapped sources are checked only when a merged
+        tensor is not finite: reading them all at load would defeat the mapping)."""
+        refuse_nonfinite(name, [self._select(name, [i])[0] for i in range(self.n_models)], self.paths)
 
     def nbytes(self, name: str) -> int:
         """Bytes of one model's tensor ``name`` in the common dtype."""

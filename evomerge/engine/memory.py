@@ -2,9 +2,9 @@
 
 The engine holds the live model (every parameter in the live dtype; twice for a moment, while its merged tensors are
 rebound into one flat buffer), the sources (every model's merged tensors in
-their common dtype, unless memory-mapped) and, per candidate, the fp32 working set of one tensor (the sources'
-rows, the base, the result and the temporaries of a formula: about ``models + 3`` fp32 copies of the largest
-tensor). :func:`plan_memory` chooses where the sources live:
+their common dtype, unless memory-mapped) and, per candidate, the working set of the largest tensor
+(:func:`working_set_bytes`: a formula's fp32 copies, or the TIES family's exact magnitude selection, whichever
+needs more). :func:`plan_memory` chooses where the sources live:
 
 - ``resident``: copied into one flat buffer per model (fastest; runs of tensors merge as one slice);
 - ``mapped``: left in the safetensors files, memory-mapped and read per tensor (the page cache holds them, and
@@ -26,11 +26,41 @@ import torch
 
 from evomerge.recipe import RecipeError
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "available_bytes", "plan_memory"]
+__all__ = ["MemoryPlan", "MemoryPlanError", "SELECT_BYTES", "SORT_BYTES", "available_bytes", "plan_memory",
+           "working_set_bytes"]
 
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.9  # plan within this share of what is free: the allocator, Python and the evaluator need the rest
+
+#: Bytes per entry of the exact magnitude selection over one whole task vector (TIES / breadcrumbs thresholds,
+#: ``KeptInputs.thresholds``: :func:`evomerge.methods.sparsify.kth_magnitudes` of one source's
+#: ``SourceStacks.task_vectors`` at a time), by device type. CPU (radix select,
+#: :func:`evomerge.methods.select.radix_kth_largest_rows`): τ (fp32) 4, |τ| (fp32) 4, the high halves as bucket ids
+#: (int32, offset in place) 4, the mask of the k-th bucket (bool) 1. CUDA (``torch.topk``, up to every entry kept):
+#: τ 4, |τ| 4, the top values (fp32) 4 and their int64 indices 8.
+SELECT_BYTES = {"cpu": 13, "cuda": 20}
+#: Bytes per entry of sorting one task-vector row on CPU (``KeptInputs.sorted_rows`` ->
+#: :meth:`evomerge.methods.select.SortedMagnitudes.build`, one job per tensor in ``torch.get_num_threads()``
+#: threads): τ (fp32, made absolute in place) 4, NumPy's sorted copy of its bit patterns (int32) 4, their high
+#: halves (int32) 4, the low halves (int32 4, then the kept uint16 copy 2).
+SORT_BYTES = 18
+
+
+def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, sorted_entries: int = 0) -> int:
+    """Peak bytes of merging one tensor beyond the sources and the live model: the largest of
+
+    - a formula on the whole tensor: the sources' rows, the base, the result and the temporaries, about
+      ``n_models + 3`` fp32 copies of the largest tensor (``largest_tensor`` entries);
+    - the exact magnitude selection of the TIES family, one task vector at a time:
+      ``SELECT_BYTES[device_type] * largest_tensor``;
+    - on CPU, the threads sorting task vectors at once: ``SORT_BYTES * sorted_entries`` (``sorted_entries``: the
+      entries of the ``torch.get_num_threads()`` largest tensors, each sorted by its own thread).
+
+    The engine is planned before any recipe is known, so it plans for the method that needs most."""
+    formula = (n_models + 3) * 4 * largest_tensor
+    select = SELECT_BYTES["cuda" if device_type == "cuda" else "cpu"] * largest_tensor
+    return max(formula, select, SORT_BYTES * sorted_entries if device_type == "cpu" else 0)
 
 
 class MemoryPlanError(RecipeError):
@@ -126,14 +156,13 @@ class MemoryPlan:
         return 2 * self.live_model + self.working_set
 
 
-def plan_memory(*, live_model: int, source_bytes: int, largest_tensor: int, n_models: int, available: int
+def plan_memory(*, live_model: int, source_bytes: int, working_set: int, n_models: int, available: int
                 ) -> MemoryPlan:
     """Choose ``resident`` when live model + sources + working set fit ``HEADROOM`` of ``available``, else
     ``mapped`` when the live model + working set fit (safetensors files are memory-mapped by their reader, pickle
     checkpoints by ``torch.load(weights_only=True, mmap=True)``); else
-    :class:`MemoryPlanError` naming every number and what to change. ``largest_tensor``: entries of the largest
-    merged tensor (its fp32 working set is ``(n_models + 3) * 4`` bytes per entry)."""
-    working = (n_models + 3) * 4 * largest_tensor
+    :class:`MemoryPlanError` naming every number and what to change. ``working_set``: :func:`working_set_bytes`."""
+    working = working_set
     plan = MemoryPlan("resident", live_model, source_bytes, working, available)
     budget = HEADROOM * available
     if plan.resident_need <= budget:

@@ -23,10 +23,11 @@ from evomerge.checkpoint import LazyTensors, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
-from evomerge.engine.layout import all_finite
+from evomerge.engine.layout import all_finite, refuse_nonfinite
 from evomerge.engine.lowrank import check_factor_sources, module_factors
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
 from evomerge.methods.lorahub import FACTOR_METHODS
+from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
 from evomerge.recipe import Recipe
 
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 
 def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device | None = None,
                  tokenizer_dir: str | Path | None = None, force: bool = False, allow_pickle: bool = False,
-                 max_shard_size: int = 2 * 1024**3) -> Path:
-    """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`); every check
-    (compatibility, parameters of every tensor) runs before the first tensor is merged."""
+                 max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
+    """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`, with the files and
+    metadata of ``provenance``); every check (compatibility, parameters of every tensor) runs before the first
+    tensor is merged."""
     from transformers import AutoConfig
 
     opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
@@ -63,14 +65,20 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
             return first.get(name)
         base_t = None if base is None else opened.checkpoints[base].get(name, compute).to(torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
+        rows: list[Tensor] = []  # the dense rows read (to name a source holding NaN/Inf, as the engine does)
         if method.name in FACTOR_METHODS:
             factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
             result = method.fn(base_t, factors, transpose=transpose, **kwargs).to(dtype)
         else:
-            stack = [opened.checkpoints[i].get(name, compute).to(torch.float32) for i in sources]
+            # the rows are stacked at once, so their list is freed before the formula runs (one fp32 copy, not two)
+            stack = torch.stack([opened.checkpoints[i].get(name, compute).to(torch.float32) for i in sources])
             extra = method.whole_tensor_inputs(tensor_seed(recipe.seed, name), None)
-            result = method.fn(base_t, torch.stack(stack), **kwargs, **extra).to(dtype)
+            result = method.fn(base_t, stack, **kwargs, **extra).to(dtype)
+            rows = [*stack, *([] if base_t is None else [base_t])]
         if not all_finite(result):
+            if rows:
+                used = [*sources, *([] if base is None else [base])]
+                refuse_nonfinite(name, rows, [opened.paths[i] for i in used])
             raise MergeError(f"merge of '{name}' with {method.name} produced NaN/Inf; check its parameters")
         return result.to("cpu")
 
@@ -85,4 +93,4 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     names = [n for n in opened.kept if not (tied and tensor_filter(n) == "lm_head")]
     lazy = LazyTensors({n: out_bytes(n) for n in names}, produce)
     return save_hf_dir(lazy, out, config=config, tokenizer_dir=tokenizer_dir, force=force,
-                       max_shard_size=max_shard_size)
+                       max_shard_size=max_shard_size, **provenance_files(provenance))

@@ -21,6 +21,7 @@ trials are dead:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -35,6 +36,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.outdir import OutputWriteError, write_error
 from evomerge.search import trials as records
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,29 @@ def check_storage(url: str, *, must_exist: bool = False) -> None:
                          "port and that the server runs") from None
     finally:
         engine.dispose()
+
+
+# What a storage out of space says: SQLite's "database or disk is full"; PostgreSQL's "could not extend file ...: No
+# space left on device" (and "could not write to file" for its temporary files)
+_FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file")
+
+
+def storage_full(exc: BaseException, url: str) -> OutputWriteError | None:
+    """The one-line error for ``exc`` when it, or an exception it was raised from, says the study's storage ran out
+    of space, naming the SQLite file (and what is free beside it) or the server; None for any other exception.
+    Optuna wraps the database's error (``StorageInternalError`` from ``OperationalError``), so the chain is read."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if (isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+                any(m in str(seen).lower() for m in _FULL_MESSAGES):
+            path = sqlite_path(url)
+            if path is not None:
+                error = write_error(OSError(errno.ENOSPC, "no space left"), path)
+                return OutputWriteError(errno.ENOSPC, f"{error} (the study database; or pass --storage elsewhere)")
+            return OutputWriteError(errno.ENOSPC, f"the storage server of {mask_url(url)} has no space left "
+                                                  f"({str(seen).strip().splitlines()[0]}); free space on the server")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def make_storage(url: str, *, heartbeat_s: int, grace_s: int) -> RDBStorage:

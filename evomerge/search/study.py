@@ -35,13 +35,23 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
+from evomerge.modelcard import Provenance, SplitScores, provenance
+from evomerge.outdir import recover as recover_dir
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.space import NAMING, ModelSet, SearchSpace
-from evomerge.search.storage import StudyLock, check_storage, make_storage, mask_url, recover, sqlite_path
+from evomerge.search.storage import (
+    StudyLock,
+    check_storage,
+    make_storage,
+    mask_url,
+    recover,
+    sqlite_path,
+    storage_full,
+)
 from evomerge.search.trials import best_trials, direction_sign, quiet_optuna, trial_kind
 
 log = logging.getLogger(__name__)
@@ -196,6 +206,7 @@ class Runner:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        recover_dir(self.run_dir / "best_model")  # what killed exports of best_model/ left: cleaned at once
         self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
 
     def __enter__(self) -> Runner:
@@ -256,12 +267,13 @@ class Runner:
                                     device=self.engine.device, dtype=self.engine.dtype)
         return model, time.perf_counter() - start
 
-    def export(self, recipe: AnyRecipe, out: Path) -> Path:
-        """Write ``recipe``'s merged model as an HF dir (replacing ``out``)."""
+    def export(self, recipe: AnyRecipe, out: Path, card: Provenance) -> Path:
+        """Write ``recipe``'s merged model as an HF dir (replacing ``out``) with the model card, recipes and metadata
+        of ``card``."""
         if isinstance(recipe, StackRecipe):
-            return merge_to_dir(recipe, out, device=self.engine.device, force=True)
+            return merge_to_dir(recipe, out, device=self.engine.device, force=True, card=card)
         self.engine.materialize(recipe)
-        return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True)
+        return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True, provenance=card)
 
     def score(self, recipe: AnyRecipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
         """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
@@ -369,7 +381,8 @@ class Runner:
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar), *self.callbacks]
+        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar),
+                                     _stop_when_full(one_line, self.config.storage_url), *self.callbacks]
         started = time.monotonic()
         with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
             stack.callback(failures.removeFilter, one_line)
@@ -380,6 +393,9 @@ class Runner:
                 before = progressed()
                 study.optimize(self.objective, n_trials=target - done + waiting, timeout=timeout, callbacks=callbacks,
                                catch=(Exception,), gc_after_trial=False)
+                full = None if one_line.last is None else storage_full(one_line.last, self.config.storage_url)
+                if full is not None:  # stopped at once (_stop_when_full): the trials' errors cannot be stored either
+                    raise full
                 before_done, done, waiting = done, self.finished(study), 0
                 if done == before_done and progressed() == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
@@ -418,8 +434,11 @@ class Runner:
                    if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
 
+        scores = [SplitScores("validation", records.trial_metrics(best))]
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
             result = self.test_score(test, records.recipe_of(trial), f"trial #{number}")
+            if number == best.number and not isinstance(result, Exception):
+                scores.append(SplitScores("test", result.metrics, result.stderr or {}))
             if isinstance(result, Exception):
                 records.set_test_error(study, number, result)
             else:
@@ -436,7 +455,10 @@ class Runner:
                                             stderr=result.stderr)
             summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
         if export:
-            self.export(recipe, self.run_dir / "best_model")
+            origin = (f"Found by `evomerge {self.kind}`: study `{study.study_name}`, trial #{best.number} "
+                      f"({trial_kind(best)}); chosen on the validation split.")
+            out = self.run_dir / "best_model"
+            self.export(recipe, out, provenance(recipe, name=out.name, scores=scores, origin=origin))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -445,8 +467,13 @@ class _OneLineFailures(logging.Filter):
     """Optuna logs each failed trial with all its parameters and the full traceback (and a second line "failed with
     value None"); evomerge prints one line per failure instead: the trial's ``error`` attr and the report keep it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: BaseException | None = None  # the exception of the last failed trial
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
+            self.last = record.exc_info[1]
             number = re.match(r"Trial (\d+)", record.getMessage())
             record.msg = f"Trial {number.group(1) if number else '?'} failed: {records.describe(record.exc_info[1])}"
             record.args, record.exc_info, record.exc_text = (), None, None
@@ -468,6 +495,16 @@ def _stop_at(n_trials: int, searched: Callable[[], int]) -> Callback:
 
     def stop(study: optuna.Study, trial: FrozenTrial) -> None:
         if searched() >= n_trials:
+            study.stop()
+
+    return stop
+
+
+def _stop_when_full(failures: _OneLineFailures, url: str) -> Callback:
+    """Stop the study at the first trial that failed because its storage is out of space (every later one would)."""
+
+    def stop(study: optuna.Study, trial: FrozenTrial) -> None:
+        if failures.last is not None and storage_full(failures.last, url) is not None:
             study.stop()
 
     return stop

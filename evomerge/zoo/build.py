@@ -1,8 +1,9 @@
 """Build the tiny zoo: task files, tokenizer, base model, experts, soup sweep, manifest, table.
 
-A build writes into a temporary sibling dir and renames it into place at the end, so an
-interrupted build leaves no half zoo behind. Everything is seeded and runs under a fixed torch
-thread count, so the same config gives bit-identical weights on the same machine.
+A build writes into a temporary sibling dir and renames it into place at the end (:mod:`evomerge.outdir`: a
+recognisable name, cleaned by the next build after a kill), so an interrupted build leaves no half zoo behind.
+Everything is seeded and runs under a fixed torch thread count, so the same config gives bit-identical weights on
+the same machine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 import evomerge
+from evomerge.outdir import make_partial, move_into_place, recover
 from evomerge.zoo import taskfiles
 from evomerge.zoo.config import TrainSpec, ZooConfig
 from evomerge.zoo.manifest import MANIFEST, Zoo
@@ -188,29 +189,18 @@ def build_zoo(out_dir: Path, config: ZooConfig, *, force: bool = False, progress
         )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is meant to be shared
+    recover(out_dir)  # the temporary dirs of killed builds
+    tmp = make_partial(out_dir)  # with the user's umask: the zoo is meant to be shared
     try:
         with torch_threads(config.threads):
             table = _build_into(tmp, out_dir, config, progress)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        move_into_place(tmp, out_dir, force=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"zoo built in {out_dir} (config {wanted})\n{table_markdown(table)}", flush=True)
     return Zoo.load(out_dir)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished build ``tmp`` to ``out_dir``, replacing whatever ``out_dir`` held."""
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, trash / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def default_cache_root() -> Path:

@@ -1,0 +1,150 @@
+"""What a merged model dir says about how it was made: model card, recipes, generation config, safetensors metadata.
+
+:func:`provenance` gives the files written beside the weights of every merged dir (``evomerge merge`` and a
+search's ``best_model/``) and the metadata stored in every safetensors header:
+
+* ``README.md``: a Hugging Face model card (YAML front matter with ``base_model``, ``tags: [merge, evomerge]``,
+  ``library_name``; then the method, the sources, the scores on validation / test when the recipe comes from a
+  search, the evomerge version, the recipe and, when mergekit can run it, the mergekit YAML);
+* ``recipe.yaml`` (``evomerge merge recipe.yaml`` rebuilds the dir bit for bit) and ``mergekit_config.yml`` (the
+  name mergekit gives its own copy) when the method exists in mergekit;
+* ``generation_config.json`` copied verbatim from the base, else from the first source that has one, so chat models
+  keep their list of ``eos_token_id`` and their sampling defaults;
+* safetensors metadata ``format: pt`` (what transformers checks), ``evomerge_version`` and ``evomerge_recipe`` (the
+  recipe as compact JSON), so a single shard found alone still says how it was made.
+
+No torch import: the recipe, the method registry's flags and the sources' files are all it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from evomerge import __version__
+from evomerge.recipe import AnyRecipe, Recipe, StackRecipe
+from evomerge.recipe.mergekit import to_mergekit_yaml
+
+__all__ = ["GENERATION_CONFIG", "MERGEKIT_RECIPE", "MODEL_CARD", "RECIPE", "Provenance", "SplitScores",
+           "generation_config_source", "mergekit_exportable", "model_card", "provenance", "provenance_files",
+           "weights_metadata"]
+
+MODEL_CARD = "README.md"
+RECIPE = "recipe.yaml"
+MERGEKIT_RECIPE = "mergekit_config.yml"
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """The exported recipe's scores on one split (``validation``, ``test``): metric -> value, and the standard error
+    of the metrics that have one."""
+
+    split: str
+    metrics: Mapping[str, float]
+    stderr: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Files (relative name -> text) written beside the weights, and the metadata of every safetensors file."""
+
+    files: Mapping[str, str]
+    metadata: Mapping[str, str]
+
+
+def provenance_files(provenance: Provenance | None) -> dict[str, Mapping[str, str]]:
+    """``provenance`` as the ``extra_files`` and ``metadata`` keywords of :func:`evomerge.checkpoint.save_hf_dir`
+    (none for None: a bare weights dir)."""
+    return {} if provenance is None else {"extra_files": provenance.files, "metadata": provenance.metadata}
+
+
+def generation_config_source(recipe: AnyRecipe) -> Path | None:
+    """The model dir whose ``generation_config.json`` the merged model gets: the base, else the first model of the
+    recipe (in :meth:`Recipe.model_paths` order) that has one; None when none has."""
+    return next((Path(p) for p in recipe.model_paths() if (Path(p) / GENERATION_CONFIG).is_file()), None)
+
+
+def mergekit_exportable(recipe: AnyRecipe) -> bool:
+    """Whether mergekit can run the recipe: a layer stack, and every merge method but the data-aware ones (Fisher,
+    RegMean), which exist in evomerge only."""
+    if isinstance(recipe, StackRecipe):
+        return True
+    from evomerge.methods import get_method  # the registry imports torch: only when asked
+
+    return get_method(recipe.method).statistic is None and recipe.calibration is None
+
+
+def weights_metadata(recipe: AnyRecipe) -> dict[str, str]:
+    """The safetensors header metadata of a merged model's files (string to string, as the format requires)."""
+    return {"format": "pt", "evomerge_version": __version__,
+            "evomerge_recipe": json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))}
+
+
+def _score_cell(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+
+def _scores_table(scores: Sequence[SplitScores]) -> str:
+    metrics = list(dict.fromkeys(m for s in scores for m, v in s.metrics.items() if isinstance(v, (int, float))))
+    lines = [f"| metric | {' | '.join(s.split for s in scores)} |", "|---" * (len(scores) + 1) + "|"]
+    for metric in metrics:
+        cells = [_score_cell(s.metrics.get(metric), s.stderr.get(metric)) for s in scores]
+        lines.append(f"| {metric} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _source_line(model: str, parameters: Mapping[str, object], role: str = "") -> str:
+    params = f": `{json.dumps(dict(parameters), sort_keys=True)}`" if parameters else ""
+    return f"- `{model}`{role}{params}"
+
+
+def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = (), origin: str | None = None) -> str:
+    """The README.md of a merged model dir ``name`` built from ``recipe`` (HF model-card format: YAML front matter,
+    then Markdown). ``scores``: the recipe's scores per split (a search's validation and test); ``origin``: one line
+    on where the recipe comes from (a search's study and trial)."""
+    front = {"base_model": recipe.model_paths(), "library_name": "transformers", "tags": ["merge", "evomerge"]}
+    if mergekit_exportable(recipe):
+        front["tags"].append("mergekit")
+    seed = f", seed {recipe.seed}" if isinstance(recipe, Recipe) and recipe.seed else ""
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", f"# {name}", "",
+             f"A merge of pre-trained models made with evomerge {__version__}, method `{recipe.method}`{seed}"
+             + (f", dtype {recipe.dtype}" if recipe.dtype else "") + "."]
+    if origin:
+        lines += ["", origin]
+    lines += ["", "## Sources", ""]
+    if isinstance(recipe, StackRecipe):
+        lines += [f"- `{s.model}` layers {s.layer_range[0]}-{s.layer_range[1] - 1}"
+                  + (f", scaled by {s.scale:g}" if s.scale != 1.0 else "") for s in recipe.slices]
+    else:
+        if recipe.base:
+            lines.append(_source_line(recipe.base, {}, " (base: task vectors are taken against it)"))
+        lines += [_source_line(s.model, s.parameters) for s in recipe.sources]
+        if recipe.parameters:
+            lines += ["", f"Parameters: `{json.dumps(recipe.parameters, sort_keys=True)}`"]
+    if scores:
+        lines += ["", "## Scores", "", _scores_table(scores)]
+    lines += ["", "## Recipe", "", f"Rebuild this dir bit for bit with `evomerge merge {RECIPE} --out DIR`:", "",
+              "```yaml", recipe.to_yaml().rstrip(), "```"]
+    if mergekit_exportable(recipe):
+        lines += ["", "### mergekit", "", f"The same recipe as a mergekit config ({MERGEKIT_RECIPE}):", "",
+                  "```yaml", to_mergekit_yaml(recipe).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def provenance(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = (),
+               origin: str | None = None) -> Provenance:
+    """Everything a merged dir ``name`` gets besides its config, weights and tokenizer (see the module docstring)."""
+    files = {MODEL_CARD: model_card(recipe, name=name, scores=scores, origin=origin), RECIPE: recipe.to_yaml()}
+    if mergekit_exportable(recipe):
+        files[MERGEKIT_RECIPE] = to_mergekit_yaml(recipe)
+    source = generation_config_source(recipe)
+    if source is not None:
+        files[GENERATION_CONFIG] = (source / GENERATION_CONFIG).read_text()
+    return Provenance(files, weights_metadata(recipe))
