@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from evomerge.checkpoint import Checkpoint, CheckpointError
-from evomerge.outdir import apply_umask, check_target, make_partial, move_into_place, recover, refuse_symlink
+from evomerge.outdir import building, check_target, refuse_symlink
 
 __all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterError", "LoraAdapter", "LoraFactors", "adapted_tensor",
            "adapter_source",
@@ -375,8 +374,6 @@ def save_adapter(modules: Mapping[str, tuple[Tensor, Tensor]], out: str | Path, 
     refuse_symlink(target)
     target = target.resolve()
     check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
     ranks = {name.removesuffix(".weight"): A.shape[0] for name, (A, _) in modules.items()}
     r = max(ranks.values())
     patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
@@ -389,13 +386,7 @@ def save_adapter(modules: Mapping[str, tuple[Tensor, Tensor]], out: str | Path, 
         module = PREFIX + name.removesuffix(".weight")
         tensors[f"{module}.lora_A.weight"] = A.detach().to("cpu").contiguous()
         tensors[f"{module}.lora_B.weight"] = B.detach().to("cpu").contiguous()
-    building = make_partial(target)
-    try:
-        (building / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(building / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        apply_umask(building)
-        move_into_place(building, target, force=force)
-    finally:
-        if building.exists():
-            shutil.rmtree(building, ignore_errors=True)
+    with building(target, force=force) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return target

@@ -28,6 +28,8 @@ import re
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["OutputPathError", "OutputWriteError", "apply_umask", "check_free_space", "check_target", "format_size",
@@ -185,6 +187,24 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+@contextmanager
+def building(out: Path, *, force: bool, shared: bool = True) -> Iterator[Path]:
+    """The temporary dir to build ``out`` in (temporary dirs of killed builds beside it are cleaned first): moved
+    into place when the block ends, removed when it raises. ``shared``: every file gets the user's umask
+    permissions first (:func:`apply_umask`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    tmp = make_partial(out)
+    try:
+        yield tmp
+        if shared:
+            apply_umask(tmp)
+        move_into_place(tmp, out, force=force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def move_into_place(built: Path, out: Path, *, force: bool) -> None:

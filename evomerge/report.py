@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -50,7 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.stacking import layer_plan
 from evomerge.methods import Param, get_method
-from evomerge.outdir import make_partial, move_into_place, recover, refuse_symlink
+from evomerge.outdir import building, refuse_symlink
 from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
@@ -653,20 +652,13 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     """
     out = Path(out_dir).expanduser()
     refuse_symlink(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recover(out)
-    building = make_partial(out)
-    try:
+    with building(out, force=True, shared=False) as tmp:
         if records.study_kind(study.user_attrs) == records.SWEEP_KIND:
             from evomerge.report_sweep import write_sweep_report
 
-            write_sweep_report(study, building, title=title)
+            write_sweep_report(study, tmp, title=title)
         else:
-            _write_study_report(study, building, title=title, run_dir=run_dir)
-        move_into_place(building, out, force=True)
-    finally:
-        if building.exists():
-            shutil.rmtree(building, ignore_errors=True)
+            _write_study_report(study, tmp, title=title, run_dir=run_dir)
     return out / "summary.md"
 
 

@@ -13,7 +13,6 @@ import copy
 import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 import evomerge
-from evomerge.outdir import make_partial, move_into_place, recover
+from evomerge.outdir import building
 from evomerge.zoo import taskfiles
 from evomerge.zoo.config import TrainSpec, ZooConfig
 from evomerge.zoo.manifest import MANIFEST, Zoo
@@ -188,16 +187,8 @@ def build_zoo(out_dir: Path, config: ZooConfig, *, force: bool = False, progress
             f"{out_dir} holds {what}; choose an empty or new dir, or pass force=True (--force) to replace it"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover(out_dir)  # the temporary dirs of killed builds
-    tmp = make_partial(out_dir)  # with the user's umask: the zoo is meant to be shared
-    try:
-        with torch_threads(config.threads):
-            table = _build_into(tmp, out_dir, config, progress)
-        move_into_place(tmp, out_dir, force=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with building(out_dir, force=True, shared=False) as tmp, torch_threads(config.threads):  # made with the umask
+        table = _build_into(tmp, out_dir, config, progress)
     if progress:
         print(f"zoo built in {out_dir} (config {wanted})\n{table_markdown(table)}", flush=True)
     return Zoo.load(out_dir)

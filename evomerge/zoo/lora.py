@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.outdir import apply_umask, check_target, make_partial, move_into_place, recover
+from evomerge.outdir import building, check_target
 from evomerge.zoo.config import TrainSpec
 from evomerge.zoo.manifest import Zoo
 from evomerge.zoo.table import Table, model_row, table_markdown, write_table
@@ -183,17 +182,8 @@ def build_lora_zoo(zoo: Zoo, out_dir: str | Path, config: LoraZooConfig, *, forc
         if found.config_hash == wanted:
             return found
     check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recover(out)
-    building = make_partial(out)
-    try:
-        with torch_threads(config.threads):
-            table = _build_into(building, zoo, config, progress)
-        apply_umask(building)
-        move_into_place(building, out, force=force)
-    finally:
-        if building.exists():
-            shutil.rmtree(building, ignore_errors=True)
+    with building(out, force=force) as tmp, torch_threads(config.threads):
+        table = _build_into(tmp, zoo, config, progress)
     if progress:
         print(f"LoRA adapters built in {out} (config {wanted})\n{table_markdown(table) if table else ''}", flush=True)
     return LoraZoo.load(out)
