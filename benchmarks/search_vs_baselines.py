@@ -19,12 +19,16 @@ Baselines are recipes outside the spaces: ``source:<task>`` (one expert: linear 
 
 Everything is stored in SQLite studies under ``--work`` (one database per space, one study per sampler and seed;
 the baselines as references of a study ``baselines``): re-running the same command resumes and skips what is done.
-Writes ``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
+Cost (default: 20 trials, 5 seeds, 4 samplers, 3 spaces = 1,200 trials on 15 validation docs per task; 60 best
+trials and ~10 baselines on 100 test docs per task; lm-eval on CPU costs ~13 ms of CPU per 4-choice doc on the mini
+zoo's model): ~1,200 x 5 x 15 x 13 ms + 70 x 5 x 100 x 13 ms ~ 20 + 8 CPU minutes, ~15-30 min on 2 quiet cores
+(estimated, not yet measured end to end; the results header states the run's own wall and CPU time). Writes
+``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
 paired difference to the best baseline (chosen on validation) with a 95% paired-bootstrap interval and a Wilcoxon
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile
 band across seeds, per sampler).
 
-    python benchmarks/search_vs_baselines.py --zoo /work/zoo-bench          # default budget: see the header
+    python benchmarks/search_vs_baselines.py --zoo /work/zoo-bench          # 60 searches x 20 trials
     python benchmarks/search_vs_baselines.py --quick --out /tmp/svb         # mini zoo, 2 seeds, 2 trials (CI test)
 """
 
@@ -33,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -330,23 +333,12 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", help=f"a built zoo (default: {zoo_bench.BENCH_ZOO}; --quick: the mini zoo)")
-    parser.add_argument("--quick", action="store_true", help="mini zoo, 2 seeds, 2 trials (the CI test)")
+    parser = zoo_bench.arg_parser(__doc__, "mini zoo, 2 seeds, 2 trials (the CI test)")
     parser.add_argument("--trials", type=int, help="trials per search (default 20; quick 2)")
     parser.add_argument("--seeds", type=int, help="sampler seeds per sampler and space (default 5; quick 2)")
-    parser.add_argument("--limit", type=int, help="validation docs per task (default 50; quick 5)")
-    parser.add_argument("--test-limit", type=int, help="test docs per task (default: all; quick 10)")
     parser.add_argument("--sweep-csv", default="results/method_sweep.csv", help="the method sweep's results")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", help="where the studies go (default runs/bench/search_vs_baselines[_quick])")
-    parser.add_argument("--out", default="results")
-    args = parser.parse_args(argv)
-    for name, full, quick in (("trials", 20, 2), ("seeds", 5, 2), ("limit", 50, 5), ("test_limit", None, 10)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    args.work = args.work or f"runs/bench/search_vs_baselines{'_quick' if args.quick else ''}"
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = zoo_bench.parse_args(parser, argv, "search_vs_baselines", {
+        "trials": (20, 2), "seeds": (5, 2), "limit": (15, 5), "test_limit": (100, 10)})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
     zoo = zoo_bench.find_zoo(args.zoo, args.quick)

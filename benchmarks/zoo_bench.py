@@ -9,7 +9,9 @@ a seeded subset) for selection, the whole test split for the report only.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import random
@@ -17,7 +19,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,39 @@ METRIC = "acc"  # the zoo tasks' metric (lm-eval also reports acc_norm: equal fo
 VERSIONS = ("evomerge", "torch", "transformers", "optuna", "lm_eval")
 
 
+def arg_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take; each adds its own, then calls :func:`parse_args`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", help=f"a built zoo (default: {BENCH_ZOO}; --quick: the mini zoo)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--limit", type=int, help="validation docs per task, 0 = all")
+    parser.add_argument("--test-limit", type=int, help="test docs per task, 0 = all")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", help="where the studies go (default runs/bench/<benchmark>[_quick])")
+    parser.add_argument("--out", default="results")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, name: str,
+               defaults: Mapping[str, tuple[Any, Any]]) -> argparse.Namespace:
+    """Parse, fill each option left unset from ``defaults`` (``{dest: (default, quick default)}``) and the work dir,
+    and set up warnings-only logging."""
+    args = parser.parse_args(argv)
+    for dest, (full, quick) in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, quick if args.quick else full)
+    args.work = args.work or f"runs/bench/{name}{'_quick' if args.quick else ''}"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args
+
+
 def find_zoo(explicit: str | None, quick: bool) -> Zoo:
     """The zoo a benchmark runs on (module docstring); SystemExit with one line when there is none."""
     if explicit:
-        return Zoo.load(explicit)
+        try:
+            return Zoo.load(explicit)
+        except FileNotFoundError as exc:  # one line, before any model loads
+            raise SystemExit(str(exc)) from None
     if quick:
         return cached_zoo(ZooConfig.mini())
     if (BENCH_ZOO / "zoo.json").is_file():

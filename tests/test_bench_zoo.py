@@ -136,3 +136,8 @@ def test_search_vs_baselines_quick(mini_zoo, sweep_run: Path, tmp_path: Path) ->
             assert f"| {space} | {sampler} | 2 |" in md
             assert f"| {mean:.3f} ± {std:.3f} | {statistics.fmean(diffs):+.3f} [" in md
     assert (tmp_path / "search_vs_baselines_quick.png").stat().st_size > 10_000
+
+
+def test_a_missing_zoo_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=f"{tmp_path}/zoo.json not found.*evomerge zoo build"):
+        zoo_bench.find_zoo(str(tmp_path), quick=False)
