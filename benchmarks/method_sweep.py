@@ -229,7 +229,8 @@ def curve(summary: SweepSummary, method: str, axis: str) -> str:
         return f"{method}: not swept over {axis}"
     held = ", ".join(f"{n}={v}" for n, v in summary.picks[method].point.params.items() if n != axis)
     points = "; ".join(f"{r.point.params[axis]}: {_cell(r.test)}" for r in _line(summary, method, axis))
-    return f"{method} ({held}), test by {axis}: {points}; validation picks {summary.picks[method].point.label}"
+    return (f"{method}{f' ({held})' if held else ''}, test by {axis}: {points}; validation picks "
+            f"{summary.picks[method].point.label}")
 
 
 def shapes(summary: SweepSummary) -> list[str]:
