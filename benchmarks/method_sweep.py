@@ -79,6 +79,7 @@ NOT_SWEPT = {  # registered methods this benchmark leaves out, and why (the resu
     "nuslerp": "two sources, like slerp, with per-source weights instead of t: slerp's pairs cover the question",
     "nearswap": "the base and one source: no merge of experts",
     "arcee_fusion": "the base and one source: no merge of experts",
+    "lorahub": "combines LoRA adapters; the zoo's experts are full fine-tunes",
 }
 SLERP_T = [0.0, 0.25, 0.5, 0.75, 1.0]
 QUICK_SLERP_T = [0.0, 0.5, 1.0]
