@@ -7,8 +7,10 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
   ``[{filter: self_attn, value: V}, {value: D}]`` map to evomerge's ``{self_attn: V, default: D}``;
 - ``slerp``: mergekit interpolates from ``base_model`` (t=0) to the other model (t=1); evomerge's slerp goes from
   ``sources[0]`` to ``sources[1]``, so the base becomes ``sources[0]``;
-- ``karcher``: mergekit averages every input model, the base too (appended last when ``models`` does not list it),
-  so the base stays one of the sources, at that place; exported, a base that is not one of the sources is left out;
+- ``karcher`` and ``linear``: mergekit averages every input model, the base too (appended last when ``models`` does
+  not list it), so the base stays one of the sources, at that place; exported, a base that is not one of the sources
+  is left out. mergekit's ``linear`` has no default ``weight``: a model without one (the base included, unless the
+  top-level ``parameters`` give a ``weight``) is refused, as mergekit refuses it;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
@@ -40,7 +42,9 @@ TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype",
 MODEL_KEYS = {"model", "parameters"}
 DROPPED_PARAMETERS = {"int8_mask"}
 # methods whose mergekit inputs are all the models, base included (mergekit ignores which one is the base)
-BASE_IS_A_SOURCE = {"karcher"}
+BASE_IS_A_SOURCE = {"karcher", "linear"}
+# methods whose per-model `weight` mergekit requires (no default): a model without one is an error there
+WEIGHT_REQUIRED = {"linear"}
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -129,6 +133,13 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     elif method in BASE_IS_A_SOURCE:
         if base is not None and all(s.model != base for s in sources):
             sources.append(SourceSpec(model=base))
+        if method in WEIGHT_REQUIRED and "weight" not in params:
+            unweighted = [s.model for s in sources if "weight" not in s.parameters]
+            if unweighted:
+                raise RecipeError(
+                    f"mergekit {method} needs a weight for every input model, the base_model too (mergekit averages "
+                    f"it in): {', '.join(unweighted)} has none; give it parameters.weight (or a top-level "
+                    "parameters.weight for all), or drop base_model")
     else:
         sources = [s for s in sources if s.model != base or s.parameters]
     return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
