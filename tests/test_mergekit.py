@@ -205,3 +205,24 @@ def test_recipe_ranges_are_wider_than_search_ranges_only_for_weight_and_lambda()
         validate_params(ties, {"weight": [3.0, 1.0]}, 2, True)  # a search space or sweep keeps [0, 2]
     with pytest.raises(MethodError, match=r"'density' = 1.5 is out of range \[0.0, 1.0\]"):
         validate_params(ties, {"density": [0.5, 1.5]}, 2, True, recipe=True)  # a fraction stays a fraction
+
+
+@pytest.mark.parametrize(("dtypes", "recipe_dtype"), [
+    ({"dtype": "float32", "out_dtype": "bfloat16"}, "bfloat16"),  # mergekit computes in fp32, writes bf16
+    ({"dtype": "bfloat16"}, "bfloat16"),  # out_dtype defaults to dtype
+    ({"out_dtype": "float16"}, "float16"),
+    ({"dtype": "bfloat16", "out_dtype": "float32"}, "float32"),
+])
+def test_dtype_and_out_dtype_import_as_the_output_dtype(dtypes, recipe_dtype):
+    config = {"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"density": 0.5}}],
+              **dtypes}
+    assert from_mergekit(config).dtype == recipe_dtype
+
+
+def test_low_precision_recipes_export_as_fp32_compute_with_out_dtype():
+    """evomerge computes in fp32 and rounds once: exported, mergekit is told to do the same."""
+    bf16 = to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}], dtype="bfloat16"))
+    assert (bf16["dtype"], bf16["out_dtype"]) == ("float32", "bfloat16")
+    fp32 = to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}], dtype="float32"))
+    assert fp32["dtype"] == "float32" and "out_dtype" not in fp32
+    assert "dtype" not in to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}]))

@@ -11,6 +11,10 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
   not list it), so the base stays one of the sources, at that place; exported, a base that is not one of the sources
   is left out. mergekit's ``linear`` has no default ``weight``: a model without one (the base included, unless the
   top-level ``parameters`` give a ``weight``) is refused, as mergekit refuses it;
+- ``dtype`` / ``out_dtype``: mergekit computes in ``dtype`` and writes ``out_dtype`` (default ``dtype``); evomerge
+  computes in fp32 and writes the recipe's ``dtype`` = ``out_dtype or dtype`` (with ``dtype: bfloat16`` mergekit rounds
+  every step to bf16: a few ulp apart, README); exported, a bf16 / fp16 recipe is ``dtype: float32`` + ``out_dtype``,
+  so mergekit computes as evomerge does;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
@@ -38,7 +42,10 @@ from evomerge.recipe.schema import (
 
 log = logging.getLogger(__name__)
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "slices"}
+# dtypes evomerge computes in: always float32 (a recipe's dtype is the output's, rounded once)
+COMPUTE_DTYPE = "float32"
 MODEL_KEYS = {"model", "parameters"}
 DROPPED_PARAMETERS = {"int8_mask"}
 # methods whose mergekit inputs are all the models, base included (mergekit ignores which one is the base)
@@ -104,7 +111,10 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     if tokenizer == "union":
         raise RecipeError("mergekit tokenizer_source 'union' is not supported; use 'base' or a model path")
     base = data.get("base_model")
-    common = {"dtype": data.get("dtype"), "tokenizer_source": base if tokenizer == "base" else tokenizer}
+    # mergekit computes in `dtype` and writes `out_dtype` (default: `dtype`); evomerge computes in fp32 and writes the
+    # recipe's dtype: `dtype: float32, out_dtype: bfloat16` is evomerge's own arithmetic
+    common = {"dtype": data.get("out_dtype") or data.get("dtype"),
+              "tokenizer_source": base if tokenizer == "base" else tokenizer}
     if method == STACK_METHOD:
         slices = []
         for s in data.get("slices") or []:
@@ -177,8 +187,10 @@ def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
             out["models"].append({"model": s.model, **({"parameters": params} if params else {})})
         if recipe.parameters:
             out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
-    if recipe.dtype:
-        out["dtype"] = recipe.dtype
+    if recipe.dtype:  # computed in fp32 and rounded once, as evomerge computes it
+        out["dtype"] = COMPUTE_DTYPE
+        if recipe.dtype != COMPUTE_DTYPE:
+            out["out_dtype"] = recipe.dtype
     if recipe.tokenizer_source:
         out["tokenizer_source"] = "base" if recipe.tokenizer_source == recipe.base else recipe.tokenizer_source
     return out
