@@ -161,6 +161,18 @@ def run_evomerge(config: dict[str, Any], root: Path) -> tuple[list[optuna.trial.
     return complete, wall, (complete[0].datetime_start - started).total_seconds()
 
 
+def timed_run(cmd: list[str], what: str) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """Run ``cmd`` (offline); its result, the wall clock (epoch seconds) at its start and its wall seconds.
+    RuntimeError with the stderr tail (naming ``what``) when it fails."""
+    started = time.time()
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return done, started, wall
+
+
 def run_mergekit(binary: Path, recipe: Recipe, out: Path, device: str) -> tuple[float, float]:
     """``mergekit-yaml config.yml OUT --copy-tokenizer [--cuda]``: the process's wall seconds and its start-up (to the
     end of its imports). The console script's own two lines run under its interpreter with a time stamp between
@@ -175,12 +187,7 @@ def run_mergekit(binary: Path, recipe: Recipe, out: Path, device: str) -> tuple[
     config.write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
     cmd = [text.splitlines()[0].removeprefix("#!").strip(), "-c", probe, str(config), str(out), "--copy-tokenizer",
            *(["--cuda"] if device.startswith("cuda") else [])]
-    started = time.time()
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"mergekit-yaml {config} {out} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    done, started, wall = timed_run(cmd, f"mergekit-yaml {config} {out}")
     stamp = re.search(r"^imported ([\d.]+)$", done.stderr, re.MULTILINE)
     assert stamp is not None, done.stderr[-3000:]
     return wall, float(stamp[1]) - started
@@ -193,12 +200,7 @@ def run_lm_eval(model_dir: Path, tasks: list[str], task_dir: Path, out: Path, li
     cmd = [cli("lm-eval"), "run", "--model", "hf", "--model_args", f"pretrained={model_dir}", f"dtype={dtype}",
            "--tasks", *tasks, "--include_path", str(task_dir), "--device", device, "--batch_size", str(BATCH_SIZE),
            "--output_path", str(out), *(["--limit", str(limit)] if limit is not None else [])]
-    started = time.time()
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    _, started, wall = timed_run(cmd, " ".join(cmd))
     (path,) = out.rglob("results_*.json")
     results = json.loads(path.read_text())
     shutil.rmtree(out)
