@@ -106,7 +106,10 @@ def _case(name: str, method: str, models: list[dict[str, Any]] | None = None, ba
     if parameters:
         config["parameters"] = parameters
     dtype = kwargs.get("dtype", "float32")
-    config["dtype"] = dtype
+    compute = kwargs.pop("compute", None)  # mergekit's `dtype` when it differs from the output's (`out_dtype`)
+    config["dtype"] = compute or dtype
+    if compute:
+        config["out_dtype"] = dtype
     return Case(name, config, **kwargs)
 
 
@@ -141,6 +144,11 @@ CASES: tuple[Case, ...] = (
                                {"model": "BASE", "layer_range": [0, NUM_LAYERS]}]}]),
     _case("task_arithmetic_bf16", "task_arithmetic", _models(("M1", {"weight": 0.7}), ("M2", {"weight": 0.3})),
           dtype="bfloat16"),
+    # bf16 checkpoints merged in fp32 and written as bf16 (mergekit's dtype + out_dtype): evomerge's own arithmetic
+    _case("task_arithmetic_bf16_out_dtype", "task_arithmetic",
+          _models(("M1", {"weight": 0.7}), ("M2", {"weight": 0.3})), dtype="bfloat16", compute="float32"),
+    _case("linear_bf16_out_dtype", "linear", _THREE, base=None, dtype="bfloat16", compute="float32"),
+    _case("ties_bf16_out_dtype", "ties", _TIES3, dtype="bfloat16", compute="float32"),
     # TIES family
     _case("ties", "ties", _TIES3, quick=True),
     _case("ties_density_gradient_lambda", "ties",
