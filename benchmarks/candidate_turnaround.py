@@ -256,7 +256,8 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=50e6, help="model size (parameters, about)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="checkpoint and live-model dtype (mergekit computes TIES/DARE in it; evomerge in fp32)")
+                        help="checkpoint and live-model dtype (both tools compute in fp32: the exported YAML says "
+                             "dtype: float32, out_dtype: DTYPE)")
     parser.add_argument("--sources", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=3, help="timed candidates per method")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -354,8 +355,9 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         "from torch's generator, evomerge from its counter-based one), so DARE weights are not compared.",
         "- `normalize` defaults differ for `dare_ties` and `breadcrumbs_ties` (evomerge True, mergekit False); the "
         "exported YAML carries only what the recipe sets, so the dare_ties candidates set `normalize: true`.",
-        "- dtype: mergekit computes the task-vector methods in the checkpoint dtype (linear in fp32), evomerge all "
-        "in fp32; with bf16/fp16 checkpoints expect differences of about one ulp of that dtype.",
+        "- dtype: the exported YAML of a bf16/fp16 recipe is `dtype: float32, out_dtype: <dtype>`, so mergekit "
+        "computes in fp32 and rounds once, as evomerge does (a hand-written `dtype: bfloat16` makes mergekit round "
+        "every step).",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md")

@@ -35,7 +35,8 @@ def check_values(recipe: Recipe) -> None:
     (MethodError naming the problem). The engine checks again per tensor, with the values resolved."""
     method = get_method(recipe.method)
     for scope in (recipe.parameters, *(s.parameters for s in recipe.sources)):
-        validate_params(method, scope, len(recipe.sources), recipe.base is not None, resolved=False)
+        validate_params(method, scope, len(recipe.sources), recipe.base is not None, resolved=False,
+                        recipe=True)
 
 
 def merge_to_dir(

@@ -159,3 +159,70 @@ def test_methods_from_mergekit_import_and_export_with_mergekit_names(config):
     exported = to_mergekit(recipe)
     assert exported.get("parameters", {}) == config.get("parameters", {})
     assert from_mergekit(exported) == recipe
+
+
+def test_linear_averages_the_base_in_as_mergekit_does():
+    """mergekit's linear ignores which model is the base: an unlisted base_model is one more input (appended last),
+    weighted like the others, and an input without a weight is an error there (no default), here too."""
+    two = [{"model": "A", "parameters": {"weight": 0.5}}, {"model": "C", "parameters": {"weight": 0.3}}]
+    weighted = {"merge_method": "linear", "base_model": "B", "parameters": {"weight": 0.2}, "models": two}
+    recipe = from_mergekit(weighted)
+    assert [(s.model, s.parameters) for s in recipe.sources] == [("A", {"weight": 0.5}), ("C", {"weight": 0.3}),
+                                                                  ("B", {})]
+    assert recipe.parameters == {"weight": 0.2}  # the base's weight: the top-level default
+    assert from_mergekit(to_mergekit(recipe)) == recipe
+    listed = {"merge_method": "linear", "base_model": "B",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("A", "B", "C")]}
+    assert [s.model for s in from_mergekit(listed).sources] == ["A", "B", "C"]
+    unweighted = {"merge_method": "linear", "base_model": "B", "models": two}
+    with pytest.raises(RecipeError, match=r"mergekit linear needs a weight for every input model.*: B has none"):
+        from_mergekit(unweighted)
+    # a linear recipe whose base is not averaged (evomerge's own): exported without base_model
+    exported = to_mergekit(Recipe(method="linear", base="B", sources=[{"model": "A"}, {"model": "C"}]))
+    assert "base_model" not in exported and [m["model"] for m in exported["models"]] == ["A", "C"]
+
+
+@pytest.mark.parametrize("config", [
+    {"merge_method": "nuslerp", "models": [{"model": "A", "parameters": {"weight": 2.5}},
+                                           {"model": "C", "parameters": {"weight": 0.5}}]},
+    {"merge_method": "task_arithmetic", "base_model": "B", "parameters": {"lambda": 3.0},
+     "models": [{"model": "A", "parameters": {"weight": -2.5}}, {"model": "C", "parameters": {"weight": 4.0}}]},
+    {"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": -0.5}},
+                                          {"model": "C", "parameters": {"weight": [1.5, 3.0]}}]},
+    {"merge_method": "ties", "base_model": "B", "parameters": {"lambda": -1.0},
+     "models": [{"model": "A", "parameters": {"weight": 5.0, "density": 0.5}}]},
+])
+def test_imported_recipes_take_any_weight_and_lambda_as_mergekit_does(config):
+    check_values(from_mergekit(config))  # no MethodError: mergekit bounds neither weight nor lambda
+
+
+def test_recipe_ranges_are_wider_than_search_ranges_only_for_weight_and_lambda():
+    from evomerge.methods import MethodError, get_method, validate_params
+
+    ties = get_method("ties")
+    validate_params(ties, {"weight": [3.0, -1.0], "lambda": 2.5}, 2, True, recipe=True)
+    with pytest.raises(MethodError, match=r"'weight' = 3.0 is out of range \[0.0, 2.0\]"):
+        validate_params(ties, {"weight": [3.0, 1.0]}, 2, True)  # a search space or sweep keeps [0, 2]
+    with pytest.raises(MethodError, match=r"'density' = 1.5 is out of range \[0.0, 1.0\]"):
+        validate_params(ties, {"density": [0.5, 1.5]}, 2, True, recipe=True)  # a fraction stays a fraction
+
+
+@pytest.mark.parametrize(("dtypes", "recipe_dtype"), [
+    ({"dtype": "float32", "out_dtype": "bfloat16"}, "bfloat16"),  # mergekit computes in fp32, writes bf16
+    ({"dtype": "bfloat16"}, "bfloat16"),  # out_dtype defaults to dtype
+    ({"out_dtype": "float16"}, "float16"),
+    ({"dtype": "bfloat16", "out_dtype": "float32"}, "float32"),
+])
+def test_dtype_and_out_dtype_import_as_the_output_dtype(dtypes, recipe_dtype):
+    config = {"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"density": 0.5}}],
+              **dtypes}
+    assert from_mergekit(config).dtype == recipe_dtype
+
+
+def test_low_precision_recipes_export_as_fp32_compute_with_out_dtype():
+    """evomerge computes in fp32 and rounds once: exported, mergekit is told to do the same."""
+    bf16 = to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}], dtype="bfloat16"))
+    assert (bf16["dtype"], bf16["out_dtype"]) == ("float32", "bfloat16")
+    fp32 = to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}], dtype="float32"))
+    assert fp32["dtype"] == "float32" and "out_dtype" not in fp32
+    assert "dtype" not in to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}]))

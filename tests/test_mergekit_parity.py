@@ -6,11 +6,14 @@ mergekit, gives the tensors of evomerge's own export). Needs mergekit in its own
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -28,7 +31,8 @@ if not BINARY.is_file():
         reason=f"mergekit-yaml not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
                "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
 
-QUICK = [c for c in parity.CASES if c.quick and c.tolerance != "random"]
+QUICK = [c for c in parity.CASES if c.quick and c.tolerance not in ("random", "fma")]
+SCALAR_LINEAR = [c for c in parity.CASES if c.name in ("linear", "linear_unnormalized")]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +65,37 @@ def test_exported_recipe_run_by_mergekit_gives_evomerges_export(
     parity.run_mergekit(BINARY, config, tmp_path / "mergekit")
     diffs = parity.compare(parity.read_tensors(ours), parity.read_tensors(tmp_path / "mergekit"))
     assert all(d.max_ulp == 0 for d in diffs.values()), {g: d.max_ulp for g, d in diffs.items()}
+
+
+@pytest.mark.parametrize("case", SCALAR_LINEAR, ids=[c.name for c in SCALAR_LINEAR])
+def test_linear_differs_from_mergekit_only_by_its_fused_multiply_add(
+    case: parity.Case, families: parity.Families, tmp_path: Path
+) -> None:
+    """fp32 linear: mergekit accumulates ``r.addcmul_(θ_i, w_i)`` from 0 (torch's CPU addcmul is one fused
+    multiply-add: w_i·θ_i is not rounded before the add), evomerge ``(w_0 θ_0 + w_1 θ_1) + ...`` with every product
+    rounded (the formula its eager and compiled kernels both compute, on every device). Every tensor of each tool is
+    its own formula bit for bit, and the two formulas differ (README, conventions table)."""
+    paths = families.paths("llama", "float32")
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(parity.with_paths(case.config, paths), sort_keys=False))
+    parity.run_mergekit(BINARY, config, tmp_path / "mergekit")
+    parity.run_evomerge(config, tmp_path / "evomerge")
+    theirs, ours = parity.read_tensors(tmp_path / "mergekit"), parity.read_tensors(tmp_path / "evomerge")
+    models = [m["model"] for m in case.config["models"]]
+    sources = [parity.read_tensors(Path(paths[m])) for m in models]
+    w = torch.tensor([m["parameters"]["weight"] for m in case.config["models"]], dtype=torch.float32)
+    normalize = case.config.get("parameters", {}).get("normalize", True)
+    fused_somewhere = False
+    for name, merged in theirs.items():
+        fused = torch.zeros_like(merged)
+        for source, weight in zip(sources, w):
+            fused.addcmul_(source[name], weight)
+        rounded = sources[0][name] * w[0]
+        for source, weight in zip(sources[1:], w[1:]):
+            rounded = rounded + source[name] * weight
+        if normalize:  # mergekit divides by weight.sum(), evomerge by the weights added in source order
+            fused, rounded = fused / w.sum(), rounded / functools.reduce(operator.add, w)
+        assert torch.equal(merged, fused), name
+        assert torch.equal(ours[name], rounded), name
+        fused_somewhere |= not torch.equal(fused, rounded)
+    assert fused_somewhere  # the fused multiply-add is visible: the test can tell the two formulas apart

@@ -141,7 +141,7 @@ def plan_params(recipe: Recipe, names: Sequence[str], num_layers: int) -> tuple[
         key = repr(sorted(params.items()))
         if key not in seen:
             seen.add(key)
-            validate_params(method, params, len(recipe.sources), recipe.base is not None)
+            validate_params(method, params, len(recipe.sources), recipe.base is not None, recipe=True)
     return method, resolved
 
 

@@ -99,12 +99,15 @@ def _whole_steps(params: Mapping[str, object], n_sources: int) -> str | None:
     return None
 
 
+_ANY = (None, None)  # a recipe may hold any number (mergekit bounds no weight or lambda)
+
+
 def _weight(low: float = 0.0, high: float = 2.0) -> Param:
-    return Param("weight", 1.0, low, high, per_source=True, doc="relative weight of each source")
+    return Param("weight", 1.0, low, high, per_source=True, recipe_range=_ANY, doc="relative weight of each source")
 
 
 _DENSITY = Param("density", 1.0, 0.0, 1.0, per_source=True, doc="fraction of each task vector kept")
-_LAMBDA = Param("lambda", 1.0, 0.0, 2.0, kwarg="lam", doc="scale of the merged task vector")
+_LAMBDA = Param("lambda", 1.0, 0.0, 2.0, kwarg="lam", recipe_range=_ANY, doc="scale of the merged task vector")
 _RESCALE = Param("rescale", True, doc="rescale survivors by 1/keep-probability")
 
 
@@ -236,7 +239,7 @@ _MERGEKIT_MORE: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         "nuslerp", nuslerp,
-        (Param("weight", None, 0.0, 2.0, per_source=True,
+        (Param("weight", None, 0.0, 2.0, per_source=True, recipe_range=_ANY,
                doc="relative weight of each source: t = w_1 / (w_0 + w_1)"),
          Param("nuslerp_flatten", True, doc="one angle for the whole tensor (else per row / column)"),
          Param("nuslerp_row_wise", False, doc="without flatten: one angle per column (dim 0) instead of per row")),

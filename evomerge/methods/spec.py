@@ -27,8 +27,11 @@ class Param:
 
     name: str  # recipe key, mergekit-compatible
     default: float | bool | None  # None = required
-    low: float | None = None  # inclusive valid range, for validation and as default search range
+    low: float | None = None  # inclusive range of a search space (default search range) and of a recipe, unless:
     high: float | None = None
+    # the range a recipe may hold where it is wider (mergekit bounds no weight or lambda: nuslerp weight 2.5,
+    # negative task-arithmetic weights are valid mergekit configs); (None, None): any number
+    recipe_range: tuple[float | None, float | None] | None = None
     per_source: bool = False  # True: one value per source -> Tensor[N]; False: global scalar
     kwarg: str | None = None  # python keyword if different from name (e.g. "lambda" -> "lam")
     doc: str = ""
@@ -211,7 +214,8 @@ def _check_sources(method: MergeMethod, n_sources: int) -> None:
         raise MethodError(f"{method.name} takes at most {high} sources, got {n_sources}")
 
 
-def _check_value(method: MergeMethod, param: Param, value: object) -> None:
+def _check_value(method: MergeMethod, param: Param, value: object, recipe: bool) -> None:
+    low, high = param.recipe_range if recipe and param.recipe_range is not None else (param.low, param.high)
     for leaf in leaves(value):
         if param.is_bool:
             if not isinstance(leaf, bool):
@@ -219,16 +223,13 @@ def _check_value(method: MergeMethod, param: Param, value: object) -> None:
             continue
         if isinstance(leaf, bool) or not isinstance(leaf, Real):
             raise MethodError(f"{method.name}: parameter {param.name!r} must be a number, got {leaf!r}")
-        low = -float("inf") if param.low is None else param.low
-        high = float("inf") if param.high is None else param.high
-        if not low <= float(leaf) <= high:
-            raise MethodError(
-                f"{method.name}: parameter {param.name!r} = {leaf} is out of range [{param.low}, {param.high}]"
-            )
+        if not (low is None or low <= float(leaf)) or not (high is None or float(leaf) <= high):
+            raise MethodError(f"{method.name}: parameter {param.name!r} = {leaf} is out of range [{low}, {high}]")
 
 
 def validate_params(
-    method: MergeMethod, params: Mapping[str, object], n_sources: int, has_base: bool, *, resolved: bool = True
+    method: MergeMethod, params: Mapping[str, object], n_sources: int, has_base: bool, *, resolved: bool = True,
+    recipe: bool = False,
 ) -> None:
     """Raise MethodError if ``params`` (recipe keys -> values) do not fit ``method`` with these sources.
 
@@ -237,7 +238,8 @@ def validate_params(
     ``[0, 1]``). A value may be a scalar, a sequence (one entry per source and/or a per-layer gradient,
     possibly nested), a tensor or a per-filter mapping; every number in it is checked. ``resolved=False``: one
     scope of a recipe as written (before the values of a tensor are picked from scopes, filters and gradients):
-    names, types and ranges only, no required-parameter or cross-parameter checks.
+    names, types and ranges only, no required-parameter or cross-parameter checks. ``recipe``: the ranges a recipe
+    may hold (``Param.recipe_range`` where set: any weight, as in mergekit), else those of a search space or sweep.
     """
     _check_sources(method, n_sources)
     if method.needs_base and not has_base:
@@ -245,7 +247,7 @@ def validate_params(
             f"{method.name} needs a base model (it merges task vectors θ_i − θ_base); set base_model in the recipe"
         )
     for name, value in params.items():
-        _check_value(method, method.param(name), value)
+        _check_value(method, method.param(name), value, recipe)
     if not resolved:
         return
     missing = [p.name for p in method.params if p.default is None and p.name not in params]

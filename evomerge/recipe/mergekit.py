@@ -7,8 +7,14 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
   ``[{filter: self_attn, value: V}, {value: D}]`` map to evomerge's ``{self_attn: V, default: D}``;
 - ``slerp``: mergekit interpolates from ``base_model`` (t=0) to the other model (t=1); evomerge's slerp goes from
   ``sources[0]`` to ``sources[1]``, so the base becomes ``sources[0]``;
-- ``karcher``: mergekit averages every input model, the base too (appended last when ``models`` does not list it),
-  so the base stays one of the sources, at that place; exported, a base that is not one of the sources is left out;
+- ``karcher`` and ``linear``: mergekit averages every input model, the base too (appended last when ``models`` does
+  not list it), so the base stays one of the sources, at that place; exported, a base that is not one of the sources
+  is left out. mergekit's ``linear`` has no default ``weight``: a model without one (the base included, unless the
+  top-level ``parameters`` give a ``weight``) is refused, as mergekit refuses it;
+- ``dtype`` / ``out_dtype``: mergekit computes in ``dtype`` and writes ``out_dtype`` (default ``dtype``); evomerge
+  computes in fp32 and writes the recipe's ``dtype`` = ``out_dtype or dtype`` (with ``dtype: bfloat16`` mergekit rounds
+  every step to bf16: a few ulp apart, README); exported, a bf16 / fp16 recipe is ``dtype: float32`` + ``out_dtype``,
+  so mergekit computes as evomerge does;
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - a model ``MODEL+LORA`` (mergekit's model with a LoRA applied) is the adapter dir as a source on the base, which
@@ -38,11 +44,16 @@ from evomerge.recipe.schema import (
 
 log = logging.getLogger(__name__)
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "slices"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "slices"}
+# dtypes evomerge computes in: always float32 (a recipe's dtype is the output's, rounded once)
+COMPUTE_DTYPE = "float32"
 MODEL_KEYS = {"model", "parameters"}
 DROPPED_PARAMETERS = {"int8_mask"}
 # methods whose mergekit inputs are all the models, base included (mergekit ignores which one is the base)
-BASE_IS_A_SOURCE = {"karcher"}
+BASE_IS_A_SOURCE = {"karcher", "linear"}
+# methods whose per-model `weight` mergekit requires (no default): a model without one is an error there
+WEIGHT_REQUIRED = {"linear"}
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -115,7 +126,10 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     if isinstance(base, str) and "+" in base:
         raise RecipeError(f"mergekit base_model {base!r} carries a LoRA adapter; evomerge takes adapters as sources on "
                           "a full base: list the adapter under models as BASE+LORA with base_model: BASE")
-    common = {"dtype": data.get("dtype"), "tokenizer_source": base if tokenizer == "base" else tokenizer}
+    # mergekit computes in `dtype` and writes `out_dtype` (default: `dtype`); evomerge computes in fp32 and writes the
+    # recipe's dtype: `dtype: float32, out_dtype: bfloat16` is evomerge's own arithmetic
+    common = {"dtype": data.get("out_dtype") or data.get("dtype"),
+              "tokenizer_source": base if tokenizer == "base" else tokenizer}
     if method == STACK_METHOD:
         slices = []
         for s in data.get("slices") or []:
@@ -144,6 +158,13 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
     elif method in BASE_IS_A_SOURCE:
         if base is not None and all(s.model != base for s in sources):
             sources.append(SourceSpec(model=base))
+        if method in WEIGHT_REQUIRED and "weight" not in params:
+            unweighted = [s.model for s in sources if "weight" not in s.parameters]
+            if unweighted:
+                raise RecipeError(
+                    f"mergekit {method} needs a weight for every input model, the base_model too (mergekit averages "
+                    f"it in): {', '.join(unweighted)} has none; give it parameters.weight (or a top-level "
+                    "parameters.weight for all), or drop base_model")
     else:
         sources = [s for s in sources if s.model != base or s.parameters]
     return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
@@ -181,8 +202,10 @@ def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
             out["models"].append({"model": s.model, **({"parameters": params} if params else {})})
         if recipe.parameters:
             out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
-    if recipe.dtype:
-        out["dtype"] = recipe.dtype
+    if recipe.dtype:  # computed in fp32 and rounded once, as evomerge computes it
+        out["dtype"] = COMPUTE_DTYPE
+        if recipe.dtype != COMPUTE_DTYPE:
+            out["out_dtype"] = recipe.dtype
     if recipe.tokenizer_source:
         out["tokenizer_source"] = "base" if recipe.tokenizer_source == recipe.base else recipe.tokenizer_source
     return out
