@@ -304,12 +304,12 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
     best = max(base_lines, key=lambda b: statistics.fmean(b.val))
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["kind", "space", "sampler_or_label", "seed", "best_trial", "val", "test"])
+        writer.writerow(["kind", "space", "sampler", "label", "seed", "best_trial", "val", "test"])
         for b in base_lines:
             for seed, (v, t) in enumerate(zip(b.val, b.test)):
-                writer.writerow(["baseline", "", b.label, seed, "", repr(v), repr(t)])
+                writer.writerow(["baseline", "", "", b.label, seed, "", repr(v), repr(t)])
         for r in runs:
-            writer.writerow(["search", r.space, r.sampler, r.seed, r.best_trial, repr(r.val), repr(r.test)])
+            writer.writerow(["search", r.space, r.sampler, "", r.seed, r.best_trial, repr(r.val), repr(r.test)])
     plot(runs, base_lines, best, out / f"{stem}.png")
     docs = f"{args.limit} validation docs per task (one seeded subset)" if args.limit else "every validation doc"
     tests = f"{args.test_limit} test docs per task" if args.test_limit else "every test doc"

@@ -113,7 +113,7 @@ def test_search_vs_baselines_quick(mini_zoo, sweep_run: Path, tmp_path: Path) ->
     base = defaultdict(list)
     for r in rows:
         if r["kind"] == "baseline":
-            base[r["sampler_or_label"]].append((float(r["val"]), float(r["test"])))
+            base[r["label"]].append((float(r["val"]), float(r["test"])))
     assert set(base) == {f"source:{t}" for t in mini_zoo.experts} | {
         "uniform", "task_arithmetic", "ties", "dare_ties", svb.HAND_TUNED}
     assert len(base["dare_ties"]) == 2 and len(base["uniform"]) == 1
