@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
-from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.methods.spec import Coefficients, Ranks, Thresholds
 from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
@@ -116,7 +115,8 @@ def test_ties_family_is_one_table() -> None:
     assert METHODS["ties"].needs(Thresholds) is not None and METHODS["della"].needs(Ranks) is not None
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - FACTOR_METHODS))  # lorahub takes factors: test_lorahub.py
+# lorahub merges LoRA factors, not dense tensors: tests/test_lorahub.py
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.takes_factors))
 def test_every_method_runs_with_registry_defaults_and_keeps_inputs(name: str) -> None:
     method = METHODS[name]
     g = torch.Generator().manual_seed(0)

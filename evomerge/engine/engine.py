@@ -55,7 +55,6 @@ from evomerge.engine.plan import (
 )
 from evomerge.methods import MergeMethod
 from evomerge.methods.counter_rng import row_keys
-from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.recipe import Recipe, RecipeError
@@ -188,7 +187,7 @@ class MergeEngine:
         """Validate a recipe against the registry and the loaded models before any tensor work."""
         method = recipe_method(recipe)
         _, sources = self.indices(recipe)
-        if method.name in FACTOR_METHODS:
+        if method.takes_factors:
             check_factor_sources(self.checkpoints, self.paths, sources, method.name)
         if recipe.dtype is not None and DTYPES[recipe.dtype] != self.dtype:
             raise RecipeError(f"recipe dtype {recipe.dtype} differs from the live model's {self.dtype}")
@@ -325,7 +324,7 @@ class MergeEngine:
     ) -> Tensor:
         """``method.fn`` on the whole fp32 tensor, by the plain formula (no chunks, no caches); a factor method on
         the sources' LoRA factors."""
-        if method.name in FACTOR_METHODS:
+        if method.takes_factors:
             factors, transpose = self.sources.factors(name, sources)  # type: ignore[attr-defined]
             base_t = self.sources.fp32(name, base, [base])[0]  # type: ignore[list-item]
             return method.fn(base_t, factors, transpose=transpose, **method_kwargs(method, params, len(sources)))

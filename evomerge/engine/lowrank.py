@@ -43,7 +43,7 @@ def stack_bytes(checkpoints: Sequence[Checkpoint | AdapterCheckpoint], names: Se
 
 def check_factor_sources(checkpoints: Sequence[Checkpoint | AdapterCheckpoint], paths: Sequence[str],
                          sources: Sequence[int], method: str) -> None:
-    """RecipeError unless every source of a factor method (:data:`~evomerge.methods.lorahub.FACTOR_METHODS`) is a
+    """RecipeError unless every source of a factor method (``MergeMethod.takes_factors``) is a
     LoRA adapter with factors only (a saved full tensor has no factors to compose)."""
     full = [paths[i] for i in sources if not isinstance(checkpoints[i], AdapterCheckpoint)]
     if full:

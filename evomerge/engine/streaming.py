@@ -26,7 +26,6 @@ from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite, refuse_nonfinite
 from evomerge.engine.lowrank import check_factor_sources, module_factors
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
-from evomerge.methods.lorahub import FACTOR_METHODS
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
 from evomerge.recipe import Recipe
@@ -57,7 +56,7 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
         raise ValueError(f"method '{method.name}' needs data statistics and the live model; merge it with "
                          "evomerge.merge.merge_to_dir (the engine path)")
     merged = set(opened.names)
-    if method.name in FACTOR_METHODS:
+    if method.takes_factors:
         check_factor_sources(opened.checkpoints, opened.paths, sources, method.name)
 
     def produce(name: str) -> Tensor:
@@ -66,7 +65,7 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
         base_t = None if base is None else opened.checkpoints[base].get(name, compute).to(torch.float32)
         kwargs = method_kwargs(method, resolved[name], len(sources))
         rows: list[Tensor] = []  # the dense rows read (to name a source holding NaN/Inf, as the engine does)
-        if method.name in FACTOR_METHODS:
+        if method.takes_factors:
             factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
             result = method.fn(base_t, factors, transpose=transpose, **kwargs).to(dtype)
         else:

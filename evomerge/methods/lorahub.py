@@ -23,10 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FACTOR_METHODS", "Factors", "compose_factors", "lorahub", "rank_sum", "svd_factors"]
+__all__ = ["Factors", "compose_factors", "lorahub", "rank_sum", "svd_factors"]
 
 Factors = tuple[Tensor, Tensor, float]  # (A [r, d_in], B [d_out, r], scale)
-FACTOR_METHODS = frozenset({"lorahub"})  # methods whose fn takes the sources' factors, not their dense tensors
 
 
 def compose_factors(factors: Sequence[Factors | None], weight: Tensor) -> tuple[Tensor, Tensor]:

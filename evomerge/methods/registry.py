@@ -41,6 +41,7 @@ from evomerge.methods.spec import (
     Param,
     Points,
     Ranks,
+    SourceFactors,
     Statistic,
     Thresholds,
     leaves,
@@ -259,8 +260,8 @@ _LORA: tuple[MergeMethod, ...] = (
     MergeMethod(
         "lorahub", lorahub,
         (_weight(-1.5, 1.5), Param("rank_sum", False, doc="exact Σ w_i s_i B_i A_i instead of LoraHub's factor sums")),
-        needs_base=True, doc="LoraHub composition of LoRA adapter sources (evomerge.methods.lorahub)",
-        alone=_one_hot,
+        needs_base=True, inputs=(SourceFactors(),),
+        doc="LoraHub composition of LoRA adapter sources (evomerge.methods.lorahub)", alone=_one_hot,
     ),
 )
 

@@ -100,8 +100,17 @@ class Statistic:
     kwarg = "stats"
 
 
-MethodInput = Draws | Thresholds | Ranks | Coefficients | Statistic
-_Input = TypeVar("_Input", Draws, Thresholds, Ranks, Coefficients, Statistic)
+@dataclass(frozen=True)
+class SourceFactors:
+    """The sources' LoRA factors instead of their dense tensors: ``fn(base, factors, *, transpose, <params>)`` with
+    one ``(A, B, scale)`` per source (None where a source does not adapt the tensor); every source must be a LoRA
+    adapter (:mod:`evomerge.engine.lowrank`)."""
+
+    kwarg = "factors"
+
+
+MethodInput = Draws | Thresholds | Ranks | Coefficients | Statistic | SourceFactors
+_Input = TypeVar("_Input", Draws, Thresholds, Ranks, Coefficients, Statistic, SourceFactors)
 
 
 # --------------------------------------------------------------------------- baseline parameter points
@@ -148,6 +157,11 @@ class MergeMethod:
     def stochastic(self) -> bool:
         """Draws from the recipe's seed (DARE, DELLA)."""
         return self.needs(Draws) is not None
+
+    @property
+    def takes_factors(self) -> bool:
+        """Merges the sources' LoRA factors, not their dense tensors (LoraHub's composition)."""
+        return self.needs(SourceFactors) is not None
 
     @property
     def statistic(self) -> str | None:
