@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from mergekit_tool import mergekit_marks, mergekit_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import mergekit_parity as parity  # noqa: E402
@@ -23,13 +23,8 @@ from evomerge.merge import merge_to_dir  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.recipe.mergekit import to_mergekit  # noqa: E402
 
-pytestmark = pytest.mark.mergekit
-
-BINARY = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml"))
-if not BINARY.is_file():
-    pytestmark = [pytestmark, pytest.mark.skip(
-        reason=f"mergekit-yaml not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
-               "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
+BINARY = mergekit_tool()
+pytestmark = mergekit_marks(BINARY)
 
 QUICK = [c for c in parity.CASES if c.quick and c.tolerance not in ("random", "fma")]
 SCALAR_LINEAR = [c for c in parity.CASES if c.name in ("linear", "linear_unnormalized")]

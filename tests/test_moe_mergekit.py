@@ -6,22 +6,17 @@ without it."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from mergekit_tool import mergekit_marks, mergekit_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import moe_parity as parity  # noqa: E402
 
-pytestmark = pytest.mark.mergekit
-
-BINARY = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml")).parent / "mergekit-moe"
-if not BINARY.is_file():
-    pytestmark = [pytestmark, pytest.mark.skip(
-        reason=f"mergekit-moe not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
-               "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
+BINARY = mergekit_tool("mergekit-moe")
+pytestmark = mergekit_marks(BINARY)
 
 QUICK = [c for c in parity.CASES if c.quick]
 

@@ -6,24 +6,19 @@ table's columns add up."""
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from mergekit_tool import mergekit_marks, mergekit_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import search_throughput as bench  # noqa: E402
 
 from evomerge.zoo import Zoo  # noqa: E402
 
-pytestmark = pytest.mark.mergekit
-
-BINARY = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml"))
-if not BINARY.is_file():
-    pytestmark = [pytestmark, pytest.mark.skip(
-        reason=f"mergekit-yaml not found at {BINARY}: python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip "
-               "install torch==2.13.0 mergekit, or set EVOMERGE_MERGEKIT_BIN")]
+BINARY = mergekit_tool()
+pytestmark = mergekit_marks(BINARY)
 
 
 def test_quick_run_scores_agree_and_columns_add_up(mini_zoo: Zoo, tmp_path: Path) -> None:
