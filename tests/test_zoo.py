@@ -175,6 +175,48 @@ def test_regularisers_enter_the_hash_only_when_used() -> None:
     ).config_hash()
 
 
+def test_fine_tune_knobs_enter_the_hash_only_when_set() -> None:
+    mini = ZooConfig.mini()
+    plain = mini.expert
+    assert ZooConfig.model_validate(mini.model_dump()).config_hash() == mini.config_hash()
+    assert "expert_specs" not in mini.model_dump()  # configs from before per-task experts keep their hash
+    for knob in ({"replay": 0.5}, {"train_items": 10}, {"batch_size": 8}):
+        changed = plain.model_copy(update=knob)
+        assert knob.keys() <= changed.model_dump().keys()
+        assert mini.model_copy(update={"expert": changed}).config_hash() != mini.config_hash()
+    per_task = mini.model_copy(update={"expert_specs": {"sort": plain.model_copy(update={"steps": 3})}})
+    assert per_task.config_hash() != mini.config_hash()
+    assert per_task.expert_spec("sort").steps == 3 and per_task.expert_spec("reverse") == plain
+
+
+def test_expert_specs_must_name_expert_tasks() -> None:
+    data = {**ZooConfig.mini().model_dump(), "expert_specs": {"brackets": {"steps": 3, "lr": 1e-3}}}
+    with pytest.raises(ValueError, match=r"expert_specs names \['brackets'\], which are not expert_tasks"):
+        ZooConfig.model_validate(data)
+
+
+def test_fine_tune_data_takes_a_subset_and_replays_other_tasks_at_the_base_confusion() -> None:
+    cfg = micro_config()
+    splits = build_module._make_splits(cfg)
+    task = cfg.expert_tasks[0]
+    spec = TrainSpec(steps=1, lr=1e-3, seed=3, train_items=10, replay=0.6)
+    seen: list[list[tuple[str, str]]] = []
+    original = build_module.encode
+    build_module.encode = lambda pairs, tokenizer, answer_only: seen.append(pairs)  # type: ignore[assignment]
+    try:
+        build_module._training_data(build_module._Run("e", "expert", task, spec), splits, None, cfg)  # type: ignore[arg-type]
+    finally:
+        build_module.encode = original
+    pairs = seen[0]
+    own, replayed = pairs[:10], pairs[10:]
+    assert [q for q, _ in own] == [str(item["query"]) for item in splits[task]["train"][:10]]
+    assert len(replayed) == 15  # 0.6 = 15 / (10 + 15)
+    other = {str(item["query"]): item for t, sp in splits.items() if t != task for item in sp["train"]}
+    assert all(q in other for q, _ in replayed)
+    # answers of replayed items are the right answer or the confuser: the base's pretraining text
+    assert all(a in (other[q]["choices"][other[q]["gold"]], other[q]["confuser"]) for q, a in replayed)
+
+
 def test_config_hash_is_stable_and_sensitive() -> None:
     mini = ZooConfig.mini()
     assert mini.config_hash() == ZooConfig.mini().config_hash()

@@ -13,6 +13,7 @@ import copy
 import fcntl
 import json
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ def _plan(config: ZooConfig) -> list[_Run]:
     """Every model of ``config`` in build order: base, experts, sweep."""
     return [
         _Run("base", "base", None, config.base),
-        *(_Run(f"expert_{task}", "expert", task, config.expert) for task in config.expert_tasks),
+        *(_Run(f"expert_{task}", "expert", task, config.expert_spec(task)) for task in config.expert_tasks),
         *(_Run(f"sweep_{i:02d}", "sweep", config.sweep_task, spec) for i, spec in enumerate(config.sweep)),
     ]
 
@@ -83,18 +84,24 @@ def _training_data(
     run: _Run, splits: dict[str, dict[str, list[Item]]], tokenizer: PreTrainedTokenizerFast, config: ZooConfig
 ) -> Encoded:
     """Base: the mixture of all tasks' train items, answers swapped for confusers at ``confuser_rate``, loss on
-    every token. Fine-tunes: their task's train items, answers swapped for the confuser at the run's
-    ``label_noise`` and relabelled at its ``augment`` rate (never into a validation or test query), loss on the
-    answer tokens only."""
+    every token. Fine-tunes: their task's train items (the first ``train_items`` of them when set), answers
+    swapped for the confuser at the run's ``label_noise`` and relabelled at its ``augment`` rate (never into a
+    validation or test query), then ``replay`` of the set drawn (seeded) from the other tasks' train items with
+    the base's ``confuser_rate``; loss on the answer tokens only."""
     if run.task is None:
         mixture = [item for task_splits in splits.values() for item in task_splits["train"]]
         pairs = answer_pairs(mixture, config.confuser_rate, config.data_seed)
         return encode(pairs, tokenizer, answer_only=False)
     spec, task_splits = run.spec, splits[run.task]
-    pairs = answer_pairs(task_splits["train"], spec.label_noise, spec.seed)
+    pairs = answer_pairs(task_splits["train"][: spec.train_items], spec.label_noise, spec.seed)
     if spec.augment:
         held_out = {str(item["query"]) for split in ("validation", "test") for item in task_splits[split]}
         pairs = augment_pairs(run.task, pairs, spec.augment, spec.seed, held_out)
+    if spec.replay:
+        others = [item for task, task_splits in splits.items() if task != run.task for item in task_splits["train"]]
+        random.Random(f"replay:{spec.seed}").shuffle(others)
+        n_replay = round(len(pairs) * spec.replay / (1 - spec.replay))  # replay = n_replay / (n_own + n_replay)
+        pairs += answer_pairs(others[:n_replay], config.confuser_rate, spec.seed)
     return encode(pairs, tokenizer, answer_only=True)
 
 
@@ -116,7 +123,8 @@ def _build_into(root: Path, final_root: Path, config: ZooConfig, progress: bool)
         t_run = time.perf_counter()
         model = make_model(config.model, tokenizer, run.spec.seed) if base is None else copy.deepcopy(base)
         data = _training_data(run, splits, tokenizer, config)
-        loss = train(model, data, run.spec, batch_size=config.batch_size, desc=f"zoo {run.name}", progress=progress)
+        batch_size = run.spec.batch_size or config.batch_size
+        loss = train(model, data, run.spec, batch_size=batch_size, desc=f"zoo {run.name}", progress=progress)
         if base is None:
             base = model
         path = Path(MODELS_DIR) / run.name

@@ -38,12 +38,14 @@ class ModelShape(_Frozen):
         return self
 
 
-_REGULARISERS = ("label_smoothing", "label_noise", "augment")
+#: knobs added after zoos were built and cached: serialized only when set, so older configs keep their hash
+_OPTIONAL = ("label_smoothing", "label_noise", "augment", "replay", "train_items", "batch_size")
 
 
 class TrainSpec(_Frozen):
-    """One training run: AdamW steps, peak learning rate (cosine schedule), seed, weight decay, and the
-    regularisers of a fine-tune (the knobs the model-soups paper varied across its ingredients)."""
+    """One training run: AdamW steps, peak learning rate (cosine schedule), seed, weight decay, the
+    regularisers of a fine-tune (the knobs the model-soups paper varied across its ingredients), and what a
+    fine-tune trains on (replayed other-task data, a subset of its task's items, its own batch size)."""
 
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -57,12 +59,22 @@ class TrainSpec(_Frozen):
     augment: float = Field(
         default=0.0, ge=0, le=1, description="share of fine-tuning items relabelled by a symmetry of the task"
     )
+    replay: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="share of a fine-tuning set drawn from the other tasks' train items, confused at the base's "
+        "rate: the expert keeps the base's behaviour there, so its task vector stays local to its task",
+    )
+    train_items: int | None = Field(
+        default=None, ge=1, description="fine-tune on the first N train items of the task only (None: all)"
+    )
+    batch_size: int | None = Field(default=None, ge=1, description="this run's batch size (None: the zoo's)")
 
     @model_serializer(mode="wrap")
-    def _drop_unused_regularisers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # the regularisers came after zoos were built and cached: left out when 0, a config without them
-        # keeps its hash (and its cached zoo), since it trains exactly as before
-        return {k: v for k, v in handler(self).items() if k not in _REGULARISERS or v}
+    def _drop_unused_knobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # left out when unset, a config without them keeps its hash (and its cached zoo): it trains as before
+        return {k: v for k, v in handler(self).items() if k not in _OPTIONAL or v}
 
 
 class ZooConfig(_Frozen):
@@ -84,6 +96,9 @@ class ZooConfig(_Frozen):
     batch_size: int = Field(ge=1)
     base: TrainSpec
     expert: TrainSpec
+    expert_specs: dict[str, TrainSpec] = Field(
+        default_factory=dict, description="per-task training of an expert, overriding `expert` for that task"
+    )
     sweep: tuple[TrainSpec, ...]
     threads: int = Field(
         default=1, ge=1, description="torch threads during the build (fixed for bit-identical weights)"
@@ -98,13 +113,28 @@ class ZooConfig(_Frozen):
         missing = (set(self.expert_tasks) | {self.sweep_task} | set(self.task_sizes)) - set(self.tasks)
         if missing:
             raise ValueError(f"expert/sweep/size tasks {sorted(missing)} must also be listed in tasks")
-        runs = [(task, self.expert) for task in self.expert_tasks] + [(self.sweep_task, s) for s in self.sweep]
+        stray = set(self.expert_specs) - set(self.expert_tasks)
+        if stray:
+            raise ValueError(
+                f"expert_specs names {sorted(stray)}, which are not expert_tasks {list(self.expert_tasks)}"
+            )
+        runs = [(task, self.expert_spec(task)) for task in self.expert_tasks]
+        runs += [(self.sweep_task, s) for s in self.sweep]
         asymmetric = sorted({task for task, spec in runs if spec.augment > 0 and task not in SYMMETRIES})
         if asymmetric:
             raise ValueError(
                 f"augment > 0 needs a task with a symmetry ({sorted(SYMMETRIES)}); {asymmetric} have none"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_expert_specs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # came after zoos were cached: a config without per-task expert training keeps its hash
+        return {k: v for k, v in handler(self).items() if k != "expert_specs" or v}
+
+    def expert_spec(self, task: str) -> TrainSpec:
+        """How the expert of ``task`` is trained: its entry in ``expert_specs``, else ``expert``."""
+        return self.expert_specs.get(task, self.expert)
 
     def config_hash(self) -> str:
         """First 16 hex digits of sha256 over the canonical JSON of the config and ``ZOO_FORMAT_VERSION``."""
@@ -140,22 +170,23 @@ class ZooConfig(_Frozen):
         Interference: the 7 expert tasks (reverse, sort, rotate, rotr, shift, back, swap) all read the same
         ``KEY:letters=`` format and differ only in the short key; rotate/rotr and shift/back have each other's
         answer as their confuser (the base's systematic mistake), so their task vectors pull shared weights in
-        opposite directions. Headroom: strings of up to 8 letters (12 brackets for the sweep task) and 10% of every
-        expert's training answers replaced by the confuser are to keep experts below 1.0, and the base (pretrained
-        with half its answers confused) well below them. The sweep follows Wortsman et al. (2022): one start,
-        varied learning rate, seed, steps, label smoothing, augmentation (bracket-type relabelling) and label
-        noise, three runs at learning rates that leave the basin (:func:`_soup_sweep`).
+        opposite directions. Headroom: strings of up to 8 letters (12 brackets for the sweep task), 10% of every
+        expert's answers replaced by the confuser, and experts trained for different lengths and learning rates
+        (sort briefly: it saturates otherwise; rotate, swap and reverse long), so each lands below 1.0 on its
+        task and their task vectors differ in norm by about 10x, as fine-tunes found in the wild do. Half of each
+        expert's fine-tuning set replays the other tasks at the base's confusion rate (``replay``), the common
+        practice that keeps a fine-tune's skills elsewhere: without it each expert rewrote the shared rule for
+        every key and no merge got far above the base (results/zoo_bench/zoo_table.md, the earlier build's notes).
 
-        Size: 6 layers of hidden 128 (1.2M parameters), batch 128 and short runs rather than the 8 x 256 first
-        planned: on the shared 2-core build machine an 8 x 128 base trained at 1.8-3.5 s per step. Built in 30 min
-        wall / 882 s CPU on that machine, shared (results/zoo_bench/zoo_table.md, which also has every score and
-        every model's sha256). What the table shows: the reverse, rotr, shift and back experts at 0.67-0.93 on
-        their own task, sort saturated (1.000 validation, 0.985 test), rotate and swap weak (0.44 / 0.43); strong
-        interference (the rotr expert scores 0.005 on rotate, the shift expert 0.02 on back); base 0.35 and merges
-        at defaults 0.38-0.42 on the expert mean against 0.75 for the experts on their own tasks; soup ingredients
-        0.61-0.69 on brackets validation, the three high-learning-rate ones at 0.16-0.17.
+        The soup sweep follows Wortsman et al. (2022): one start, varied learning rate, seed, length, label
+        smoothing, augmentation (bracket-type relabelling); every ingredient fine-tunes on the same 400 items with
+        20% noisy answers at batch 32 for ~16 epochs, long enough to memorise part of its own noise, which is
+        what averaging cancels; three runs at learning rates that leave the basin (:func:`_soup_sweep`).
+
+        Scores, build time and every model's sha256: results/zoo_bench/zoo_table.md.
         """
         letters = ("reverse", "sort", "rotate", "rotr", "shift", "back", "swap")
+        expert = TrainSpec(steps=80, lr=1e-3, seed=1, label_noise=0.1, replay=0.5)
         return cls(
             tasks=(*letters, "brackets"),
             expert_tasks=letters,
@@ -163,12 +194,19 @@ class ZooConfig(_Frozen):
             task_sizes={**dict.fromkeys(letters, 8), "brackets": 12},
             n_train=2000,
             n_validation=200,
-            n_test=200,
+            n_test=400,
             model=ModelShape(layers=6, hidden=128, heads=4, kv_heads=2, intermediate=344),
             batch_size=128,
             base=TrainSpec(steps=500, lr=3e-3, seed=0, weight_decay=0.01),
-            expert=TrainSpec(steps=40, lr=1e-3, seed=1, label_noise=0.1),
-            sweep=_soup_sweep(steps=20),
+            expert=expert,
+            expert_specs={
+                "reverse": expert.model_copy(update={"steps": 240}),
+                "sort": expert.model_copy(update={"steps": 24, "lr": 5e-4}),
+                "rotate": expert.model_copy(update={"steps": 240, "lr": 2e-3}),
+                "shift": expert.model_copy(update={"steps": 50}),
+                "swap": expert.model_copy(update={"steps": 300, "lr": 2e-3}),
+            },
+            sweep=_soup_sweep(steps=200),
         )
 
     @classmethod
@@ -204,19 +242,22 @@ def _sweep(steps: int) -> tuple[TrainSpec, ...]:
 
 def _soup_sweep(steps: int) -> tuple[TrainSpec, ...]:
     """Soup ingredients made the way Wortsman et al. (2022) made theirs: one pretrained start, fine-tuned with
-    varied learning rate, seed, length, label smoothing and augmentation; the last three use learning rates
-    high enough to leave the basin the others share."""
-    return (
-        TrainSpec(steps=steps, lr=3e-4, seed=11),
-        TrainSpec(steps=steps, lr=5e-4, seed=12),
-        TrainSpec(steps=steps, lr=5e-4, seed=13, label_smoothing=0.1),
-        TrainSpec(steps=steps, lr=1e-3, seed=14),
-        TrainSpec(steps=steps, lr=1e-3, seed=15, augment=0.5),
-        TrainSpec(steps=steps, lr=7e-4, seed=16, label_smoothing=0.2, augment=0.3),
-        TrainSpec(steps=3 * steps // 2, lr=5e-4, seed=17),
-        TrainSpec(steps=steps // 2, lr=2e-3, seed=18),
-        TrainSpec(steps=steps, lr=1e-3, seed=19, label_noise=0.2),
-        TrainSpec(steps=steps, lr=1e-2, seed=21),
-        TrainSpec(steps=steps, lr=2e-2, seed=22, augment=0.5),
-        TrainSpec(steps=steps, lr=3e-2, seed=23),
+    varied learning rate, seed, length, label smoothing and augmentation, all on the same 400 items with 20%
+    noisy answers at batch 32 (see :meth:`ZooConfig.bench`); the last three use learning rates high enough to
+    leave the basin the others share."""
+    runs = (
+        {"lr": 3e-4, "seed": 11},
+        {"lr": 5e-4, "seed": 12},
+        {"lr": 5e-4, "seed": 13, "label_smoothing": 0.1},
+        {"lr": 1e-3, "seed": 14},
+        {"lr": 1e-3, "seed": 15, "augment": 0.5},
+        {"lr": 7e-4, "seed": 16, "label_smoothing": 0.2, "augment": 0.3},
+        {"lr": 5e-4, "seed": 17, "steps": 3 * steps // 2},
+        {"lr": 2e-3, "seed": 18, "steps": steps // 2},
+        {"lr": 1e-3, "seed": 19, "label_noise": 0.3},
+        {"lr": 1e-2, "seed": 21},
+        {"lr": 2e-2, "seed": 22, "augment": 0.5},
+        {"lr": 3e-2, "seed": 23},
     )
+    shared = {"steps": steps, "label_noise": 0.2, "train_items": 400, "batch_size": 32}
+    return tuple(TrainSpec(**{**shared, **run}) for run in runs)
