@@ -687,6 +687,9 @@ def _write_study_report(study: optuna.Study, out_dir: Path, *, title: str | None
     elif len(study.directions) == 1:
         lines.append(f"- Best trial: #{best[0].number} ({kind_label(trial_kind(best[0]))}), "
                      f"objective {_cell(best[0].values[0])}")
+        if confirmed := records.confirmed(study.user_attrs):
+            lines.append(f"- Chosen among the {len(confirmed)} best, re-scored on the confirmation evaluator "
+                         "(`confirm_top`): " + ", ".join(f"#{n} {_cell(v)}" for n, v in sorted(confirmed.items())))
     else:
         lines.append(f"- Best trial: #{best[0].number} (highest {objective_names(study)[0]})")
         lines.append("- Pareto-optimal trials: " + ", ".join(f"#{t.number}" for t in best))

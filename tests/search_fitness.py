@@ -17,6 +17,13 @@ def norm_sum(model: torch.nn.Module, tokenizer: object) -> dict[str, float]:
     return {"norm_sum": value, "neg_square": -value * value}
 
 
+def neg_norm_sum(model: torch.nn.Module, tokenizer: object) -> float:
+    """Minus :func:`norm_sum` (counted in ``CALLS["confirm"]``): a confirmation evaluator that reverses the search's
+    ranking, so a test can tell which score picked the result."""
+    CALLS["confirm"] = CALLS.get("confirm", 0) + 1
+    return -float(model.model.norm.weight.double().sum())
+
+
 def fails_on_third_call(model: torch.nn.Module, tokenizer: object) -> float:
     CALLS["n"] += 1
     if CALLS["n"] == 3:

@@ -258,3 +258,35 @@ def test_lower_is_better_objective_is_minimized(family, tmp_path):
     soup = config(family, tmp_path / "soup", base=None, space=None, name="soup", evaluator=minimize)
     result = run_soup(soup, progress=False, export=False)
     assert result["kept"] == [min(result["individual"], key=result["individual"].get)]
+
+
+def test_confirm_top_rescores_the_best_and_picks_among_them_by_the_confirmation(family, tmp_path):
+    import search_fitness
+
+    confirm = {"type": "callable", "function": "search_fitness:neg_norm_sum"}
+    cfg = config(family, tmp_path, n_trials=8, confirm_top=3, confirm_evaluator=confirm)
+    search_fitness.CALLS["confirm"] = 0
+    summary = run_search(cfg, progress=False)
+    study = load(cfg)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    top3 = sorted(complete, key=lambda t: (-t.values[0], t.number))[:3]
+    assert summary["confirmed"].keys() == {str(t.number) for t in top3}
+    for t in top3:  # the confirmation score is the confirmation evaluator's own (here minus the search's)
+        assert summary["confirmed"][str(t.number)] == pytest.approx(-t.values[0])
+    chosen = min(top3, key=lambda t: t.values[0])  # the confirmation reverses the order: the third best wins
+    assert summary["best_trial"] == chosen.number != top3[0].number
+    assert load_recipe(tmp_path / "run" / "best_recipe.yaml") == parse_recipe(chosen.user_attrs["recipe"])
+    assert "Chosen among the 3 best" in (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert search_fitness.CALLS["confirm"] == 3
+    run_search(cfg, progress=False, export=False)  # resumed: the budget is spent, the re-scores are kept
+    assert search_fitness.CALLS["confirm"] == 3
+
+
+def test_confirm_top_refuses_configs_where_it_cannot_change_anything(family, tmp_path):
+    with pytest.raises(ValueError, match="the evaluator has no `limit`: the scores would not change"):
+        config(family, tmp_path, confirm_top=2)
+    with pytest.raises(ValueError, match="does not apply to a multi_objective search"):
+        config(family, tmp_path, confirm_top=2, multi_objective=True, confirm_evaluator={"type": "callable"})
+    lm_eval = {"type": "lm_eval", "tasks": ["t"], "limit": 5, "split": "validation"}
+    assert config(family, tmp_path, confirm_top=2, evaluator=lm_eval).confirm_spec() == {
+        "type": "lm_eval", "tasks": ["t"], "split": "validation"}

@@ -49,6 +49,10 @@ class RunConfig(BaseModel):
     calibration: CalibrationData | None = Field(None, description="text for Fisher / RegMean statistics")
     multi_objective: bool = Field(False, description="optimize the evaluator's metric vector (NSGA-II by default)")
     accept: Literal[">", ">="] = Field(">", description="greedy soup acceptance (soup only)")
+    confirm_top: int = Field(0, ge=0, description="after the budget, re-score the k best trials on "
+                             "`confirm_evaluator` and pick the result among them by that score (search only; 0: off)")
+    confirm_evaluator: dict[str, Any] | None = Field(
+        None, description="the confirmation evaluator; default: the search's evaluator without its `limit`")
     callbacks: list[str] = Field(default_factory=list, description="Optuna callbacks, 'module:factory' entries: "
                                  "factory() returns a callback(study, frozen_trial) called after every trial")
 
@@ -59,6 +63,17 @@ class RunConfig(BaseModel):
             raise ValueError(f"fidelities must increase within (0, 1] and end at 1.0, got {f}")
         if self.pruner in ("halving", "hyperband") and len(f) < 2:
             raise ValueError(f"pruner '{self.pruner}' needs at least two fidelities, e.g. [0.25, 0.5, 1.0]")
+        return self
+
+    @model_validator(mode="after")
+    def _confirm(self) -> RunConfig:
+        if not self.confirm_top:
+            return self
+        if self.multi_objective:
+            raise ValueError("confirm_top re-ranks one objective; it does not apply to a multi_objective search")
+        if self.confirm_evaluator is None and "limit" not in self.evaluator:
+            raise ValueError("confirm_top re-scores on every validation doc, but the evaluator has no `limit`: the "
+                             "scores would not change; give the evaluator a `limit` or set confirm_evaluator")
         return self
 
     @model_validator(mode="after")
@@ -89,6 +104,13 @@ class RunConfig(BaseModel):
     @property
     def models(self) -> list[str]:
         return list(dict.fromkeys([*([self.base] if self.base else []), *self.sources]))
+
+    def confirm_spec(self) -> dict[str, Any]:
+        """The evaluator that re-scores the best trials (``confirm_top``): ``confirm_evaluator``, else the search's
+        own without its ``limit`` (every validation doc; still the validation split, so selection stays off test)."""
+        if self.confirm_evaluator:
+            return self.confirm_evaluator
+        return {k: v for k, v in self.evaluator.items() if k != "limit"}
 
     def test_spec(self) -> dict[str, Any]:
         """The final evaluator: ``test_evaluator``, else the search's lm-eval spec on the test split (other

@@ -409,14 +409,37 @@ class Runner:
 
     # ----------------------------------------------------------------------------------------- finalize
     def test_score(self, test: Evaluator, recipe: AnyRecipe, what: str) -> EvalResult | Exception:
-        """``recipe``'s test result, or the error that prevented it (stored in its row: one failure loses one
-        cell)."""
+        """``recipe``'s result on an evaluator outside the search (test split, confirmation), or the error that
+        prevented it (stored in its row: one failure loses one cell)."""
         try:
             model, _ = self.materialize(recipe)
             return evaluate(test, model, self.tokenizer, deadline=self._deadline())
         except Exception as exc:
             log.warning("test scoring of %s failed: %s", what, records.describe(exc))
             return exc
+
+    def confirm(self, study: optuna.Study) -> dict[int, float]:
+        """Re-score the ``confirm_top`` best completed trials (baselines included) on the confirmation evaluator
+        (:meth:`RunConfig.confirm_spec`: every validation doc by default) and return number -> confirmed objective;
+        :func:`~evomerge.search.trials.best_trials` then picks the result among them. A small ``limit`` makes
+        trials cheap but the best of many noisy scores is biased upwards (the winner's curse); re-scoring the few
+        best on more docs picks among them on a less noisy estimate, still without touching the test split.
+        Resumable: trials already re-scored are not scored again; a failed re-score leaves that trial out."""
+        k = self.config.confirm_top
+        if not k:
+            return {}
+        sign = direction_sign(study)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        top = sorted(complete, key=lambda t: (-sign * t.values[0], t.number))[:k]
+        done = records.confirmed(study.user_attrs)
+        evaluator = build_evaluator(self.config.confirm_spec()) if any(t.number not in done for t in top) else None
+        for trial in top:
+            if evaluator is None or trial.number in done:
+                continue
+            result = self.test_score(evaluator, records.recipe_of(trial), f"confirmation of trial #{trial.number}")
+            if not isinstance(result, Exception):
+                records.set_confirm_result(study, trial.number, result.metrics, result.objective)
+        return records.confirmed(study.user_attrs)
 
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
         """The study's result (:func:`~evomerge.search.trials.best_trials`: the best trial, or a soup's greedy soup) as
@@ -433,6 +456,9 @@ class Runner:
         targets = {t.number: t for t in complete
                    if records.is_baseline(t) or t.number == best.number}
         summary: dict[str, Any] = {"best_trial": best.number, "best_value": best.values[0], "test": {}}
+        confirmed = records.confirmed(study.user_attrs)
+        if confirmed:
+            summary["confirmed"] = {str(number): value for number, value in sorted(confirmed.items())}
 
         scores = [SplitScores("validation", records.trial_metrics(best))]
         for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
@@ -456,7 +482,8 @@ class Runner:
             summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
         if export:
             origin = (f"Found by `evomerge {self.kind}`: study `{study.study_name}`, trial #{best.number} "
-                      f"({trial_kind(best)}); chosen on the validation split.")
+                      f"({trial_kind(best)}); chosen on the validation split"
+                      + (f" (the {len(confirmed)} best re-scored on more validation docs)." if confirmed else "."))
             out = self.run_dir / "best_model"
             self.export(recipe, out, provenance(recipe, name=out.name, scores=scores, origin=origin))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -536,6 +563,7 @@ def run_search(config: RunConfig, *, progress: bool = True, export: bool = True)
         runner.enqueue_baselines(study)
         runner.score_references(study)
         runner.optimize(study, progress=progress)
+        runner.confirm(study)
         return finish(runner, study, export=export)
 
 

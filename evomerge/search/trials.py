@@ -53,6 +53,7 @@ TEST_METRICS = "test_metrics"
 TEST_OBJECTIVE = "test_objective"
 TEST_STDERR = "test_stderr"
 STDERR = "stderr"
+CONFIRM_PREFIX = "confirm:"  # study attr confirm:<number>: the trial re-scored by the confirmation evaluator
 OPTUNA_FAILED_TRIAL = "failed_trial"  # a system attr: the trial Optuna's retry callback re-ran (older studies)
 # study user_attrs
 CONFIG = "config"
@@ -246,6 +247,17 @@ def set_test_result(study: optuna.Study, number: int, metrics: Mapping[str, Any]
                                                    **({STDERR: dict(stderr)} if stderr else {})})
 
 
+def set_confirm_result(study: optuna.Study, number: int, metrics: Mapping[str, Any], objective: float) -> None:
+    """Trial ``number`` re-scored by the confirmation evaluator (``confirm_top``; on the study, like test scores)."""
+    study.set_user_attr(f"{CONFIRM_PREFIX}{number}", {METRICS: dict(metrics), OBJECTIVE: objective})
+
+
+def confirmed(study_attrs: Mapping[str, Any]) -> dict[int, float]:
+    """trial number -> its confirmation objective, for every trial re-scored by ``confirm_top``."""
+    return {int(key.removeprefix(CONFIRM_PREFIX)): float(value[OBJECTIVE]) for key, value in study_attrs.items()
+            if key.startswith(CONFIRM_PREFIX) and OBJECTIVE in value}
+
+
 def set_test_error(study: optuna.Study, number: int, exc: BaseException) -> None:
     """Trial ``number`` could not be scored on the test split: why (the report's row says it)."""
     study.set_user_attr(f"{TEST_PREFIX}{number}", {ERROR: describe(exc)})
@@ -323,14 +335,18 @@ def direction_sign(study: optuna.Study) -> float:
 
 def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The result of the study, first the one a run exports; [] if no trial completed: a soup's greedy soup (study
-    user_attr ``greedy``), else the best trial (one objective) or the Pareto-optimal trials, best first objective
-    first."""
+    user_attr ``greedy``), else the best trial (one objective; among the re-scored ones by their confirmation score
+    when ``confirm_top`` ran, ties to the earlier trial) or the Pareto-optimal trials, best first objective first."""
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return []
     soup = greedy(study)
     if soup:  # a soup: its result is the greedy soup, whatever ties the scores hold
         return [t for t in trials if t.number == soup["trial"]]
     if len(study.directions) == 1:
+        scores, sign = confirmed(study.user_attrs), direction_sign(study)
+        candidates = [t for t in trials if t.number in scores and t.state == TrialState.COMPLETE]
+        if candidates:
+            return [min(candidates, key=lambda t: (-sign * scores[t.number], t.number))]
         return [study.best_trial]
     sign = direction_sign(study)
     return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
