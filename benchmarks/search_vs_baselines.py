@@ -19,10 +19,11 @@ Baselines are recipes outside the spaces: ``source:<task>`` (one expert: linear 
 
 Everything is stored in SQLite studies under ``--work`` (one database per space, one study per sampler and seed;
 the baselines as references of a study ``baselines``): re-running the same command resumes and skips what is done.
-Cost (default: 20 trials, 5 seeds, 4 samplers, 3 spaces = 1,200 trials on 15 validation docs per task; 60 best
-trials and ~10 baselines on 100 test docs per task; lm-eval on CPU costs ~13 ms of CPU per 4-choice doc on the mini
-zoo's model): ~1,200 x 5 x 15 x 13 ms + 70 x 5 x 100 x 13 ms ~ 20 + 8 CPU minutes, ~15-30 min on 2 quiet cores
-(estimated, not yet measured end to end; the results header states the run's own wall and CPU time). Writes
+A search's trials are scored on ``--limit`` validation docs per task (cheap, noisy); its ``--confirm-top`` best
+are then re-scored on ``--confirm-limit`` docs and the best of them by that score is the search's pick
+(``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default:
+30 trials x 5 seeds x 4 samplers x 3 spaces = 1,800 trials on 20 docs per task, 180 re-scores on 100, 60 picks and
+~10 baselines on 200 test docs): the results header states the run's own wall and CPU time. Writes
 ``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
 paired difference to the best baseline (chosen on validation) with a 95% paired-bootstrap interval and a Wilcoxon
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile
@@ -77,6 +78,7 @@ class Run:
     seed: int
     best_trial: int
     val: float
+    confirmed: float | None  # the chosen trial's confirmation score (``--confirm-top``), None when off
     test: float
     curve: list[float]  # best-so-far validation objective after each completed trial, in trial order
 
@@ -98,6 +100,8 @@ def run_config(zoo: Zoo, args: argparse.Namespace, space: str) -> RunConfig:
     return RunConfig(name="search", base=str(zoo.base), sources=[str(p) for p in zoo.experts.values()],
                      space=str(ROOT / "search_spaces" / SPACES[space]), evaluator=validation, test_evaluator=test,
                      n_trials=args.trials, baselines=False, out=str(work / slug), device=args.device,
+                     confirm_top=args.confirm_top if args.limit else 0,
+                     confirm_evaluator={**validation, "limit": args.confirm_limit} if args.confirm_limit else None,
                      calibration=zoo_bench.calibration_file(zoo, work / "calibration.jsonl"))  # hand-tuned may need it
 
 
@@ -113,16 +117,19 @@ def best_so_far(study: optuna.Study) -> list[float]:
     return list(np.maximum.accumulate(values)) if values else []
 
 
-def test_of_best(runner: Runner, test: Evaluator, study: optuna.Study) -> tuple[int, float, float]:
-    """The best trial's number, validation and test objective (test scored once, then read from the study)."""
-    best = study.best_trial
+def test_of_best(runner: Runner, test: Evaluator, study: optuna.Study) -> tuple[int, float, float | None, float]:
+    """The chosen trial's number, validation objective, confirmation score and test objective: the best on
+    validation, or with ``confirm_top`` the best of the re-scored top trials (re-scores and test scored once, then
+    read from the study)."""
+    confirmed = runner.confirm(study)
+    best = records.best_trials(study, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))[0]
     key = f"{records.TEST_PREFIX}{best.number}"
     if records.OBJECTIVE not in study.user_attrs.get(key, {}):
         result = runner.test_score(test, records.recipe_of(best), f"trial #{best.number}")
         if isinstance(result, Exception):
             raise SystemExit(f"test scoring of {study.study_name} #{best.number} failed: {records.describe(result)}")
         records.set_test_result(study, best.number, result.metrics, result.objective, result.stderr)
-    return best.number, best.values[0], study.user_attrs[key][records.OBJECTIVE]
+    return best.number, best.values[0], confirmed.get(best.number), study.user_attrs[key][records.OBJECTIVE]
 
 
 def searches(zoo: Zoo, args: argparse.Namespace, space: str) -> list[Run]:
@@ -137,8 +144,8 @@ def searches(zoo: Zoo, args: argparse.Namespace, space: str) -> list[Run]:
                                                            "seed": seed}))
                 study = runner.open_study()
                 runner.optimize(study, progress=False)
-                number, val, test_value = test_of_best(runner, test, study)
-                runs.append(Run(space, sampler, seed, number, val, test_value, best_so_far(study)))
+                number, val, confirmed, test_value = test_of_best(runner, test, study)
+                runs.append(Run(space, sampler, seed, number, val, confirmed, test_value, best_so_far(study)))
                 print(f"  {space} {sampler} seed {seed}: val {val:.4f} test {test_value:.4f}", flush=True)
     return runs
 
@@ -247,8 +254,9 @@ def comparators(base_lines: Sequence[Baseline]) -> list[tuple[str, Baseline | No
 def results_table(runs: Sequence[Run], best: Baseline,
                   base_lines: Sequence[Baseline]) -> tuple[list[str], list[list[str]]]:
     others = comparators(base_lines)
-    header = ["space", "sampler", "seeds", "best validation", "test", f"Δ test vs {best.label} (95% CI)",
-              "Wilcoxon p", *(f"Δ vs {label}" for label, _ in others)]
+    confirm = any(r.confirmed is not None for r in runs)
+    header = ["space", "sampler", "seeds", "best validation", *(["confirmed"] if confirm else []), "test",
+              f"Δ test vs {best.label} (95% CI)", "Wilcoxon p", *(f"Δ vs {label}" for label, _ in others)]
     rows = []
     for space in SPACES:
         for sampler in SAMPLERS:
@@ -256,7 +264,9 @@ def results_table(runs: Sequence[Run], best: Baseline,
             if not group:
                 continue
             mean, (low, high), p = paired(group, best)
-            rows.append([space, sampler, str(len(group)), _ms([r.val for r in group]), _ms([r.test for r in group]),
+            confirmed = [_ms([r.confirmed for r in group if r.confirmed is not None])] if confirm else []
+            rows.append([space, sampler, str(len(group)), _ms([r.val for r in group]), *confirmed,
+                         _ms([r.test for r in group]),
                          f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", "–" if p is None else f"{p:.3g}",
                          *(_margin(group, b) for _, b in others)])
     return header, rows
@@ -304,18 +314,23 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
     best = max(base_lines, key=lambda b: statistics.fmean(b.val))
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["kind", "space", "sampler", "label", "seed", "best_trial", "val", "test"])
+        writer.writerow(["kind", "space", "sampler", "label", "seed", "best_trial", "val", "confirmed", "test"])
         for b in base_lines:
             for seed, (v, t) in enumerate(zip(b.val, b.test)):
-                writer.writerow(["baseline", "", "", b.label, seed, "", repr(v), repr(t)])
+                writer.writerow(["baseline", "", "", b.label, seed, "", repr(v), "", repr(t)])
         for r in runs:
-            writer.writerow(["search", r.space, r.sampler, "", r.seed, r.best_trial, repr(r.val), repr(r.test)])
+            writer.writerow(["search", r.space, r.sampler, "", r.seed, r.best_trial, repr(r.val),
+                             "" if r.confirmed is None else repr(r.confirmed), repr(r.test)])
     plot(runs, base_lines, best, out / f"{stem}.png")
     docs = f"{args.limit} validation docs per task (one seeded subset)" if args.limit else "every validation doc"
     tests = f"{args.test_limit} test docs per task" if args.test_limit else "every test doc"
+    if args.confirm_top and args.limit:
+        on = f"{args.confirm_limit} validation docs per task" if args.confirm_limit else "every validation doc"
+        tests = (f"{tests}, after the {args.confirm_top} best trials are re-scored on {on} and the best of them by "
+                 "that score chosen (`confirm_top`)")
     lines = zoo_bench.header("Evolved merges vs baselines: samplers at equal budget, several seeds", zoo, started, [
         f"- budget: {args.trials} trials per search, {args.seeds} sampler seeds per sampler and space, {docs}; the "
-        f"best trial on validation is scored on {tests}; objective = mean accuracy over the experts' tasks",
+        f"chosen trial is scored on {tests}; objective = mean accuracy over the experts' tasks",
         f"- samplers: {', '.join(SAMPLERS)} (cmaes = evomerge's IPOP-CMA-ES; categorical parameters go to its random "
         "independent sampler); spaces: " + ", ".join(f"{s} (`{f}`)" for s, f in SPACES.items()),
         f"- studies (resumable): `{args.work}`; hand-tuned baseline from `{args.sweep_csv}`"])
@@ -336,9 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = zoo_bench.arg_parser(__doc__, "mini zoo, 2 seeds, 2 trials (the CI test)")
     parser.add_argument("--trials", type=int, help="trials per search (default 20; quick 2)")
     parser.add_argument("--seeds", type=int, help="sampler seeds per sampler and space (default 5; quick 2)")
+    parser.add_argument("--confirm-top", type=int, help="re-score the k best trials of each search on more "
+                        "validation docs and choose among them (`confirm_top`; default 3; quick 2; 0: off)")
+    parser.add_argument("--confirm-limit", type=int, help="validation docs per task of the re-scoring (0: all; "
+                        "default 100; quick 10)")
     parser.add_argument("--sweep-csv", default="results/method_sweep.csv", help="the method sweep's results")
     args = zoo_bench.parse_args(parser, argv, "search_vs_baselines", {
-        "trials": (20, 2), "seeds": (5, 2), "limit": (15, 5), "test_limit": (100, 10)})
+        "trials": (30, 2), "seeds": (5, 2), "limit": (20, 5), "test_limit": (200, 10), "confirm_top": (3, 2),
+        "confirm_limit": (100, 10)})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
     zoo = zoo_bench.find_zoo(args.zoo, args.quick)
