@@ -22,8 +22,9 @@ the baselines as references of a study ``baselines``): re-running the same comma
 A search's trials are scored on ``--limit`` validation docs per task (cheap, noisy); its ``--confirm-top`` best
 are then re-scored on ``--confirm-limit`` docs and the best of them by that score is the search's pick
 (``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default:
-30 trials x 5 seeds x 4 samplers x 3 spaces = 1,800 trials on 20 docs per task, 180 re-scores on 100, 60 picks and
-~10 baselines on 200 test docs): the results header states the run's own wall and CPU time. Writes
+30 trials x 5 seeds x 4 samplers x 3 spaces = 1,800 trials on 20 docs per task, 180 re-scores on 50, 60 picks and
+~10 baselines on 100 test docs: ~360k 4-choice docs of 7 tasks at ~5 ms each on a quiet 2-core CPU, ~30 min): the
+results header states the run's own wall and CPU time. Writes
 ``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
 paired difference to the best baseline (chosen on validation) with a 95% paired-bootstrap interval and a Wilcoxon
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile
@@ -354,11 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confirm-top", type=int, help="re-score the k best trials of each search on more "
                         "validation docs and choose among them (`confirm_top`; default 3; quick 2; 0: off)")
     parser.add_argument("--confirm-limit", type=int, help="validation docs per task of the re-scoring (0: all; "
-                        "default 100; quick 10)")
+                        "default 50; quick 10)")
     parser.add_argument("--sweep-csv", default="results/method_sweep.csv", help="the method sweep's results")
     args = zoo_bench.parse_args(parser, argv, "search_vs_baselines", {
-        "trials": (30, 2), "seeds": (5, 2), "limit": (20, 5), "test_limit": (200, 10), "confirm_top": (3, 2),
-        "confirm_limit": (100, 10)})
+        "trials": (30, 2), "seeds": (5, 2), "limit": (20, 5), "test_limit": (100, 10), "confirm_top": (3, 2),
+        "confirm_limit": (50, 10)})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
     zoo = zoo_bench.find_zoo(args.zoo, args.quick)
