@@ -36,8 +36,7 @@ from evomerge.engine import MergeEngine  # noqa: E402
 from evomerge.evaluate import build_evaluator  # noqa: E402
 from evomerge.moe import MoeModel  # noqa: E402
 from evomerge.noise import quiet_third_party  # noqa: E402
-from evomerge.recipe import load_recipe  # noqa: E402
-from evomerge.recipe.moe import MoeRecipe  # noqa: E402
+from evomerge.recipe import MoeRecipe, load_recipe  # noqa: E402
 from evomerge.search.config import RunConfig  # noqa: E402
 from evomerge.search.moe_space import MoeSpace  # noqa: E402
 from evomerge.search.moe_study import best_moe_recipe, search_moe  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 from evomerge.evaluate.base import EvalResult, Objective
 from evomerge.moe import MoeModel
-from evomerge.recipe.moe import MoeRecipe
+from evomerge.recipe import MoeRecipe
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.moe_study import best_moe_recipe, search_moe
 from evomerge.search.space import RangeSpec, SpaceError

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import Field, ValidationError
 
-from evomerge.recipe.moe import DenseMlp, MoeRecipe
+from evomerge.recipe import DenseMlp, MoeRecipe
 from evomerge.recipe.schema import Scalar, StrictModel, model_labels, one_line
 from evomerge.search.space import ChoiceSpec, FixedSpec, ParamSpec, RangeSpec, SpaceError, _Layout, _suggest_one
 from evomerge.yamlfile import load_yaml

@@ -15,7 +15,7 @@ import torch
 
 from evomerge.evaluate.base import Evaluator
 from evomerge.moe import MoeModel
-from evomerge.recipe.moe import MoeRecipe
+from evomerge.recipe import MoeRecipe
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.study import evaluate
 
