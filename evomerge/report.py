@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.engine.stacking import layer_plan
 from evomerge.methods import Param, get_method
 from evomerge.outdir import building, refuse_symlink
-from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
+from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
 from evomerge.search.storage import mask_url, unmasked_for_libpq
@@ -554,6 +554,8 @@ def plot_layers(recipe: AnyRecipe, num_layers: int, path: Path) -> str | None:
     if isinstance(recipe, StackRecipe):
         _plot_layer_path(recipe, num_layers, path)
         return None
+    if isinstance(recipe, MoeRecipe):
+        return "skipped: a mixture of experts (its per-layer router_scale and dense_layers are in best_recipe.yaml)"
     labels, matrix = layer_table(recipe, num_layers)
     if not labels:
         return "skipped: the best recipe sets no numeric per-layer parameter"

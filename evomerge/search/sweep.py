@@ -59,7 +59,8 @@ DEFAULT_SEEDS = 3  # of a stochastic method whose grid does not say
 Scalar = float | int | bool
 
 # search/soup settings that mean nothing in a sweep (its trials are the grid's points)
-_NOT_IN_SWEEP = ("space", "sampler", "pruner", "fidelities", "n_trials", "multi_objective", "accept", "baselines")
+_NOT_IN_SWEEP = ("space", "template", "sampler", "pruner", "fidelities", "n_trials", "multi_objective", "accept",
+                 "baselines")
 
 
 class SweepError(ValueError):
