@@ -24,6 +24,7 @@ from evomerge.recipe import MoeRecipe, load_recipe, parse_recipe
 from evomerge.search.config import RunConfig
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.space import ModelSet, RangeSpec, SearchSpace, SpaceError
+from evomerge.search.study import run_soup
 from evomerge.zoo import Zoo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,6 +215,8 @@ def test_an_moe_template_takes_the_place_of_base_and_sources(tmp_path: Path) -> 
     moe = RunConfig.from_yaml(tmp_path / "run.yaml").moe_template()  # model paths: relative to the template's file
     assert moe is not None and (moe.base, moe.experts[0].model) == (str(tmp_path / "models" / "base"),
                                                                     str(tmp_path / "models" / "a"))
+    with pytest.raises(ValueError, match="an MoE template is searched with `evomerge search`"):
+        run_soup(RunConfig.from_yaml(tmp_path / "run.yaml", out=str(tmp_path / "soup")))
 
 
 @pytest.mark.slow
