@@ -6,10 +6,12 @@ model loads)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -21,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.cli import main
 from evomerge.evaluate import build_evaluator
 from evomerge.recipe import MoeRecipe, load_recipe, parse_recipe
+from evomerge.report import moe_layer_table
 from evomerge.search.config import RunConfig
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.space import ModelSet, RangeSpec, SearchSpace, SpaceError
@@ -145,6 +148,7 @@ def test_evomerge_search_of_an_moe_space_and_its_best_recipe_merges_to_its_score
     assert "- moe" in (run / "best_model" / "README.md").read_text()
     assert f"test:{best.number}" in study.user_attrs and "| mergekit-moe | #0 |" in \
         (run / "report" / "summary.md").read_text()
+    assert (run / "report" / "layers.png").is_file()  # the best MoE's router scale and dense layers
 
     # the same seed in another run dir: the same proposals (resuming is the common path of every space kind)
     again = tmp_path / "again"
@@ -173,6 +177,15 @@ BAD_RUNS = [  # (template keys, space keys, run config keys, message)
     ({"kind": None, "method": "linear", "sources": lambda e: [{"model": m} for m in e], "experts": None,
       "gate_mode": None}, {}, {}, "a merge recipe; an MoE search's template is an MoE recipe (kind: moe)"),
 ]
+
+
+def test_report_rows_of_an_moe_recipe_are_its_per_layer_choices() -> None:
+    recipe = MoeRecipe(base="b", gate_mode="random", experts=[{"model": "/m/x"}, {"model": "/m/y"}],
+                       router_scale=[1.0, 3.0], dense_layers={"layers": [2], "weights": [0.25, 0.75]})
+    labels, matrix = moe_layer_table(recipe, num_layers=3)
+    assert labels == ["router_scale", "dense", "x: dense weight", "y: dense weight"]
+    expected = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [math.nan, math.nan, 0.25], [math.nan, math.nan, 0.75]]
+    assert np.array_equal(matrix, np.array(expected), equal_nan=True)
 
 
 @pytest.mark.parametrize(("template_keys", "space_keys", "run_keys", "message"), BAD_RUNS)

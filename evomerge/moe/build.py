@@ -26,7 +26,7 @@ from evomerge.engine.plan import live_dtype, plan_params
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.moe.arch import MLP_PARTS, MoeError, mlp_name, moe_config, open_moe_inputs
 from evomerge.moe.gates import PromptGates, random_rows, router_rows
-from evomerge.recipe import MoeRecipe, Recipe, SourceSpec, gradient_position, interpolate
+from evomerge.recipe import MoeRecipe, Recipe, SourceSpec, layer_values
 from evomerge.recipe.schema import PROMPT_MODES
 
 __all__ = ["MoeModel"]
@@ -151,9 +151,8 @@ class MoeModel:
         for layer in self.model.model.layers:
             layer.mlp.top_k = layer.mlp.gate.top_k = recipe.experts_per_token
         self.model.config.num_experts_per_tok = recipe.experts_per_token
-        scale = [float(interpolate(recipe.router_scale, gradient_position(i, self.num_layers)))
-                 for i in range(self.num_layers)]
-        rows = router_rows(self._gate_rows(recipe), scale, recipe.random_weight, recipe.seed)
+        rows = router_rows(self._gate_rows(recipe), layer_values(recipe.router_scale, self.num_layers),
+                           recipe.random_weight, recipe.seed)
         dense = recipe.dense_layers
         dense_layers = set(dense.layers) if dense is not None else set()
         dense_key = None if dense is None else self._dense_recipe(recipe).model_dump_json()

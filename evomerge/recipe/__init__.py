@@ -12,6 +12,7 @@ from evomerge.recipe.io import load_recipe
 from evomerge.recipe.resolve import (
     gradient_position,
     interpolate,
+    layer_values,
     resolve_params,
     resolve_value,
     select_filter,
@@ -37,7 +38,7 @@ from evomerge.recipe.schema import (
 
 __all__ = [
     "AnyRecipe", "CalibrationData", "DenseMlp", "Gradient", "LayerSlice", "MoeExpert", "MoeRecipe", "ParamValue",
-    "Recipe", "RecipeError", "Scalar",
-    "SourceSpec", "StackRecipe", "Value", "gradient_position", "interpolate", "load_recipe", "parse_recipe",
-    "resolve_params", "resolve_value", "select_filter", "tensor_position",
+    "Recipe", "RecipeError", "Scalar", "SourceSpec", "StackRecipe", "Value", "gradient_position", "interpolate",
+    "layer_values", "load_recipe", "parse_recipe", "resolve_params", "resolve_value", "select_filter",
+    "tensor_position",
 ]
