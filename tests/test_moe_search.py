@@ -71,6 +71,8 @@ def test_suggestions_are_named_for_what_they_are_and_assemble_the_recipe(tiny_ll
     narrow = MoeSpace.model_validate({"random_weight": {"low": 0.1, "high": 0.5}, "prompts": 2})
     assert narrow.baseline_params(models(moe)) == []
     assert narrow.reference_recipes(models(moe)) == [("mergekit-moe", mergekit_moe)]
+    fixed = MoeSpace.model_validate({"random_weight": 0.3})  # every trial has r = 0.3: none is mergekit-moe's MoE
+    assert fixed.baseline_params(models(moe)) == [] and fixed.reference_recipes(models(moe))[0][1] == moe
 
 
 @pytest.mark.parametrize(("space", "message"), [
@@ -174,6 +176,9 @@ BAD_RUNS = [  # (template keys, space keys, run config keys, message)
     ({}, None, {"space": str(REPO / "search_spaces" / "task_arithmetic.yaml")},
      "task_arithmetic.yaml: the run config's template is an MoE template, but this is a merge space"),
     (None, {}, {}, "an MoE space (kind: moe) searches around an MoE template: set 'template' in the run config"),
+    ({}, {}, {"sources": ["a"]}, "config: template: an MoE search takes its base and experts from the template; "
+     "remove 'base' and 'sources'"),
+    ({}, {}, {"templte": "x"}, "templte: unknown key (did you mean 'template'?)"),
     ({"kind": None, "method": "linear", "sources": lambda e: [{"model": m} for m in e], "experts": None,
       "gate_mode": None}, {}, {}, "a merge recipe; an MoE search's template is an MoE recipe (kind: moe)"),
 ]

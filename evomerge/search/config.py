@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.recipe import CalibrationData, MoeRecipe, RecipeError
+from evomerge.recipe import CalibrationData, MoeExpert, MoeRecipe, RecipeError
 from evomerge.yamlfile import load_yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; one line naming each bad key and the fix."""
+
+
+def closest(name: str, valid: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to a misspelt ``name``, ``""`` when none is close."""
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def one_line_errors(err: ValidationError, valid: Sequence[str]) -> str:
+    """pydantic's errors of a config as one line: ``key: problem`` each, an unknown key with the closest of
+    ``valid``."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key{closest(where, valid)}")
+        else:
+            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
 
 SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]
 PrunerName = Literal["none", "halving", "hyperband", "wilcoxon"]
@@ -100,13 +126,17 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a run config; relative model/space/out/task paths are taken relative to the file's dir."""
+        """Read a run config; relative model/space/out/template/task paths are taken relative to the file's dir.
+        ConfigError (one line) for an invalid one."""
         path = Path(path)
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a run config is a YAML mapping")
+            raise ConfigError(f"{path}: a run config is a YAML mapping")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(_absolute(data, path.parent))
+        try:
+            return cls.model_validate(_absolute(data, path.parent))
+        except ValidationError as err:
+            raise ConfigError(f"{path}: {one_line_errors(err, list(cls.model_fields))}") from None
 
     @property
     def run_dir(self) -> Path:
@@ -142,7 +172,7 @@ class RunConfig(BaseModel):
                               "an MoE recipe (kind: moe) or a mergekit-moe config")
         root = Path(self.template).parent
 
-        def fix(expert: Any) -> Any:
+        def fix(expert: MoeExpert) -> MoeExpert:
             return expert.model_copy(update={"model": _relative_to(root, expert.model)})
 
         return recipe.model_copy(update={"base": _relative_to(root, recipe.base),

@@ -46,7 +46,7 @@ from evomerge.search.space import (
     _suggest_one,
 )
 
-__all__ = ["BASELINE", "MoeSpace"]
+__all__ = ["BASELINE", "NO_TEMPLATE", "MoeSpace"]
 
 #: the label of mergekit-moe's MoE of the template, the study's baseline (or reference)
 BASELINE = "mergekit-moe"
@@ -144,7 +144,7 @@ class MoeSpace(StrictModel):
     def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
         """``[("mergekit-moe", trial params)]``: mergekit-moe's MoE of the template (neutral routers, no dense layer,
         the first prompt window); ``[]`` where the space cannot express it (a range or choice without the neutral
-        value)."""
+        value, or a fixed value other than it)."""
         template, num_layers = _template(models), models.num_layers
         groups = min(self.layer_groups, num_layers)
         neutral: list[tuple[str, ParamSpec | None, Scalar]] = [
@@ -155,7 +155,11 @@ class MoeSpace(StrictModel):
         ]
         params: dict[str, Any] = {}
         for name, spec, value in neutral:
-            if spec is None or isinstance(spec, FixedSpec):
+            if spec is None:
+                continue
+            if isinstance(spec, FixedSpec):  # every trial has this value: mergekit-moe's MoE only if it is neutral
+                if spec.value != value:
+                    return []
                 continue
             if not spec.contains(value):
                 return []
