@@ -27,7 +27,7 @@ from evomerge.report import moe_layer_table
 from evomerge.search.config import RunConfig
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.space import ModelSet, RangeSpec, SearchSpace, SpaceError
-from evomerge.search.study import run_soup
+from evomerge.search.study import run_search, run_soup, run_worker
 from evomerge.zoo import Zoo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,6 +216,23 @@ def test_bad_moe_search_configs_are_one_line_before_any_model_loads(
     assert main(["search", str(tmp_path / "run.yaml")]) == 2
     assert message in one_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_joins_an_moe_search_from_the_config_its_study_stores(tiny_llamas: list[str], tmp_path: Path) -> None:
+    base, *experts = tiny_llamas
+    (tmp_path / "template.yaml").write_text(yaml.safe_dump({"kind": "moe", "base": base, "gate_mode": "random",
+                                                            "experts": [{"model": e} for e in experts]}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"kind": "moe", "router_scale": {"low": 0.5, "high": 2.0},
+                                                         "experts_per_token": {"choice": [1, 2]}}))
+    config = RunConfig(name="w", template=str(tmp_path / "template.yaml"), space=str(tmp_path / "space.yaml"),
+                       evaluator={"type": "callable", "function": "search_fitness:norm_sum"}, n_trials=2,
+                       out=str(tmp_path / "run"), device="cpu")
+    run_search(config, progress=False, export=False)
+    run_worker(config.storage_url, "w", n_trials=4, progress=False)
+    trials = optuna.load_study(study_name="w", storage=config.storage_url).get_trials()
+    assert [t.user_attrs["kind"] for t in trials] == ["baseline:mergekit-moe"] + ["search"] * 4
+    assert all(t.state == TrialState.COMPLETE and isinstance(parse_recipe(t.user_attrs["recipe"]), MoeRecipe)
+               for t in trials)
 
 
 def test_an_moe_template_takes_the_place_of_base_and_sources(tmp_path: Path) -> None:
