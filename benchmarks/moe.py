@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import optuna
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from candidate_turnaround import machine, revision  # noqa: E402
@@ -36,11 +38,8 @@ from evomerge.engine import MergeEngine  # noqa: E402
 from evomerge.evaluate import build_evaluator  # noqa: E402
 from evomerge.moe import MoeModel  # noqa: E402
 from evomerge.noise import quiet_third_party  # noqa: E402
-from evomerge.recipe import load_recipe  # noqa: E402
-from evomerge.recipe.moe import MoeRecipe  # noqa: E402
+from evomerge.recipe import MoeRecipe, load_recipe, parse_recipe  # noqa: E402
 from evomerge.search.config import RunConfig  # noqa: E402
-from evomerge.search.moe_space import MoeSpace  # noqa: E402
-from evomerge.search.moe_study import best_moe_recipe, search_moe  # noqa: E402
 from evomerge.search.study import run_search  # noqa: E402
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 from evomerge.zoo.taskfiles import lm_eval_name  # noqa: E402
@@ -74,11 +73,6 @@ def template(zoo: Zoo, seed: int, prompts: int) -> MoeRecipe:
     experts = [{"model": str(path), "positive_prompts": random.Random(f"{seed}:{task}").sample(
         queries(zoo, task, "train"), WINDOWS * prompts)} for task, path in zoo.experts.items()]
     return MoeRecipe(base=str(zoo.base), gate_mode="hidden", experts_per_token=2, experts=experts, seed=seed)
-
-
-def first_window(recipe: MoeRecipe, prompts: int) -> MoeRecipe:
-    return recipe.model_copy(update={"experts": [e.model_copy(update={"positive_prompts": e.positive_prompts[:prompts]})
-                                                 for e in recipe.experts]})
 
 
 def forward_ms_per_token(model: torch.nn.Module, batch: dict[str, torch.Tensor], reps: int = 5) -> float:
@@ -125,17 +119,24 @@ def dense_search(zoo: Zoo, seed: int, args: argparse.Namespace, work: Path, scor
     return scorer.row("dense merge (searched)", seed, engine.model, summary["best_value"])
 
 
-def moe_rows(zoo: Zoo, seed: int, args: argparse.Namespace, scorer: Scorer) -> list[Row]:
-    pool = template(zoo, seed, args.prompts)
-    default = first_window(pool, args.prompts)
-    live = MoeModel(default, device=args.device)
-    validation = build_evaluator(evaluator_spec(zoo, "validation", args.limit))
-    rows = [scorer.row("MoE, mergekit-moe defaults", seed, live.model,
-                       validation.score(live.model, scorer.tokenizer).objective)]
-    space = MoeSpace.from_yaml(SPACES / "moe.yaml").model_copy(update={"prompts": args.prompts})
-    study, live = search_moe(pool, space, validation, n_trials=args.trials, seed=seed, device=args.device, live=live)
-    live.materialize(best_moe_recipe(study))
-    rows.append(scorer.row("MoE (searched)", seed, live.model, study.best_value))
+def moe_rows(zoo: Zoo, seed: int, args: argparse.Namespace, work: Path, scorer: Scorer) -> list[Row]:
+    """mergekit-moe's MoE of the seed's template and the MoE `evomerge search` finds around it (an MoE run config:
+    the template, the shipped MoE space with ``--prompts`` windows); the first is the study's baseline trial."""
+    run = work / f"moe_{seed}"
+    run.mkdir()
+    template(zoo, seed, args.prompts).to_yaml(run / "template.yaml")
+    space = yaml.safe_load((SPACES / "moe.yaml").read_text()) | {"prompts": args.prompts}
+    (run / "space.yaml").write_text(yaml.safe_dump(space))
+    config = RunConfig(name=f"moe_{seed}", template=str(run / "template.yaml"), space=str(run / "space.yaml"),
+                       evaluator=evaluator_spec(zoo, "validation", args.limit), n_trials=args.trials,
+                       out=str(run / "run"), device=args.device, seed=seed)
+    summary = run_search(config, export=False, progress=False)
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    baseline = next(t for t in study.trials if t.user_attrs.get("kind") == "baseline:mergekit-moe")
+    live = MoeModel(parse_recipe(baseline.user_attrs["recipe"]), device=args.device)
+    rows = [scorer.row("MoE, mergekit-moe defaults", seed, live.model, baseline.value)]
+    live.materialize(load_recipe(run / "run" / "best_recipe.yaml"))
+    rows.append(scorer.row("MoE (searched)", seed, live.model, summary["best_value"]))
     return rows
 
 
@@ -208,7 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evomerge-moe-bench-") as work:
         for seed in range(args.seeds):
             rows.append(dense_search(zoo, seed, args, Path(work), scorer))
-            rows += moe_rows(zoo, seed, args, scorer)
+            rows += moe_rows(zoo, seed, args, Path(work), scorer)
             for r in rows[-3:]:
                 print(f"seed {seed}: {r.method}: validation {r.validation:.3f} test {r.test:.3f}", flush=True)
     info = {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device(args.device)),

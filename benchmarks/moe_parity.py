@@ -32,8 +32,8 @@ from candidate_turnaround import find_mergekit  # noqa: E402
 from mergekit_parity import GroupDiff, Result, compare, read_tensors, run_info  # noqa: E402
 
 from evomerge.merge import merge_to_dir  # noqa: E402
-from evomerge.recipe import load_recipe  # noqa: E402
-from evomerge.recipe.moe import MoeRecipe, to_mergekit_moe_yaml  # noqa: E402
+from evomerge.recipe import MoeRecipe, load_recipe  # noqa: E402
+from evomerge.recipe.moe import to_mergekit_moe_yaml  # noqa: E402
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 
 GROUPS = ("router", "experts", "base")

@@ -14,8 +14,7 @@ from evomerge.engine.streaming import stream_merge
 from evomerge.methods import get_method, validate_params
 from evomerge.modelcard import Provenance, provenance, provenance_files
 from evomerge.outdir import check_target, recover
-from evomerge.recipe import AnyRecipe, Recipe, RecipeError, StackRecipe
-from evomerge.recipe.moe import MoeRecipe
+from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, RecipeError, StackRecipe
 
 
 def tokenizer_dir(recipe: AnyRecipe) -> Path | None:
@@ -40,7 +39,7 @@ def check_values(recipe: Recipe) -> None:
 
 
 def merge_to_dir(
-    recipe: AnyRecipe | MoeRecipe,
+    recipe: AnyRecipe,
     out: str | Path,
     *,
     device: str | torch.device | None = None,
@@ -61,16 +60,18 @@ def merge_to_dir(
     ranges) run before any tensor work; a failure at any point leaves no output dir behind. Temporary dirs that
     killed merges left beside ``out`` are cleaned first (an old output found renamed aside is restored).
 
-    An MoE recipe (:class:`~evomerge.recipe.moe.MoeRecipe`) is built by :func:`evomerge.moe.moe_to_dir`.
+    An MoE recipe is built by :class:`evomerge.moe.MoeModel` (its checks, of models, architectures, shapes and
+    prompts, also run before any weight is loaded).
     """
-    if isinstance(recipe, MoeRecipe):
-        from evomerge.moe import moe_to_dir
-
-        return moe_to_dir(recipe, out, device=device, force=force, allow_pickle=allow_pickle,
-                          max_shard_size=max_shard_size)
     out = Path(out).expanduser()
     recover(out)
     check_target(out, force)
+    if isinstance(recipe, MoeRecipe):
+        from evomerge.moe import MoeModel
+
+        card = card or provenance(recipe, name=out.name)
+        return MoeModel(recipe, device=device, allow_pickle=allow_pickle).export(
+            out, force=force, max_shard_size=max_shard_size, provenance=card)
     if isinstance(recipe, Recipe):
         check_values(recipe)
     tokenizer = tokenizer_dir(recipe)

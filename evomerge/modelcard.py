@@ -7,7 +7,8 @@ search's ``best_model/``) and the metadata stored in every safetensors header:
   ``library_name``; then the method, the sources, the scores on validation / test when the recipe comes from a
   search, the evomerge version, the recipe and, when mergekit can run it, the mergekit YAML);
 * ``recipe.yaml`` (``evomerge merge recipe.yaml`` rebuilds the dir bit for bit) and ``mergekit_config.yml`` (the
-  name mergekit gives its own copy) when the method exists in mergekit;
+  name mergekit gives its own copy) when the method exists in mergekit; for a mixture of experts
+  ``mergekit_moe_config.yml`` when mergekit-moe can build it;
 * ``generation_config.json`` copied verbatim from the base, else from the first source that has one, so chat models
   keep their list of ``eos_token_id`` and their sampling defaults;
 * safetensors metadata ``format: pt`` (what transformers checks), ``evomerge_version`` and ``evomerge_recipe`` (the
@@ -26,12 +27,13 @@ from pathlib import Path
 import yaml
 
 from evomerge import __version__
-from evomerge.recipe import AnyRecipe, Recipe, StackRecipe
+from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
+from evomerge.recipe.moe import MERGEKIT_MOE_CONFIG, mergekit_moe_exportable
 
 __all__ = ["GENERATION_CONFIG", "MERGEKIT_RECIPE", "MODEL_CARD", "RECIPE", "Provenance", "SplitScores",
-           "generation_config_source", "mergekit_exportable", "model_card", "provenance", "provenance_files",
-           "weights_metadata"]
+           "generation_config_source", "mergekit_exportable", "mergekit_file", "model_card", "provenance",
+           "provenance_files", "weights_metadata"]
 
 MODEL_CARD = "README.md"
 RECIPE = "recipe.yaml"
@@ -71,12 +73,19 @@ def generation_config_source(recipe: AnyRecipe) -> Path | None:
 
 def mergekit_exportable(recipe: AnyRecipe) -> bool:
     """Whether mergekit can run the recipe: a layer stack, and every merge method but the data-aware ones (Fisher,
-    RegMean), which exist in evomerge only."""
+    RegMean), which exist in evomerge only; mergekit-moe an MoE without evomerge's search keys."""
     if isinstance(recipe, StackRecipe):
         return True
+    if isinstance(recipe, MoeRecipe):
+        return mergekit_moe_exportable(recipe)
     from evomerge.methods import get_method  # the registry imports torch: only when asked
 
     return get_method(recipe.method).statistic is None and recipe.calibration is None
+
+
+def mergekit_file(recipe: AnyRecipe) -> str:
+    """The name of the mergekit (or mergekit-moe) config written beside the weights: the names those tools use."""
+    return MERGEKIT_MOE_CONFIG if isinstance(recipe, MoeRecipe) else MERGEKIT_RECIPE
 
 
 def weights_metadata(recipe: AnyRecipe) -> dict[str, str]:
@@ -109,19 +118,28 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
     """The README.md of a merged model dir ``name`` built from ``recipe`` (HF model-card format: YAML front matter,
     then Markdown). ``scores``: the recipe's scores per split (a search's validation and test); ``origin``: one line
     on where the recipe comes from (a search's study and trial)."""
-    front = {"base_model": recipe.model_paths(), "library_name": "transformers", "tags": ["merge", "evomerge"]}
+    moe = isinstance(recipe, MoeRecipe)
+    front = {"base_model": recipe.model_paths(), "library_name": "transformers",
+             "tags": ["merge", "evomerge", *(["moe"] * moe)]}
     if mergekit_exportable(recipe):
         front["tags"].append("mergekit")
-    seed = f", seed {recipe.seed}" if isinstance(recipe, Recipe) and recipe.seed else ""
+    seed = f", seed {recipe.seed}" if isinstance(recipe, (Recipe, MoeRecipe)) and recipe.seed else ""
+    what = (f"A mixture of experts (Mixtral) of pre-trained models made with evomerge {__version__}, gate mode "
+            f"`{recipe.gate_mode}`, {recipe.experts_per_token} of {len(recipe.experts)} experts per token"
+            if isinstance(recipe, MoeRecipe) else
+            f"A merge of pre-trained models made with evomerge {__version__}, method `{recipe.method}`")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", f"# {name}", "",
-             f"A merge of pre-trained models made with evomerge {__version__}, method `{recipe.method}`{seed}"
-             + (f", dtype {recipe.dtype}" if recipe.dtype else "") + "."]
+             what + seed + (f", dtype {recipe.dtype}" if recipe.dtype else "") + "."]
     if origin:
         lines += ["", origin]
     lines += ["", "## Sources", ""]
     if isinstance(recipe, StackRecipe):
         lines += [f"- `{s.model}` layers {s.layer_range[0]}-{s.layer_range[1] - 1}"
                   + (f", scaled by {s.scale:g}" if s.scale != 1.0 else "") for s in recipe.slices]
+    elif isinstance(recipe, MoeRecipe):
+        lines.append(f"- `{recipe.base}` (base: attention, norms, embeddings and head)")
+        lines += [f"- `{e.model}` (expert {i}: its MLPs, {len(e.positive_prompts)} positive / "
+                  f"{len(e.negative_prompts)} negative prompts)" for i, e in enumerate(recipe.experts)]
     else:
         if recipe.base:
             lines.append(_source_line(recipe.base, {}, " (base: task vectors are taken against it)"))
@@ -133,7 +151,8 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
     lines += ["", "## Recipe", "", f"Rebuild this dir bit for bit with `evomerge merge {RECIPE} --out DIR`:", "",
               "```yaml", recipe.to_yaml().rstrip(), "```"]
     if mergekit_exportable(recipe):
-        lines += ["", "### mergekit", "", f"The same recipe as a mergekit config ({MERGEKIT_RECIPE}):", "",
+        tool = "mergekit-moe" if moe else "mergekit"
+        lines += ["", f"### {tool}", "", f"The same recipe as a {tool} config ({mergekit_file(recipe)}):", "",
                   "```yaml", to_mergekit_yaml(recipe).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
@@ -143,7 +162,7 @@ def provenance(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
     """Everything a merged dir ``name`` gets besides its config, weights and tokenizer (see the module docstring)."""
     files = {MODEL_CARD: model_card(recipe, name=name, scores=scores, origin=origin), RECIPE: recipe.to_yaml()}
     if mergekit_exportable(recipe):
-        files[MERGEKIT_RECIPE] = to_mergekit_yaml(recipe)
+        files[mergekit_file(recipe)] = to_mergekit_yaml(recipe)
     source = generation_config_source(recipe)
     if source is not None:
         files[GENERATION_CONFIG] = (source / GENERATION_CONFIG).read_text()

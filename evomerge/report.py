@@ -12,8 +12,8 @@
 - ``importances.png``: fANOVA parameter importances over the completed search trials (Hutter, Hoos & Leyton-Brown
   2014, "An Efficient Approach for Assessing Hyperparameter Importance", ICML), through
   :func:`optuna.importance.get_param_importances`;
-- ``layers.png``: the value each layer gets from the best recipe (:func:`layer_table`), or the layer path of a
-  passthrough recipe;
+- ``layers.png``: the value each layer gets from the best recipe (:func:`layer_table`; an MoE's router scale and
+  dense layers, :func:`moe_layer_table`), or the layer path of a passthrough recipe;
 - ``pareto.png`` (several objectives): the trials in objective space, the Pareto front highlighted.
 
 "Best" is Optuna's best trial; with several objectives it is the Pareto-optimal trial with the highest first
@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.engine.stacking import layer_plan
 from evomerge.methods import Param, get_method
 from evomerge.outdir import building, refuse_symlink
-from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, resolve_params
+from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe, layer_values, resolve_params
 from evomerge.recipe.schema import model_labels
 from evomerge.search import trials as records
 from evomerge.search.storage import mask_url, unmasked_for_libpq
@@ -387,7 +387,7 @@ def trials_dataframe(study: optuna.Study) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- layers
-def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]:
+def layer_table(recipe: Recipe | MoeRecipe, num_layers: int) -> tuple[list[str], np.ndarray]:
     """Row labels and the [rows, num_layers] matrix of the values each layer's tensors get from ``recipe``.
 
     Rows: for each source, each numeric per-source parameter the recipe sets (in the source or as a top-level
@@ -396,8 +396,10 @@ def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]
     at position ``l / (L − 1)``, a per-filter mapping resolved for one representative tensor per filter
     (:data:`FILTER_PROBES`). A parameter whose values differ between filters gets one row per filter,
     labelled ``"<row> [<filter>]"``. Row labels: ``"<source>: <param>"`` (source: the model's last path component,
-    its full path where two sources share one) or ``"<param>"``.
+    its full path where two sources share one) or ``"<param>"``. An MoE recipe: :func:`moe_layer_table`.
     """
+    if isinstance(recipe, MoeRecipe):
+        return moe_layer_table(recipe, num_layers)
     if not isinstance(recipe, Recipe):
         raise ValueError("a layer stack has no per-layer parameters; its layer path is stacking.layer_plan")
     method = get_method(recipe.method)
@@ -427,6 +429,22 @@ def layer_table(recipe: Recipe, num_layers: int) -> tuple[list[str], np.ndarray]
             labels += [f"{label} [{f}]" for f in by_filter]
             rows += list(by_filter.values())
     return labels, np.array(rows, dtype=np.float64).reshape(len(rows), num_layers)
+
+
+def moe_layer_table(recipe: MoeRecipe, num_layers: int) -> tuple[list[str], np.ndarray]:
+    """The rows of an MoE recipe: ``router_scale`` at each layer (:func:`evomerge.recipe.layer_values`, as the build
+    applies it), ``dense`` (1 where the layer holds one dense MLP merged from the experts, 0 where the experts' own
+    MLPs) and, when the dense merge weighs the experts, ``<expert>: dense weight`` on the dense layers (NaN
+    elsewhere)."""
+    dense = recipe.dense_layers
+    layers = set(dense.layers) if dense is not None else set()
+    labels = ["router_scale", "dense"]
+    rows = [layer_values(recipe.router_scale, num_layers), [float(i in layers) for i in range(num_layers)]]
+    if dense is not None and dense.weights is not None:
+        for label, weight in zip(model_labels([e.model for e in recipe.experts]), dense.weights):
+            labels.append(f"{label}: dense weight")
+            rows.append([weight if i in layers else np.nan for i in range(num_layers)])
+    return labels, np.array(rows, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -569,7 +587,7 @@ def plot_layers(recipe: AnyRecipe, num_layers: int, path: Path) -> str | None:
             bright = high > low and (v - low) / (high - low) > 0.6
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if bright else "white")
     fig.colorbar(image, ax=ax, fraction=0.03)
-    ax.set_title(f"best recipe ({recipe.method}): value per layer")
+    ax.set_title(f"best recipe ({'moe' if isinstance(recipe, MoeRecipe) else recipe.method}): value per layer")
     _save(fig, path)
     return None
 

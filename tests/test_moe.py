@@ -18,8 +18,8 @@ from evomerge.cli import main
 from evomerge.merge import merge_to_dir
 from evomerge.moe import MoeError, MoeModel
 from evomerge.moe.gates import cheap_embed_rows, random_rows, tokenize_prompts
-from evomerge.recipe import RecipeError, load_recipe
-from evomerge.recipe.moe import MoeRecipe, from_mergekit_moe, to_mergekit_moe, to_mergekit_moe_yaml
+from evomerge.recipe import MoeRecipe, RecipeError, load_recipe
+from evomerge.recipe.moe import from_mergekit_moe, to_mergekit_moe, to_mergekit_moe_yaml
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -125,6 +125,30 @@ def test_cli_merge_of_a_bad_moe_config_is_one_line(tiny_llamas: list[str], tmp_p
     assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 2
     assert "experts [1] have an empty positive_prompts list" in one_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_moe_dir_says_how_it_was_made_and_its_recipe_rebuilds_it(tiny_llamas: list[str], tmp_path: Path) -> None:
+    """``evomerge merge`` of an MoE recipe writes what every merged dir gets (:mod:`evomerge.modelcard`): the card,
+    ``recipe.yaml`` (which rebuilds the dir bit for bit), mergekit-moe's config when mergekit-moe can build it."""
+    base, *experts = tiny_llamas
+    recipe = moe(base, experts, experts_per_token=1, seed=4)
+    out = tmp_path / "moe"
+    assert main(["merge", str(_write(tmp_path / "r.yml", recipe)), "--out", str(out), "--device", "cpu"]) == 0
+    card = (out / "README.md").read_text()
+    assert "tags:\n- merge\n- evomerge\n- moe\n- mergekit\n" in card and "1 of 3 experts per token" in card
+    assert (out / "mergekit_moe_config.yml").read_text() == to_mergekit_moe_yaml(recipe)
+    assert load_recipe(out / "recipe.yaml") == recipe
+    again = merge_to_dir(load_recipe(out / "recipe.yaml"), tmp_path / "again", device="cpu")
+    assert all(torch.equal(t, load_file(again / "model.safetensors")[n])
+               for n, t in load_file(out / "model.safetensors").items())
+    searched = merge_to_dir(recipe.model_copy(update={"router_scale": 2.0}), tmp_path / "searched", device="cpu")
+    assert not (searched / "mergekit_moe_config.yml").exists()  # mergekit-moe has no router scale
+    assert "mergekit" not in (searched / "README.md").read_text().split("---")[1]
+
+
+def _write(path: Path, recipe: MoeRecipe) -> Path:
+    path.write_text(recipe.to_yaml())
+    return path
 
 
 # ------------------------------------------------------------------------------------- layout and maths

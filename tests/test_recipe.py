@@ -7,9 +7,11 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from evomerge.recipe import (
+    MoeRecipe,
     Recipe,
     RecipeError,
     StackRecipe,
@@ -103,6 +105,41 @@ def test_yaml_round_trip(tmp_path):
     again = load_recipe(tmp_path / "r.yaml")
     assert again == recipe
     assert again.model_paths() == ["b", "x", "y"]
+
+
+KINDS = [
+    Recipe(method="ties", base="b", sources=[{"model": "x"}]),
+    StackRecipe(slices=[{"model": "a", "layer_range": [0, 2]}, {"model": "c", "layer_range": [1, 2], "scale": 0.5}]),
+    MoeRecipe(base="b", gate_mode="random", experts=[{"model": "x"}, {"model": "y"}], experts_per_token=1, seed=3),
+]
+
+
+@pytest.mark.parametrize("recipe", KINDS, ids=["merge", "stack", "moe"])
+def test_every_kind_round_trips_through_yaml_and_the_stored_form(recipe, tmp_path):
+    """The YAML a recipe writes carries its kind's tag (``method: passthrough``, ``kind: moe``) although the tag is
+    a default: ``evomerge merge best_recipe.yaml`` must read the same kind back."""
+    recipe.to_yaml(tmp_path / "r.yaml")
+    assert next(iter(yaml.safe_load((tmp_path / "r.yaml").read_text()))) == next(iter(type(recipe).model_fields))
+    assert load_recipe(tmp_path / "r.yaml") == recipe
+    assert parse_recipe(recipe.model_dump(mode="json")) == recipe  # a study's stored trial recipe
+
+
+def test_an_moe_recipe_is_one_more_kind_with_its_own_keys_and_one_line_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: moe\nbase: b\nexperts:\n  - model: a\n    positive_promts: [p]\n")
+    with pytest.raises(RecipeError, match=r"experts\[0\]: unknown key 'positive_promts' \(did you mean "
+                                          r"'positive_prompts'\?\)"):
+        load_recipe(path)
+    path.write_text("kind: moe\nbase: b\nexperts: [{model: a, positive_prompts: [p]}]\nexperts_per_token: 2\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "experts_per_token is 2 but there are only 1 experts" in str(err.value) and "\n" not in str(err.value)
+    path.write_text("method: ties\nbase: b\nsources: []\n")  # every kind's validation errors are one line
+    with pytest.raises(RecipeError, match=r"r.yaml: value: method 'ties' needs at least one entry in 'sources'$"):
+        load_recipe(path)
+    with pytest.raises(ValidationError, match="Extra inputs"):  # an MoE has no merge keys
+        parse_recipe({"kind": "moe", "base": "b", "experts": [{"model": "a"}], "gate_mode": "random",
+                      "sources": []})
 
 
 def test_a_misspelt_key_is_named_with_the_closest_valid_one(tmp_path):

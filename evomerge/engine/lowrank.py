@@ -25,6 +25,7 @@ from evomerge.engine.plan import method_kwargs, open_sources, plan_params, recip
 from evomerge.methods import MergeMethod
 from evomerge.methods.lorahub import Factors, compose_factors, rank_sum, svd_factors
 from evomerge.recipe import Recipe, RecipeError
+from evomerge.recipe.schema import recipe_kind
 
 __all__ = ["LOW_RANK_MERGES", "LowRankStacks", "check_factor_sources", "has_adapters", "merged_adapter",
            "module_factors", "stack_bytes"]
@@ -155,6 +156,9 @@ def merged_adapter(recipe: Recipe, *, rank: int | None = None,
     the base's path. ``rank``: every module's ``B A`` reduced to that rank by SVD (:func:`svd_factors`; the exact
     product when it is already of that rank or lower). Merges that are not low-rank (TIES, DARE, ...: entrywise
     selections of the dense products) are refused: write the full model instead."""
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"a merged adapter is a parameter merge of LoRA adapter sources; a {recipe_kind(recipe)} "
+                          "recipe has none: drop --adapter-out")
     if recipe.method not in LOW_RANK_MERGES:
         raise RecipeError(f"method '{recipe.method}' does not keep a merge of adapters low-rank; a merged adapter is "
                           f"written for {', '.join(LOW_RANK_MERGES)} only (write the full model for the others)")

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.checkpoint import Checkpoint, CheckpointError
-from evomerge.recipe.moe import PROMPT_MODES, MoeRecipe
-from evomerge.recipe.schema import RecipeError
+from evomerge.recipe.schema import PROMPT_MODES, MoeRecipe, RecipeError
 
 __all__ = ["MOE_CLASSES", "MLP_PARTS", "MoeError", "MoeInputs", "mlp_name", "moe_config", "open_moe_inputs"]
 

@@ -23,13 +23,13 @@ from torch import Tensor
 from evomerge.checkpoint import TOKENIZER_FILES, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.plan import live_dtype, plan_params
+from evomerge.modelcard import Provenance, provenance_files
 from evomerge.moe.arch import MLP_PARTS, MoeError, mlp_name, moe_config, open_moe_inputs
 from evomerge.moe.gates import PromptGates, random_rows, router_rows
-from evomerge.outdir import check_target, recover
-from evomerge.recipe import Recipe, SourceSpec, gradient_position, interpolate
-from evomerge.recipe.moe import PROMPT_MODES, MoeRecipe
+from evomerge.recipe import MoeRecipe, Recipe, SourceSpec, layer_values
+from evomerge.recipe.schema import PROMPT_MODES
 
-__all__ = ["MoeModel", "moe_to_dir"]
+__all__ = ["MoeModel"]
 
 class MoeModel:
     """A live ``MixtralForCausalLM`` assembled from ``recipe``'s base and experts; later recipes over the same models
@@ -151,9 +151,8 @@ class MoeModel:
         for layer in self.model.model.layers:
             layer.mlp.top_k = layer.mlp.gate.top_k = recipe.experts_per_token
         self.model.config.num_experts_per_tok = recipe.experts_per_token
-        scale = [float(interpolate(recipe.router_scale, gradient_position(i, self.num_layers)))
-                 for i in range(self.num_layers)]
-        rows = router_rows(self._gate_rows(recipe), scale, recipe.random_weight, recipe.seed)
+        rows = router_rows(self._gate_rows(recipe), layer_values(recipe.router_scale, self.num_layers),
+                           recipe.random_weight, recipe.seed)
         dense = recipe.dense_layers
         dense_layers = set(dense.layers) if dense is not None else set()
         dense_key = None if dense is None else self._dense_recipe(recipe).model_dump_json()
@@ -177,22 +176,13 @@ class MoeModel:
         """The live model's tensors under MixtralForCausalLM's names (CPU copies)."""
         return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()}
 
-    def export(self, out: str | Path, *, force: bool = False, max_shard_size: int = 2 * 1024**3) -> Path:
+    def export(self, out: str | Path, *, force: bool = False, max_shard_size: int = 2 * 1024**3,
+               provenance: Provenance | None = None) -> Path:
         """Write the live MoE as an HF dir (atomic, :func:`~evomerge.checkpoint.save_hf_dir`) with the base's
-        tokenizer files; ``AutoModelForCausalLM.from_pretrained`` loads it."""
+        tokenizer files and ``provenance``'s model card, recipes and metadata (:mod:`evomerge.modelcard`);
+        ``AutoModelForCausalLM.from_pretrained`` loads it."""
         base = self.inputs.base.path
         tokenizer = base if any((base / f).is_file() for f in TOKENIZER_FILES) else None
         return save_hf_dir(self.state_dict(), out, config=self.model.config, tokenizer_dir=tokenizer, force=force,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, **provenance_files(provenance))
 
-
-def moe_to_dir(recipe: MoeRecipe, out: str | Path, *, device: str | torch.device | None = None, force: bool = False,
-               allow_pickle: bool = False, max_shard_size: int = 2 * 1024**3) -> Path:
-    """Build the MoE of ``recipe`` and write it atomically as an HF dir (``evomerge merge`` of an MoE recipe or a
-    mergekit-moe config). Every check (output path, models, architectures, shapes, prompts) runs before any weight
-    is loaded; a failure leaves no output dir behind."""
-    out = Path(out).expanduser()
-    recover(out)
-    check_target(out, force)
-    return MoeModel(recipe, device=device, allow_pickle=allow_pickle).export(out, force=force,
-                                                                             max_shard_size=max_shard_size)

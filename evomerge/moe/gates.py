@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.recipe.moe import MoeExpert
+from evomerge.recipe import MoeExpert
 
 __all__ = ["PromptGates", "cheap_embed_rows", "expert_rows", "hidden_rows", "random_rows", "router_rows",
            "tokenize_prompts"]

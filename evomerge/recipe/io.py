@@ -1,35 +1,60 @@
-"""Reading a recipe file: evomerge YAML or mergekit YAML, chosen here, at the edge.
+"""Reading a recipe file: evomerge YAML of any kind, a mergekit config or a mergekit-moe config, chosen here, at the
+edge.
 
 A mapping with ``merge_method`` is a mergekit config (converted by :func:`evomerge.recipe.mergekit.from_mergekit`);
-one with ``kind: moe``, or a mergekit-moe config (``base_model`` and ``experts``), is a mixture-of-experts recipe
-(:mod:`evomerge.recipe.moe`); anything else is an evomerge recipe, whose keys are checked with the closest valid key
-named for a misspelt one.
+one with ``base_model`` and ``experts`` a mergekit-moe config (:func:`evomerge.recipe.moe.from_mergekit_moe`);
+anything else is an evomerge recipe of the kind :func:`~evomerge.recipe.schema.recipe_kind` tells (``kind: moe``,
+``method: passthrough``, else a parameter merge), whose keys, and those of its entries, are checked with the closest
+valid key named for a misspelt one. Every error is one :class:`~evomerge.recipe.schema.RecipeError` line.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from evomerge.recipe.mergekit import from_mergekit
-from evomerge.recipe.moe import MoeRecipe, is_mergekit_moe, load_moe_recipe
-from evomerge.recipe.schema import AnyRecipe, RecipeError, SourceSpec, parse_recipe, recipe_fields, refuse_unknown_keys
+from evomerge.recipe.moe import from_mergekit_moe, is_mergekit_moe
+from evomerge.recipe.schema import (
+    AnyRecipe,
+    LayerSlice,
+    MoeExpert,
+    RecipeError,
+    SourceSpec,
+    one_line,
+    parse_recipe,
+    recipe_fields,
+    recipe_kind,
+    refuse_unknown_keys,
+)
 from evomerge.yamlfile import load_yaml
 
 __all__ = ["load_recipe"]
 
+#: per recipe kind: its list-valued keys and the model of their entries (whose keys are checked too)
+_ENTRIES: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
+    "merge": (("sources", SourceSpec),),
+    "stack": (("slices", LayerSlice),),
+    "moe": (("experts", MoeExpert), ("shared_experts", MoeExpert)),
+}
 
-def load_recipe(path: str | Path) -> AnyRecipe | MoeRecipe:
-    """The recipe in ``path``: an evomerge recipe of either kind, a mergekit config (``merge_method:``) converted, or
-    an MoE recipe (``kind: moe`` or a mergekit-moe config)."""
+
+def load_recipe(path: str | Path) -> AnyRecipe:
+    """The recipe in ``path``: an evomerge recipe of any kind, or a mergekit / mergekit-moe config converted."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     if "merge_method" in data:
         return from_mergekit(data)
-    if data.get("kind") == "moe" or is_mergekit_moe(data):
-        return load_moe_recipe(data, f"{path}")
+    if is_mergekit_moe(data):
+        return from_mergekit_moe(data)
     refuse_unknown_keys(data, recipe_fields(data), f"{path}")
-    for i, source in enumerate(data.get("sources") or []):
-        if isinstance(source, dict):
-            refuse_unknown_keys(source, SourceSpec.model_fields, f"{path}: sources[{i}]")
-    return parse_recipe(data)
+    for key, model in _ENTRIES[recipe_kind(data)]:
+        for i, entry in enumerate(data.get(key) or []):
+            if isinstance(entry, dict):
+                refuse_unknown_keys(entry, model.model_fields, f"{path}: {key}[{i}]")
+    try:
+        return parse_recipe(data)
+    except ValidationError as err:
+        raise RecipeError(f"{path}: {one_line(err)}") from None

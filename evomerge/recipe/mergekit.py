@@ -31,10 +31,12 @@ from typing import Any
 
 import yaml
 
+from evomerge.recipe.moe import to_mergekit_moe, to_mergekit_moe_yaml
 from evomerge.recipe.schema import (
     STACK_METHOD,
     AnyRecipe,
     LayerSlice,
+    MoeRecipe,
     ParamValue,
     Recipe,
     RecipeError,
@@ -181,7 +183,10 @@ def _source_defaults(recipe: Recipe) -> dict[str, Any]:
 
 
 def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
-    """Convert a recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file)."""
+    """Convert a recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file); an MoE recipe into
+    the config mergekit-moe reads (:func:`~evomerge.recipe.moe.to_mergekit_moe`)."""
+    if isinstance(recipe, MoeRecipe):
+        return to_mergekit_moe(recipe)
     out: dict[str, Any] = {"merge_method": recipe.method}
     if isinstance(recipe, StackRecipe):
         out["slices"] = [
@@ -222,7 +227,10 @@ RANDOM_NOTE = (
 
 
 def to_mergekit_yaml(recipe: AnyRecipe) -> str:
-    """:func:`to_mergekit` as YAML text, with a comment on where mergekit's result differs (DARE / DELLA draws)."""
+    """:func:`to_mergekit` as YAML text, with a comment on where mergekit's result differs (DARE / DELLA draws; an
+    MoE's random routers: :func:`~evomerge.recipe.moe.to_mergekit_moe_yaml`)."""
+    if isinstance(recipe, MoeRecipe):
+        return to_mergekit_moe_yaml(recipe)
     text = yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
     if isinstance(recipe, Recipe) and recipe.method in RANDOM_METHODS:
         text = RANDOM_NOTE.format(method=recipe.method, seed=recipe.seed) + text

@@ -1,118 +1,26 @@
-"""The mixture-of-experts recipe: dense fine-tunes of one base assembled into a sparse MoE (plain data, no torch).
+"""mergekit-moe YAML <-> the mixture-of-experts recipe (:class:`~evomerge.recipe.schema.MoeRecipe`, plain data).
 
-An :class:`MoeRecipe` says how to build a Mixtral-style model from a base and its fine-tunes: attention, norms,
-embeddings and head from ``base``; in every layer, each expert's MLP becomes one expert; a router per layer sends
-each token to ``experts_per_token`` of them. The router rows are initialised by ``gate_mode``, with mergekit-moe's
-meaning (``mergekit/moe/router.py``):
-
-- ``hidden`` (mergekit's default, also ``hidden_last``): per layer, the base model's hidden state entering that
-  layer at the *last* token of each positive prompt, averaged over the prompts, minus the same for the negative
-  prompts, normalised to unit length; computed in bfloat16, as mergekit does;
-- ``hidden_avg``: the same with the hidden states averaged over each prompt's tokens;
-- ``cheap_embed``: the sum of the prompts' token embeddings (no forward pass), normalised, the same for every layer;
-- ``random``: standard normal rows, ``uniform_random``: ``U(−1/√h, 1/√h)`` (torch.nn.Linear's init); both drawn
-  from ``seed`` (mergekit-moe ``--random-seed SEED`` draws the same ones).
-
-What the search adds beyond mergekit-moe (all neutral by default, so a mergekit-moe config means what it means there):
-``router_scale`` (a scalar or a gradient across the layers, as any evomerge parameter: multiplies the router rows,
-i.e. a softmax temperature of ``1/scale``), ``random_weight`` (router rows ``(1 − r)·g + r·z/|z|`` with ``z`` the
-seeded normal rows: the weight of the prompt gate vs random) and ``dense_layers`` (layers whose experts all hold
-one dense MLP merged from the experts' MLPs by any evomerge method, :class:`DenseMlp`).
-
-:func:`from_mergekit_moe` / :func:`to_mergekit_moe` convert mergekit-moe's YAML (``base_model``, ``experts``,
-``gate_mode``, ...) with the same meaning; the build is :mod:`evomerge.moe`.
+mergekit-moe reads its own file format (``base_model``, ``experts[].source_model``, ``gate_mode``, ...), not a
+mergekit config: :func:`from_mergekit_moe` / :func:`to_mergekit_moe` convert it with the same meaning (the recipe's
+keys are documented on :class:`~evomerge.recipe.schema.MoeRecipe`); :func:`evomerge.recipe.load_recipe` and
+:func:`evomerge.recipe.mergekit.to_mergekit_yaml` dispatch to them. The build is :mod:`evomerge.moe`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from evomerge.recipe.schema import ParamValue, RecipeError, StrictModel, Value, one_line, refuse_unknown_keys
+from evomerge.recipe.schema import MoeExpert, MoeRecipe, RecipeError, one_line
 
-__all__ = ["DenseMlp", "GATE_MODES", "MoeExpert", "MoeRecipe", "from_mergekit_moe", "is_mergekit_moe",
-           "load_moe_recipe", "to_mergekit_moe", "to_mergekit_moe_yaml"]
+__all__ = ["MERGEKIT_MOE_CONFIG", "from_mergekit_moe", "is_mergekit_moe", "mergekit_moe_exportable", "to_mergekit_moe",
+           "to_mergekit_moe_yaml"]
 
-GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
-GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
-PROMPT_MODES = {"hidden", "hidden_last", "hidden_avg", "cheap_embed"}
-
-
-class MoeExpert(StrictModel):
-    """One expert: a fine-tune of the base whose MLPs become expert ``i`` of every layer, with the prompts that
-    should be routed to it (``positive_prompts``) and away from it (``negative_prompts``); ``residual_scale``
-    multiplies its ``down_proj`` (mergekit-moe's key of the same name)."""
-
-    model: str
-    positive_prompts: list[str] = Field(default_factory=list)
-    negative_prompts: list[str] = Field(default_factory=list)
-    residual_scale: float = 1.0
-
-
-class DenseMlp(StrictModel):
-    """Layers that keep a dense MLP: every expert slot of each layer in ``layers`` holds the experts' MLPs merged by
-    ``method`` (any evomerge method, with ``parameters`` as in a merge recipe and per-expert ``weights`` in
-    expert order), so whichever experts the router picks, the layer computes that one MLP (the top-k weights sum
-    to 1). ``base`` of the merge is the MoE's base."""
-
-    layers: list[int]
-    method: str = "linear"
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    weights: list[float] | None = None
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
-        if any(i < 0 for i in v) or len(set(v)) != len(v):
-            raise ValueError(f"dense_layers.layers must be distinct layer indices >= 0, got {v}")
-        return sorted(v)
-
-
-class MoeRecipe(StrictModel):
-    """How to build one mixture of experts from dense experts (see the module docstring for every key)."""
-
-    kind: Literal["moe"] = "moe"
-    base: str
-    experts: list[MoeExpert]
-    experts_per_token: int = Field(2, ge=1)
-    gate_mode: GateMode = "hidden"
-    shared_experts: list[MoeExpert] = Field(default_factory=list)
-    router_scale: Value = 1.0
-    random_weight: float = Field(0.0, ge=0.0, le=1.0)
-    dense_layers: DenseMlp | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> MoeRecipe:
-        n = len(self.experts)
-        if n < 1:
-            raise ValueError("an MoE recipe needs at least one entry in 'experts'")
-        if self.experts_per_token > n:
-            raise ValueError(f"experts_per_token is {self.experts_per_token} but there are only {n} experts: "
-                             f"set experts_per_token to at most {n} or add experts")
-        if self.gate_mode in PROMPT_MODES:
-            empty = [i for i, e in enumerate(self.experts) if not e.positive_prompts]
-            if empty:
-                raise ValueError(f"gate_mode {self.gate_mode!r} computes each router row from the expert's prompts, "
-                                 f"but experts {empty} have an empty positive_prompts list: give every expert at least "
-                                 "one positive prompt, or use gate_mode 'random'")
-        if self.dense_layers is not None and self.dense_layers.weights is not None \
-                and len(self.dense_layers.weights) != n:
-            raise ValueError(f"dense_layers.weights has {len(self.dense_layers.weights)} entries for {n} experts")
-        return self
-
-    def model_paths(self) -> list[str]:
-        """Every distinct model path the recipe reads, base first."""
-        return list(dict.fromkeys([self.base, *(e.model for e in self.experts),
-                                   *(e.model for e in self.shared_experts)]))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump({"kind": "moe"} | self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-
+#: the file name mergekit-moe gives the config it writes beside an MoE (mergekit/scripts/moe.py)
+MERGEKIT_MOE_CONFIG = "mergekit_moe_config.yml"
 
 # ------------------------------------------------------------------------------------------------- mergekit-moe
 MERGEKIT_KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
@@ -166,6 +74,11 @@ def _neutral(recipe: MoeRecipe) -> list[str]:
             if getattr(recipe, key) != neutral]
 
 
+def mergekit_moe_exportable(recipe: MoeRecipe) -> bool:
+    """Whether mergekit-moe can build ``recipe``: every key it has no equivalent for at its neutral value."""
+    return not _neutral(recipe)
+
+
 def _expert_to_mergekit(expert: MoeExpert) -> dict[str, Any]:
     out: dict[str, Any] = {"source_model": expert.model}
     if expert.positive_prompts:
@@ -201,18 +114,6 @@ def to_mergekit_moe_yaml(recipe: MoeRecipe) -> str:
         text = (f"# evomerge draws the random router rows from seed {recipe.seed}; run mergekit-moe with "
                 f"--random-seed {recipe.seed} for the same rows\n") + text
     return text
-
-
-def load_moe_recipe(data: Mapping[str, Any], where: str) -> MoeRecipe:
-    """An :class:`MoeRecipe` from a parsed evomerge MoE recipe (``kind: moe``) or mergekit-moe config, with the
-    closest valid key named for a misspelt one."""
-    if is_mergekit_moe(data):
-        return from_mergekit_moe(data)
-    refuse_unknown_keys(data, MoeRecipe.model_fields, where)
-    for i, expert in enumerate(data.get("experts") or []):
-        if isinstance(expert, Mapping):
-            refuse_unknown_keys(expert, MoeExpert.model_fields, f"{where}: experts[{i}]")
-    return _validated(data, where)
 
 
 def _validated(data: Mapping[str, Any], where: str) -> MoeRecipe:

@@ -65,6 +65,12 @@ def interpolate(value: Value, position: float) -> Scalar:
     return value
 
 
+def layer_values(value: Value, num_layers: int) -> list[float]:
+    """The value at each layer ``0..L-1`` of a stack of ``L`` layers: :func:`interpolate` at each layer's
+    :func:`gradient_position` (e.g. an MoE recipe's ``router_scale``)."""
+    return [float(interpolate(value, gradient_position(i, num_layers))) for i in range(num_layers)]
+
+
 def select_filter(value: ParamValue, name: str) -> Value | None:
     """The entry of a per-filter mapping that applies to tensor ``name`` (``default`` last); non-mappings as is."""
     if not isinstance(value, dict):

@@ -3,7 +3,9 @@
 A recipe is the contract between the search and the merge core: the search writes recipes, the engine
 materializes them, and ``evomerge merge recipe.yaml`` reproduces one bit-identically (given the same seed and device).
 Recipes come in kinds, like search spaces: a :class:`Recipe` is a parameter merge (one method over every tensor), a
-:class:`StackRecipe` a layer stack (``passthrough``); :data:`AnyRecipe` / :func:`parse_recipe` take either.
+:class:`StackRecipe` a layer stack (``passthrough``), an :class:`MoeRecipe` (``kind: moe``) a mixture of experts
+assembled from dense fine-tunes; :data:`AnyRecipe` / :func:`parse_recipe` take any of them (:func:`recipe_kind` tells
+them apart). The MoE recipe's mergekit-moe YAML is :mod:`evomerge.recipe.moe`.
 How a parameter value (scalar, gradient, per-filter mapping; per source or global) becomes the value of one tensor
 is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is :mod:`evomerge.recipe.io`.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -22,7 +24,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -101,14 +102,19 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 class _RecipeFile(StrictModel):
     """What every kind of recipe does: name the models it reads, write itself as YAML. (Each kind declares its own
-    fields, ``method`` first: the order unknown-key messages list them in.)"""
+    fields, its tag first (``method``, ``kind``): the order unknown-key messages list them in.)"""
 
     def model_paths(self) -> list[str]:
         """Every distinct model path the recipe reads, base first."""
         raise NotImplementedError
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        """The recipe as YAML (keys at their default left out), its kind's tag first: ``method`` of a merge or a
+        stack, ``kind`` of an MoE (each kind declares its tag as its first field; a stack's and an MoE's tag has a
+        default, which must still be written for :func:`parse_recipe` to tell the kind)."""
+        tag = next(iter(type(self).model_fields))
+        data = {tag: getattr(self, tag), **self.model_dump(mode="json", exclude_defaults=True)}
+        text = yaml.safe_dump(data, sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -171,25 +177,130 @@ class StackRecipe(_RecipeFile):
         return list(dict.fromkeys(paths + [s.model for s in self.slices]))
 
 
-def _kind(data: object) -> str:
-    method = data.get("method") if isinstance(data, Mapping) else getattr(data, "method", None)
-    return "stack" if method == STACK_METHOD else "merge"
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+#: gate modes whose router rows come from each expert's prompts
+PROMPT_MODES = {"hidden", "hidden_last", "hidden_avg", "cheap_embed"}
 
 
-#: Any kind of recipe, told apart by ``method`` (``passthrough``: a layer stack).
-AnyRecipe = Annotated[Union[Annotated[Recipe, Tag("merge")], Annotated[StackRecipe, Tag("stack")]],
-                      Discriminator(_kind)]
-_ANY_RECIPE: TypeAdapter[Recipe | StackRecipe] = TypeAdapter(AnyRecipe)
+class MoeExpert(StrictModel):
+    """One expert: a fine-tune of the base whose MLPs become expert ``i`` of every layer, with the prompts that
+    should be routed to it (``positive_prompts``) and away from it (``negative_prompts``); ``residual_scale``
+    multiplies its ``down_proj`` (mergekit-moe's key of the same name)."""
+
+    model: str
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    residual_scale: float = 1.0
 
 
-def parse_recipe(data: object) -> Recipe | StackRecipe:
-    """The recipe of kind ``data["method"]`` names (a mapping, e.g. a stored trial's ``recipe``), validated."""
-    return _ANY_RECIPE.validate_python(data)
+class DenseMlp(StrictModel):
+    """Layers that keep a dense MLP: every expert slot of each layer in ``layers`` holds the experts' MLPs merged by
+    ``method`` (any evomerge method, with ``parameters`` as in a merge recipe and per-expert ``weights`` in
+    expert order), so whichever experts the router picks, the layer computes that one MLP (the top-k weights sum
+    to 1). ``base`` of the merge is the MoE's base."""
+
+    layers: list[int]
+    method: str = "linear"
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    weights: list[float] | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError(f"dense_layers.layers must be distinct layer indices >= 0, got {v}")
+        return sorted(v)
+
+
+class MoeRecipe(_RecipeFile):
+    """A mixture of experts (``kind: moe``) built from dense fine-tunes of one base, in the Mixtral layout:
+    attention, norms, embeddings and head from ``base``; in every layer each expert's MLP becomes one expert; a
+    router per layer sends each token to ``experts_per_token`` of them. The router rows are initialised by
+    ``gate_mode``, with mergekit-moe's meaning (``mergekit/moe/router.py``):
+
+    - ``hidden`` (mergekit's default, also ``hidden_last``): per layer, the base model's hidden state entering that
+      layer at the *last* token of each positive prompt, averaged over the prompts, minus the same for the negative
+      prompts, normalised to unit length; computed in bfloat16, as mergekit does;
+    - ``hidden_avg``: the same with the hidden states averaged over each prompt's tokens;
+    - ``cheap_embed``: the sum of the prompts' token embeddings (no forward pass), normalised, the same for every
+      layer;
+    - ``random``: standard normal rows, ``uniform_random``: ``U(−1/√h, 1/√h)`` (torch.nn.Linear's init); both drawn
+      from ``seed`` (mergekit-moe ``--random-seed SEED`` draws the same ones).
+
+    What the search adds beyond mergekit-moe (all neutral by default, so a mergekit-moe config means what it means
+    there): ``router_scale`` (a scalar or a gradient across the layers, as any evomerge parameter: multiplies the
+    router rows, i.e. a softmax temperature of ``1/scale``), ``random_weight`` (router rows ``(1 − r)·g + r·z/|z|``
+    with ``z`` the seeded normal rows: the weight of the prompt gate vs random) and ``dense_layers`` (layers whose
+    experts all hold one dense MLP merged from the experts' MLPs by any evomerge method, :class:`DenseMlp`). The
+    build is :mod:`evomerge.moe`.
+    """
+
+    kind: Literal["moe"] = "moe"
+    base: str
+    experts: list[MoeExpert]
+    experts_per_token: int = Field(2, ge=1)
+    gate_mode: GateMode = "hidden"
+    shared_experts: list[MoeExpert] = Field(default_factory=list)
+    router_scale: Value = 1.0
+    random_weight: float = Field(0.0, ge=0.0, le=1.0)
+    dense_layers: DenseMlp | None = None
+    dtype: DType | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoeRecipe:
+        n = len(self.experts)
+        if n < 1:
+            raise ValueError("an MoE recipe needs at least one entry in 'experts'")
+        if self.experts_per_token > n:
+            raise ValueError(f"experts_per_token is {self.experts_per_token} but there are only {n} experts: "
+                             f"set experts_per_token to at most {n} or add experts")
+        if self.gate_mode in PROMPT_MODES:
+            empty = [i for i, e in enumerate(self.experts) if not e.positive_prompts]
+            if empty:
+                raise ValueError(f"gate_mode {self.gate_mode!r} computes each router row from the expert's prompts, "
+                                 f"but experts {empty} have an empty positive_prompts list: give every expert at least "
+                                 "one positive prompt, or use gate_mode 'random'")
+        if self.dense_layers is not None and self.dense_layers.weights is not None \
+                and len(self.dense_layers.weights) != n:
+            raise ValueError(f"dense_layers.weights has {len(self.dense_layers.weights)} entries for {n} experts")
+        return self
+
+    def model_paths(self) -> list[str]:
+        return list(dict.fromkeys([self.base, *(e.model for e in self.experts),
+                                   *(e.model for e in self.shared_experts)]))
+
+
+#: The recipe class of each kind (:func:`recipe_kind`).
+RECIPE_KINDS: dict[str, type[_RecipeFile]] = {"merge": Recipe, "stack": StackRecipe, "moe": MoeRecipe}
+
+
+def recipe_kind(data: object) -> str:
+    """The kind of a recipe or of its mapping: ``moe`` (``kind: moe``), ``stack`` (``method: passthrough``) or
+    ``merge``."""
+    def get(key: str) -> Any:
+        return data.get(key) if isinstance(data, Mapping) else getattr(data, key, None)
+
+    if get("kind") == "moe":
+        return "moe"
+    return "stack" if get("method") == STACK_METHOD else "merge"
+
+
+#: Any kind of recipe, told apart by :func:`recipe_kind`.
+AnyRecipe = Annotated[Union[Annotated[Recipe, Tag("merge")], Annotated[StackRecipe, Tag("stack")],
+                            Annotated[MoeRecipe, Tag("moe")]], Discriminator(recipe_kind)]
+
+
+def parse_recipe(data: object) -> Recipe | StackRecipe | MoeRecipe:
+    """The recipe of the kind ``data`` describes (a mapping, e.g. a stored trial's ``recipe``), validated (pydantic's
+    ValidationError when invalid)."""
+    return RECIPE_KINDS[recipe_kind(data)].model_validate(data)  # type: ignore[return-value]
 
 
 def recipe_fields(data: Mapping[str, object]) -> Mapping[str, object]:
     """The valid keys of the recipe kind ``data`` describes (for unknown-key messages)."""
-    return (StackRecipe if _kind(data) == "stack" else Recipe).model_fields
+    return RECIPE_KINDS[recipe_kind(data)].model_fields
 
 
 def model_labels(paths: Sequence[str]) -> list[str]:

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.recipe import CalibrationData
+from evomerge.recipe import CalibrationData, MoeExpert, MoeRecipe, RecipeError
 from evomerge.yamlfile import load_yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; one line naming each bad key and the fix."""
+
+
+def closest(name: str, valid: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to a misspelt ``name``, ``""`` when none is close."""
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def one_line_errors(err: ValidationError, valid: Sequence[str]) -> str:
+    """pydantic's errors of a config as one line: ``key: problem`` each, an unknown key with the closest of
+    ``valid``."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key{closest(where, valid)}")
+        else:
+            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
 
 SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]
 PrunerName = Literal["none", "halving", "hyperband", "wilcoxon"]
@@ -17,16 +43,21 @@ PrunerName = Literal["none", "halving", "hyperband", "wilcoxon"]
 class RunConfig(BaseModel):
     """What a search or soup run needs: models, space, evaluators, sampler, budget, storage.
 
-    ``evaluator`` is a spec for :func:`evomerge.evaluate.build_evaluator` scored on the validation split during the
-    search; ``test_evaluator`` (default: the same spec with ``split: test``) scores the best recipe and the baselines
-    at the end. The test split is never used for selection.
+    The models are ``base`` and ``sources``, or for a mixture-of-experts search (an MoE space, ``kind: moe``) an MoE
+    ``template`` recipe whose base and experts they are. ``evaluator`` is a spec for
+    :func:`evomerge.evaluate.build_evaluator` scored on the validation split during the search; ``test_evaluator``
+    (default: the same spec with ``split: test``) scores the best recipe and the baselines at the end.
+    The test split is never used for selection.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="study name")
     base: str | None = None
-    sources: list[str] = Field(min_length=1)
+    sources: list[str] = Field(default_factory=list, description="the models merged (not with template)")
+    template: str | None = Field(None, description="an MoE search's template: an MoE recipe file (kind: moe, or a "
+                                                   "mergekit-moe config) whose base and experts are the run's models "
+                                                   "(not with base / sources); model paths relative to its file")
     space: str | None = Field(None, description="search space YAML (search only)")
     evaluator: dict[str, Any]
     test_evaluator: dict[str, Any] | None = None
@@ -57,6 +88,16 @@ class RunConfig(BaseModel):
                                  "factory() returns a callback(study, frozen_trial) called after every trial")
 
     @model_validator(mode="after")
+    def _models(self) -> RunConfig:
+        if self.template is None and not self.sources:
+            raise ValueError("sources: list the models to merge (or, for an MoE search, give 'template': an MoE "
+                             "recipe file)")
+        if self.template is not None and (self.sources or self.base):
+            raise ValueError("template: an MoE search takes its base and experts from the template; remove "
+                             "'base' and 'sources'")
+        return self
+
+    @model_validator(mode="after")
     def _fidelities(self) -> RunConfig:
         f = self.fidelities
         if not f or any(not 0 < x <= 1 for x in f) or f != sorted(f) or f[-1] != 1.0:
@@ -85,13 +126,17 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        """Read a run config; relative model/space/out/task paths are taken relative to the file's dir."""
+        """Read a run config; relative model/space/out/template/task paths are taken relative to the file's dir.
+        ConfigError (one line) for an invalid one."""
         path = Path(path)
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a run config is a YAML mapping")
+            raise ConfigError(f"{path}: a run config is a YAML mapping")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(_absolute(data, path.parent))
+        try:
+            return cls.model_validate(_absolute(data, path.parent))
+        except ValidationError as err:
+            raise ConfigError(f"{path}: {one_line_errors(err, list(cls.model_fields))}") from None
 
     @property
     def run_dir(self) -> Path:
@@ -112,6 +157,28 @@ class RunConfig(BaseModel):
             return self.confirm_evaluator
         return {k: v for k, v in self.evaluator.items() if k != "limit"}
 
+    def moe_template(self) -> MoeRecipe | None:
+        """The MoE template recipe (None without ``template``), its relative model paths taken relative to its
+        file, as the run config's own paths are to the config's; RecipeError (one line) for a file that is not an
+        MoE recipe."""
+        if self.template is None:
+            return None
+        from evomerge.recipe import load_recipe
+        from evomerge.recipe.schema import recipe_kind
+
+        recipe = load_recipe(self.template)
+        if not isinstance(recipe, MoeRecipe):
+            raise RecipeError(f"template {self.template}: a {recipe_kind(recipe)} recipe; an MoE search's template is "
+                              "an MoE recipe (kind: moe) or a mergekit-moe config")
+        root = Path(self.template).parent
+
+        def fix(expert: MoeExpert) -> MoeExpert:
+            return expert.model_copy(update={"model": _relative_to(root, expert.model)})
+
+        return recipe.model_copy(update={"base": _relative_to(root, recipe.base),
+                                         "experts": [fix(e) for e in recipe.experts],
+                                         "shared_experts": [fix(e) for e in recipe.shared_experts]})
+
     def test_spec(self) -> dict[str, Any]:
         """The final evaluator: ``test_evaluator``, else the search's lm-eval spec on the test split (other
         evaluator types have no split: they are re-used as they are unless ``test_evaluator`` is given)."""
@@ -122,12 +189,17 @@ class RunConfig(BaseModel):
         return self.evaluator
 
 
+def _relative_to(root: Path, path: Any) -> Any:
+    """``path`` taken relative to ``root`` when it is a relative path string, as it is otherwise."""
+    return str((root / path).resolve()) if isinstance(path, str) and not Path(path).is_absolute() else path
+
+
 def _absolute(data: dict[str, Any], root: Path) -> dict[str, Any]:
     def fix(p: Any) -> Any:
-        return str((root / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
+        return _relative_to(root, p)
 
     out = dict(data)
-    for key in ("base", "space", "out"):
+    for key in ("base", "space", "out", "template"):
         if out.get(key):
             out[key] = fix(out[key])
     out["sources"] = [fix(s) for s in out.get("sources", [])]

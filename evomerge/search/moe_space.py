@@ -1,7 +1,9 @@
 """The search space of mixture-of-experts recipes: a declarative YAML file -> Optuna suggestions -> an MoeRecipe.
 
-A space searches around a template :class:`~evomerge.recipe.moe.MoeRecipe` (its base, experts, prompts and gate
-mode); every key is optional and keeps the template's value when left out::
+A space searches around a template :class:`~evomerge.recipe.MoeRecipe` (its base, experts, prompts and gate mode:
+the run config's ``template``, carried by the :class:`~evomerge.search.space.ModelSet`); it is the third kind of
+space behind :class:`~evomerge.search.space.SearchSpace` (``kind: moe``), so ``evomerge search`` runs it like any
+other. Every key is optional and keeps the template's value when left out::
 
     kind: moe
     layer_groups: 2                     # G groups of consecutive layers (layer l of L in group floor(l·G/L))
@@ -17,24 +19,39 @@ mode); every key is optional and keeps the template's value when left out::
 Entries are those of :mod:`evomerge.search.space`: ``{low, high, log, step}`` ranges, ``{choice: [...]}`` or a fixed
 value. Trial parameters are named for what they are: ``experts_per_token``, ``router_scale[layers 0-1]``,
 ``random_weight``, ``dense[layers 2-3]``, ``dense_weight[expert_sort]``, ``prompts[expert_sort]`` (the window's first
-prompt index). :meth:`MoeSpace.baseline_params` is mergekit-moe's MoE (scale 1, no random rows, no dense layer, the
-template's experts_per_token and first prompts) where the space can express it.
+prompt index). The study's baseline (``baseline:mergekit-moe``) is mergekit-moe's MoE of the template: router scale 1,
+no random rows, no dense layer, the template's experts_per_token and each expert's first prompt window; where the
+space cannot express it (:meth:`MoeSpace.baseline_params` is empty) it is scored beside the study as the reference
+``mergekit-moe`` (:meth:`MoeSpace.reference_recipes`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from evomerge.recipe.moe import DenseMlp, MoeRecipe
-from evomerge.recipe.schema import Scalar, StrictModel, model_labels, one_line
-from evomerge.search.space import ChoiceSpec, FixedSpec, ParamSpec, RangeSpec, SpaceError, _Layout, _suggest_one
-from evomerge.yamlfile import load_yaml
+from evomerge.recipe import DenseMlp, MoeRecipe
+from evomerge.recipe.schema import PROMPT_MODES, Scalar, StrictModel, model_labels
+from evomerge.search.space import (
+    NAMING,
+    ChoiceSpec,
+    FixedSpec,
+    ModelSet,
+    ParamSpec,
+    RangeSpec,
+    SpaceError,
+    _Layout,
+    _suggest_one,
+)
 
-__all__ = ["MoeSpace"]
+__all__ = ["BASELINE", "NO_TEMPLATE", "MoeSpace"]
+
+#: the label of mergekit-moe's MoE of the template, the study's baseline (or reference)
+BASELINE = "mergekit-moe"
+NO_TEMPLATE = ("an MoE space (kind: moe) searches around an MoE template: set 'template' in the run config (an MoE "
+               "recipe file, kind: moe, or a mergekit-moe config) instead of base and sources")
 
 
 class MoeSpace(StrictModel):
@@ -51,17 +68,11 @@ class MoeSpace(StrictModel):
     dense_weight: ParamSpec | None = None
     prompts: int | None = Field(None, ge=1)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> MoeSpace:
-        data = load_yaml(path)
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as err:
-            raise SpaceError(f"{path}: {one_line(err)}") from None
-
     # ---------------------------------------------------------------------------------------------- checks
-    def check(self, template: MoeRecipe, num_layers: int) -> None:
-        """SpaceError naming the entry for values the template's models cannot take (before any trial)."""
+    def check(self, models: ModelSet) -> None:
+        """SpaceError naming the entry for values the template's models cannot take (before any model loads:
+        ``models.num_layers`` comes from the base's config)."""
+        template, num_layers = _template(models), models.num_layers
         n = len(template.experts)
         for name, low, high in (("experts_per_token", 1, n), ("random_weight", 0.0, 1.0),
                                 ("router_scale", 1e-6, float("inf")), ("dense_weight", 0.0, float("inf"))):
@@ -77,6 +88,10 @@ class MoeSpace(StrictModel):
                 raise SpaceError(f"moe space: experts_per_token is a whole number, got {values}")
         if isinstance(self.experts_per_token, RangeSpec):
             raise SpaceError("moe space: experts_per_token is a {choice: [...]} of whole numbers, not a range")
+        if self.prompts is not None and template.gate_mode not in PROMPT_MODES:
+            raise SpaceError(f"moe space: prompts chooses windows of the experts' prompts, but the template's "
+                             f"gate_mode {template.gate_mode!r} uses no prompts: remove prompts or use a "
+                             f"prompt gate mode ({', '.join(sorted(PROMPT_MODES))})")
         if self.prompts is not None:
             short = [i for i, e in enumerate(template.experts) if len(e.positive_prompts) < self.prompts]
             if short:
@@ -85,9 +100,16 @@ class MoeSpace(StrictModel):
         if self.layer_groups > num_layers:
             raise SpaceError(f"moe space: layer_groups {self.layer_groups} > the model's {num_layers} layers")
 
+    def is_continuous(self) -> bool:
+        """True when every searched key is a float range (no choice, no prompt windows): CMA-ES applies."""
+        specs = [self.experts_per_token, self.router_scale, self.random_weight, self.dense, self.dense_weight]
+        return self.prompts is None and not any(isinstance(s, ChoiceSpec) for s in specs)
+
     # --------------------------------------------------------------------------------------------- suggest
-    def suggest(self, trial: optuna.Trial, template: MoeRecipe, num_layers: int) -> MoeRecipe:
-        """The recipe of ``trial``: the template with every searched key asked of the trial."""
+    def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> MoeRecipe:
+        """The recipe of ``trial``: the template with every searched key asked of the trial (the names are the same
+        in every naming version)."""
+        template, num_layers = _template(models), models.num_layers
         groups = min(self.layer_groups, num_layers)
         labels = _labels(template)
         fields: dict[str, Any] = {}
@@ -119,9 +141,11 @@ class MoeSpace(StrictModel):
             fields["experts"] = experts
         return template.model_copy(update=fields)
 
-    def baseline_params(self, template: MoeRecipe, num_layers: int) -> dict[str, Any] | None:
-        """Trial parameters of mergekit-moe's MoE of the template (neutral routers, no dense layer, the first prompt
-        window), or None where the space cannot express it (a range or choice without the neutral value)."""
+    def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
+        """``[("mergekit-moe", trial params)]``: mergekit-moe's MoE of the template (neutral routers, no dense layer,
+        the first prompt window); ``[]`` where the space cannot express it (a range or choice without the neutral
+        value, or a fixed value other than it)."""
+        template, num_layers = _template(models), models.num_layers
         groups = min(self.layer_groups, num_layers)
         neutral: list[tuple[str, ParamSpec | None, Scalar]] = [
             ("experts_per_token", self.experts_per_token, template.experts_per_token),
@@ -131,14 +155,35 @@ class MoeSpace(StrictModel):
         ]
         params: dict[str, Any] = {}
         for name, spec, value in neutral:
-            if spec is None or isinstance(spec, FixedSpec):
+            if spec is None:
+                continue
+            if isinstance(spec, FixedSpec):  # every trial has this value: mergekit-moe's MoE only if it is neutral
+                if spec.value != value:
+                    return []
                 continue
             if not spec.contains(value):
-                return None
+                return []
             params[name] = value
         if self.prompts is not None:
             params.update({f"prompts[{lb}]": 0 for lb in _labels(template)})
-        return params
+        return [(BASELINE, params)]
+
+    def reference_recipes(self, models: ModelSet) -> list[tuple[str, MoeRecipe]]:
+        """``[("mergekit-moe", recipe)]`` when the space cannot express that baseline (it is scored beside the
+        study), else ``[]``."""
+        if self.baseline_params(models):
+            return []
+        template = _template(models)
+        experts = template.experts if self.prompts is None else \
+            [e.model_copy(update={"positive_prompts": e.positive_prompts[:self.prompts]}) for e in template.experts]
+        return [(BASELINE, template.model_copy(update={"router_scale": 1.0, "random_weight": 0.0,
+                                                      "dense_layers": None, "experts": experts}))]
+
+
+def _template(models: ModelSet) -> MoeRecipe:
+    if models.template is None:
+        raise SpaceError(NO_TEMPLATE)
+    return models.template
 
 
 def _ends(spec: ParamSpec) -> list[Any]:

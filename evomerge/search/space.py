@@ -1,5 +1,9 @@
 """Search spaces: a declarative YAML file -> Optuna suggestions (define-by-run) -> a :class:`~evomerge.recipe.Recipe`.
 
+Three kinds, behind one facade (:class:`SearchSpace`): parameter spaces and the layer-stacking space (below), and
+mixture-of-experts spaces (``kind: moe``, :mod:`evomerge.search.moe_space`), which search around the run's MoE
+template.
+
 A search space says which merge recipes a study may propose. :meth:`SearchSpace.suggest` asks an Optuna trial for
 every searched value and assembles the recipe; :meth:`SearchSpace.baseline_params` gives the trial parameters of
 the reference points a study is seeded with. The space never touches tensors; it only writes recipes.
@@ -89,7 +93,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import optuna
 from pydantic import (
@@ -103,9 +107,12 @@ from pydantic import (
 )
 
 from evomerge.methods import MergeMethod, MethodError, Param, get_method, validate_params
-from evomerge.recipe import AnyRecipe, LayerSlice, ParamValue, Recipe, Scalar, SourceSpec, StackRecipe
+from evomerge.recipe import AnyRecipe, LayerSlice, MoeRecipe, ParamValue, Recipe, Scalar, SourceSpec, StackRecipe
 from evomerge.recipe.schema import STACK_METHOD, StrictModel, model_labels
 from evomerge.yamlfile import load_yaml
+
+if TYPE_CHECKING:
+    from evomerge.search.moe_space import MoeSpace
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +127,13 @@ class SpaceError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSet:
-    """Which checkpoints a search merges: an optional base, the sources, and their number of layers."""
+    """Which checkpoints a search merges: an optional base, the sources, and their number of layers; for an MoE
+    search the template recipe too (its base and experts are ``base`` and ``sources``)."""
 
     base: str | None
     sources: list[str]
     num_layers: int
+    template: MoeRecipe | None = None
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -644,20 +653,28 @@ def _slices(path: Sequence[tuple[int, int, float]], sources: Sequence[str]) -> l
 
 # ------------------------------------------------------------------------------------------------ facade
 class SearchSpace:
-    """A loaded search space: a :class:`MergeSpace` or a :class:`StackingSpace` (``method: passthrough``)."""
+    """A loaded search space: a :class:`MergeSpace`, a :class:`StackingSpace` (``method: passthrough``) or a
+    :class:`~evomerge.search.moe_space.MoeSpace` (``kind: moe``)."""
 
-    def __init__(self, spec: MergeSpace | StackingSpace, name: str = "<dict>") -> None:
+    def __init__(self, spec: MergeSpace | StackingSpace | MoeSpace, name: str = "<dict>") -> None:
         self.spec = spec
         self.name = name
 
     @classmethod
     def from_dict(cls, data: object, name: str = "<dict>") -> SearchSpace:
         """Validate a parsed space; SpaceError naming ``name``, each bad entry and the fix."""
+        from evomerge.search.moe_space import MoeSpace  # it builds on this module's value specs
+
         if not isinstance(data, dict):
             raise SpaceError(f"{name}: a search space is a YAML mapping, got {type(data).__name__}")
-        if "method" not in data:
-            raise SpaceError(f"{name}: missing 'method' (a method name, or {{choice: [...]}})")
-        model = StackingSpace if data["method"] == STACK_METHOD else MergeSpace
+        model: type[MergeSpace | StackingSpace | MoeSpace]
+        if data.get("kind") == "moe":
+            model = MoeSpace
+        elif "method" not in data:
+            raise SpaceError(f"{name}: missing 'method' (a method name, or {{choice: [...]}}; or kind: moe for a "
+                             "mixture-of-experts space)")
+        else:
+            model = StackingSpace if data["method"] == STACK_METHOD else MergeSpace
         try:
             return cls(model.model_validate(data), name)
         except ValidationError as err:
@@ -683,11 +700,31 @@ class SearchSpace:
         """
         return self.spec.baseline_params(models, naming)
 
-    def reference_recipes(self, models: ModelSet) -> list[tuple[str, Recipe]]:
+    @property
+    def is_moe(self) -> bool:
+        """Whether this is a mixture-of-experts space (it searches around the run's MoE template)."""
+        return getattr(self.spec, "kind", None) == "moe"
+
+    def check(self, models: ModelSet) -> None:
+        """SpaceError, before any model loads, when the space cannot search ``models``: an MoE space needs the run's
+        template (``models.template``; a merge or stack space none) and values that fit it
+        (:meth:`~evomerge.search.moe_space.MoeSpace.check`). Merge spaces check their methods against the model set
+        when a trial asks for them."""
+        if self.is_moe:
+            self.spec.check(models)  # type: ignore[union-attr]
+        elif models.template is not None:
+            raise SpaceError(
+                f"{self.name}: the run config's template is an MoE template, but this is a "
+                f"{'layer-stacking' if isinstance(self.spec, StackingSpace) else 'merge'} space: use an MoE space "
+                "(kind: moe, e.g. search_spaces/moe.yaml), or list base and sources instead of template")
+
+    def reference_recipes(self, models: ModelSet) -> list[tuple[str, AnyRecipe]]:
         """The baselines this space cannot express (e.g. the plain average under TIES, whose sign election is no
         average), as linear recipes scored beside the study: ``uniform`` = ``Σ θ_i / N`` and ``source:<label>`` =
         ``θ_i`` (weight 1 on it, 0 on the others, normalised), for every such label missing from
-        :meth:`baseline_params`."""
+        :meth:`baseline_params`; an MoE space's is mergekit-moe's MoE when the space cannot express it."""
+        if self.is_moe:
+            return self.spec.reference_recipes(models)  # type: ignore[union-attr,return-value]
         expressed = {label for label, _ in self.baseline_params(models)}
         n = len(models.sources)
         wanted = [(f"source:{label}", [float(i == j) for j in range(n)])

@@ -35,14 +35,17 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
 from evomerge.merge import merge_to_dir, tokenizer_dir
-from evomerge.modelcard import Provenance, SplitScores, provenance
+from evomerge.modelcard import Provenance, SplitScores, mergekit_exportable, provenance
+from evomerge.moe import MoeModel
+from evomerge.moe.arch import open_moe_inputs
 from evomerge.outdir import recover as recover_dir
-from evomerge.recipe import AnyRecipe, Recipe, StackRecipe, parse_recipe
+from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
-from evomerge.search.space import NAMING, ModelSet, SearchSpace
+from evomerge.search.moe_space import NO_TEMPLATE
+from evomerge.search.space import NAMING, ModelSet, SearchSpace, SpaceError
 from evomerge.search.storage import (
     StudyLock,
     check_storage,
@@ -199,15 +202,39 @@ class Runner:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
         self.callbacks = [load_callback(spec) for spec in config.callbacks]  # before any model loads
         self.evaluator = build_evaluator(config.evaluator)
-        self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
-        self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
-        self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=config.base,
-                                                  sources=[{"model": m} for m in config.sources]))
+        template = self._template()
+        # the live model: an MoE search's MoeModel (built once, re-materialized per trial), else the merge engine's
+        self.engine: MergeEngine | None = None
+        self.moe: MoeModel | None = None
+        if template is not None:
+            self.models = ModelSet(base=template.base, sources=[e.model for e in template.experts],
+                                   num_layers=open_moe_inputs(template).num_layers, template=template)
+            if self.space is not None:
+                self.space.check(self.models)  # from config files and headers, before any weight loads
+            self.moe = MoeModel(template, device=config.device, materialize=False)
+        else:
+            if self.space is not None and self.space.is_moe:
+                raise SpaceError(f"{self.space.name}: {NO_TEMPLATE}")
+            self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
+            self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
+        self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=self.models.base,
+                                                  sources=[{"model": m} for m in self.models.sources]))
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         recover_dir(self.run_dir / "best_model")  # what killed exports of best_model/ left: cleaned at once
         self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
+
+    def _template(self) -> MoeRecipe | None:
+        """The run's MoE template with the run's seed and dtype (the recipes of its trials carry them), None without
+        one; a soup or sweep has none (they merge sources)."""
+        template = self.config.moe_template()
+        if template is None:
+            return None
+        if self.kind != records.SEARCH_KIND:
+            raise ValueError(f"template: an MoE template is searched with `evomerge search` (an MoE space); a "
+                             f"{self.kind} merges base and sources")
+        return template.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or template.dtype})
 
     def __enter__(self) -> Runner:
         return self
@@ -257,8 +284,14 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------- scoring
     def materialize(self, recipe: AnyRecipe) -> tuple[nn.Module, float]:
-        """The model holding ``recipe`` and the merge time: the engine's live model, written in place, or for
-        layer stacking (a new layer count) a new model assembled from the sources' layers."""
+        """The model holding ``recipe`` and the merge time: the engine's (or an MoE search's) live model, written in
+        place, or for layer stacking (a new layer count) a new model assembled from the sources' layers."""
+        if isinstance(recipe, MoeRecipe):
+            assert self.moe is not None, "an MoE recipe in a run without an MoE template"
+            start = time.perf_counter()
+            self.moe.materialize(recipe)
+            return self.moe.model, time.perf_counter() - start
+        assert self.engine is not None
         if isinstance(recipe, Recipe):
             prepare(self.engine, recipe, self.config.calibration, self.tokenizer)
             return self.engine.model, self.engine.materialize(recipe).seconds
@@ -270,6 +303,11 @@ class Runner:
     def export(self, recipe: AnyRecipe, out: Path, card: Provenance) -> Path:
         """Write ``recipe``'s merged model as an HF dir (replacing ``out``) with the model card, recipes and metadata
         of ``card``."""
+        if isinstance(recipe, MoeRecipe):
+            assert self.moe is not None
+            self.moe.materialize(recipe)
+            return self.moe.export(out, force=True, provenance=card)
+        assert self.engine is not None
         if isinstance(recipe, StackRecipe):
             return merge_to_dir(recipe, out, device=self.engine.device, force=True, card=card)
         self.engine.materialize(recipe)
@@ -329,7 +367,8 @@ class Runner:
         except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
-        recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
+        # the run's seed and dtype (an MoE recipe has its template's, which carries the run's, or its own dtype)
+        recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
         return self.record(trial, recipe, trial_kind(trial))
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
@@ -348,7 +387,7 @@ class Runner:
         for label, recipe in self.space.reference_recipes(self.models):
             if label in records.references(study.user_attrs):
                 continue
-            recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype})
+            recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
             try:
                 scored = self.score(recipe)
             except Exception as exc:  # a reference is no trial: its failure is stored beside the study, once
@@ -451,7 +490,10 @@ class Runner:
         best = best_trials(study, complete)[0]
         recipe = records.recipe_of(best)
         recipe.to_yaml(self.run_dir / "best_recipe.yaml")
-        (self.run_dir / "best_recipe.mergekit.yaml").write_text(to_mergekit_yaml(recipe))
+        if not isinstance(recipe, MoeRecipe) or mergekit_exportable(recipe):  # an MoE: mergekit-moe's config
+            (self.run_dir / "best_recipe.mergekit.yaml").write_text(to_mergekit_yaml(recipe))
+        else:  # a resumed study's earlier best may have had one
+            (self.run_dir / "best_recipe.mergekit.yaml").unlink(missing_ok=True)
         test = build_evaluator(self.config.test_spec())
         targets = {t.number: t for t in complete
                    if records.is_baseline(t) or t.number == best.number}

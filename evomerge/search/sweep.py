@@ -30,7 +30,6 @@ which point validation picks, per method and overall).
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import math
@@ -42,14 +41,14 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from evomerge.evaluate import build_evaluator
 from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
 from evomerge.recipe import Recipe, SourceSpec
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
-from evomerge.search.config import RunConfig
+from evomerge.search.config import ConfigError, RunConfig, closest
 from evomerge.search.storage import INTERRUPTED
 from evomerge.search.study import Runner, finish
 
@@ -59,7 +58,8 @@ DEFAULT_SEEDS = 3  # of a stochastic method whose grid does not say
 Scalar = float | int | bool
 
 # search/soup settings that mean nothing in a sweep (its trials are the grid's points)
-_NOT_IN_SWEEP = ("space", "sampler", "pruner", "fidelities", "n_trials", "multi_objective", "accept", "baselines")
+_NOT_IN_SWEEP = ("space", "template", "sampler", "pruner", "fidelities", "n_trials", "multi_objective", "accept",
+                 "baselines")
 
 
 class SweepError(ValueError):
@@ -97,11 +97,6 @@ class SweepTrial:
     seed: int
 
 
-def _closest(name: str, valid: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def _axes(method: MergeMethod, grid: Mapping[str, Any]) -> tuple[list[tuple[str, list[Scalar]]], int]:
     """The grid's parameter axes ``[(name, values)]`` and its number of seeds; SweepError on bad input."""
     where = f"sweep.{method.name}"
@@ -113,7 +108,7 @@ def _axes(method: MergeMethod, grid: Mapping[str, Any]) -> tuple[list[tuple[str,
         if name == SEEDS:
             continue
         if name not in valid:
-            raise SweepError(f"{where}: unknown parameter {name!r}{_closest(str(name), valid)}; valid: "
+            raise SweepError(f"{where}: unknown parameter {name!r}{closest(str(name), valid)}; valid: "
                              f"{', '.join(valid)}, {SEEDS}")
         values = list(value) if isinstance(value, list) else [value]
         if not values:
@@ -138,7 +133,7 @@ def expand(config: SweepConfig) -> list[SweepTrial]:
     grids = {}
     for name, grid in config.sweep.items():
         if name not in METHODS:
-            raise SweepError(f"sweep: unknown merge method {name!r}{_closest(name, list(METHODS))}; valid: "
+            raise SweepError(f"sweep: unknown merge method {name!r}{closest(name, list(METHODS))}; valid: "
                              f"{', '.join(sorted(METHODS))}")
         grids[name] = _axes(get_method(name), grid)
     size = sum(math.prod(len(values) for _, values in axes) * seeds for axes, seeds in grids.values())
@@ -334,26 +329,13 @@ def summarize(study: optuna.Study) -> SweepSummary:
     return SweepSummary(results, picks, overall, names, sign)
 
 
-def _one_line(err: ValidationError) -> str:
-    """pydantic's errors as one line: ``key: problem`` each, an unknown key with the closest valid one."""
-    valid = list(SweepConfig.model_fields)
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
-            parts.append(f"{where}: unknown key{_closest(where, valid)}")
-        else:
-            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
     """Read a sweep config (paths relative to the file, as :meth:`RunConfig.from_yaml`) and check it: SweepError
     for search/soup settings a sweep does not use and for a bad grid (:func:`expand`)."""
     try:
         config = SweepConfig.from_yaml(path, **overrides)
-    except ValidationError as err:
-        raise SweepError(f"{path}: {_one_line(err)}") from None
+    except ConfigError as err:
+        raise SweepError(str(err)) from None
     given = [key for key in _NOT_IN_SWEEP if key in config.model_fields_set]
     if given:
         raise SweepError(f"{path}: {', '.join(given)}: not used by a sweep (its trials are the grid's points); "
