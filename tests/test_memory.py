@@ -195,6 +195,22 @@ def test_working_set_counts_dellas_ranks_per_thread():
     assert working_set_bytes(largest_tensor=m, n_models=4, device_type="cuda", sorted_entries=2 * m) == 120 * m
 
 
+def test_the_engine_plans_dellas_ranks_only_when_a_ranking_method_may_run(family):
+    """The working set of 4 tiny models (the largest tensor's entries m, the threads' largest tensors S): with DELLA
+    possible, the ranks' (16 * 3 + 33) * S; planned for TIES and linear only, the largest of the rest."""
+    base, fts = family
+    anything = MergeEngine([base, *fts], device="cpu").memory.working_set
+    ties = MergeEngine([base, *fts], device="cpu", methods=["ties", "linear"]).memory.working_set
+    della = MergeEngine([base, *fts], device="cpu", methods=["della"]).memory.working_set
+    from safetensors import safe_open
+
+    with safe_open(f"{base}/model.safetensors", "pt") as f:
+        entries = sorted((int(torch.Size(f.get_slice(n).get_shape()).numel()) for n in f.keys()), reverse=True)
+    threads = sum(entries[:torch.get_num_threads()])
+    assert anything == della == (16 * 3 + 33) * threads
+    assert ties == max(7 * 4 * entries[0], SELECT_BYTES["cpu"] * entries[0], SORT_BYTES * threads) < della
+
+
 # Peaks of DELLA's ranks (the engine's) and of whole-tensor calls (the streaming merge's), each from the first row
 # read on, in a fresh process whose allocator returns every freed 1 MiB+ block (MALLOC_MMAP_THRESHOLD_: glibc's
 # dynamic threshold would otherwise keep freed rows and hide the next step's peak). argv: JSON [[step, N], ...].

@@ -67,7 +67,8 @@ def rank_bytes(n_sources: int, device_type: str) -> int:
     return max(a * n_sources + b for a, b in RANK_BYTES["cuda" if device_type == "cuda" else "cpu"])
 
 
-def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, sorted_entries: int = 0) -> int:
+def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, sorted_entries: int = 0,
+                      ranked: bool = True) -> int:
     """Peak bytes of merging one tensor beyond the sources and the live model: the largest of
 
     - a formula on the whole tensor: the sources' rows, the base, the result and the temporaries, about
@@ -77,12 +78,14 @@ def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, s
     - on CPU, the threads sorting task vectors at once: ``SORT_BYTES * sorted_entries`` (``sorted_entries``: the
       entries of the ``torch.get_num_threads()`` largest tensors, each sorted by its own thread);
     - DELLA's ranks of every source's task vector (``n_models - 1``: the others against the base), one tensor per
-      thread as the sorts: ``rank_bytes(n_models - 1) * sorted_entries``.
+      thread as the sorts: ``rank_bytes(n_models - 1) * sorted_entries``; left out when ``ranked`` is false (no
+      method that ranks magnitudes will run).
 
-    The engine is planned before any recipe is known, so it plans for the method that needs most."""
+    The engine is planned before any recipe is known, so it plans for the method that needs most (of the methods
+    it is told will run)."""
     formula = (n_models + 3) * 4 * largest_tensor
     select = SELECT_BYTES["cuda" if device_type == "cuda" else "cpu"] * largest_tensor
-    ranks = rank_bytes(n_models - 1, device_type) * sorted_entries
+    ranks = rank_bytes(n_models - 1, device_type) * sorted_entries if ranked else 0
     return max(formula, select, SORT_BYTES * sorted_entries if device_type == "cpu" else 0, ranks)
 
 

@@ -199,7 +199,9 @@ class Runner:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
         self.callbacks = [load_callback(spec) for spec in config.callbacks]  # before any model loads
         self.evaluator = build_evaluator(config.evaluator)
-        self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
+        # planned for the space's methods and linear (the baseline outside the space); soups and sweeps: any method
+        self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
+                                  methods=None if self.space is None else [*self.space.methods, "linear"])
         self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
         self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=config.base,
                                                   sources=[{"model": m} for m in config.sources]))
