@@ -33,16 +33,13 @@ from merge_throughput import llama_config, write_checkpoints  # benchmarks/ is s
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.engine import MergeEngine
-from evomerge.engine.memory import HEADROOM
+from evomerge.engine.memory import HEADROOM, stream_working_set_bytes
 from evomerge.merge import merge_to_dir
+from evomerge.methods import get_method
 from evomerge.recipe import Recipe
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 METHODS = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.3}, "dare_ties": {"density": 0.3}}
-# Bytes per entry and source that TIES' whole-tensor formula (what `evomerge merge` runs per tensor) holds beyond its
-# inputs: task vectors, their exact selection, pruned rows, weighted contributions, agreement masks and products.
-# Measured like tests/test_memory.py's PEAK (VmHWM of methods.ties.ties on 3 x 8M entries): 25.9.
-STREAM_TIES_BYTES = 26
 
 
 def _peak_rss() -> int:
@@ -81,7 +78,7 @@ def child(paths: list[str], dtype: str, methods: list[str]) -> None:
     """Build the engine, merge two candidates per method, print one JSON line."""
     imported = _rss()  # the interpreter with torch and transformers, before any model
     start = time.perf_counter()
-    engine = MergeEngine(paths, device="cpu", dtype=dtype)
+    engine = MergeEngine(paths, device="cpu", dtype=dtype, methods=methods)
     load = time.perf_counter() - start
     seconds: dict[str, list[float]] = {}
     for method in methods:
@@ -161,12 +158,14 @@ def main() -> None:
         if limit >= resident["imported_rss"] + source_bytes:
             raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
         mapped = run_child(paths, args, limit)
-        # evomerge merge: the interpreter, one shard and the working set of the largest tensor: every model's fp32
-        # copy and the result (4 bytes per entry each), and the formula's temporaries per source (TIES, the largest)
+        # evomerge merge: the interpreter, one shard (a tensor larger than --shard-mb gets its own) and the largest
+        # tensor's working set of the most demanding method (what its memory check asks for, with its headroom)
         with Checkpoint.open(paths[0]) as first:
             largest = max(math.prod(first.shape(n)) for n in first.names)
-        per_entry = 4 * (len(paths) + 1) + STREAM_TIES_BYTES * (len(paths) - 1)
-        stream_limit = int(1.2 * resident["imported_rss"] + args.shard_mb * 2**20 + per_entry * largest)
+        working = max(stream_working_set_bytes(get_method(m), largest_tensor=largest, n_sources=len(paths) - 1,
+                                               base=True) for m in args.methods.split(","))
+        shard = max(args.shard_mb * 2**20, largest * dtype.itemsize)
+        stream_limit = int(1.2 * resident["imported_rss"] + (shard + working) / HEADROOM)
         streamed = run_child(paths, args, stream_limit, stream=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -273,9 +273,12 @@ def with_paths(value: Any, paths: dict[str, str]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- running
-def run_mergekit(binary: Path, config: Path, out: Path, seed: int = 0) -> None:
-    """``mergekit-yaml CONFIG OUT`` on CPU; RuntimeError with mergekit's stderr tail when it fails."""
+def run_mergekit(binary: Path, config: Path, out: Path, seed: int = 0, lora_cache: Path | None = None) -> None:
+    """``mergekit-yaml CONFIG OUT`` on CPU (``lora_cache``: where mergekit writes the models its ``MODEL+LORA``
+    references make); RuntimeError with mergekit's stderr tail when it fails."""
     cmd = [str(binary), str(config), str(out), "--quiet", "--random-seed", str(seed)]
+    if lora_cache is not None:
+        cmd += ["--lora-merge-cache", str(lora_cache)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

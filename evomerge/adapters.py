@@ -38,6 +38,7 @@ from torch import Tensor
 
 from evomerge.checkpoint import Checkpoint, CheckpointError
 from evomerge.outdir import building, check_target, refuse_symlink
+from evomerge.recipe.schema import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, is_adapter_dir
 
 __all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterError", "LoraAdapter", "LoraFactors", "adapted_tensor",
            "adapter_source",
@@ -45,9 +46,6 @@ __all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "AdapterError", "LoraAdapter",
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's saved names: this, the module path in the base model, then the LoRA part
 
 # Config keys of LoRA variants whose merged model is not W + s·B·A (or that change the base): refused when set.
@@ -73,13 +71,6 @@ _LORA_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "
 
 class AdapterError(CheckpointError):
     """An adapter dir that cannot be a source on this base; the message names the problem and the fix."""
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """True for a dir holding ``adapter_config.json`` or adapter weights and no ``config.json`` (a full model)."""
-    p = Path(path).expanduser()
-    names = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE)
-    return p.is_dir() and not (p / "config.json").is_file() and any((p / n).is_file() for n in names)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "check_compatible",
     "load_state_dict",
+    "plan_shards",
     "save_hf_dir",
 ]
 
@@ -548,7 +549,7 @@ class LazyTensors:
         return cls({n: t.nbytes for n, t in state.items()}, lambda n: state[n])
 
 
-def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
     """Greedy split in write order: a shard is closed when the next tensor would push it over ``max_shard_size``
     bytes; a tensor larger than the limit gets a shard of its own.
 
@@ -567,7 +568,7 @@ def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str
 
 
 def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int, metadata: Mapping[str, str]) -> None:
-    plan = _plan_shards(state.nbytes, max_shard_size)
+    plan = plan_shards(state.nbytes, max_shard_size)
     if len(plan) == 1:
         files = [SAFE_WEIGHTS]
     else:

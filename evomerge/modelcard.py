@@ -5,7 +5,9 @@ search's ``best_model/``) and the metadata stored in every safetensors header:
 
 * ``README.md``: a Hugging Face model card (YAML front matter with ``base_model``, ``tags: [merge, evomerge]``,
   ``library_name``; then the method, the sources, the scores on validation / test when the recipe comes from a
-  search, the evomerge version, the recipe and, when mergekit can run it, the mergekit YAML);
+  search, the evomerge version, the recipe and, when mergekit can run it, the mergekit YAML). ``base_model`` holds
+  Hub ids only (:func:`hub_id`: what the Hub links and validates); models known only by a local path are listed in
+  the card's body instead;
 * ``recipe.yaml`` (``evomerge merge recipe.yaml`` rebuilds the dir bit for bit) and ``mergekit_config.yml`` (the
   name mergekit gives its own copy) when the method exists in mergekit; for a mixture of experts
   ``mergekit_moe_config.yml`` when mergekit-moe can build it;
@@ -20,6 +22,7 @@ No torch import: the recipe, the method registry's flags and the sources' files 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +35,20 @@ from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.recipe.moe import MERGEKIT_MOE_CONFIG, mergekit_moe_exportable
 
 __all__ = ["GENERATION_CONFIG", "MERGEKIT_RECIPE", "MODEL_CARD", "RECIPE", "Provenance", "SplitScores",
-           "generation_config_source", "mergekit_exportable", "mergekit_file", "model_card", "provenance",
+           "generation_config_source", "hub_id", "mergekit_exportable", "mergekit_file", "model_card", "provenance",
            "provenance_files", "weights_metadata"]
 
 MODEL_CARD = "README.md"
 RECIPE = "recipe.yaml"
 MERGEKIT_RECIPE = "mergekit_config.yml"
 GENERATION_CONFIG = "generation_config.json"
+
+# A Hub repo id: ``namespace/name``, each part letters, digits, ``-``, ``_``, ``.``, at most 96 characters, not
+# starting or ending with ``-`` / ``.``, without ``--`` or ``..`` (huggingface_hub's validate_repo_id rules)
+_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_PART}/{_PART}")
+# a snapshot in huggingface_hub's cache: .../models--{namespace}--{name}/snapshots/{revision}
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,18 @@ def generation_config_source(recipe: AnyRecipe) -> Path | None:
     """The model dir whose ``generation_config.json`` the merged model gets: the base, else the first model of the
     recipe (in :meth:`Recipe.model_paths` order) that has one; None when none has."""
     return next((Path(p) for p in recipe.model_paths() if (Path(p) / GENERATION_CONFIG).is_file()), None)
+
+
+def hub_id(model: str) -> str | None:
+    """The Hugging Face Hub id a recipe's model path stands for, or None for a local model: a path written as a repo
+    id (``namespace/name``, e.g. a dir cloned there), or a snapshot in huggingface_hub's cache
+    (``.../models--namespace--name/snapshots/REV`` -> ``namespace/name``). A bare name (``base``) or any other path
+    is local: evomerge reads local dirs only, and a name without a namespace is far more often a relative dir than
+    one of the Hub's few legacy ids."""
+    cached = _CACHE_SNAPSHOT.search(model)
+    if cached:
+        return cached["repo"].replace("--", "/")
+    return model if _REPO_ID.fullmatch(model) else None
 
 
 def mergekit_exportable(recipe: AnyRecipe) -> bool:
@@ -119,7 +141,9 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
     then Markdown). ``scores``: the recipe's scores per split (a search's validation and test); ``origin``: one line
     on where the recipe comes from (a search's study and trial)."""
     moe = isinstance(recipe, MoeRecipe)
-    front = {"base_model": recipe.model_paths(), "library_name": "transformers",
+    hub = {p: hub_id(p) for p in recipe.model_paths()}
+    ids = list(dict.fromkeys(i for i in hub.values() if i is not None))
+    front = {**({"base_model": ids} if ids else {}), "library_name": "transformers",
              "tags": ["merge", "evomerge", *(["moe"] * moe)]}
     if mergekit_exportable(recipe):
         front["tags"].append("mergekit")
@@ -146,6 +170,10 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
         lines += [_source_line(s.model, s.parameters) for s in recipe.sources]
         if recipe.parameters:
             lines += ["", f"Parameters: `{json.dumps(recipe.parameters, sort_keys=True)}`"]
+    local = [p for p, i in hub.items() if i is None]
+    if local:
+        lines += ["", "Local models (paths on the machine that made this merge, not Hugging Face Hub ids, so not in "
+                  "`base_model`): " + ", ".join(f"`{p}`" for p in local) + "."]
     if scores:
         lines += ["", "## Scores", "", _scores_table(scores)]
     lines += ["", "## Recipe", "", f"Rebuild this dir bit for bit with `evomerge merge {RECIPE} --out DIR`:", "",

@@ -55,6 +55,35 @@ def test_generation_task_exact_match_equals_lm_eval_with_first_n_limit(mini_zoo:
     assert scores["expert_reverse"] > scores["base"] + 0.05, scores
 
 
+def test_sampled_generation_draws_what_lm_eval_draws_with_the_same_seeds_in_every_trial(mini_zoo: Zoo) -> None:
+    """``gen_kwargs`` with ``do_sample``: each score() seeds random / NumPy / torch as simple_evaluate does (lm-eval's
+    default seeds 0 / 1234 / 1234), so every call (trial) gives lm-eval's per-doc answers on the same 40 docs; another
+    torch seed gives other answers (the test can tell), and the caller's torch generator is left where it was."""
+    import torch
+
+    task = generation_name("reverse")
+    gen = {"do_sample": True, "temperature": 0.5, "max_gen_toks": 8}
+    key = f"{task}/exact_match,strict-match"
+    model, tokenizer = _load(mini_zoo, "expert_reverse")
+
+    def evaluator(**seeds: int) -> LmEvalEvaluator:
+        return LmEvalEvaluator([task], include_path=mini_zoo.task_dir, split="test", limit=40, limit_mode="first",
+                               metrics=["exact_match"], gen_kwargs=gen, include_defaults=False, **seeds)
+
+    ev = evaluator()
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    first = ev.score(model, tokenizer)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert ev.score(model, tokenizer).items[key] == first.items[key]  # the next trial draws the same
+    reference = _reference(mini_zoo, "expert_reverse", task, limit=40, gen_kwargs=gen)
+    per_doc = {s["doc_id"]: s["exact_match"] for s in reference["samples"][task]}
+    assert first.items[key] == [per_doc[i] for i in ev.doc_ids()[task]]
+    assert first.metrics[key] == reference["results"][task]["exact_match,strict-match"]
+    assert 0 < first.metrics[key] < 1
+    assert evaluator(torch_random_seed=5).score(model, tokenizer).items[key] != first.items[key]
+
+
 def test_num_fewshot_and_first_n_limit_equal_lm_eval(mini_zoo: Zoo) -> None:
     """2-shot prompts (examples drawn by lm-eval's sampler from the train split) on the first 30 docs."""
     task = lm_eval_name("shift")

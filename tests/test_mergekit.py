@@ -226,3 +226,45 @@ def test_low_precision_recipes_export_as_fp32_compute_with_out_dtype():
     fp32 = to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}], dtype="float32"))
     assert fp32["dtype"] == "float32" and "out_dtype" not in fp32
     assert "dtype" not in to_mergekit(Recipe(method="linear", sources=[{"model": "A"}, {"model": "C"}]))
+
+
+def _model_dirs(root, **files):
+    """Dirs named by the keys holding the file named by each value: only what the adapter check looks at."""
+    paths = {}
+    for name, file in files.items():
+        (root / name).mkdir()
+        (root / name / file).write_text("{}")
+        paths[name] = str(root / name)
+    return paths
+
+
+def test_adapter_sources_export_as_mergekits_base_plus_adapter_and_back(tmp_path):
+    p = _model_dirs(tmp_path, base="config.json", ft="config.json", lora="adapter_config.json",
+                    lora2="adapter_config.json")
+    ties = Recipe(method="ties", base=p["base"], parameters={"lambda": 0.9},
+                  sources=[{"model": p["lora"], "parameters": {"density": 0.5, "weight": 1.0}},
+                           {"model": p["ft"], "parameters": {"density": 0.5, "weight": 1.0}}])
+    exported = to_mergekit(ties)
+    assert exported["base_model"] == p["base"]
+    assert [m["model"] for m in exported["models"]] == [f"{p['base']}+{p['lora']}", p["ft"]]
+    assert from_mergekit(exported) == ties
+    # linear leaves a base that is no source out of the config (mergekit would average it in): the adapters still
+    # name the model they sit on, which comes back as the recipe's base
+    linear = Recipe(method="linear", base=p["base"], sources=[{"model": p["lora"], "parameters": {"weight": 0.3}},
+                                                              {"model": p["lora2"], "parameters": {"weight": 0.7}}])
+    exported = to_mergekit(linear)
+    assert "base_model" not in exported
+    assert [m["model"] for m in exported["models"]] == [f"{p['base']}+{p['lora']}", f"{p['base']}+{p['lora2']}"]
+    assert from_mergekit(exported) == linear
+    # no base: the adapters sit on the first source, the model the engine opens first, also after the round trip
+    average = Recipe(method="linear", sources=[{"model": p["ft"], "parameters": {"weight": 0.5}},
+                                               {"model": p["lora"], "parameters": {"weight": 0.5}}])
+    exported = to_mergekit(average)
+    assert [m["model"] for m in exported["models"]] == [p["ft"], f"{p['ft']}+{p['lora']}"]
+    assert from_mergekit(exported).model_paths() == average.model_paths() == [p["ft"], p["lora"]]
+    # adapters on two different models, or a method that needs base_model, are still refused
+    with pytest.raises(RecipeError, match="is not base_model"):
+        from_mergekit({"merge_method": "linear", "models": [{"model": f"{p['ft']}+{p['lora']}"},
+                                                            {"model": f"{p['base']}+{p['lora2']}"}]})
+    with pytest.raises(RecipeError, match="is not base_model"):
+        from_mergekit({"merge_method": "ties", "models": [{"model": f"{p['base']}+{p['lora']}"}]})

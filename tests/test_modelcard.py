@@ -20,6 +20,7 @@ from evomerge.modelcard import (
     GENERATION_CONFIG,
     SplitScores,
     generation_config_source,
+    hub_id,
     model_card,
     provenance,
 )
@@ -65,8 +66,9 @@ def test_merged_dir_carries_card_recipes_generation_config_and_metadata(family, 
     assert (mk.method, mk.base, [s.model for s in mk.sources]) == ("ties", str(base), [str(p) for p in fts])
     # the model card: HF front matter, the sources with their weights, the evomerge version, both YAML blocks
     card = (out / "README.md").read_text()
-    assert front_matter(card) == {"base_model": [str(base), *map(str, fts)], "library_name": "transformers",
-                                  "tags": ["merge", "evomerge", "mergekit"]}
+    # local paths, not Hub ids: no base_model (the Hub would take them for repo ids), listed in the body instead
+    assert front_matter(card) == {"library_name": "transformers", "tags": ["merge", "evomerge", "mergekit"]}
+    assert f"so not in `base_model`): `{base}`, `{fts[0]}`, `{fts[1]}`." in card
     assert f"evomerge {__version__}, method `ties`" in card
     assert f'- `{fts[0]}`: `{{"weight": 0.7}}`' in card and f"- `{base}` (base" in card
     assert card.count("```yaml") == 2 and "## Scores" not in card  # not from a search: no scores
@@ -122,3 +124,25 @@ def test_passthrough_card_lists_the_layer_slices(family) -> None:
     files = provenance(recipe, name="stack").files
     assert f"- `{base}` layers 0-1\n- `{fts[1]}` layers 1-1, scaled by 0.5" in files["README.md"]
     assert yaml.safe_load(files["mergekit_config.yml"])["merge_method"] == "passthrough"
+
+
+@pytest.mark.parametrize(("model", "want"), [
+    ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+    ("/hf/hub/models--Qwen--Qwen2.5-0.5B/snapshots/1a2b3c", "Qwen/Qwen2.5-0.5B"),  # huggingface_hub's cache
+    ("/hf/hub/models--gpt2/snapshots/1a2b3c/", "gpt2"),
+    ("/models/llama", None), ("./llama", None), ("~/m/llama", None), ("base", None), ("a/b/c", None),
+    ("org/-name", None), ("org/na--me", None), ("org/na..me", None), ("org/name.", None),
+])
+def test_hub_ids_are_told_from_local_paths(model: str, want: str | None) -> None:
+    assert hub_id(model) == want
+
+
+def test_card_lists_hub_ids_under_base_model_and_local_paths_in_the_body() -> None:
+    cached = "/hf/hub/models--org--expert/snapshots/abc"
+    recipe = Recipe(method="task_arithmetic", base="meta-llama/Llama-3.1-8B",
+                    sources=[{"model": "/work/ft-math"}, {"model": cached}, {"model": "meta-llama/Llama-3.1-8B"}])
+    card = model_card(recipe, name="m")
+    assert front_matter(card)["base_model"] == ["meta-llama/Llama-3.1-8B", "org/expert"]  # once each, base first
+    assert "not in `base_model`): `/work/ft-math`." in card
+    hub_only = model_card(Recipe(method="linear", sources=[{"model": "a/one"}, {"model": "b/two"}]), name="m")
+    assert front_matter(hub_only)["base_model"] == ["a/one", "b/two"] and "Local models" not in hub_only

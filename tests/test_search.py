@@ -96,10 +96,16 @@ def test_config_callbacks_see_every_trial(family, tmp_path):
     import recording_callbacks
 
     recording_callbacks.SEEN.clear()
+    recording_callbacks.LOGGED.clear()
     cfg = config(family, tmp_path, n_trials=2, baselines=False, callbacks=["recording_callbacks:recorder"])
     run_search(cfg, progress=False, export=False)
-    assert recording_callbacks.SEEN == [(t.number, t.state.name, t.value) for t in load(cfg).get_trials()]
+    trials = load(cfg).get_trials()
+    assert recording_callbacks.SEEN == [(t.number, t.state.name, t.value) for t in trials]
     assert len(recording_callbacks.SEEN) == 2
+    # what a tracker logs (README "Tracking with MLflow or W&B"): the parameters, every metric, the recipe
+    assert recording_callbacks.LOGGED == [(t.params, t.user_attrs) for t in trials]
+    for params, attrs in recording_callbacks.LOGGED:
+        assert params and "recipe" in attrs and any(key.startswith("val/") for key in attrs), sorted(attrs)
 
 
 @pytest.mark.parametrize(("entry", "message"), [

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from evomerge.engine.plan import (
     recipe_indices,
     recipe_method,
 )
-from evomerge.methods import MergeMethod
+from evomerge.methods import MergeMethod, get_method
 from evomerge.methods.counter_rng import row_keys
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.modelcard import Provenance, provenance_files
@@ -97,6 +97,9 @@ class MergeEngine:
     draws_budget, kept_budget:
         bytes the stored draws, and the sorted magnitudes and ranks together, may take
         (:class:`~evomerge.engine.inputs.KeptInputs`); default: a quarter each of the memory free after loading.
+    methods:
+        the methods recipes will use (a search space's), so that the memory plan leaves out the working sets of the
+        others (DELLA's magnitude ranks, the largest); default: any method. A recipe of another method still merges.
     """
 
     def __init__(
@@ -112,7 +115,9 @@ class MergeEngine:
         chunk_entries: int = CPU_CHUNK,
         draws_budget: int | None = None,
         kept_budget: int | None = None,
+        methods: Collection[str] | None = None,
     ) -> None:
+        self._ranked = methods is None or any(get_method(m).needs(Ranks) is not None for m in methods)
         opened = open_sources(models, allow_pickle=allow_pickle)
         if opened.skipped:
             log.info("not merged (buffers the model rebuilds, saved by some checkpoints only): %s",
@@ -169,7 +174,7 @@ class MergeEngine:
         entries = sorted((math.prod(first.shape(n)) for n in self.names), reverse=True)
         working = working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=len(self.paths),
                                     device_type=self.device.type,
-                                    sorted_entries=sum(entries[:torch.get_num_threads()]))
+                                    sorted_entries=sum(entries[:torch.get_num_threads()]), ranked=self._ranked)
         if storage == self.device:  # sources beside the live model
             return plan_memory(live_model=live, source_bytes=sources, working_set=working,
                                n_models=len(self.paths), available=available_bytes(self.device))

@@ -3,7 +3,9 @@
 No live model and no resident sources: each merged tensor is read from the (memory-mapped) checkpoints, merged by
 the method's pure formula in fp32 on the compute device, cast to the output dtype and handed to the writer, which
 holds one shard at a time (:class:`~evomerge.checkpoint.LazyTensors`). Peak memory is about one shard plus one
-tensor's working set, whatever the number and size of the models.
+tensor's working set, whatever the number and size of the models; both are estimated before the first tensor is
+read, and the merge is refused with the numbers when they do not fit
+(:func:`~evomerge.engine.memory.check_stream_memory`).
 
 The result is bit-identical to :meth:`MergeEngine.materialize` + :meth:`MergeEngine.export` of the same recipe: the
 same plan (:mod:`evomerge.engine.plan`), the same formula (the engine's kernels are bit-identical to it), the same
@@ -14,17 +16,19 @@ data statistics (Fisher, RegMean) need the live model and are merged by the engi
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from evomerge.checkpoint import LazyTensors, save_hf_dir
+from evomerge.checkpoint import LazyTensors, plan_shards, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite, refuse_nonfinite
 from evomerge.engine.lowrank import check_factor_sources, module_factors
+from evomerge.engine.memory import available_bytes, check_stream_memory, stream_working_set_bytes
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
@@ -90,6 +94,15 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     # a head tied to the embeddings is re-tied on load; the engine's export drops it too
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = [n for n in opened.kept if not (tied and tensor_filter(n) == "lm_head")]
-    lazy = LazyTensors({n: out_bytes(n) for n in names}, produce)
+    sizes = {n: out_bytes(n) for n in names}
+    largest = max((math.prod(first.shape(n)) for n in opened.names), default=0)
+    check_stream_memory(
+        shard=max((sum(sizes[n] for n in shard) for shard in plan_shards(sizes, max_shard_size)), default=0),
+        working_set=stream_working_set_bytes(method, largest_tensor=largest, n_sources=len(sources),
+                                             base=base is not None),
+        available=available_bytes(torch.device("cpu")),
+        working_available=available_bytes(compute) if compute.type == "cuda" else None,
+        what=f"merging {len(sources)} sources with {method.name} tensor by tensor")
+    lazy = LazyTensors(sizes, produce)
     return save_hf_dir(lazy, out, config=config, tokenizer_dir=tokenizer_dir, force=force,
                        max_shard_size=max_shard_size, **provenance_files(provenance))

@@ -24,6 +24,14 @@ The other lm-eval settings (``num_fewshot``, ``apply_chat_template``, ``fewshot_
 ``system_instruction``, ``gen_kwargs``, ``batch_size``, ``bootstrap_iters``) act as the same options of
 lm-eval's CLI / ``simple_evaluate``: the requests are built by the task's own ``build_all_requests`` with them.
 
+Seeds: ``simple_evaluate`` seeds Python's ``random`` (``random_seed``, default 0), NumPy (``numpy_random_seed``,
+1234) and torch (``torch_random_seed``, 1234: ``torch.manual_seed``, CUDA included) once before it runs the
+requests, and every task's few-shot sampler (``fewshot_random_seed``, 1234). Here the few-shot sampler is seeded
+when the requests are built, and the three generators are seeded the same way at the start of every
+:meth:`LmEvalEvaluator.score` (every trial), so a generation task that samples (``gen_kwargs: do_sample=true``)
+draws what lm-eval's CLI with the same seeds draws on the same docs, in every trial alike; the generators' states
+are restored afterwards (a search's own random streams are not moved). None leaves that generator as it is.
+
 Metrics: lm-eval reports ``"<metric>,<filter>"`` per task (``"<metric>,none"`` for a task without filters).
 Here the keys are ``"<task>/<metric>"`` for filter ``none`` and ``"<task>/<metric>,<filter>"`` otherwise; a
 requested metric without a filter means the task's own filter(s) (``exact_match`` of a task with a
@@ -40,9 +48,11 @@ from __future__ import annotations
 import difflib
 import glob
 import logging
+import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +60,7 @@ from typing import Any, Literal
 from lm_eval.api.group import Group
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
-from lm_eval.defaults import DEFAULT_OTHER_SEED
+from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 from lm_eval.evaluator_utils import _process_results, get_sample_size
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
@@ -321,6 +331,9 @@ class LmEvalEvaluator:
             (``--gen_kwargs``), merged into each task's ``generation_kwargs``.
         bootstrap_iters: lm-eval's ``--bootstrap_iters`` for the stderr in :attr:`EvalResult.stderr`; default 0 on
             the validation split (search-time scoring), 100000 on the test split (the final report).
+        random_seed, numpy_random_seed, torch_random_seed, fewshot_random_seed: lm-eval's ``--seed`` parts
+            (``simple_evaluate``'s arguments, its defaults 0 / 1234 / 1234 / 1234), applied per :meth:`score` call
+            (module doc); None leaves that generator unseeded.
     """
 
     def __init__(
@@ -343,6 +356,10 @@ class LmEvalEvaluator:
         system_instruction: str | None = None,
         gen_kwargs: Mapping[str, Any] | str | None = None,
         bootstrap_iters: int | None = None,
+        random_seed: int | None = DEFAULT_RANDOM_SEED,
+        numpy_random_seed: int | None = DEFAULT_OTHER_SEED,
+        torch_random_seed: int | None = DEFAULT_OTHER_SEED,
+        fewshot_random_seed: int | None = DEFAULT_OTHER_SEED,
     ) -> None:
         if isinstance(tasks, str) or not tasks:
             raise EvaluationError(f"tasks must be a non-empty list of task names, got {tasks!r}")
@@ -360,6 +377,11 @@ class LmEvalEvaluator:
             raise EvaluationError("fewshot_as_multiturn needs apply_chat_template (as in lm-eval); set both or neither")
         if bootstrap_iters is not None and not (isinstance(bootstrap_iters, int) and bootstrap_iters >= 0):
             raise EvaluationError(f"bootstrap_iters must be a non-negative integer, got {bootstrap_iters!r}")
+        seeds = {"random_seed": random_seed, "numpy_random_seed": numpy_random_seed,
+                 "torch_random_seed": torch_random_seed, "fewshot_random_seed": fewshot_random_seed}
+        for key, value in seeds.items():
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise EvaluationError(f"{key} must be a non-negative integer or null, got {value!r}")
         paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
         self.task_names = list(tasks)
         self.include_path = [Path(p) for p in paths]
@@ -377,6 +399,8 @@ class LmEvalEvaluator:
         self.gen_kwargs = simple_parse_args_string(gen_kwargs) if isinstance(gen_kwargs, str) else gen_kwargs
         default_iters = TEST_BOOTSTRAP_ITERS if split == "test" else 0
         self.bootstrap_iters = default_iters if bootstrap_iters is None else bootstrap_iters
+        self.random_seed, self.numpy_random_seed = random_seed, numpy_random_seed
+        self.torch_random_seed, self.fewshot_random_seed = torch_random_seed, fewshot_random_seed
         self._requested_metrics = None if metrics is None else list(metrics)
         self._weights = weights
         self._lm: FastHFLM | None = None
@@ -446,7 +470,8 @@ class LmEvalEvaluator:
         else:
             order = seeded_order(n_docs, self.seed)[: get_sample_size(task, self.limit)]
         subset = sorted(order) if len(order) < n_docs else None
-        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)  # a fresh few-shot sampler: lm-eval's draws for these docs
+        if self.fewshot_random_seed is not None:  # a fresh few-shot sampler: lm-eval's draws for these docs
+            task.set_fewshot_seed(seed=self.fewshot_random_seed)
         chat = bool(self.apply_chat_template)
         task.build_all_requests(
             limit=None,
@@ -516,7 +541,7 @@ class LmEvalEvaluator:
                 for inst in reqs:
                     inst.resps, inst.filtered_resps = [], {}  # prepared requests are reused: drop old answers
                     by_type[inst.request_type].extend([inst] * inst.repeats)
-        with scoring_mode(model):
+        with scoring_mode(model), lm_eval_seeds(self.random_seed, self.numpy_random_seed, self.torch_random_seed):
             for request_type, reqs in by_type.items():
                 for resp, inst in zip(getattr(lm, request_type)(reqs, disable_tqdm=True), reqs, strict=True):
                     inst.resps.append(resp)
@@ -540,6 +565,30 @@ class LmEvalEvaluator:
             fidelity=fidelity,
             stderr=stderr,
         )
+
+
+@contextmanager
+def lm_eval_seeds(random_seed: int | None, numpy_seed: int | None, torch_seed: int | None) -> Iterator[None]:
+    """Seed Python's ``random``, NumPy's global generator and torch's (``torch.manual_seed``: CPU and every CUDA
+    device) as ``lm_eval.simple_evaluate`` does before it runs the requests (None: that one left alone); their
+    previous states are restored on exit."""
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if random_seed is not None:
+            random.seed(random_seed)
+        if numpy_seed is not None:
+            np.random.seed(numpy_seed)
+        if torch_seed is not None:
+            torch.manual_seed(torch_seed)
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def _raw_metrics(task: Task, per_doc: list[list[Instance]]) -> dict[tuple[str, str], list[Any]]:

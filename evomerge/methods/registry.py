@@ -141,15 +141,19 @@ class _Sparsifier:
 
     params: tuple[Param, ...]
     inputs: tuple[MethodInput, ...]
+    whole_tensor_bytes: tuple[int, int]  # MergeMethod.whole_tensor_bytes of every member (the sign election included)
     after: tuple[Param, ...] = ()
     constraint: Constraint | None = None
 
 
 _SPARSIFIERS: dict[Callable[..., object], _Sparsifier] = {
-    magnitude_prune_rows: _Sparsifier((_DENSITY,), (Thresholds(_ties_counts),)),
-    random_prune_rows: _Sparsifier((_DENSITY,), (Draws(),), after=(_RESCALE,)),
-    magnitude_band_prune_rows: _Sparsifier(_BREADCRUMBS, (Thresholds(_band_counts),), constraint=_breadcrumbs_band),
-    rank_random_prune_rows: _Sparsifier(_DELLA, (Draws(), Ranks()), after=(_RESCALE,), constraint=_della_window),
+    magnitude_prune_rows: _Sparsifier((_DENSITY,), (Thresholds(_ties_counts),), (20, 20)),
+    random_prune_rows: _Sparsifier((_DENSITY,), (Draws(),), (24, 16), after=(_RESCALE,)),
+    magnitude_band_prune_rows: _Sparsifier(_BREADCRUMBS, (Thresholds(_band_counts),), (20, 16),  # the _ties one
+                                           constraint=_breadcrumbs_band),
+    # the ranks' int64 keys and run starts of one row (33 B per entry) dominate at one source, the draws beyond
+    rank_random_prune_rows: _Sparsifier(_DELLA, (Draws(), Ranks()), (28, 29), after=(_RESCALE,),
+                                        constraint=_della_window),
 }
 
 
@@ -162,6 +166,7 @@ def _family_method(member: SparseTaskMerge) -> MergeMethod:
         member.name, member, (_weight(), *sparsifier.params, _normalize(member.normalize), *sparsifier.after, _LAMBDA),
         needs_base=True, inputs=sparsifier.inputs, constraint=sparsifier.constraint, doc=member.doc.split(". ")[0],
         elementwise=True, alone=_one_hot, uniform=None if member.sign_election else _uniform_weights,
+        whole_tensor_bytes=sparsifier.whole_tensor_bytes,
     )
 
 
@@ -169,30 +174,34 @@ _ALL: tuple[MergeMethod, ...] = (
     MergeMethod(
         "linear", linear, (_weight(), _normalize(True)), needs_base=False, elementwise=True,
         doc="weighted average of the sources (model soup)", alone=_one_hot, uniform=_uniform_weights,
+        whole_tensor_bytes=(8, 12),
     ),
     MergeMethod(
         "task_arithmetic", task_arithmetic,
         (_weight(-2.0, 2.0), _LAMBDA, _normalize(False)), needs_base=True, elementwise=True,
         doc="base + lambda * weighted sum of task vectors", alone=_one_hot, uniform=_uniform_weights,
+        whole_tensor_bytes=(14, 6),
     ),
     *(_family_method(member) for member in FAMILY),
     MergeMethod(
         "slerp", slerp, (Param("t", None, 0.0, 1.0, doc="interpolation factor: 0 -> first source, 1 -> second"),),
         needs_base=False, min_sources=2, max_sources=2, doc="spherical interpolation of two sources",
         elementwise=True, inputs=(Coefficients(slerp_gram, slerp_coefficients),),
-        alone=lambda index, n_sources: {"t": float(index)},
+        alone=lambda index, n_sources: {"t": float(index)}, whole_tensor_bytes=(8, 8),
     ),
     MergeMethod(
         "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True,
         inputs=(Coefficients(multislerp_gram, multislerp_coefficients),),
         doc="weighted spherical (Karcher) mean of the sources, or of task vectors when a base is given",
         alone=_one_hot,  # the Karcher mean of one point
+        whole_tensor_bytes=(16, 4),
     ),
     MergeMethod(
         "model_stock", model_stock,
         (Param("filter_wise", False, doc="one interpolation ratio per output row instead of per tensor"),),
         needs_base=True, min_sources=2, doc="average moved towards the base by the task vectors' angle",
         elementwise=True, inputs=(Coefficients(model_stock_gram, model_stock_coefficients),),
+        whole_tensor_bytes=(8, 12),
     ),
     MergeMethod(
         "fisher", fisher,
@@ -216,27 +225,31 @@ _MERGEKIT_MORE: tuple[MergeMethod, ...] = (
         "nearswap", nearswap,
         (Param("t", None, 0.0, None, doc="entries closer than t to the base's take the other model's value"),),
         needs_base=True, max_sources=1, elementwise=True,
-        doc="base, with the other model's entries where they are within t of the base's",
+        doc="base, with the other model's entries where they are within t of the base's", whole_tensor_bytes=(8, 16),
     ),
     MergeMethod(
         "arcee_fusion", arcee_fusion, (), needs_base=True, max_sources=1,
         doc="base, with the other model's changes where their importance is an outlier (median + 1.5 IQR)",
+        whole_tensor_bytes=(16, 16),
     ),
     MergeMethod(
         "sce", sce,
         (Param("select_topk", 1.0, 0.0, 1.0, doc="fraction of entries kept: those of largest variance across "
                "the task vectors"),),
         needs_base=True, doc="select by variance, weigh sources by mean squared change, erase minority signs",
+        whole_tensor_bytes=(17, 12),
     ),
     MergeMethod(
         "ram", ram, (_RAM_EPSILON,), needs_base=True,
         doc="changes made by one source kept, changes made by several averaged (Reinforced Agent Merging)",
+        whole_tensor_bytes=(25, 26),
     ),
     MergeMethod(
         "ramplus_tl", ramplus_tl,
         (Param("r", 0.1, 0.0, 2.0, doc="scale-up rate of a source's unique changes"),
          Param("alpha", 0.2, 0.0, 2.0, doc="cap of the shared / unique ratio in the scale-up"), _RAM_EPSILON),
         needs_base=True, doc="RAM with each source's unique changes scaled up by its overlap ratio (per tensor)",
+        whole_tensor_bytes=(25, 26),
     ),
     MergeMethod(
         "nuslerp", nuslerp,
@@ -246,6 +259,7 @@ _MERGEKIT_MORE: tuple[MergeMethod, ...] = (
          Param("nuslerp_row_wise", False, doc="without flatten: one angle per column (dim 0) instead of per row")),
         needs_base=False, min_sources=2, max_sources=2,
         doc="spherical interpolation of two models, or of their task vectors when a base is given",
+        whole_tensor_bytes=(12, 20),
     ),
     MergeMethod(
         "karcher", karcher,
@@ -253,6 +267,7 @@ _MERGEKIT_MORE: tuple[MergeMethod, ...] = (
          Param("tol", 1e-5, 0.0, 1.0, doc="stop when the step is shorter; shorter inputs are left out")),
         needs_base=False, constraint=_whole_steps,
         doc="Karcher (Riemannian) mean of the sources' directions on the sphere, times their mean norm",
+        whole_tensor_bytes=(8, 24),
     ),
 )
 

@@ -140,6 +140,12 @@ class MergeMethod:
     # points leave out are the neutral ones (:data:`NEUTRAL`). tests/test_space.py checks each on tensors.
     alone: Callable[[int, int], dict[str, object]] | None = None
     uniform: Callable[[int], Points] | None = None
+    # Peak bytes per entry of one call on a whole tensor, as (per source, once): the rows read as fp32 and stacked,
+    # the base, the method's temporaries (task vectors, |τ|, masks, ranks, draws) and the result. What the streaming
+    # merge holds for its largest tensor (evomerge.engine.memory.stream_working_set_bytes); an upper bound of the peak
+    # measured with and without a base at 1..6 sources (tests/test_memory.py). None: not merged tensor by tensor from
+    # dense rows (statistics, LoRA factors): the engine's formula estimate.
+    whole_tensor_bytes: tuple[int, int] | None = None
 
     def param(self, name: str) -> Param:
         """The parameter called ``name`` (recipe key); MethodError listing the valid ones if there is none."""

@@ -18,7 +18,11 @@ A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, to
 - ``slices`` describe the layer plan of ``passthrough`` (one source per slice, optional scalar ``scale``); for other
   methods only the common "one slice, every source over the same range" form is accepted and read as the models list;
 - a model ``MODEL+LORA`` (mergekit's model with a LoRA applied) is the adapter dir as a source on the base, which
-  must be MODEL (:mod:`evomerge.adapters`);
+  must be MODEL (:mod:`evomerge.adapters`); without ``base_model`` (``linear`` / ``karcher``, where the base would be
+  averaged in) MODEL becomes the recipe's base, the model the adapters sit on. Exported, an adapter source is
+  written ``MODEL+LORA`` with MODEL the model the engine puts it on (the recipe's base, else its first source);
+  whether a source is an adapter is decided from its files (``adapter_config.json`` or adapter weights and no
+  ``config.json``: :func:`~evomerge.recipe.schema.is_adapter_dir`, no torch), as the engine decides it;
 - keys evomerge does not implement are an error that names them, never silently dropped; ``int8_mask`` (a memory
   option of mergekit that does not change the result) is accepted and dropped with a warning.
 """
@@ -42,6 +46,7 @@ from evomerge.recipe.schema import (
     RecipeError,
     SourceSpec,
     StackRecipe,
+    is_adapter_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -91,10 +96,23 @@ def _params_from_mergekit(params: Mapping[str, Any] | None, where: str) -> dict[
     return out
 
 
+def _reference(entry: Any) -> str:
+    return entry if isinstance(entry, str) else entry["model"]
+
+
+def _adapters_model(models: list[Any], method: str) -> str | None:
+    """Without ``base_model``: the MODEL of the ``MODEL+LORA`` references of a method that averages every model in
+    (``linear``, ``karcher``), which becomes the recipe's base (the adapters sit on it); None without references."""
+    anchors = list(dict.fromkeys(_reference(m).split("+", 1)[0] for m in models if "+" in _reference(m)))
+    if method not in BASE_IS_A_SOURCE or len(anchors) != 1:
+        return None  # several models, or a method that needs base_model: _model_name names the problem
+    return anchors[0]
+
+
 def _model_name(entry: Any, base: str | None = None) -> str:
     """A model reference's path; mergekit's ``MODEL+LORA`` (the model with a LoRA adapter applied) is the adapter dir,
     a source on the recipe's base (:mod:`evomerge.adapters`), so MODEL must be the base."""
-    name = entry if isinstance(entry, str) else entry["model"]
+    name = _reference(entry)
     if "+" not in name:
         return name
     model, lora = name.split("+", 1)
@@ -145,11 +163,12 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
                                      scale=float(scale.get("scale", 1.0))))
         return StackRecipe(base=base, slices=slices, **common)
     models = data.get("models") or (_slice_models(data["slices"]) if data.get("slices") else [])
+    adapters_model = _adapters_model(models, method) if base is None else None
     sources = []
     for i, m in enumerate(models):
         if isinstance(m, Mapping):
             _check_keys(m, MODEL_KEYS | {"layer_range"}, f"models[{i}]")
-        sources.append(SourceSpec(model=_model_name(m, base),
+        sources.append(SourceSpec(model=_model_name(m, base or adapters_model),
                                   parameters=_params_from_mergekit(m.get("parameters") if isinstance(m, Mapping)
                                                                    else None, f"models[{i}].parameters")))
     if method == "slerp":
@@ -169,7 +188,7 @@ def from_mergekit(data: Mapping[str, Any]) -> AnyRecipe:
                     "parameters.weight for all), or drop base_model")
     else:
         sources = [s for s in sources if s.model != base or s.parameters]
-    return Recipe(method=method, base=base, sources=sources, parameters=params, **common)
+    return Recipe(method=method, base=base or adapters_model, sources=sources, parameters=params, **common)
 
 
 def _source_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -184,7 +203,10 @@ def _source_defaults(recipe: Recipe) -> dict[str, Any]:
 
 def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
     """Convert a recipe into a mergekit config dict (``yaml.safe_dump`` it to write the file); an MoE recipe into
-    the config mergekit-moe reads (:func:`~evomerge.recipe.moe.to_mergekit_moe`)."""
+    the config mergekit-moe reads (:func:`~evomerge.recipe.moe.to_mergekit_moe`). A LoRA adapter source (a dir with
+    ``adapter_config.json``: :func:`~evomerge.recipe.schema.is_adapter_dir`, a file check, so the recipe layer stays
+    free of torch) is written ``BASE+ADAPTER``, mergekit's reference to the base with the adapter merged in (peft's
+    merge_and_unload, what :mod:`evomerge.adapters` reads an adapter as)."""
     if isinstance(recipe, MoeRecipe):
         return to_mergekit_moe(recipe)
     out: dict[str, Any] = {"merge_method": recipe.method}
@@ -201,10 +223,12 @@ def to_mergekit(recipe: AnyRecipe) -> dict[str, Any]:
         if base is not None:
             out["base_model"] = base
         defaults = _source_defaults(recipe)
+        on = recipe.model_paths()[0]  # the model the engine opens first: LoRA adapter sources sit on it
         out["models"] = []
         for s in recipe.sources:
             params = {**defaults, **{k: _param_to_mergekit(v) for k, v in s.parameters.items()}}
-            out["models"].append({"model": s.model, **({"parameters": params} if params else {})})
+            model = f"{on}+{s.model}" if s.model != on and is_adapter_dir(s.model) else s.model
+            out["models"].append({"model": model, **({"parameters": params} if params else {})})
         if recipe.parameters:
             out["parameters"] = {k: _param_to_mergekit(v) for k, v in recipe.parameters.items()}
     if recipe.dtype:  # computed in fp32 and rounded once, as evomerge computes it

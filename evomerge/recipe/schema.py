@@ -60,9 +60,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The files of a PEFT LoRA adapter dir (a source may be one: :mod:`evomerge.adapters` reads it).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a dir holding ``adapter_config.json`` or adapter weights and no ``config.json`` (a full model).
+
+    Decided from the file names alone (no torch, no file read): the recipe layer uses it to export an adapter source
+    as mergekit's ``BASE+ADAPTER`` reference; :mod:`evomerge.adapters` checks the adapter itself when it opens it."""
+    p = Path(path).expanduser()
+    names = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE)
+    return p.is_dir() and not (p / "config.json").is_file() and any((p / n).is_file() for n in names)
+
+
 class SourceSpec(StrictModel):
     """One source checkpoint and its per-source parameters."""
-
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 

@@ -685,6 +685,11 @@ class SearchSpace:
         path = Path(path)
         return cls.from_dict(load_yaml(path), path.name)
 
+    @property
+    def methods(self) -> list[str]:
+        """The registered merge methods the space's recipes use (none for a layer stack)."""
+        return self.spec.methods if isinstance(self.spec, MergeSpace) else []
+
     def suggest(self, trial: optuna.Trial, models: ModelSet, naming: int = NAMING) -> AnyRecipe:
         """Ask ``trial`` for every searched value (define-by-run, stable names; ``naming``: the study's naming
         version, module docstring) and build the recipe."""

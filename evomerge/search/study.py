@@ -215,7 +215,9 @@ class Runner:
         else:
             if self.space is not None and self.space.is_moe:
                 raise SpaceError(f"{self.space.name}: {NO_TEMPLATE}")
-            self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype)
+            # planned for the space's methods and linear (the baseline outside the space); soups, sweeps: any method
+            self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
+                                      methods=None if self.space is None else [*self.space.methods, "linear"])
             self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
         self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=self.models.base,
                                                   sources=[{"model": m} for m in self.models.sources]))
