@@ -46,10 +46,11 @@ def test_ties_hand_values() -> None:
     # disjoint mean: [3/1, 2/1, 1/1, (-2 - 4)/2]
     out = ties(BASE, SOURCES, weight=W([1.0, 1.0]), density=W([0.75, 0.75]))
     assert torch.allclose(out, BASE + W([3.0, 2.0, 1.0, -3.0]))
-    # weights (2, 1): contributions [6, -2, 0, -4] and [0, 2, 1, -4]; sum [6, 0, 1, -8] -> signs + 0 + -
-    # entry 1 has elected sign 0: nobody agrees -> 0; entry 3: (-4 - 4) / (2 + 1)
+    # weights (2, 1): contributions [6, -2, 0, -4] and [0, 2, 1, -4]; sum [6, 0, 1, -8] -> signs + + + -
+    # entry 1's sum is exactly 0: + is elected (mergekit's rule), so source 2's 2 (weight 1) stands alone: 2 / 1;
+    # entry 3: (-4 - 4) / (2 + 1)
     out = ties(BASE, SOURCES, weight=W([2.0, 1.0]), density=W([0.75, 0.75]), lam=0.5)
-    assert torch.allclose(out, BASE + 0.5 * W([6.0 / 2, 0.0, 1.0, -8.0 / 3]))
+    assert torch.allclose(out, BASE + 0.5 * W([6.0 / 2, 2.0 / 1, 1.0, -8.0 / 3]))
     # normalize=False: plain sum of the agreeing contributions
     out = ties(BASE, SOURCES, weight=W([1.0, 1.0]), density=W([0.75, 0.75]), normalize=False)
     assert torch.allclose(out, BASE + W([3.0, 2.0, 1.0, -6.0]))
@@ -76,9 +77,10 @@ def test_ties_invariants_one_source_and_lambda_zero() -> None:
     assert torch.equal(ties(base, sources, weight=torch.ones(3), density=torch.full((3,), 0.5), lam=0.0), base)
 
 
-def test_disjoint_merge_entry_where_nothing_is_kept_is_zero() -> None:
-    tau = W([[0.0, 1.0], [0.0, -1.0]])  # entry 0 empty, entry 1 cancels (elected sign 0)
-    assert torch.equal(disjoint_merge(tau, W([1.0, 1.0]), normalize=True), W([0.0, 0.0]))
+def test_disjoint_merge_empty_entry_is_zero_and_a_zero_sum_elects_plus() -> None:
+    tau = W([[0.0, 1.0, -1.0], [0.0, -1.0, 1.0]])  # entry 0 empty; entries 1, 2 sum to exactly 0: + is elected
+    assert torch.equal(disjoint_merge(tau, W([1.0, 1.0]), normalize=True), W([0.0, 1.0, 1.0]))
+    assert torch.equal(disjoint_merge(tau, W([1.0, 1.0]), normalize=False), W([0.0, 1.0, 1.0]))
 
 
 def test_breadcrumbs_mask_hand_values() -> None:

@@ -234,8 +234,10 @@ def rank_random_prune_rows(
 def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize: bool) -> Tensor:
     """TIES sign election + disjoint merge of (sparsified) task vectors ([N, *S] or N rows) -> [*S].
 
-    Contributions ``c_i = w_i τ_i``; elected sign ``s = sign(Σ_i c_i)`` per entry; source ``i`` takes part in an
-    entry when ``c_i ≠ 0`` and ``sign(c_i) = s`` (for positive weights: ``τ_i`` kept and agreeing).
+    Contributions ``c_i = w_i τ_i``; elected sign per entry ``s = +1`` where ``Σ_i c_i >= 0``, else ``-1`` (the paper
+    leaves an exact 0 sum open; +1 is mergekit's choice, so bf16 task vectors, where such sums are common, merge as
+    there); source ``i`` takes part in an entry when ``c_i ≠ 0`` and ``sign(c_i) = s`` (for positive weights:
+    ``τ_i`` kept and agreeing).
     Result ``Σ_{i agrees} c_i / Σ_{i agrees} w_i`` (``normalize``; 0 where no source agrees; needs ``w_i >= 0``) else
     ``Σ_{i agrees} c_i`` (sums in source order, :func:`~evomerge.methods.linear.source_sum`).
     Yadav et al. 2023 (TIES-Merging), steps "elect" and "disjoint merge".
@@ -243,8 +245,8 @@ def disjoint_merge(tau: Tensor | Sequence[Tensor], weight: Tensor, *, normalize:
     rows = list(tau)
     w = weight.to(device=rows[0].device, dtype=torch.float32)
     contributions = [w[i] * row for i, row in enumerate(rows)]
-    sign = torch.sign(source_sum(contributions))
-    # float 0/1 masks (several times faster on CPU than bool masks and torch.where); c·s is exact: s is ±1 or 0
+    sign = source_sum(contributions).ge(0).float().mul_(2).sub_(1)
+    # float 0/1 masks (several times faster on CPU than bool masks and torch.where); c·s is exact: s is ±1
     agree = [(c * sign).gt_(0) for c in contributions]
     merged = source_sum([a * c for a, c in zip(agree, contributions)])
     if not normalize:
