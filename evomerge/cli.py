@@ -143,7 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     config = load_sweep_config(args.config, storage=args.storage, out=args.out, device=args.device, seed=args.seed)
     with _run_faults(config):
-        summary = run_sweep(config)
+        summary = run_sweep(config, progress=not args.quiet)
     print(f"validation picks {summary['best_point']} (validation {summary['best_value']:.4f}); report: "
           f"{summary['report']}")
 

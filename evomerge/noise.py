@@ -1,8 +1,9 @@
 """Third-party output a run does not need: lm-eval's, datasets' and transformers' progress bars and INFO lines.
 
-A search prints its own progress (one bar, one line per failure). Left alone, the libraries beneath it add
-"Building contexts" lines and bars (lm-eval), "Generating split" lines and bars (datasets), "Loading weights" bars
-(transformers) and Optuna's "A new study created" line to every trial. ``evomerge --verbose`` keeps them all.
+A run prints its own progress (:mod:`evomerge.progress`, one line per failed trial). Left alone, the libraries
+beneath it add "Building contexts" lines and bars (lm-eval), "Generating split" lines and bars (datasets), "Loading
+weights" bars (transformers) and Optuna's "A new study created" line to every trial. ``evomerge --verbose`` keeps
+them all.
 
 lm-eval's "Building contexts" bar is a plain ``tqdm`` with no switch of its own: ``TQDM_DISABLE=1`` makes
 ``disable=True`` tqdm's default (tqdm >= 4.66 reads ``TQDM_<argument>`` when it is imported), which turns off every
@@ -17,13 +18,17 @@ import os
 #: Environment switches the libraries read when they are imported; a value the user set already is kept.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 #: Loggers whose INFO lines are per-call noise in a search (warnings and errors still show).
-QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "huggingface_hub", "optuna")
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "huggingface_hub")
 
 
 def quiet_third_party() -> None:
     """Turn the libraries' progress bars off (transformers' follow huggingface_hub's switch) and their loggers to
-    WARNING; call it before they are imported (the CLI does, first thing)."""
+    WARNING; call it before they are imported (the CLI does, first thing). Optuna is imported here: it sets its
+    logger to INFO when it is imported, so a level set before would not hold."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna  # a light import (no torch)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB with name: ..."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -18,15 +19,18 @@ from evomerge import outdir
 from evomerge.cli import main
 from evomerge.engine import MergeError
 from evomerge.outdir import format_size
+from evomerge.progress import PHASES
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+PROGRESS = re.compile(rf"\S+: ({'|'.join(PHASES)}) ")
 
 
 def one_line(capsys: pytest.CaptureFixture[str]) -> str:
     """The error line, which must be the last line of stderr and the only one (progress bars aside)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # tqdm bars aside
+    lines = [line for line in err.splitlines()  # tqdm bars and the run's display (evomerge.progress) aside
+             if line.strip() and "%|" not in line and not PROGRESS.match(line)]
     assert len(lines) == 1 and lines[0].startswith("evomerge: error: "), err
     assert err.strip().endswith(lines[0])
     return lines[0].removeprefix("evomerge: error: ")

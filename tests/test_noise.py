@@ -11,11 +11,12 @@ import sys
 PROBE = """
 import json, logging, sys
 {setup}
-import datasets, transformers
+import datasets, optuna, transformers
 print(json.dumps({{
     "transformers_bars": transformers.utils.logging.is_progress_bar_enabled(),
     "datasets_bars": datasets.utils.logging.is_progress_bar_enabled(),
-    "levels": {{n: logging.getLogger(n).getEffectiveLevel() for n in ("lm_eval", "datasets", "transformers")}},
+    "levels": {{n: logging.getLogger(n).getEffectiveLevel() for n in ("lm_eval", "datasets", "transformers",
+                                                                     "optuna")}},
 }}))
 """
 
@@ -32,6 +33,7 @@ def test_quiet_third_party_turns_bars_and_info_lines_off():
     loud = probe("logging.basicConfig(level=logging.INFO)")  # what the CLI had with --verbose (DEBUG: also loud)
     assert loud["transformers_bars"] and loud["datasets_bars"]
     assert loud["levels"]["lm_eval"] == logging.INFO  # "Building contexts ..." lines
+    assert loud["levels"]["optuna"] == logging.INFO  # "A new study created ..." (Optuna sets it when imported)
     quiet = probe("logging.basicConfig(level=logging.INFO)\nfrom evomerge.noise import quiet_third_party\n"
                   "quiet_third_party()")
     assert not quiet["transformers_bars"] and not quiet["datasets_bars"]

@@ -28,7 +28,6 @@ from typing import Any, NoReturn
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
-from tqdm.auto import tqdm
 
 from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
@@ -39,6 +38,7 @@ from evomerge.modelcard import Provenance, SplitScores, mergekit_exportable, pro
 from evomerge.moe import MoeModel
 from evomerge.moe.arch import open_moe_inputs
 from evomerge.outdir import recover as recover_dir
+from evomerge.progress import RunProgress
 from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe, parse_recipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.search import trials as records
@@ -187,11 +187,12 @@ class Runner:
     before any trial runs, so bad input never leaves a half-made study behind.
     """
 
-    def __init__(self, config: RunConfig, *, study_kind: str = records.SEARCH_KIND) -> None:
+    def __init__(self, config: RunConfig, *, study_kind: str = records.SEARCH_KIND, progress: bool = True) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
         self.kind = study_kind
+        self.progress = RunProgress(config.name, enabled=progress)  # the run's one display (evomerge.progress)
         check_storage(config.storage_url)  # before anything is created or loaded
         db = sqlite_path(config.storage_url)
         self.lock = StudyLock(db) if db is not None else None
@@ -211,13 +212,15 @@ class Runner:
                                    num_layers=open_moe_inputs(template).num_layers, template=template)
             if self.space is not None:
                 self.space.check(self.models)  # from config files and headers, before any weight loads
-            self.moe = MoeModel(template, device=config.device, materialize=False)
+            with self.progress.phase("load models"):
+                self.moe = MoeModel(template, device=config.device, materialize=False)
         else:
             if self.space is not None and self.space.is_moe:
                 raise SpaceError(f"{self.space.name}: {NO_TEMPLATE}")
             # planned for the space's methods and linear (the baseline outside the space); soups, sweeps: any method
-            self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
-                                      methods=None if self.space is None else [*self.space.methods, "linear"])
+            with self.progress.phase("load models"):
+                self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
+                                          methods=None if self.space is None else [*self.space.methods, "linear"])
             self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
         self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=self.models.base,
                                                   sources=[{"model": m} for m in self.models.sources]))
@@ -245,7 +248,9 @@ class Runner:
         self.close()
 
     def close(self) -> None:
-        """Release the local study's lock (a killed process's lock is released by the kernel)."""
+        """End the display's live phase (an error's line follows a whole bar) and release the local study's lock (a
+        killed process's lock is released by the kernel)."""
+        self.progress.end()
         if self.lock is not None:
             self.lock.release()
 
@@ -386,9 +391,12 @@ class Runner:
         values, merge_seconds, eval_seconds}`` (not a trial: its parameters are outside the sampler's space)."""
         if not self.config.baselines or self.space is None:
             return
-        for label, recipe in self.space.reference_recipes(self.models):
-            if label in records.references(study.user_attrs):
-                continue
+        scored_already = records.references(study.user_attrs)
+        todo = [(label, recipe) for label, recipe in self.space.reference_recipes(self.models)
+                if label not in scored_already]
+        if todo:  # one 'baselines' phase: these, then the queued baseline trials (optimize goes on counting)
+            self.progress.start("baselines", len(todo) + len(self._waiting_baselines(study)))
+        for label, recipe in todo:
             recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
             try:
                 scored = self.score(recipe)
@@ -396,11 +404,22 @@ class Runner:
                 log.warning("reference %s failed: %s", label, records.describe(exc))
                 records.set_reference_error(study, label, recipe=recipe, error=exc)
                 continue
+            finally:
+                self._advance()
             values = scored.result.objectives if self.config.multi_objective else [scored.result.objective]
             records.set_reference(study, label, recipe=recipe, metrics=scored.result.metrics, values=values,
                                   merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
 
-    def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
+    @staticmethod
+    def _waiting_baselines(study: optuna.Study) -> list[FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if records.is_baseline(t)]
+
+    def _advance(self) -> None:
+        """One more item done in the display's live phase."""
+        if self.progress.bar is not None:
+            self.progress.bar.update(1)
+
+    def optimize(self, study: optuna.Study, *, n_trials: int | None = None) -> None:
         """Run trials until the study holds ``n_trials`` finished (complete or pruned) *search* trials; the baselines
         run on top of them (first: they are queued), failed trials do not count, and a round in which every trial
         fails ends the run (the failures are in the study and report)."""
@@ -412,20 +431,23 @@ class Runner:
 
         trials = study.get_trials(deepcopy=False)
         scored = sum(records.is_baseline(t) and t.state in finished for t in trials)
-        waiting = sum(records.is_baseline(t) and t.state == TrialState.WAITING for t in trials)
+        waiting = len(self._waiting_baselines(study))
         done = self.finished(study)
         log.info("%s", trial_plan(target, scored + waiting, len(records.references(study.user_attrs)), done))
-        bar = tqdm(total=target + scored + waiting, initial=done + scored, desc=self.config.name,
-                   disable=not progress, unit="trial")
-        # the bar shows each trial's outcome; Optuna's INFO line repeats every parameter of it
-        quiet = quiet_optuna() if progress else contextlib.nullcontext()
+        if not waiting:
+            self.progress.start(f"{self.kind} trials", target, done=done)
+        elif self.progress.label != "baselines":  # else score_references started it: the references came first
+            self.progress.start("baselines", waiting)
+        # the display shows each trial's outcome; Optuna's INFO line repeats every parameter of it
+        quiet = quiet_optuna() if self.progress.enabled else contextlib.nullcontext()
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
-        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), _progress(bar),
+        callbacks: list[Callback] = [_stop_at(target, lambda: self.finished(study)), self._count_trial(target),
                                      _stop_when_full(one_line, self.config.storage_url), *self.callbacks]
         started = time.monotonic()
-        with quiet, bar, contextlib.ExitStack() as stack:  # the bar closes however the loop ends
+        with quiet, contextlib.ExitStack() as stack:  # the display's phase ends however the loop ends
+            stack.callback(self.progress.end)
             stack.callback(failures.removeFilter, one_line)
             while done < target:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
@@ -441,6 +463,26 @@ class Runner:
                 if done == before_done and progressed() == before:
                     log.warning("every trial of the last round failed; stopping (see the trials' 'error')")
                     break
+
+    def _count_trial(self, target: int) -> Callback:
+        """Advance the display after each finished trial: the 'baselines' phase while the queued baselines run (they
+        run first), then '<kind> trials', which counts what :meth:`finished` counts (failures do not use the budget),
+        with the best value so far and the last trial's state."""
+
+        def update(study: optuna.Study, trial: FrozenTrial) -> None:
+            bar = self.progress.bar
+            if bar is None:
+                return
+            if self.progress.label == "baselines":
+                if records.is_baseline(trial):
+                    bar.update(1)
+                    if bar.n >= (bar.total or 0):
+                        self.progress.start(f"{self.kind} trials", target, done=self.finished(study))
+                return
+            bar.update(self.finished(study) - bar.n)
+            bar.set_postfix(best=_best_so_far(study), state=trial.state.name)
+
+        return update
 
     def finished(self, study: optuna.Study) -> int:
         """How much of the budget the study has used: its complete and pruned *search* trials (baselines run on top;
@@ -473,13 +515,16 @@ class Runner:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         top = sorted(complete, key=lambda t: (-sign * t.values[0], t.number))[:k]
         done = records.confirmed(study.user_attrs)
-        evaluator = build_evaluator(self.config.confirm_spec()) if any(t.number not in done for t in top) else None
-        for trial in top:
-            if evaluator is None or trial.number in done:
-                continue
-            result = self.test_score(evaluator, records.recipe_of(trial), f"confirmation of trial #{trial.number}")
-            if not isinstance(result, Exception):
-                records.set_confirm_result(study, trial.number, result.metrics, result.objective)
+        todo = [t for t in top if t.number not in done]
+        if todo:
+            evaluator = build_evaluator(self.config.confirm_spec())
+            with self.progress.phase("confirm", len(todo)) as bar:
+                for trial in todo:
+                    result = self.test_score(evaluator, records.recipe_of(trial),
+                                             f"confirmation of trial #{trial.number}")
+                    if not isinstance(result, Exception):
+                        records.set_confirm_result(study, trial.number, result.metrics, result.objective)
+                    bar.update(1)
         return records.confirmed(study.user_attrs)
 
     def finalize(self, study: optuna.Study, *, export: bool = True) -> dict[str, Any]:
@@ -505,31 +550,36 @@ class Runner:
             summary["confirmed"] = {str(number): value for number, value in sorted(confirmed.items())}
 
         scores = [SplitScores("validation", records.trial_metrics(best))]
-        for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
-            result = self.test_score(test, records.recipe_of(trial), f"trial #{number}")
-            if number == best.number and not isinstance(result, Exception):
-                scores.append(SplitScores("test", result.metrics, result.stderr or {}))
-            if isinstance(result, Exception):
-                records.set_test_error(study, number, result)
-            else:
-                records.set_test_result(study, number, result.metrics, result.objective, result.stderr)
-            summary["test"][f"{number}:{trial_kind(trial)}"] = getattr(result, "objective", None)
-        for label, reference in records.references(study.user_attrs).items():
-            if records.RECIPE not in reference or records.ERROR in reference:
-                continue  # its validation scoring failed: nothing to test
-            result = self.test_score(test, parse_recipe(reference[records.RECIPE]), f"reference {label}")
-            if isinstance(result, Exception):
-                records.set_reference_test(study, label, error=result)
-            else:
-                records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective,
-                                            stderr=result.stderr)
-            summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
+        # its validation scoring failed: nothing to test
+        references = {label: reference for label, reference in records.references(study.user_attrs).items()
+                      if records.RECIPE in reference and records.ERROR not in reference}
+        with self.progress.phase("test scoring", len(targets) + len(references), unit="recipe") as bar:
+            for number, trial in sorted(targets.items(), key=lambda kv: kv[1].number != best.number):
+                result = self.test_score(test, records.recipe_of(trial), f"trial #{number}")
+                if number == best.number and not isinstance(result, Exception):
+                    scores.append(SplitScores("test", result.metrics, result.stderr or {}))
+                if isinstance(result, Exception):
+                    records.set_test_error(study, number, result)
+                else:
+                    records.set_test_result(study, number, result.metrics, result.objective, result.stderr)
+                summary["test"][f"{number}:{trial_kind(trial)}"] = getattr(result, "objective", None)
+                bar.update(1)
+            for label, reference in references.items():
+                result = self.test_score(test, parse_recipe(reference[records.RECIPE]), f"reference {label}")
+                if isinstance(result, Exception):
+                    records.set_reference_test(study, label, error=result)
+                else:
+                    records.set_reference_test(study, label, metrics=result.metrics, objective=result.objective,
+                                                stderr=result.stderr)
+                summary["test"][records.reference_key(label)] = getattr(result, "objective", None)
+                bar.update(1)
         if export:
             origin = (f"Found by `evomerge {self.kind}`: study `{study.study_name}`, trial #{best.number} "
                       f"({trial_kind(best)}); chosen on the validation split"
                       + (f" (the {len(confirmed)} best re-scored on more validation docs)." if confirmed else "."))
             out = self.run_dir / "best_model"
-            self.export(recipe, out, provenance(recipe, name=out.name, scores=scores, origin=origin))
+            with self.progress.phase("export"):
+                self.export(recipe, out, provenance(recipe, name=out.name, scores=scores, origin=origin))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -581,32 +631,22 @@ def _stop_when_full(failures: _OneLineFailures, url: str) -> Callback:
     return stop
 
 
-def _progress(bar: tqdm) -> Callback:
-    started = time.perf_counter()
-    count = [0]
-
-    def update(study: optuna.Study, trial: FrozenTrial) -> None:
-        count[0] += 1
-        bar.update(1)
-        best = None
-        try:
-            sign = direction_sign(study)
-            best = sign * max(sign * t.values[0] for t in study.best_trials)
-        except (ValueError, RuntimeError):
-            pass
-        bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", state=trial.state.name,
-                        s_per_trial=f"{(time.perf_counter() - started) / count[0]:.1f}")
-
-    return update
+def _best_so_far(study: optuna.Study) -> str:
+    """The study's best first objective value, ``-`` before any trial completed."""
+    try:
+        sign = direction_sign(study)
+        return f"{sign * max(sign * t.values[0] for t in study.best_trials):.4f}"
+    except (ValueError, RuntimeError):
+        return "-"
 
 
 def run_search(config: RunConfig, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
     """``evomerge search``: open/resume the study, enqueue baselines, optimize, finalize, write the report."""
-    with Runner(config) as runner:
+    with Runner(config, progress=progress) as runner:
         study = runner.open_study()
         runner.enqueue_baselines(study)
         runner.score_references(study)
-        runner.optimize(study, progress=progress)
+        runner.optimize(study)
         runner.confirm(study)
         return finish(runner, study, export=export)
 
@@ -625,7 +665,8 @@ def finish(runner: Runner, study: optuna.Study, *, export: bool) -> dict[str, An
 def _report(runner: Runner, study: optuna.Study) -> Path:
     from evomerge.report import write_report
 
-    return write_report(study, runner.run_dir / "report", title=runner.config.name, run_dir=runner.run_dir)
+    with runner.progress.phase("report"):
+        return write_report(study, runner.run_dir / "report", title=runner.config.name, run_dir=runner.run_dir)
 
 
 def _fail(runner: Runner, study: optuna.Study, why: str) -> NoReturn:
@@ -646,12 +687,11 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
 
     if config.pruner != "none":
         raise ValueError("soups evaluate every step fully; set pruner: none")
-    with Runner(config, study_kind=records.SOUP_KIND) as runner:
+    with Runner(config, study_kind=records.SOUP_KIND, progress=progress) as runner:
         study = runner.open_study()
         trials = {recipe_key(records.recipe_of(t)): t
                   for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-        bar = tqdm(total=2 * len(config.sources), initial=len(trials), desc=config.name, disable=not progress,
-                   unit="trial")
+        bar = runner.progress.start("soup steps", 2 * len(config.sources), done=len(trials))
 
         def kind(recipe: Recipe) -> str:
             if len(recipe.sources) == 1:
@@ -690,7 +730,7 @@ def run_soup(config: RunConfig, *, progress: bool = True, export: bool = True) -
         except Exception as exc:
             _fail(runner, study, f"a soup step failed ({records.describe(exc)})")
         finally:
-            bar.close()
+            runner.progress.end()
         greedy = trials[recipe_key(result.greedy_recipe())]
         kept = [Path(m).name for m in result.kept]
         records.set_greedy(study, trial=greedy.number, kept=kept, of=len(config.sources))
@@ -718,10 +758,10 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
         from evomerge.search.sweep import SweepConfig, SweepRunner
 
         sweep = SweepConfig.model_validate({**info[records.CONFIG], **overrides})
-        runner: Runner = SweepRunner(sweep)
+        runner: Runner = SweepRunner(sweep, progress=progress)
     else:
-        runner = Runner(RunConfig.model_validate({**info[records.CONFIG], **overrides}))
+        runner = Runner(RunConfig.model_validate({**info[records.CONFIG], **overrides}), progress=progress)
     with runner:
         study = runner.open_study()
         study.sampler.reseed_rng()
-        runner.optimize(study, n_trials=n_trials, progress=progress)
+        runner.optimize(study, n_trials=n_trials)

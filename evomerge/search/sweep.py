@@ -161,9 +161,9 @@ def recipe_for(config: SweepConfig, trial: SweepTrial) -> Recipe:
 class SweepRunner(Runner):
     """The search's runner (models, evaluators, study, resume) whose trials are the sweep's grid."""
 
-    def __init__(self, config: SweepConfig) -> None:
+    def __init__(self, config: SweepConfig, *, progress: bool = True) -> None:
         self.grid = expand(config)  # bad input fails here, before Runner loads any model
-        super().__init__(config, study_kind=records.SWEEP_KIND)
+        super().__init__(config, study_kind=records.SWEEP_KIND, progress=progress)
         self.config: SweepConfig = config
 
     def open_study(self) -> optuna.Study:
@@ -183,9 +183,9 @@ class SweepRunner(Runner):
         sweep_trial = self.grid[trial.suggest_categorical(POINT, list(range(len(self.grid))))]
         return self.record(trial, recipe_for(self.config, sweep_trial), records.sweep_kind(sweep_trial.point.method))
 
-    def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
+    def optimize(self, study: optuna.Study, *, n_trials: int | None = None) -> None:
         """Run trials until every point is done (``n_trials``: until that many are)."""
-        super().optimize(study, n_trials=n_trials or len(self.grid), progress=progress)
+        super().optimize(study, n_trials=n_trials or len(self.grid))
 
     def finished(self, study: optuna.Study) -> int:
         """Points done: completed, or failed on their own (an interrupted trial is re-queued: it is not done)."""
@@ -196,14 +196,16 @@ class SweepRunner(Runner):
         overall pick's recipe (evomerge + mergekit YAML) and ``summary.json``. ``export`` is not used: a sweep
         compares points (``evomerge merge best_recipe.yaml`` builds the picked one)."""
         test = build_evaluator(self.config.test_spec())
-        for trial in first_completed(study.get_trials(deepcopy=False)).values():
-            if f"{records.TEST_PREFIX}{trial.number}" in study.user_attrs:
-                continue
-            result = self.test_score(test, records.recipe_of(trial), f"trial #{trial.number}")
-            if isinstance(result, Exception):
-                records.set_test_error(study, trial.number, result)
-            else:
-                records.set_test_result(study, trial.number, result.metrics, result.objective, result.stderr)
+        todo = [trial for trial in first_completed(study.get_trials(deepcopy=False)).values()
+                if f"{records.TEST_PREFIX}{trial.number}" not in study.user_attrs]
+        with self.progress.phase("test scoring", len(todo), unit="recipe") as bar:
+            for trial in todo:
+                result = self.test_score(test, records.recipe_of(trial), f"trial #{trial.number}")
+                if isinstance(result, Exception):
+                    records.set_test_error(study, trial.number, result)
+                else:
+                    records.set_test_result(study, trial.number, result.metrics, result.objective, result.stderr)
+                bar.update(1)
         summary = summarize(study)
         if summary.overall is None:
             raise records.StudyFailed(f"study {study.study_name} has no completed trial")
@@ -220,9 +222,9 @@ class SweepRunner(Runner):
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     """``evomerge sweep``: open/resume the study, score every remaining point, test-score them, write the report."""
-    with SweepRunner(config) as runner:
+    with SweepRunner(config, progress=progress) as runner:
         study = runner.open_study()
-        runner.optimize(study, progress=progress)
+        runner.optimize(study)
         return finish(runner, study, export=False)
 
 

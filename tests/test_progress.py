@@ -1,0 +1,115 @@
+"""The one progress display of a run (evomerge.progress): every phase named in order on stderr with its count,
+nothing of it with --quiet, the result line on stdout."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from search_fitness import search_settings
+from tiny_models import tiny_family
+
+from evomerge.cli import main
+from evomerge.progress import PHASES, RunProgress
+
+NORM_SUM = {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, fts = tiny_family(tmp_path_factory.mktemp("progress-family"), n=3)
+    return str(base), [str(f) for f in fts]
+
+
+def phases(err: str, name: str) -> list[tuple[str, str]]:
+    """(phase, its last line) for each phase the display showed, in order; tqdm repeats a live line on every refresh
+    (``\\r``-separated: ``splitlines`` splits them), so a phase is one entry however often it was drawn."""
+    shown: list[tuple[str, str]] = []
+    pattern = re.compile(rf"{re.escape(name)}: ({'|'.join(PHASES)}) ")
+    for line in err.splitlines():
+        match = pattern.match(line)
+        if match is None:
+            continue
+        if shown and shown[-1][0] == match.group(1):
+            shown[-1] = (match.group(1), line)
+        else:
+            shown.append((match.group(1), line))
+    return shown
+
+
+def count_of(line: str) -> tuple[int, int]:
+    done, total = re.search(r"\| (\d+)/(\d+) \[", line).groups()
+    return int(done), int(total)
+
+
+def run_cli(tmp_path: Path, command: str, data: dict, *flags: str) -> None:
+    """``evomerge [flags] command CONFIG`` with ``data`` as the config, its None values left out."""
+    config = tmp_path / f"{command}.yaml"
+    config.write_text(yaml.safe_dump({key: value for key, value in data.items() if value is not None}))
+    assert main([*flags, command, str(config)]) == 0
+
+
+def test_a_search_names_every_phase_in_order_with_its_count(family, tmp_path, capsys):
+    data = search_settings(family, tmp_path / "run", name="s", n_trials=3, seed=1, confirm_top=2,
+                           confirm_evaluator=NORM_SUM)
+    run_cli(tmp_path, "search", data)
+    out, err = capsys.readouterr()
+    shown = phases(err, "s")
+    assert [phase for phase, _ in shown] == ["load models", "baselines", "search trials", "confirm", "test scoring",
+                                            "export", "report"], err[-3000:]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    trials = study.get_trials()
+    baselines = sum(t.user_attrs["kind"].startswith("baseline:") for t in trials)
+    tested = sum(key.startswith("test:") for key in study.user_attrs)
+    lines = dict(shown)
+    # each counted phase ends complete: the queued baselines, n_trials searched trials, confirm_top re-scores, the
+    # test-split scores the study stored
+    assert count_of(lines["baselines"]) == (baselines, baselines) and baselines == len(trials) - 3
+    assert count_of(lines["search trials"]) == (3, 3) and "best=" in lines["search trials"]
+    assert count_of(lines["confirm"]) == (2, 2)
+    assert count_of(lines["test scoring"]) == (tested, tested)
+    assert re.fullmatch(r"s: export \[\d\d:\d\d\]", lines["export"])
+    # the result line goes to stdout, alone
+    best = json.loads((tmp_path / "run" / "summary.json").read_text())["best_trial"]
+    assert out.splitlines() == [f"best trial {best}: validation {study.trials[best].value:.4f}; report: "
+                                f"{tmp_path / 'run' / 'report' / 'summary.md'}"]
+
+
+@pytest.mark.parametrize(("command", "overrides", "expected"), [
+    ("soup", {"space": None, "base": None}, ["load models", "soup steps", "test scoring", "export", "report"]),
+    ("sweep", {"space": None, "n_trials": None, "sweep": {"task_arithmetic": {"lambda": [0.5, 1.0]}}},
+     ["load models", "sweep trials", "test scoring", "report"]),
+])
+def test_soups_and_sweeps_name_their_phases(family, tmp_path, capsys, command, overrides, expected):
+    run_cli(tmp_path, command, search_settings(family, tmp_path / "run", name="r", **overrides))
+    out, err = capsys.readouterr()
+    shown = phases(err, "r")
+    assert [phase for phase, _ in shown] == expected, err[-3000:]
+    steps = dict(shown)[expected[1]]
+    assert count_of(steps)[0] == count_of(steps)[1]
+    assert len(out.splitlines()) == 1 and "report: " in out
+
+
+def test_quiet_prints_no_phase(family, tmp_path, capsys):
+    run_cli(tmp_path, "search", search_settings(family, tmp_path / "run", name="q", n_trials=2, seed=1), "--quiet")
+    out, err = capsys.readouterr()
+    # (transformers' own "Loading weights" bar may show here: this process imported it before the CLI quietened it;
+    # tests/test_noise.py checks the libraries' noise in fresh processes)
+    assert phases(err, "q") == [] and "q: " not in err and not any(phase in err for phase in PHASES), err
+    assert out.startswith("best trial ") and len(out.splitlines()) == 1
+
+
+def test_a_phase_that_fails_leaves_its_line_and_no_live_bar(capsys):
+    progress = RunProgress("p")
+    with pytest.raises(RuntimeError), progress.phase("test scoring", 4, unit="recipe") as bar:
+        bar.update(1)
+        raise RuntimeError("boom")
+    assert progress.bar is None and progress.label is None
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and count_of(phases(err, "p")[-1][1]) == (1, 4)
+    with pytest.raises(ValueError, match="unknown phase 'scoring'"):
+        progress.start("scoring")
