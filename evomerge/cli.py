@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and the libraries' own progress bars and INFO lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and the result line only: no "
-                                                                   "progress bar")
+                                                                   "progress display")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also: EVOMERGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 

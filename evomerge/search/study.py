@@ -550,7 +550,7 @@ class Runner:
             summary["confirmed"] = {str(number): value for number, value in sorted(confirmed.items())}
 
         scores = [SplitScores("validation", records.trial_metrics(best))]
-        # its validation scoring failed: nothing to test
+        # a reference whose validation scoring failed has nothing to test
         references = {label: reference for label, reference in records.references(study.user_attrs).items()
                       if records.RECIPE in reference and records.ERROR not in reference}
         with self.progress.phase("test scoring", len(targets) + len(references), unit="recipe") as bar:
