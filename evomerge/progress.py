@@ -14,6 +14,7 @@ itself, which that switch does not override.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from tqdm.auto import tqdm
@@ -43,8 +44,9 @@ class RunProgress:
         if label not in PHASES:
             raise ValueError(f"unknown phase {label!r}; one of {', '.join(PHASES)}")
         self.end()
-        if self.enabled:
-            self._logging.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        if self.enabled:  # Optuna's logger does not propagate: its "Trial N failed" lines are redirected by name
+            self._logging.enter_context(logging_redirect_tqdm([logging.root, logging.getLogger("optuna")],
+                                                              tqdm_class=tqdm))
         self.bar = tqdm(total=total, initial=done, desc=f"{self.name}: {label}", unit=unit, leave=True,
                         disable=not self.enabled, bar_format=_COUNTED if total is not None else _TIMED)
         self.label = label

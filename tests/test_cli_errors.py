@@ -26,11 +26,15 @@ PROGRESS = re.compile(rf"\S+: ({'|'.join(PHASES)}) ")
 
 
 def one_line(capsys: pytest.CaptureFixture[str]) -> str:
-    """The error line, which must be the last line of stderr and the only one (progress bars aside)."""
+    """The error line, which must be the last line of stderr and the only one (progress bars aside, and the line of
+    the one trial the fault failed, if any: not a round of failures)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines()  # tqdm bars and the run's display (evomerge.progress) aside
              if line.strip() and "%|" not in line and not PROGRESS.match(line)]
+    failed = [line for line in lines if re.match(r"\s*Trial \d+ failed: ", line)]
+    assert len(failed) <= 1, err
+    lines = [line for line in lines if line not in failed]
     assert len(lines) == 1 and lines[0].startswith("evomerge: error: "), err
     assert err.strip().endswith(lines[0])
     return lines[0].removeprefix("evomerge: error: ")
