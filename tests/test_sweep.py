@@ -203,9 +203,9 @@ def test_a_worker_joins_a_sweep_and_finishes_its_points(family, tmp_path, quiet_
     from evomerge.search.sweep import SweepRunner
 
     config = SweepConfig.model_validate(settings(family, tmp_path))
-    with SweepRunner(config, progress=False) as runner:
+    with SweepRunner(config) as runner:
         study = runner.open_study()
-        runner.optimize(study, n_trials=3)
+        runner.optimize(study, n_trials=3, progress=False)
     assert len(study.get_trials()) == 3
     run_worker(config.storage_url, "sweep", progress=False)
     trials = optuna.load_study(study_name="sweep", storage=config.storage_url).get_trials()

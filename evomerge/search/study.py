@@ -419,10 +419,11 @@ class Runner:
         if self.progress.bar is not None:
             self.progress.bar.update(1)
 
-    def optimize(self, study: optuna.Study, *, n_trials: int | None = None) -> None:
+    def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
         """Run trials until the study holds ``n_trials`` finished (complete or pruned) *search* trials; the baselines
         run on top of them (first: they are queued), failed trials do not count, and a round in which every trial
-        fails ends the run (the failures are in the study and report)."""
+        fails ends the run (the failures are in the study and report). ``progress=False``: this call's phases are
+        not shown, whatever the runner's display does."""
         target = n_trials or self.config.n_trials
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -434,12 +435,9 @@ class Runner:
         waiting = len(self._waiting_baselines(study))
         done = self.finished(study)
         log.info("%s", trial_plan(target, scored + waiting, len(records.references(study.user_attrs)), done))
-        if not waiting:
-            self.progress.start(f"{self.kind} trials", target, done=done)
-        elif self.progress.label != "baselines":  # else score_references started it: the references came first
-            self.progress.start("baselines", waiting)
+        shown = self.progress.enabled and progress
         # the display shows each trial's outcome; Optuna's INFO line repeats every parameter of it
-        quiet = quiet_optuna() if self.progress.enabled else contextlib.nullcontext()
+        quiet = quiet_optuna() if shown else contextlib.nullcontext()
         failures = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
         one_line = _OneLineFailures()
         failures.addFilter(one_line)
@@ -447,8 +445,14 @@ class Runner:
                                      _stop_when_full(one_line, self.config.storage_url), *self.callbacks]
         started = time.monotonic()
         with quiet, contextlib.ExitStack() as stack:  # the display's phase ends however the loop ends
+            stack.callback(setattr, self.progress, "enabled", self.progress.enabled)
             stack.callback(self.progress.end)
             stack.callback(failures.removeFilter, one_line)
+            self.progress.enabled = shown
+            if not waiting:
+                self.progress.start(f"{self.kind} trials", target, done=done)
+            elif self.progress.label != "baselines":  # else score_references started it: the references came first
+                self.progress.start("baselines", waiting)
             while done < target:
                 timeout = None if self.config.timeout is None else self.config.timeout - (time.monotonic() - started)
                 if timeout is not None and timeout <= 0:
@@ -764,4 +768,4 @@ def run_worker(storage: str, study_name: str, *, n_trials: int | None = None, de
     with runner:
         study = runner.open_study()
         study.sampler.reseed_rng()
-        runner.optimize(study, n_trials=n_trials)
+        runner.optimize(study, n_trials=n_trials, progress=progress)

@@ -183,9 +183,9 @@ class SweepRunner(Runner):
         sweep_trial = self.grid[trial.suggest_categorical(POINT, list(range(len(self.grid))))]
         return self.record(trial, recipe_for(self.config, sweep_trial), records.sweep_kind(sweep_trial.point.method))
 
-    def optimize(self, study: optuna.Study, *, n_trials: int | None = None) -> None:
+    def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
         """Run trials until every point is done (``n_trials``: until that many are)."""
-        super().optimize(study, n_trials=n_trials or len(self.grid))
+        super().optimize(study, n_trials=n_trials or len(self.grid), progress=progress)
 
     def finished(self, study: optuna.Study) -> int:
         """Points done: completed, or failed on their own (an interrupted trial is re-queued: it is not done)."""
