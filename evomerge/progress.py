@@ -29,7 +29,7 @@ _TIMED = "{desc} [{elapsed}{postfix}]"
 
 
 class RunProgress:
-    """The display of one run (or one ``evomerge merge``): at most one live phase at a time."""
+    """The display of one run: at most one live phase at a time."""
 
     def __init__(self, name: str, *, enabled: bool = True) -> None:
         self.name = name
