@@ -52,6 +52,11 @@ class RunProgress:
         self.label = label
         return self.bar
 
+    def advance(self) -> None:
+        """One more item done in the live phase (nothing when there is none)."""
+        if self.bar is not None:
+            self.bar.update(1)
+
     def end(self) -> None:
         """Leave the live phase's last state as its line (nothing when there is none)."""
         if self.bar is not None:

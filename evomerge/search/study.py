@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -180,6 +180,8 @@ def _alarm(deadline: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_AnyRecipeT = TypeVar("_AnyRecipeT", Recipe, StackRecipe, MoeRecipe)
+
 class Runner:
     """Owns the live model (through the engine), the evaluators and the study of one run.
 
@@ -239,7 +241,12 @@ class Runner:
         if self.kind != records.SEARCH_KIND:
             raise ValueError(f"template: an MoE template is searched with `evomerge search` (an MoE space); a "
                              f"{self.kind} merges base and sources")
-        return template.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or template.dtype})
+        return self._with_run_settings(template)
+
+    def _with_run_settings(self, recipe: _AnyRecipeT) -> _AnyRecipeT:
+        """``recipe`` with the run's seed, and its dtype where the run sets one (an MoE recipe keeps its template's
+        otherwise): what every recipe this run scores carries."""
+        return recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
 
     def __enter__(self) -> Runner:
         return self
@@ -374,9 +381,7 @@ class Runner:
         except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
-        # the run's seed and dtype (an MoE recipe has its template's, which carries the run's, or its own dtype)
-        recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
-        return self.record(trial, recipe, trial_kind(trial))
+        return self.record(trial, self._with_run_settings(recipe), trial_kind(trial))
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
         if not self.config.baselines or records.baselines_enqueued(study) or self.space is None:
@@ -397,7 +402,7 @@ class Runner:
         if todo:  # one 'baselines' phase: these, then the queued baseline trials (optimize goes on counting)
             self.progress.start("baselines", len(todo) + len(self._waiting_baselines(study)))
         for label, recipe in todo:
-            recipe = recipe.model_copy(update={"seed": self.config.seed, "dtype": self.config.dtype or recipe.dtype})
+            recipe = self._with_run_settings(recipe)
             try:
                 scored = self.score(recipe)
             except Exception as exc:  # a reference is no trial: its failure is stored beside the study, once
@@ -405,7 +410,7 @@ class Runner:
                 records.set_reference_error(study, label, recipe=recipe, error=exc)
                 continue
             finally:
-                self._advance()
+                self.progress.advance()
             values = scored.result.objectives if self.config.multi_objective else [scored.result.objective]
             records.set_reference(study, label, recipe=recipe, metrics=scored.result.metrics, values=values,
                                   merge_seconds=scored.merge_seconds, eval_seconds=scored.result.seconds)
@@ -413,11 +418,6 @@ class Runner:
     @staticmethod
     def _waiting_baselines(study: optuna.Study) -> list[FrozenTrial]:
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if records.is_baseline(t)]
-
-    def _advance(self) -> None:
-        """One more item done in the display's live phase."""
-        if self.progress.bar is not None:
-            self.progress.bar.update(1)
 
     def optimize(self, study: optuna.Study, *, n_trials: int | None = None, progress: bool = True) -> None:
         """Run trials until the study holds ``n_trials`` finished (complete or pruned) *search* trials; the baselines

@@ -342,13 +342,13 @@ def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Froz
     soup = greedy(study)
     if soup:  # a soup: its result is the greedy soup, whatever ties the scores hold
         return [t for t in trials if t.number == soup["trial"]]
+    sign = direction_sign(study)
     if len(study.directions) == 1:
-        scores, sign = confirmed(study.user_attrs), direction_sign(study)
+        scores = confirmed(study.user_attrs)
         candidates = [t for t in trials if t.number in scores and t.state == TrialState.COMPLETE]
         if candidates:
             return [min(candidates, key=lambda t: (-sign * scores[t.number], t.number))]
         return [study.best_trial]
-    sign = direction_sign(study)
     return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
@@ -16,6 +16,14 @@ ZOO_FORMAT_VERSION = 2  # 2: a generation variant zoo_<task>_gen.yaml of every t
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: fields added after zoos were built and cached: serialized only when set (truthy), so a config that does not
+    #: use them keeps its hash (and its cached zoo): it trains as before
+    optional_fields: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k not in self.optional_fields or v}
 
 
 class ModelShape(_Frozen):
@@ -36,10 +44,6 @@ class ModelShape(_Frozen):
                 f"and heads by kv_heads ({self.kv_heads})"
             )
         return self
-
-
-#: knobs added after zoos were built and cached: serialized only when set, so older configs keep their hash
-_OPTIONAL = ("label_smoothing", "label_noise", "augment", "replay", "train_items", "batch_size")
 
 
 class TrainSpec(_Frozen):
@@ -71,10 +75,9 @@ class TrainSpec(_Frozen):
     )
     batch_size: int | None = Field(default=None, ge=1, description="this run's batch size (None: the zoo's)")
 
-    @model_serializer(mode="wrap")
-    def _drop_unused_knobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # left out when unset, a config without them keeps its hash (and its cached zoo): it trains as before
-        return {k: v for k, v in handler(self).items() if k not in _OPTIONAL or v}
+    optional_fields: ClassVar[tuple[str, ...]] = (
+        "label_smoothing", "label_noise", "augment", "replay", "train_items", "batch_size"
+    )
 
 
 class ZooConfig(_Frozen):
@@ -105,6 +108,8 @@ class ZooConfig(_Frozen):
     )
     eval_batch_size: int = Field(default=256, ge=1)
 
+    optional_fields: ClassVar[tuple[str, ...]] = ("expert_specs",)
+
     @model_validator(mode="after")
     def _tasks_known(self) -> ZooConfig:
         unknown = set(self.tasks) - set(TASKS)
@@ -126,11 +131,6 @@ class ZooConfig(_Frozen):
                 f"augment > 0 needs a task with a symmetry ({sorted(SYMMETRIES)}); {asymmetric} have none"
             )
         return self
-
-    @model_serializer(mode="wrap")
-    def _drop_empty_expert_specs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # came after zoos were cached: a config without per-task expert training keeps its hash
-        return {k: v for k, v in handler(self).items() if k != "expert_specs" or v}
 
     def expert_spec(self, task: str) -> TrainSpec:
         """How the expert of ``task`` is trained: its entry in ``expert_specs``, else ``expert``."""
