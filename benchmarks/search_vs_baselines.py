@@ -30,7 +30,7 @@ paired difference to the best baseline (chosen on validation) with a 95% paired-
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile
 band across seeds, per sampler).
 
-    python benchmarks/search_vs_baselines.py --zoo /work/zoo-bench          # 60 searches x 20 trials
+    python benchmarks/search_vs_baselines.py --zoo DIR                      # the bench zoo: 60 searches x 30 trials
     python benchmarks/search_vs_baselines.py --quick --out /tmp/svb         # mini zoo, 2 seeds, 2 trials (CI test)
 """
 
@@ -350,7 +350,7 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
 
 def main(argv: list[str] | None = None) -> None:
     parser = zoo_bench.arg_parser(__doc__, "mini zoo, 2 seeds, 2 trials (the CI test)")
-    parser.add_argument("--trials", type=int, help="trials per search (default 20; quick 2)")
+    parser.add_argument("--trials", type=int, help="trials per search (default 30; quick 2)")
     parser.add_argument("--seeds", type=int, help="sampler seeds per sampler and space (default 5; quick 2)")
     parser.add_argument("--confirm-top", type=int, help="re-score the k best trials of each search on more "
                         "validation docs and choose among them (`confirm_top`; default 3; quick 2; 0: off)")

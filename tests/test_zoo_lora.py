@@ -71,3 +71,28 @@ def test_the_mini_stage_makes_each_adapter_best_on_its_own_task(mini_zoo, tmp_pa
     for name, entry in lz.manifest["adapters"].items():
         own = [i for i, c in enumerate(columns) if c.strip() == f"{entry['task']}/validation"][0]
         assert table[name][own] > table["base"][own] + 0.2, name
+
+
+
+def test_the_table_scores_an_adapter_as_its_merged_model(mini_zoo, lora_zoo):
+    """The LoRA stage's table (on by default) scores the PEFT model itself; it must score what the adapter's merged
+    weights score (a PeftModel is not a PreTrainedModel: it was once taken for a log-prob function)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from evomerge.zoo.table import accuracy, model_logprobs
+    from evomerge.zoo.taskfiles import read_jsonl
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(mini_zoo.tokenizer_dir)
+    items = read_jsonl(mini_zoo.split_file("sort", "validation"))[:40]
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(mini_zoo.base), lora_zoo.adapter("sort"))
+    ids = torch.tensor([tokenizer(items[0]["query"])["input_ids"]])
+    with torch.no_grad():
+        adapted = model_logprobs(peft_model)(ids)
+        base = model_logprobs(LlamaForCausalLM.from_pretrained(mini_zoo.base))(ids)
+    with_adapter = accuracy(peft_model, tokenizer, items)
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(model_logprobs(merged)(ids), adapted, rtol=0, atol=1e-4)
+    assert (adapted - base).abs().max() > 1e-3  # the adapter is active when the PEFT model is scored
+    assert accuracy(merged, tokenizer, items) == with_adapter

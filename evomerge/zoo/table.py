@@ -42,7 +42,7 @@ def choice_requests(items: Sequence[Item], tokenizer: PreTrainedTokenizerFast) -
 TokenLogProbs = Callable[[torch.Tensor], torch.Tensor]
 
 
-def model_logprobs(model: PreTrainedModel) -> TokenLogProbs:
+def model_logprobs(model: PreTrainedModel | torch.nn.Module) -> TokenLogProbs:
     """Next-token log-probabilities of one model: ``log_softmax`` of its logits."""
     return lambda ids: torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
 
@@ -99,17 +99,17 @@ def continuation_logprobs(
 
 
 def accuracy(
-    model: PreTrainedModel | TokenLogProbs,
+    model: PreTrainedModel | torch.nn.Module | TokenLogProbs,
     tokenizer: PreTrainedTokenizerFast,
     items: Sequence[Item],
     batch_size: int = 256,
 ) -> float:
-    """lm-eval ``acc`` of ``model`` (or of an ensemble's :data:`TokenLogProbs` on CPU) on multiple-choice ``items``
-    (see the module docstring)."""
+    """lm-eval ``acc`` of ``model`` (any causal LM module: a ``transformers`` model or a PEFT model wrapping one;
+    or an ensemble's :data:`TokenLogProbs` on CPU) on multiple-choice ``items`` (see the module docstring)."""
     n_choices = {len(item["choices"]) for item in items}  # type: ignore[arg-type]
     if len(n_choices) != 1:
         raise ValueError(f"items must all have the same number of choices, got {sorted(n_choices)}")
-    if isinstance(model, PreTrainedModel):
+    if isinstance(model, torch.nn.Module):  # a PeftModel is a Module, not a PreTrainedModel
         logprobs, device = model_logprobs(model), next(model.parameters()).device
     else:
         logprobs, device = model, torch.device("cpu")
@@ -160,7 +160,7 @@ def column(task: str, split: str) -> str:
 
 
 def model_row(
-    model: PreTrainedModel,
+    model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerFast,
     splits: Mapping[tuple[str, str], Sequence[Item]],
     batch_size: int,
