@@ -17,7 +17,11 @@ lambda; DARE-TIES and DARE-linear drop rate p = 1 - density in {0.1, 0.3, 0.5, 0
 seeds; breadcrumbs gamma x density; DELLA density x epsilon, 3 seeds; SCE top-k; RegMean alpha; one point each for
 linear (the uniform average), multi-SLERP, Karcher mean, Model Stock, Fisher, RAM and RAM+ (their defaults).
 The TIES family runs with ``normalize: true`` (the disjoint / agreeing-weight mean; mergekit's default is a sum for
-DARE and breadcrumbs), so one lambda axis means the same for all of them.
+DARE and breadcrumbs), so one lambda axis means the same for all of them. One exception is swept again on its own
+(section :data:`SUMMED`): DARE-TIES with ``normalize: false``, the DARE paper's sum and mergekit's default. With
+``normalize: true`` its divisor is the weight of the *agreeing survivors* only, so an entry one source keeps is
+that source's ``τ/d`` in full and the merged task vector grows like ``1/d`` (DARE-linear's divisor is every
+weight, so its rescaled mean stays unbiased): the normalized DARE-TIES curve measures a scale, not the drop rate.
 
     python benchmarks/method_sweep.py --zoo /work/zoo-bench      # 187 + 15 trials, 40 val / 100 test docs per task
     python benchmarks/method_sweep.py --quick --out /tmp/ms      # the mini zoo, small grids, seconds (the CI test)
@@ -49,6 +53,7 @@ DROP_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
 DENSITIES = [round(1 - p, 2) for p in DROP_RATES]
 NORM = {"normalize": True}
 LAMBDAS = [1.0, 2.0]  # the TIES family's scale: 1 = the (disjoint) mean of the task vectors
+SUM_LAMBDAS = [0.2, 0.4]  # scale of a sum of the task vectors: task arithmetic peaks near 0.4 (method_sweep.md)
 GRIDS: dict[str, dict[str, Any]] = {
     "linear": {},
     "task_arithmetic": {"lambda": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]},
@@ -74,6 +79,8 @@ QUICK_GRIDS: dict[str, dict[str, Any]] = {  # every method, as few points as the
     "sce": {}, "regmean": {}, "multislerp": {}, "karcher": {}, "model_stock": {}, "fisher": {}, "ram": {},
     "ramplus_tl": {},
 }
+SUM_GRID = {"dare_ties": {"density": DENSITIES, "lambda": SUM_LAMBDAS, "normalize": False, "seeds": 3}}
+QUICK_SUM_GRID = {"dare_ties": {"density": [0.9, 0.1], "lambda": [0.4], "normalize": False, "seeds": 1}}
 PAIRWISE = "slerp"  # exactly two sources: one sweep per pair of experts
 NOT_SWEPT = {  # registered methods this benchmark leaves out, and why (the results page lists them)
     "nuslerp": "two sources, like slerp, with per-source weights instead of t: slerp's pairs cover the question",
@@ -84,6 +91,7 @@ NOT_SWEPT = {  # registered methods this benchmark leaves out, and why (the resu
 SLERP_T = [0.0, 0.25, 0.5, 0.75, 1.0]
 QUICK_SLERP_T = [0.0, 0.5, 1.0]
 ALL = "all experts"  # the section of the main sweep
+SUMMED = "all experts, DARE-TIES summed"  # DARE-TIES with normalize: false (see the module docstring)
 CSV_SPREADS = ("val", "test")
 
 
@@ -93,10 +101,14 @@ def sweep_configs(zoo: Zoo, args: argparse.Namespace) -> list[tuple[str, SweepCo
     work = Path(args.work)
     experts = dict(zoo.experts)
     common = dict(base=str(zoo.base), seed=args.seed, device=args.device, max_points=1000)
-    configs = [(ALL, SweepConfig(name="methods", sources=[str(p) for p in experts.values()], evaluator=validation,
+    sources = [str(p) for p in experts.values()]
+    configs = [(ALL, SweepConfig(name="methods", sources=sources, evaluator=validation,
                                  test_evaluator=test, sweep=QUICK_GRIDS if args.quick else GRIDS,
                                  calibration=zoo_bench.calibration_file(zoo, work / "calibration.jsonl"),
-                                 out=str(work / "methods"), **common))]
+                                 out=str(work / "methods"), **common)),
+               (SUMMED, SweepConfig(name="dare_summed", sources=sources, evaluator=validation, test_evaluator=test,
+                                    sweep=QUICK_SUM_GRID if args.quick else SUM_GRID, out=str(work / "dare_summed"),
+                                    **common))]
     pairs = list(itertools.combinations(experts, 2))[: 1 if args.quick else args.pairs]
     for a, b in pairs:
         tasks = [lm_eval_name(a), lm_eval_name(b)]
@@ -194,16 +206,19 @@ def plot(sections: Sequence[tuple[str, SweepSummary]], path: Path) -> None:
         ax.set(xlabel=axis, ylabel="mean acc", title=f"{method}" + (f"\n({held})" if held else ""))
         ax.legend(fontsize="x-small")
     ax = fig.add_subplot(math.ceil(n / cols), cols, len(panels) + 1)
-    for c, method in enumerate(m for m in ("dare_ties", "dare_linear") if m in main.picks):
-        line = _line(main, method, "density")
+    summed = dict(sections).get(SUMMED)
+    curves = [(main, m, m) for m in ("dare_ties", "dare_linear") if m in main.picks]
+    curves += [(summed, "dare_ties", "dare_ties summed")] if summed is not None and summed.picks else []
+    for c, (summary, method, label) in enumerate(curves):
+        line = _line(summary, method, "density")
         x = [1 - float(r.point.params["density"]) for r in line]
-        lam = main.picks[method].point.params.get("lambda")
-        _band(ax, x, [r.val for r in line], label=f"{method} val (λ={lam})", color=f"C{c}")
-        _band(ax, x, [r.test for r in line], label=f"{method} test", color=f"C{c}", linestyle="--")
+        lam = summary.picks[method].point.params.get("lambda")
+        _band(ax, x, [r.val for r in line], label=f"{label} val (λ={lam})", color=f"C{c}")
+        _band(ax, x, [r.test for r in line], label=f"{label} test", color=f"C{c}", linestyle="--")
     ax.set(xlabel="drop rate p", ylabel="mean acc", title="DARE: drop rate (bands ± std over seeds)")
     ax.legend(fontsize="x-small")
     ax = fig.add_subplot(math.ceil(n / cols), cols, len(panels) + 2)
-    for c, (section, summary) in enumerate(sections[1:]):
+    for c, (section, summary) in enumerate((sec, sm) for sec, sm in sections if sec not in (ALL, SUMMED)):
         line = [r for r in summary.points if r.point.method == "slerp"]
         x = [float(r.point.params["t"]) for r in line]
         _band(ax, x, [r.val for r in line], label=f"{section} val", color=f"C{c}")
@@ -234,11 +249,14 @@ def curve(summary: SweepSummary, method: str, axis: str) -> str:
             f"{summary.picks[method].point.label}")
 
 
-def shapes(summary: SweepSummary) -> list[str]:
-    """The curves the papers' claims are about: DARE's drop rate (p = 1 - density), TIES' density, task
-    arithmetic's lambda, each as a line of test objectives."""
-    return [f"- {curve(summary, m, a)}" for m, a in (("dare_ties", "density"), ("dare_linear", "density"),
-                                                      ("ties", "density"), ("task_arithmetic", "lambda"))]
+def shapes(summary: SweepSummary, summed: SweepSummary | None) -> list[str]:
+    """The curves the papers' claims are about: DARE's drop rate (p = 1 - density; DARE-TIES also summed), TIES'
+    density, task arithmetic's lambda, each as a line of test objectives."""
+    lines = [f"- {curve(summary, m, a)}" for m, a in (("dare_ties", "density"), ("dare_linear", "density"),
+                                                       ("ties", "density"), ("task_arithmetic", "lambda"))]
+    if summed is not None:
+        lines.insert(1, f"- summed: {curve(summed, 'dare_ties', 'density')}")
+    return lines
 
 
 def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
@@ -263,10 +281,10 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
         f"- studies (resumable, each with its `evomerge report`): `{args.work}`",
         "- not swept: " + "; ".join(f"{m} ({why})" for m, why in NOT_SWEPT.items())])
     lines += ["## Each method's pick, side by side", "", picks_table(sections), "", f"![method sweep]({stem}.png)", ""]
-    lines += ["## Shapes (computed from the table)", "", *shapes(main), ""]
+    lines += ["## Shapes (computed from the table)", "", *shapes(main, dict(sections).get(SUMMED)), ""]
     for section, summary in sections:
         for method in dict.fromkeys(r.point.method for r in summary.points):
-            title = method if section == ALL else section
+            title = {ALL: method, SUMMED: f"{method} (summed: normalize false)"}.get(section, section)
             lines += [f"## {title}", "", points_table(summary, method), ""]
     lines += [f"Bold: the point validation picks. The {len(main.points)} points of the main sweep are in "
               f"`{stem}.csv` (one row per point; `picked` = 1 marks each method's validation pick).", ""]

@@ -21,16 +21,18 @@ Everything is stored in SQLite studies under ``--work`` (one database per space,
 the baselines as references of a study ``baselines``): re-running the same command resumes and skips what is done.
 A search's trials are scored on ``--limit`` validation docs per task (cheap, noisy); its ``--confirm-top`` best
 are then re-scored on ``--confirm-limit`` docs and the best of them by that score is the search's pick
-(``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default:
-30 trials x 5 seeds x 4 samplers x 3 spaces = 1,800 trials on 20 docs per task, 180 re-scores on 50, 60 picks and
-~10 baselines on 100 test docs: ~360k 4-choice docs of 7 tasks at ~5 ms each on a quiet 2-core CPU, ~30 min): the
-results header states the run's own wall and CPU time. Writes
+(``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default,
+the committed run's settings: 24 trials x 5 seeds x 4 samplers x 3 spaces = 1,440 trials on 15 docs per task, 180
+re-scores on 40, 60 picks and ~10 baselines on 100 test docs: ~250k 4-choice docs of 7 tasks): 56.9 min on a
+2-core CPU shared with other jobs (results/search_vs_baselines.md), ~2.4 s per trial, most of it not evaluation
+(~1.2 ms per doc alone: 0.13 s per trial) but merging 7 experts layer-wise and each search's start-up; the results
+header states the run's own wall and CPU time. Writes
 ``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
 paired difference to the best baseline (chosen on validation) with a 95% paired-bootstrap interval and a Wilcoxon
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile
 band across seeds, per sampler).
 
-    python benchmarks/search_vs_baselines.py --zoo DIR                      # the bench zoo: 60 searches x 30 trials
+    python benchmarks/search_vs_baselines.py --zoo DIR                      # the bench zoo: 60 searches x 24 trials
     python benchmarks/search_vs_baselines.py --quick --out /tmp/svb         # mini zoo, 2 seeds, 2 trials (CI test)
 """
 
@@ -350,16 +352,16 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
 
 def main(argv: list[str] | None = None) -> None:
     parser = zoo_bench.arg_parser(__doc__, "mini zoo, 2 seeds, 2 trials (the CI test)")
-    parser.add_argument("--trials", type=int, help="trials per search (default 30; quick 2)")
+    parser.add_argument("--trials", type=int, help="trials per search (default 24; quick 2)")
     parser.add_argument("--seeds", type=int, help="sampler seeds per sampler and space (default 5; quick 2)")
     parser.add_argument("--confirm-top", type=int, help="re-score the k best trials of each search on more "
                         "validation docs and choose among them (`confirm_top`; default 3; quick 2; 0: off)")
     parser.add_argument("--confirm-limit", type=int, help="validation docs per task of the re-scoring (0: all; "
-                        "default 50; quick 10)")
+                        "default 40; quick 10)")
     parser.add_argument("--sweep-csv", default="results/method_sweep.csv", help="the method sweep's results")
     args = zoo_bench.parse_args(parser, argv, "search_vs_baselines", {
-        "trials": (30, 2), "seeds": (5, 2), "limit": (20, 5), "test_limit": (100, 10), "confirm_top": (3, 2),
-        "confirm_limit": (50, 10)})
+        "trials": (24, 2), "seeds": (5, 2), "limit": (15, 5), "test_limit": (100, 10), "confirm_top": (3, 2),
+        "confirm_limit": (40, 10)})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
     zoo = zoo_bench.find_zoo(args.zoo, args.quick)

@@ -49,7 +49,11 @@ def test_method_sweep_quick(sweep_run: Path) -> None:
     rows = read_csv(sweep_run / "method_sweep_quick.csv")
     main = [r for r in rows if r["section"] == method_sweep.ALL]
     assert {r["method"] for r in main} == set(method_sweep.QUICK_GRIDS)
-    assert {r["method"] for r in rows if r["section"] != method_sweep.ALL} == {method_sweep.PAIRWISE}
+    assert {r["method"] for r in rows if r["section"] not in (method_sweep.ALL, method_sweep.SUMMED)} == {
+        method_sweep.PAIRWISE}
+    summed = [r for r in rows if r["section"] == method_sweep.SUMMED]
+    assert {r["method"] for r in summed} == set(method_sweep.QUICK_SUM_GRID)
+    assert all(json.loads(r["params"])["normalize"] is False for r in summed)
     # the pick of each method is the argmax of its validation means (the first point on a tie)
     by_method: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
     for r in rows:
