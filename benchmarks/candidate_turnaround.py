@@ -66,7 +66,7 @@ METHODS: dict[str, tuple[bool, tuple[str, ...], dict[str, object]]] = {
     "ties": (True, ("density",), {}),
     "breadcrumbs": (True, ("density", "gamma"), {}),
     "dare_linear": (True, ("density",), {}),
-    # normalize given explicitly: its default is True in evomerge, False in mergekit 0.1.5
+    # normalize given explicitly (both tools' default is False), as the recipes of the earlier runs did
     "dare_ties": (True, ("density",), {"normalize": True}),
 }
 DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs"}
@@ -95,8 +95,8 @@ def candidate(method: str, paths: list[str], j: int) -> Recipe:
     """Candidate ``j`` of ``method`` over ``paths`` (base first): weights (and densities) change with ``j`` (< 20).
 
     Densities are multiples of 1/16 and gamma is 1/64, so ``fraction · numel`` is an integer for every tensor of a
-    Llama shape (sizes are multiples of 64): mergekit keeps ``floor(d·n)`` entries, evomerge ``round(d·n)``; with
-    integers both keep the same count and the deterministic methods can be compared weight for weight.
+    Llama shape (sizes are multiples of 64): both tools keep ``max(1, floor(d·n))`` entries, and with integers no
+    rounding convention enters, so the deterministic methods can be compared weight for weight.
     """
     needs_base, per_source, globals_ = METHODS[method]
     sources = []
@@ -344,17 +344,16 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, row
         "which is why it is cheap; the first forward pass pays the page faults.",
         "",
         "## Semantic differences between the two tools (mergekit 0.1.5)", "",
-        "- TIES/breadcrumbs keep count: mergekit keeps `floor(d·n)` entries (exactly that many, ties broken by sort "
-        "order), evomerge `round(d·n)` and every entry tied with the k-th magnitude (layout independent, same on CPU "
-        "and CUDA). The candidates use densities that are multiples of 1/16 so `d·n` is an integer; what still "
-        "differs is a magnitude tie at the threshold (fp32 task vectors of millions of entries do have some: in a "
-        "check of the 2M-entry lm_head, one source had 2 entries equal to the k-th magnitude), a few entries per "
-        "model, each off by about one task-vector entry. Other densities can differ by one more entry per tensor.",
+        "- TIES/breadcrumbs keep count: both keep `max(1, floor(d·n))` entries; at a magnitude tie with the k-th "
+        "entry mergekit keeps the first of its unstable sort, evomerge every tied entry (layout independent, same on "
+        "CPU and CUDA). fp32 task vectors of millions of entries do have a few such ties (in a check of the "
+        "2M-entry lm_head, one source had 2 entries equal to the k-th magnitude): a few entries per model, each off "
+        "by about one task-vector entry.",
         "- DARE rescale: evomerge divides survivors by `d` (the paper's `1/(1−p)`); mergekit 0.1.5 rescales the "
         "kept entries so the L1 norm of each task vector is unchanged. Random masks differ as well (mergekit draws "
         "from torch's generator, evomerge from its counter-based one), so DARE weights are not compared.",
-        "- `normalize` defaults differ for `dare_ties` and `breadcrumbs_ties` (evomerge True, mergekit False); the "
-        "exported YAML carries only what the recipe sets, so the dare_ties candidates set `normalize: true`.",
+        "- `normalize`: the dare_ties candidates set `normalize: true` (both tools' default is false); the exported "
+        "YAML carries it.",
         "- dtype: the exported YAML of a bf16/fp16 recipe is `dtype: float32, out_dtype: <dtype>`, so mergekit "
         "computes in fp32 and rounds once, as evomerge does (a hand-written `dtype: bfloat16` makes mergekit round "
         "every step).",
