@@ -1,4 +1,4 @@
-"""SLERP and multi-model SLERP against hand-computed values and the Karcher-mean optimality condition."""
+"""SLERP and multi-SLERP against hand-computed values and mergekit's multislerp algorithm written out step by step."""
 
 from __future__ import annotations
 
@@ -49,15 +49,41 @@ def test_slerp_needs_exactly_two_sources() -> None:
         slerp(None, torch.ones(3, 2), t=0.5)
 
 
-@pytest.mark.parametrize("t", [0.0, 0.2, 0.5, 0.9, 1.0])
-def test_multislerp_of_two_is_slerp(t: float) -> None:
+def _mergekit_multislerp(base: torch.Tensor | None, sources: torch.Tensor, weight: list[float]) -> torch.Tensor:
+    """mergekit 0.1.5's multislerp, step by step in float64 (tangent step and exponential map included)."""
+    eps = 1e-8
+    x = (sources if base is None else sources - base).double().flatten(1)
+    w = torch.tensor(weight, dtype=torch.float64) / sum(weight)
+    norms = x.norm(dim=1, keepdim=True)
+    units = x / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = ((units - (units * mean).sum(1, keepdim=True) * mean) * w[:, None]).sum(0)
+    length = tangent.norm() + eps
+    out = (mean * torch.cos(length) + tangent * torch.sin(length) / length) * (norms[:, 0] * w).sum()
+    out = out.view(sources.shape[1:])
+    return out if base is None else out + base.double()
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_is_mergekits_algorithm(with_base: bool) -> None:
     g = torch.Generator().manual_seed(1)
-    base, sources = torch.randn(5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
-    sources[1] *= 3.0  # unequal norms: coefficients are applied to the unnormalised vectors in both
-    weight = W([1 - t, t])
-    assert torch.allclose(multislerp(None, sources, weight=weight), slerp(None, sources, t=t), atol=1e-5)
-    with_base = base + slerp(None, sources - base, t=t)  # with a base: slerp of the task vectors
-    assert torch.allclose(multislerp(base, sources, weight=weight), with_base, atol=1e-5)
+    base, sources = torch.randn(5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    sources[1] *= 3.0  # unequal norms
+    weight = [0.2, 0.5, 0.9]
+    out = multislerp(base if with_base else None, sources, weight=W(weight))
+    expected = _mergekit_multislerp(base if with_base else None, sources, weight)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_multislerp_of_two_is_the_renormalised_mean_not_slerp() -> None:
+    # u1 = (1, 0), u2 = (0, 1), w = (3/4, 1/4): M = (3/4, 1/4), m = (3, 1)/sqrt(10), mean norm 1
+    out = multislerp(None, W([[1.0, 0.0], [0.0, 1.0]]), weight=W([0.75, 0.25]))
+    torch.testing.assert_close(out, W([3 / math.sqrt(10), 1 / math.sqrt(10)]))
+    assert not torch.allclose(out, slerp(None, W([[1.0, 0.0], [0.0, 1.0]]), t=0.25), atol=1e-3)  # (cos, sin)(pi/8)
+    # unequal norms: the direction of the unit vectors' mean, at the weighted mean norm 0.5 * 2 + 0.5 * 4 = 3
+    out = multislerp(None, W([[2.0, 0.0], [0.0, 4.0]]), weight=W([1.0, 1.0]))
+    torch.testing.assert_close(out, W([3 * R2, 3 * R2]))
 
 
 def test_multislerp_orthonormal_equal_weights_is_the_symmetric_direction() -> None:
@@ -65,17 +91,15 @@ def test_multislerp_orthonormal_equal_weights_is_the_symmetric_direction() -> No
     assert torch.allclose(out, torch.full((3,), 1 / math.sqrt(3)), atol=1e-6)
 
 
-def test_multislerp_satisfies_the_weighted_karcher_condition() -> None:
-    g = torch.Generator().manual_seed(2)
-    units = torch.nn.functional.normalize(torch.randn(4, 6, dtype=torch.float64, generator=g) + 2.0, dim=1)
-    weight = W([0.1, 0.4, 0.2, 0.3])
-    m = multislerp(None, units.float(), weight=weight).double()
-    assert abs(m.norm().item() - 1.0) < 1e-5  # equal norms stay on the sphere
-    # Riemannian gradient of sum w_i theta_i^2 at m: sum w_i theta_i / sin(theta_i) (u_i - cos(theta_i) m) = 0
-    cos = (units @ m).clamp(-1, 1)
-    theta = torch.arccos(cos)
-    logs = (theta / torch.sin(theta)).unsqueeze(1) * (units - cos.unsqueeze(1) * m)
-    assert (weight.double().unsqueeze(1) * logs).sum(0).norm().item() < 1e-5
+def test_multislerp_zero_task_vector_and_cancelling_directions() -> None:
+    base = W([1.0, 1.0])
+    # a source equal to the base adds no direction and norm 0: 0.5 * (0.6, 0.8) normalised, at norm 0.5 * 5
+    out = multislerp(base, torch.stack([base, base + W([3.0, 4.0])]), weight=W([1.0, 1.0]))
+    torch.testing.assert_close(out, base + W([1.5, 2.0]))
+    # antipodal directions with balancing weights: two sources interpolate linearly, three are refused (mergekit)
+    torch.testing.assert_close(multislerp(None, W([[1.0, 0.0], [-1.0, 0.0]]), weight=W([1.0, 1.0])), W([0.0, 0.0]))
+    with pytest.raises(ValueError, match="directions is zero"):
+        multislerp(None, W([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]), weight=W([1.0, 1.0, 1.0]))
 
 
 def test_multislerp_colinear_falls_back_to_weighted_mean() -> None:

@@ -192,8 +192,9 @@ _ALL: tuple[MergeMethod, ...] = (
     MergeMethod(
         "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True,
         inputs=(Coefficients(multislerp_gram, multislerp_coefficients),),
-        doc="weighted spherical (Karcher) mean of the sources, or of task vectors when a base is given",
-        alone=_one_hot,  # the Karcher mean of one point
+        doc="mergekit's multi-SLERP: the renormalised weighted mean of the sources' (or task vectors') directions "
+            "at their weighted mean norm",
+        alone=_one_hot,  # one weight: that source itself
         whole_tensor_bytes=(16, 4),
     ),
     MergeMethod(

@@ -8,8 +8,9 @@ SLERP follows mergekit (``mergekit/merge_methods/slerp.py``) operation for opera
 CPU gives its bits: norms of chunks of 2^20 entries, then the norm of those; a norm ``<= 1e-8`` is replaced by 1 (the
 vector is not a direction: its cosine is 0, not a linear fallback); the dot product of the normalised chunks,
 clamped to ``[-1, 1]``; linear interpolation when ``|cos| > 0.9995`` (nearly (anti-)parallel, e.g. norm weights).
-Multi-SLERP falls back to the linear combination when ``|cos| > 1 − 1e-6`` for every pair or a norm is ``<= 1e-8``,
-with dot products accumulated in float64 (no TF32 matmul): :func:`~evomerge.methods.angles.gram_matrix`.
+Multi-SLERP is mergekit's: the renormalised weighted mean of the unit directions at the weighted mean norm
+(:func:`multislerp`), from dot products accumulated in float64 (no TF32 matmul):
+:func:`~evomerge.methods.angles.gram_matrix`.
 The result is a combination ``Σ c_i θ_i [+ c_0 θ0]`` whose coefficients depend on the angle statistics and the
 parameters only: the engine computes the statistics once per tensor (the registry's ``Coefficients.gram``) and
 the coefficients once per candidate, and merges entrywise.
@@ -25,12 +26,9 @@ from torch import Tensor
 
 from evomerge.methods.angles import combine, gram_matrix
 
-_COLINEAR = 1.0 - 1e-6
 _ZERO_NORM = 1e-8
 _SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp(dot_threshold=0.9995, eps=1e-8)
 _SLERP_CHUNK = 1 << 20
-_KARCHER_TOL = 1e-12
-_KARCHER_MAX_ITER = 100
 
 
 def slerp_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object]) -> Tensor:
@@ -54,16 +52,6 @@ def slerp_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object
 def multislerp_gram(base: Tensor | None, sources: Tensor, params: Mapping[str, object]) -> Tensor:
     """The Gram matrix [1, N, N] :func:`multislerp` works with: of the task vectors with a base, else the sources."""
     return gram_matrix(sources if base is None else sources - base)
-
-
-def _cosines(gram: Tensor) -> Tensor | None:
-    """Cosine matrix from a Gram matrix, or None when some vector is ~0 or all directions are pairwise
-    (anti-)parallel: then angles are meaningless and callers interpolate linearly."""
-    norms = gram.diagonal().sqrt()
-    if bool((norms <= _ZERO_NORM).any()):
-        return None
-    cosine = gram / (norms[:, None] * norms[None, :])
-    return None if bool((cosine.abs() > _COLINEAR).all()) else cosine
 
 
 def slerp_coefficients(gram: Tensor, params: Mapping[str, object]) -> Tensor:
@@ -102,43 +90,32 @@ def slerp(
     return combine(None, sources, coefficients)
 
 
-def karcher_coefficients(cosine: Tensor, weight: Tensor) -> Tensor:
-    """Coefficients ``c`` with ``m = Σ_i c_i u_i`` = weighted Karcher (Fréchet) mean of unit vectors ``u_i``.
-
-    Works in the span of the ``u_i`` using only their cosine matrix ``C`` [N, N] (float64) and weights ``w``
-    (summing to 1). ``m`` minimises ``Σ_i w_i θ_i²`` with ``θ_i = ∠(u_i, m)``; iterate the Riemannian fixed point
-    ``m ← exp_m(Σ_i w_i log_m u_i)``, ``log_m u_i = θ_i / sin θ_i · (u_i − cos θ_i · m)``, from the normalised
-    Euclidean mean. At the optimum ``c_i = (w_i θ_i / sin θ_i) / Σ_j w_j θ_j cot θ_j``; for two vectors with weights
-    ``(1 − t, t)`` these are exactly Shoemake's ``sin((1 − t)Ω)/sin Ω`` and ``sin(tΩ)/sin Ω``.
-    """
-    a = weight / torch.sqrt(weight @ cosine @ weight)
-    for _ in range(_KARCHER_MAX_ITER):
-        cos_theta = (cosine @ a).clamp(-1.0, 1.0)
-        theta = torch.arccos(cos_theta)
-        theta_over_sin = torch.where(theta > 1e-7, theta / torch.sin(theta), torch.ones_like(theta))
-        step = weight * theta_over_sin - (weight * theta_over_sin * cos_theta).sum() * a  # Σ w_i log_m u_i
-        step_norm = float(torch.sqrt((step @ cosine @ step).clamp_min(0.0)))
-        if step_norm < _KARCHER_TOL:
-            break
-        a = math.cos(step_norm) * a + math.sin(step_norm) / step_norm * step
-        a = a / torch.sqrt(a @ cosine @ a)
-    return a
-
-
 def multislerp_coefficients(gram: Tensor, params: Mapping[str, object]) -> Tensor:
-    """:func:`multislerp`'s combination ``[[c_1 .. c_N, 1 − Σ c]]`` (float64 [1, N + 1]): the Karcher coefficients
-    of the normalised weights, or the weights themselves for degenerate geometry; the base term applies to task
-    vectors (``θ0 + Σ c_i (θ_i − θ0) = Σ c_i θ_i + (1 − Σ c_i) θ0``)."""
+    """:func:`multislerp`'s combination ``[[c_1 .. c_N, 1 − Σ c]]`` (float64 [1, N + 1]) from the Gram matrix of
+    the vectors it interpolates (the base term applies to task vectors: ``θ0 + Σ c_i (θ_i − θ0) = Σ c_i θ_i +
+    (1 − Σ c_i) θ0``). With ``w = weight / Σ weight``, norms ``n_i = sqrt(G_ii)`` and mergekit's ``ε = 1e-8``:
+    ``|M|² = Σ_ij w_i w_j G_ij / ((n_i + ε)(n_j + ε))`` and ``c_i = w_i / (n_i + ε) · Σ_j w_j n_j / |M|``; a
+    vector of norm 0 gets ``c_i = 0`` (its term is 0; a huge ``c_i`` would only add rounding noise through the
+    base term). One source: ``c = (1)``, the source itself, as mergekit returns it."""
     w = torch.as_tensor(params["weight"]).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     total = float(w.sum())
     if total <= 0:
         raise ValueError(f"multislerp needs weights with a positive sum, got {w.tolist()}")
-    w = w / total
-    cosine = _cosines(gram[0])
-    if cosine is None or float(w @ cosine @ w) < _ZERO_NORM:  # no angles, or the weighted directions cancel
-        c = w
+    if w.numel() == 1:
+        c = torch.ones(1, dtype=torch.float64)
     else:
-        c = karcher_coefficients(cosine, w)
+        w = w / total
+        g = gram[0].to(torch.float64)
+        norms = g.diagonal().clamp_min(0.0).sqrt()
+        scaled = norms + _ZERO_NORM  # mergekit divides by norm + eps
+        mean_norm = math.sqrt(max(float(w @ (g / (scaled[:, None] * scaled[None, :])) @ w), 0.0))
+        if mean_norm < _ZERO_NORM:
+            if w.numel() != 2:
+                raise ValueError("multislerp: the weighted sum of the directions is zero (antipodal vectors whose "
+                                 "weights balance out); use different weights")
+            c = w  # mergekit's fallback for two sources: the linear interpolation
+        else:
+            c = torch.where(norms > 0, w / scaled * float(w @ norms) / mean_norm, 0.0)
     c = c.to(torch.float32).to(torch.float64)  # the values combine applies, so the base term cancels them exactly
     return torch.cat([c, (1.0 - c.sum()).view(1)]).view(1, -1)
 
@@ -150,16 +127,17 @@ def multislerp(
     weight: Tensor,
     coefficients: Tensor | None = None,
 ) -> Tensor:
-    """N-model SLERP: weighted spherical (Karcher) mean of the sources, or of task vectors when ``base`` is given.
+    """Multi-SLERP as mergekit defines it (``mergekit/merge_methods/multislerp.py``; C. Goddard, "Multi-SLERP",
+    goddard.blog, 2025): the weighted mean of the unit directions, renormalised, at the weighted mean norm.
 
-    ``x_i = θ_i − θ0`` (with base) or ``θ_i``; ``w = weight / Σ weight``; directions ``u_i = x_i / |x_i|``.
-    With ``c`` from :func:`karcher_coefficients` (``m = Σ_i c_i u_i`` is the weighted Karcher mean of the
-    ``u_i``) the result is ``[θ0 +] Σ_i c_i x_i``: the coefficients are applied to the unnormalised vectors, so
-    for N = 2 and ``w = (1 − t, t)`` this is exactly :func:`slerp`. Degenerate geometry falls back to
-    ``[θ0 +] Σ_i w_i x_i`` (module docstring). Computed as ``Σ c_i θ_i [+ (1 − Σ c_i) θ0]``
-    (:func:`multislerp_coefficients`, or ``coefficients`` computed beforehand: then entrywise).
-    Karcher 1977; Buss & Fillmore 2001, "Spherical averages and applications to spherical splines and
-    interpolation", ACM TOG; Shoemake 1985.
+    ``x_i = θ_i − θ0`` (with base) or ``θ_i``; ``w = weight / Σ weight``; ``u_i = x_i / (|x_i| + ε)``;
+    ``M = Σ_i w_i u_i``, ``m = M / |M|``; result ``[θ0 +] m · Σ_i w_i |x_i|``. mergekit then maps the weighted
+    tangent vector ``Σ_i w_i (u_i − (u_i·m) m)`` back to the sphere at ``m``, but that vector is
+    ``M − (M·m) m = 0``: the step changes nothing beyond rounding, so it is left out. The result is therefore not
+    the spherical (Karcher) mean and, for two sources, not :func:`slerp` (for that: ``karcher`` / ``slerp``).
+    Degenerate ``|M| < ε``: two sources interpolate linearly, more raise (as mergekit). Computed as
+    ``Σ c_i θ_i [+ (1 − Σ c_i) θ0]`` (:func:`multislerp_coefficients`, or ``coefficients`` computed beforehand:
+    then entrywise).
     """
     if coefficients is None:
         coefficients = multislerp_coefficients(multislerp_gram(base, sources, {}), {"weight": weight})
