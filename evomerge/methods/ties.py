@@ -76,7 +76,9 @@ FAMILY: tuple[SparseTaskMerge, ...] = (
     SparseTaskMerge("dare_linear", random_prune_rows, sign_election=False, normalize=False, doc=
                     f"DARE + task arithmetic: drop entries with prob 1 − d, rescale by 1/d, weighted sum. {_DARE}"),
     SparseTaskMerge("dare_ties", random_prune_rows, sign_election=True, normalize=False, doc=
-                    f"DARE drop-and-rescale, then TIES sign election and disjoint merge. {_DARE}"),
+                    "DARE drop-and-rescale, then TIES sign election and disjoint merge (a sum by default; "
+                    "normalize: true divides by the agreeing survivors' weights only, so the 1/d rescale is not "
+                    f"averaged out and the task vector grows like 1/d: results/method_sweep.md). {_DARE}"),
     SparseTaskMerge("breadcrumbs", magnitude_band_prune_rows, sign_election=False, normalize=False, doc=
                     f"Model Breadcrumbs: drop the top-γ magnitudes, keep the next d, weighted sum. {_BREADCRUMBS}"),
     SparseTaskMerge("breadcrumbs_ties", magnitude_band_prune_rows, sign_election=True, normalize=False, doc=
