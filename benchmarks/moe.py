@@ -9,8 +9,9 @@ split (mean over the tasks and per task), with mean ± std over the seeds (the s
 samplers and the DARE masks). Beside each: parameter count and forward time per token (batch of test queries,
 median of 5 passes; timings are only comparable when taken on a quiet machine).
 
-    python benchmarks/moe.py [--quick] [--seeds 3] [--trials 24] [--device cpu] [--out results]
-    -> results/moe.md / .csv   (--quick: the mini zoo, 2 seeds, 2 trials, 20 items per task)
+    python benchmarks/moe.py [--quick] [--zoo DIR] [--seeds 3] [--trials 24] [--device cpu] [--out results]
+    -> results/moe.md / .csv   (--quick: the mini zoo, 2 seeds, 2 trials, 20 items per task; --zoo: a built zoo,
+       e.g. the bench preset's, whose experts are not at the ceiling: moe_<preset or dir name>.md / .csv)
 """
 
 from __future__ import annotations
@@ -149,9 +150,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def write_results(out: Path, rows: list[Row], tasks: list[str], info: dict[str, str]) -> None:
+def write_results(out: Path, stem: str, rows: list[Row], tasks: list[str], info: dict[str, str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "moe.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS + [f"test_{t}" for t in tasks])
         for r in rows:
@@ -181,12 +182,13 @@ def write_results(out: Path, rows: list[Row], tasks: list[str], info: dict[str, 
         f"- date: {info['date']}; {info['seconds']} s",
         "", *table, "",
     ]
-    (out / "moe.md").write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the mini zoo, 2 seeds, 2 trials, 20 items per task")
+    parser.add_argument("--zoo", help="a built zoo dir (default: the full zoo, built on first use)")
     parser.add_argument("--seeds", type=int, help="seeds (default 3; quick 2)")
     parser.add_argument("--trials", type=int, help="trials per search (default 24; quick 2)")
     parser.add_argument("--limit", type=int, help="items per task (default: all; quick 20)")
@@ -198,7 +200,10 @@ def main() -> None:
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.trials = args.trials or (2 if args.quick else 24)
     args.limit = args.limit or (20 if args.quick else None)
-    zoo = cached_zoo(ZooConfig.mini() if args.quick else ZooConfig.full())
+    zoo = Zoo.load(args.zoo) if args.zoo else cached_zoo(ZooConfig.mini() if args.quick else ZooConfig.full())
+    presets = {c.config_hash(): name for name, c in (("mini", ZooConfig.mini()), ("full", ZooConfig.full()),
+                                                      ("bench", ZooConfig.bench()))}
+    label = presets.get(zoo.config_hash, Path(args.zoo or ".").resolve().name)
     tasks = list(zoo.experts)
     start = time.perf_counter()
     scorer = Scorer(zoo, args.limit)
@@ -213,10 +218,10 @@ def main() -> None:
             for r in rows[-3:]:
                 print(f"seed {seed}: {r.method}: validation {r.validation:.3f} test {r.test:.3f}", flush=True)
     info = {"argv": sys.argv, "revision": revision(), "machine": machine(torch.device(args.device)),
-            "zoo": f"{'mini' if args.quick else 'full'} ({zoo.config_hash})", "trials": str(args.trials),
+            "zoo": f"{label} ({zoo.config_hash})", "trials": str(args.trials),
             "limit": str(args.limit or "all"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": f"{time.perf_counter() - start:.0f}"}
-    write_results(Path(args.out), rows, tasks, info)
+    write_results(Path(args.out), f"moe_{label}" if args.zoo and label != "full" else "moe", rows, tasks, info)
 
 
 if __name__ == "__main__":
