@@ -2,9 +2,13 @@
 
 Each case is a mergekit-moe config over the mini zoo (a Llama base and its 4 experts, prompts drawn from each
 expert's task's train split), run by ``mergekit-moe CONFIG OUT --device cpu --random-seed SEED`` and by
-``evomerge merge CONFIG``; the outputs are compared tensor by tensor, per group (routers, experts, the base's
-attention / norms / embeddings / head). The ``exported`` case goes the other way: an evomerge MoE recipe exported
-with ``to_mergekit_moe_yaml`` and run by mergekit-moe, against evomerge's own build of the recipe.
+``evomerge merge CONFIG``; the outputs are compared tensor by tensor, per group (routers, experts, the shared expert,
+the base's attention / norms / embeddings / head). The ``exported`` cases go the other way: an evomerge MoE recipe
+exported with ``to_mergekit_moe_yaml`` and run by mergekit-moe, against evomerge's own build of the recipe. The
+``qwen`` cases are Qwen2-MoE (``architecture: qwen``, one shared expert: the base, or expert 0 with a
+``residual_scale``): mergekit-moe writes each expert's MLP under its own names (``mlp.experts.E.gate_proj.weight``,
+...), which transformers fuses when it loads them; they are fused here the same way (``experts.gate_up_proj[E] =
+cat(gate_proj, up_proj)``, ``experts.down_proj[E] = down_proj``) before the comparison.
 
     python benchmarks/moe_parity.py [--quick] [--mergekit-bin /tmp/venv-bench/bin/mergekit-yaml]
     -> results/moe_parity.md / .csv
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +42,7 @@ from evomerge.recipe.moe import to_mergekit_moe_yaml  # noqa: E402
 from evomerge.zoo import Zoo, ZooConfig, cached_zoo  # noqa: E402
 
 GROUPS = ("router", "experts", "base")
+QWEN_GROUPS = ("router", "experts", "shared", "base")
 N_PROMPTS = 8
 
 
@@ -49,8 +55,14 @@ class Case:
     residual_scale: float | None = None  # on expert 0
     seed: int = 0
     exported: bool = False  # evomerge recipe -> to_mergekit_moe_yaml -> mergekit-moe
+    shared: str | None = None  # Qwen2-MoE's shared expert: "base" (with prompts) or "expert" (expert 0)
+    shared_residual_scale: float | None = None
     quick: bool = False
     tolerance: str = "exact"  # every tensor bit-identical (mergekit_parity.Result judges it)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return QWEN_GROUPS if self.shared else GROUPS
 
 
 CASES = [
@@ -62,6 +74,11 @@ CASES = [
     Case("uniform_random", gate_mode="uniform_random", seed=1),
     Case("bf16_residual_scale", dtype="bfloat16", residual_scale=0.5),
     Case("exported", negative=True, exported=True, quick=True),
+    Case("qwen_hidden", shared="base", quick=True),
+    Case("qwen_cheap_embed_negative", gate_mode="cheap_embed", negative=True, shared="base"),
+    Case("qwen_random_shared_expert", gate_mode="random", seed=2, shared="expert", shared_residual_scale=0.5,
+         quick=True),
+    Case("qwen_bf16_exported", dtype="bfloat16", shared="base", exported=True),
 ]
 
 
@@ -83,6 +100,13 @@ def mergekit_config(case: Case, zoo: Zoo) -> dict[str, Any]:
             expert["residual_scale"] = case.residual_scale
         experts.append(expert)
     config = {"base_model": str(zoo.base), "gate_mode": case.gate_mode, "experts_per_token": 2, "experts": experts}
+    if case.shared:  # Qwen2-MoE: one shared expert, its gate from prompts of every task (none for random gates)
+        shared: dict[str, Any] = {"source_model": str(zoo.base if case.shared == "base" else zoo.experts[tasks[0]])}
+        if case.gate_mode != "random":
+            shared["positive_prompts"] = [p for task in tasks for p in prompts(zoo, task, 2)]
+        if case.shared_residual_scale is not None:
+            shared["residual_scale"] = case.shared_residual_scale
+        config |= {"architecture": "qwen", "shared_experts": [shared]}
     return config | ({"dtype": case.dtype} if case.dtype else {})
 
 
@@ -95,13 +119,40 @@ def run_mergekit_moe(binary: Path, config: Path, out: Path, seed: int) -> None:
 
 
 def moe_group(name: str) -> str:
-    return "router" if ".mlp.gate." in name else "experts" if ".mlp.experts." in name else "base"
+    if ".mlp.gate." in name or ".mlp.shared_expert_gate." in name:
+        return "router"
+    return "experts" if ".mlp.experts." in name else "shared" if ".mlp.shared_expert." in name else "base"
 
 
-def compare_moe(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, GroupDiff]:
+_PER_EXPERT = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<part>(gate|up|down)_proj)\.weight$")
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert MLP tensors (``L.mlp.experts.E.gate_proj.weight``, ..., as mergekit-moe writes Qwen2-MoE) fused as
+    transformers loads them (``conversion_mapping.py``, qwen2_moe): ``L.mlp.experts.gate_up_proj`` = the experts'
+    ``cat(gate_proj, up_proj)`` stacked, ``L.mlp.experts.down_proj`` their ``down_proj`` stacked; other tensors as
+    they are."""
+    out, parts = {}, {}
+    for name, tensor in tensors.items():
+        match = _PER_EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+        else:
+            parts.setdefault(match["layer"], {})[(int(match["expert"]), match["part"])] = tensor
+    for layer, found in parts.items():
+        experts = sorted({e for e, _ in found})
+        out[f"{layer}.gate_up_proj"] = torch.stack([torch.cat([found[e, "gate_proj"], found[e, "up_proj"]])
+                                                    for e in experts])
+        out[f"{layer}.down_proj"] = torch.stack([found[e, "down_proj"] for e in experts])
+    return out
+
+
+def compare_moe(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+                groups: tuple[str, ...] = GROUPS) -> dict[str, GroupDiff]:
     """:func:`mergekit_parity.compare` per MoE group (the same names and dtypes required)."""
     out = {}
-    for group in GROUPS:
+    theirs = fuse_experts(theirs)
+    for group in groups:
         mine = {n: t for n, t in ours.items() if moe_group(n) == group}
         other = {n: t for n, t in theirs.items() if moe_group(n) == group}
         extra = sorted(set(mine) - set(other))
@@ -131,18 +182,21 @@ def run_case(case: Case, zoo: Zoo, binary: Path, root: Path) -> Result:
         ours = merge_to_dir(recipe.model_copy(update={"seed": case.seed}), work / "evomerge", device="cpu")
     try:
         run_mergekit_moe(binary, config, work / "mergekit", case.seed)
-        return Result(case, compare_moe(read_tensors(ours), read_tensors(work / "mergekit")))
+        return Result(case, compare_moe(read_tensors(ours), read_tensors(work / "mergekit"), case.groups))
     except (RuntimeError, AssertionError) as exc:
         return Result(case, error=str(exc).splitlines()[0])
 
 
 def load_recipe_data(data: dict[str, Any], work: Path, seed: int) -> MoeRecipe:
     """An evomerge MoE recipe (``kind: moe``) with the config's models and prompts, read back from its own YAML."""
+    def expert(e: dict[str, Any]) -> dict[str, Any]:
+        return {"model": e["source_model"], "positive_prompts": e.get("positive_prompts", []),
+                "negative_prompts": e.get("negative_prompts", []), "residual_scale": e.get("residual_scale", 1.0)}
+
     recipe = MoeRecipe(base=data["base_model"], gate_mode=data["gate_mode"],
-                       experts_per_token=data["experts_per_token"],
-                       experts=[{"model": e["source_model"], "positive_prompts": e["positive_prompts"],
-                                 "negative_prompts": e.get("negative_prompts", [])} for e in data["experts"]],
-                       seed=seed)
+                       experts_per_token=data["experts_per_token"], dtype=data.get("dtype"),
+                       experts=[expert(e) for e in data["experts"]],
+                       shared_experts=[expert(e) for e in data.get("shared_experts", [])], seed=seed)
     (work / "recipe.yml").write_text(recipe.to_yaml())
     loaded = load_recipe(work / "recipe.yml")
     assert loaded == recipe
@@ -157,7 +211,7 @@ def _rows(r: Result) -> list[list[str]]:
     if r.error:
         return [head + ["-", "-", "-", "-", "-", f"ERROR: {r.error}"]]
     return [head + [d.group, str(d.tensors), f"{d.max_abs:.3g}", str(d.differing), str(d.max_ulp),
-                    "ok" if d.max_ulp == 0 else "DIFFERS"] for d in (r.diffs[g] for g in GROUPS)]
+                    "ok" if d.max_ulp == 0 else "DIFFERS"] for d in (r.diffs[g] for g in r.case.groups)]
 
 
 def write_results(out: Path, results: list[Result], info: dict[str, str]) -> None:
@@ -170,8 +224,11 @@ def write_results(out: Path, results: list[Result], info: dict[str, str]) -> Non
         "Each case is a mergekit-moe config over the mini zoo (Llama base, 4 experts, 8 positive prompts each from "
         "its task's train split, experts_per_token 2), run by `mergekit-moe CONFIG OUT --device cpu --random-seed "
         "SEED` and by `evomerge merge CONFIG`; `exported` is an evomerge recipe exported with "
-        "`to_mergekit_moe_yaml`. Groups: `router` (`mlp.gate.weight`), `experts` (`mlp.experts.gate_up_proj`, "
-        "`down_proj`), `base` (attention, norms, embeddings, head). `max_ulp` 0 = bit-identical. The `hidden` "
+        "`to_mergekit_moe_yaml`; `qwen_*` are Qwen2-MoE (`architecture: qwen`, one shared expert: the base with 2 "
+        "prompts of every task, or expert 0 with residual_scale 0.5), mergekit-moe's per-expert tensors fused as "
+        "transformers loads them. Groups: `router` (`mlp.gate.weight`, Qwen2-MoE's `mlp.shared_expert_gate.weight`), "
+        "`experts` (`mlp.experts.gate_up_proj`, `down_proj`), `shared` (`mlp.shared_expert.*`), `base` (attention "
+        "with Qwen2-MoE's zero q/k/v biases, norms, embeddings, head). `max_ulp` 0 = bit-identical. The `hidden` "
         "gates come from a bfloat16 forward pass of the base, which evomerge runs as mergekit-moe does (same "
         "tokenization, padding, positions, dtype), so they are bit-identical on one machine and library version; "
         "another CPU, torch build or attention kernel may change their last bfloat16 bits (not measured here).",

@@ -33,6 +33,7 @@ from evomerge import __version__
 from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, StackRecipe
 from evomerge.recipe.mergekit import to_mergekit_yaml
 from evomerge.recipe.moe import MERGEKIT_MOE_CONFIG, mergekit_moe_exportable
+from evomerge.recipe.schema import MOE_NAMES
 
 __all__ = ["GENERATION_CONFIG", "MERGEKIT_RECIPE", "MODEL_CARD", "RECIPE", "Provenance", "SplitScores",
            "generation_config_source", "hub_id", "mergekit_exportable", "mergekit_file", "model_card", "provenance",
@@ -148,7 +149,8 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
     if mergekit_exportable(recipe):
         front["tags"].append("mergekit")
     seed = f", seed {recipe.seed}" if isinstance(recipe, (Recipe, MoeRecipe)) and recipe.seed else ""
-    what = (f"A mixture of experts (Mixtral) of pre-trained models made with evomerge {__version__}, gate mode "
+    what = (f"A mixture of experts ({MOE_NAMES[recipe.output_architecture]}) of pre-trained models made with evomerge "
+            f"{__version__}, gate mode "
             f"`{recipe.gate_mode}`, {recipe.experts_per_token} of {len(recipe.experts)} experts per token"
             if isinstance(recipe, MoeRecipe) else
             f"A merge of pre-trained models made with evomerge {__version__}, method `{recipe.method}`")
@@ -164,6 +166,8 @@ def model_card(recipe: AnyRecipe, *, name: str, scores: Sequence[SplitScores] = 
         lines.append(f"- `{recipe.base}` (base: attention, norms, embeddings and head)")
         lines += [f"- `{e.model}` (expert {i}: its MLPs, {len(e.positive_prompts)} positive / "
                   f"{len(e.negative_prompts)} negative prompts)" for i, e in enumerate(recipe.experts)]
+        lines += [f"- `{e.model}` (shared expert: its MLPs, run for every token, {len(e.positive_prompts)} positive / "
+                  f"{len(e.negative_prompts)} negative prompts for its gate)" for e in recipe.shared_experts]
     else:
         if recipe.base:
             lines.append(_source_line(recipe.base, {}, " (base: task vectors are taken against it)"))

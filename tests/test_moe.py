@@ -60,7 +60,8 @@ def test_mergekit_moe_yaml_imports_and_exports_with_its_meaning(tmp_path: Path) 
 @pytest.mark.parametrize(("data", "message"), [
     ({**MERGEKIT, "experts": [{"source_model": "/m/a", "noise_scale": 0.1}]}, "noise_scale adds unseeded"),
     ({**MERGEKIT, "tokenizer_source": "base"}, "unsupported key(s) ['tokenizer_source']"),
-    ({**MERGEKIT, "architecture": "qwen"}, "evomerge writes Mixtral MoEs only"),
+    ({**MERGEKIT, "architecture": "qwen"}, "Qwen2MoeForCausalLM has exactly one shared expert, the recipe lists 0"),
+    ({**MERGEKIT, "architecture": "deepseek"}, "evomerge writes 'mixtral' (MixtralForCausalLM) and 'qwen'"),
     ({**MERGEKIT, "experts_per_token": 3}, "experts_per_token is 3 but there are only 2 experts"),
     ({**MERGEKIT, "gate_mode": "hidden", "experts": [{"source_model": "/m/a"}, {"source_model": "/m/b"}]},
      "experts [0, 1] have an empty positive_prompts list"),
@@ -97,9 +98,8 @@ def test_bad_models_are_refused_from_headers_before_loading(tiny_llamas: list[st
     cases = [
         (moe(base, [a, odd_models["deep"]]), "expert 1 (", "has 3 layers, the base 2"),
         (moe(base, [a, odd_models["qwen"]]), "is a 'qwen2' model, the base", "fine-tune of the base's architecture"),
-        (moe(odd_models["qwen"], [odd_models["qwen"]] * 2), "is a 'qwen2' model; evomerge builds MoEs from llama",
-         "Qwen2-MoE is not built yet"),
-        (moe(base, [a, b], shared_experts=[{"model": a}]), "MixtralForCausalLM has no shared expert", "Qwen2-MoE"),
+        (moe(odd_models["qwen"], [odd_models["qwen"]] * 2), "is a 'qwen2' model; MixtralForCausalLM is built from",
+         "architecture: qwen2_moe"),
         (moe(base, [{"model": a, "positive_prompts": ["x"]}, {"model": b, "positive_prompts": ["y"]}],
              gate_mode="hidden"),
          "tokenizes the prompts with the base's tokenizer", "gate_mode 'random'"),
@@ -225,3 +225,4 @@ def test_cheap_embed_rows_are_the_normalised_sum_of_token_embeddings(mini_zoo) -
            tokenizer.bos_token_id, *tokenizer("SORT:dcba=", add_special_tokens=False)["input_ids"]]
     total = sum(embed[i] for i in ids)
     torch.testing.assert_close(rows, (total / total.norm()).repeat(2, 1), rtol=1e-5, atol=1e-6)
+

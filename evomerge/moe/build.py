@@ -1,16 +1,20 @@
 """The live mixture of experts: built once from a base and its experts, re-materialized per MoE recipe, exported.
 
-:class:`MoeModel` holds one ``MixtralForCausalLM`` (see :mod:`evomerge.moe.arch` for which bases map to it) whose
-attention, norms, embeddings and head are the base's, and keeps each expert's MLP tensors (as read). A recipe
-(:class:`~evomerge.recipe.moe.MoeRecipe`) over the same base and experts is written into it in place by
-:meth:`MoeModel.materialize`: the routers (prompt gates computed once per gate mode and prompt set, then scaled and
-mixed per candidate, :func:`~evomerge.moe.gates.router_rows`), ``experts_per_token``, and per layer either the
-experts' MLPs or one dense MLP merged from them by any evomerge method (a :class:`~evomerge.engine.MergeEngine` over
-the base and the experts, made on first use). Only layers whose content changed are written again.
+:class:`MoeModel` holds one ``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM`` (the recipe's architecture; see
+:mod:`evomerge.moe.arch` for which bases map to which) whose attention, norms, embeddings and head are the base's,
+and keeps each expert's MLP tensors (as read). A recipe (:class:`~evomerge.recipe.moe.MoeRecipe`) over the same models
+is written into it in place by :meth:`MoeModel.materialize`: the routers (prompt gates computed once per gate mode and
+prompt set, then scaled and mixed per candidate, :func:`~evomerge.moe.gates.router_rows`), ``experts_per_token``,
+and per layer either the experts' MLPs or one dense MLP merged from them by any evomerge method (a
+:class:`~evomerge.engine.MergeEngine` over the base and the experts, made on first use). Only layers whose content
+changed are written again.
 
-Tensors as mergekit-moe writes them (``mergekit/moe/mixtral.py``): non-MLP tensors of the base cast to the output
-dtype; per layer ``experts.gate_up_proj[e] = cat(gate_proj, up_proj)`` and ``experts.down_proj[e] = down_proj ·
-residual_scale`` of expert ``e`` (scaled in its stored dtype, then cast); ``mlp.gate.weight`` the router rows.
+Tensors as mergekit-moe writes them (``mergekit/moe/mixtral.py``, ``qwen.py``): non-MLP tensors of the base cast to
+the output dtype (Qwen2-MoE's q/k/v biases zeros where the base has none); per layer ``experts.gate_up_proj[e] =
+cat(gate_proj, up_proj)`` and ``experts.down_proj[e] = down_proj · residual_scale`` of expert ``e`` (scaled in its
+stored dtype, then cast); ``mlp.gate.weight`` the router rows; for Qwen2-MoE ``mlp.shared_expert.*`` the shared
+expert's MLP (its ``down_proj`` scaled the same way) and ``mlp.shared_expert_gate.weight`` its gate row, computed
+with the experts' rows (from its prompts, or the random draw's last row: mergekit draws (layers, experts + 1, hidden)).
 """
 
 from __future__ import annotations
@@ -20,34 +24,42 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.checkpoint import TOKENIZER_FILES, save_hf_dir
+from evomerge.checkpoint import TOKENIZER_FILES, Checkpoint, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.plan import live_dtype, plan_params
 from evomerge.modelcard import Provenance, provenance_files
-from evomerge.moe.arch import MLP_PARTS, MoeError, mlp_name, moe_config, open_moe_inputs
+from evomerge.moe.arch import MLP_PARTS, MOE_CLASSES, MoeError, mlp_name, moe_config, open_moe_inputs
 from evomerge.moe.gates import PromptGates, random_rows, router_rows
-from evomerge.recipe import MoeRecipe, Recipe, SourceSpec, layer_values
+from evomerge.recipe import MoeExpert, MoeRecipe, Recipe, SourceSpec, layer_values
 from evomerge.recipe.schema import PROMPT_MODES
 
 __all__ = ["MoeModel"]
 
+# Qwen2-MoE's attention biases: zeros where the base has none (mergekit/moe/qwen.py)
+_ZERO_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+
+
 class MoeModel:
-    """A live ``MixtralForCausalLM`` assembled from ``recipe``'s base and experts; later recipes over the same models
-    are written into it by :meth:`materialize` (the one given here is materialized at once)."""
+    """A live MoE (``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM``, the recipe's architecture) assembled from
+    ``recipe``'s base, experts and shared expert; later recipes over the same models are written into it by
+    :meth:`materialize` (the one given here is materialized at once)."""
 
     def __init__(self, recipe: MoeRecipe, *, device: str | torch.device | None = None, allow_pickle: bool = False,
                  materialize: bool = True) -> None:
-        from transformers import MixtralForCausalLM
+        import transformers
 
         self.inputs = open_moe_inputs(recipe, allow_pickle=allow_pickle)
         self.base, self.experts = recipe.base, [e.model for e in recipe.experts]
+        self.shared = [e.model for e in recipe.shared_experts]
+        self.architecture = self.inputs.architecture
         self._check_dense(recipe)
         self.allow_pickle = allow_pickle
         self.device = compute_device(device)
         self.dtype = live_dtype(recipe.dtype, self.inputs.base)
         self.num_layers = self.inputs.num_layers
-        config = moe_config(self.inputs.base, len(self.experts), recipe.experts_per_token, self.dtype)
-        self.model = MixtralForCausalLM(config).to(self.device, self.dtype).eval()
+        config = moe_config(self.inputs, recipe.experts_per_token, self.dtype)
+        model_class = getattr(transformers, MOE_CLASSES[self.architecture].name)
+        self.model = model_class(config).to(self.device, self.dtype).eval()
         self._load_base()
         self._prompt_gates = PromptGates(self.inputs.base.path, self.num_layers,
                                          lambda: self.inputs.base.get("model.embed_tokens.weight"))
@@ -58,25 +70,35 @@ class MoeModel:
 
     # ------------------------------------------------------------------------------------------- building
     def _load_base(self) -> None:
+        """The base's non-MLP tensors into the live model; Qwen2-MoE's q/k/v biases a base has none of are zeros."""
         params = dict(self.model.named_parameters())
-        base = self.inputs.base
+        base, name_of_class = self.inputs.base, MOE_CLASSES[self.architecture].name
+        written = set()
         for name in base.names:
             if ".mlp." in name or name.endswith(".inv_freq"):  # rotary tables: the model rebuilds them
                 continue
             if name not in params:
                 if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
                     continue
-                raise MoeError(f"base {base.path}: tensor {name!r} has no place in MixtralForCausalLM")
+                raise MoeError(f"base {base.path}: tensor {name!r} has no place in {name_of_class}")
             with torch.no_grad():
                 params[name].copy_(base.get(name).to(self.dtype))
+            written.add(name)
+        for name, param in params.items():
+            if ".mlp." in name or name in written:
+                continue
+            if not name.endswith(_ZERO_BIASES):
+                raise MoeError(f"base {base.path} has no {name!r}, which {name_of_class} needs")
+            with torch.no_grad():
+                param.zero_()
 
     def _check_models(self, recipe: MoeRecipe) -> None:
-        if recipe.base != self.base or [e.model for e in recipe.experts] != self.experts:
-            raise MoeError(f"this MoE model was built from base {self.base} and experts {self.experts}; the recipe "
-                           f"names base {recipe.base} and experts {[e.model for e in recipe.experts]}: build a new "
-                           "MoeModel for other models")
-        if recipe.shared_experts:
-            raise MoeError("shared_experts: MixtralForCausalLM has no shared expert; remove shared_experts")
+        shared = [e.model for e in recipe.shared_experts]
+        if recipe.base != self.base or [e.model for e in recipe.experts] != self.experts or shared != self.shared:
+            raise MoeError(f"this MoE model was built from base {self.base}, experts {self.experts} and shared experts "
+                           f"{self.shared}; the recipe names base {recipe.base}, experts "
+                           f"{[e.model for e in recipe.experts]} and shared experts {shared}: build a new MoeModel "
+                           "for other models")
         if (recipe.dtype is not None and live_dtype(recipe.dtype, self.inputs.base) != self.dtype):
             raise MoeError(f"this MoE model holds {self.dtype}; the recipe asks for {recipe.dtype}: build a new "
                            "MoeModel for another dtype")
@@ -98,21 +120,27 @@ class MoeModel:
                            "recipes do not carry; choose a method without them (linear, ties, ...)")
 
     def _gate_rows(self, recipe: MoeRecipe) -> Tensor:
-        """(layers, experts, hidden) rows of the recipe's gate mode: prompt rows computed once per expert and prompt
-        set (:class:`~evomerge.moe.gates.PromptGates`), random rows drawn from the seed."""
+        """(layers, experts + shared experts, hidden) rows of the recipe's gate mode, the shared expert's last, as
+        mergekit-moe computes them together (``mergekit/scripts/moe.py``): prompt rows computed once per expert and
+        prompt set (:class:`~evomerge.moe.gates.PromptGates`), random rows drawn from the seed."""
+        gated = [*recipe.experts, *recipe.shared_experts]
         mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
         if mode in PROMPT_MODES:
-            return self._prompt_gates.rows(mode, recipe.experts)
-        shape = (self.num_layers, len(self.experts), self.model.config.hidden_size)
-        return random_rows(recipe.seed, shape, uniform=mode == "uniform_random")
+            return self._prompt_gates.rows(mode, gated)
+        return random_rows(recipe.seed, (self.num_layers, len(gated), self.model.config.hidden_size),
+                           uniform=mode == "uniform_random")
+
+    @staticmethod
+    def _mlp(checkpoint: Checkpoint, spec: MoeExpert, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """gate_proj, up_proj and down_proj · residual_scale of ``layer`` in an expert's checkpoint (as stored)."""
+        gate, up, proj = (checkpoint.get(mlp_name(layer, part)) for part in MLP_PARTS)
+        return gate, up, proj * spec.residual_scale if spec.residual_scale != 1.0 else proj
 
     def _expert_mlp(self, layer: int, recipe: MoeRecipe) -> tuple[Tensor, Tensor]:
         """(experts, 2·intermediate, hidden) and (experts, hidden, intermediate): the experts' own MLPs."""
         gate_up, down = [], []
         for spec, checkpoint in zip(recipe.experts, self.inputs.experts):
-            gate, up, proj = (checkpoint.get(mlp_name(layer, part)) for part in MLP_PARTS)
-            if spec.residual_scale != 1.0:
-                proj = proj * spec.residual_scale
+            gate, up, proj = self._mlp(checkpoint, spec, layer)
             gate_up.append(torch.cat([gate, up], dim=0))
             down.append(proj)
         return torch.stack(gate_up), torch.stack(down)
@@ -149,31 +177,42 @@ class MoeModel:
         """Write ``recipe`` into the live model in place; returns the layers whose MLPs were written again."""
         self._check_models(recipe)
         for layer in self.model.model.layers:
-            layer.mlp.top_k = layer.mlp.gate.top_k = recipe.experts_per_token
+            layer.mlp.gate.top_k = recipe.experts_per_token
+            if hasattr(layer.mlp, "top_k"):  # Mixtral's block keeps a copy of its own
+                layer.mlp.top_k = recipe.experts_per_token
         self.model.config.num_experts_per_tok = recipe.experts_per_token
-        rows = router_rows(self._gate_rows(recipe), layer_values(recipe.router_scale, self.num_layers),
-                           recipe.random_weight, recipe.seed)
+        gates = self._gate_rows(recipe)
+        n = len(self.experts)
+        rows = router_rows(gates[:, :n], layer_values(recipe.router_scale, self.num_layers), recipe.random_weight,
+                           recipe.seed)
         dense = recipe.dense_layers
         dense_layers = set(dense.layers) if dense is not None else set()
         dense_key = None if dense is None else self._dense_recipe(recipe).model_dump_json()
         residual = tuple(e.residual_scale for e in recipe.experts)
-        wanted = {i: ("dense", dense_key) if i in dense_layers else ("experts", residual)
+        shared = tuple(e.residual_scale for e in recipe.shared_experts)
+        wanted = {i: (("dense", dense_key) if i in dense_layers else ("experts", residual), shared)
                   for i in range(self.num_layers)}
         changed = [i for i in range(self.num_layers) if self._layer_content.get(i) != wanted[i]]
         merged = self._merged_mlps(recipe, sorted(dense_layers & set(changed))) if dense_layers & set(changed) else {}
         with torch.no_grad():
             for i, layer in enumerate(self.model.model.layers):
                 layer.mlp.gate.weight.copy_(rows[i].to(self.dtype))
+                if self.shared:  # the shared expert's sigmoid gate: its row as computed, not scaled or mixed
+                    layer.mlp.shared_expert_gate.weight.copy_(gates[i, n:].to(self.dtype))
                 if i in changed:
                     gate_up, down = self._dense_mlp(i, merged) if i in dense_layers else self._expert_mlp(i, recipe)
                     layer.mlp.experts.gate_up_proj.copy_(gate_up.to(self.dtype))
                     layer.mlp.experts.down_proj.copy_(down.to(self.dtype))
+                    if self.shared:
+                        mlp = self._mlp(self.inputs.shared[0], recipe.shared_experts[0], i)
+                        for part, tensor in zip(MLP_PARTS, mlp):
+                            getattr(layer.mlp.shared_expert, part).weight.copy_(tensor.to(self.dtype))
                     self._layer_content[i] = wanted[i]
         return changed
 
     # --------------------------------------------------------------------------------------------- output
     def state_dict(self) -> dict[str, Tensor]:
-        """The live model's tensors under MixtralForCausalLM's names (CPU copies)."""
+        """The live model's tensors under its class's names (CPU copies)."""
         return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()}
 
     def export(self, out: str | Path, *, force: bool = False, max_shard_size: int = 2 * 1024**3,

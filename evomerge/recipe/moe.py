@@ -48,20 +48,44 @@ def _expert_from_mergekit(entry: Any, where: str) -> MoeExpert:
                      residual_scale=1.0 if scale is None else float(scale))
 
 
+#: the names of mergekit-moe's output classes that evomerge writes (``architecture`` picks the ones it is a
+#: prefix of, case-insensitively: mergekit/scripts/moe.py) -> the recipe's architecture
+MERGEKIT_ARCHITECTURES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe"}
+#: the recipe's architecture -> the ``architecture`` value an exported config names it by
+EXPORTED_ARCHITECTURES = {"mixtral": "mixtral", "qwen2_moe": "qwen"}
+
+
+def _architecture(data: Mapping[str, Any], shared: list[MoeExpert]) -> str | None:
+    """The recipe's ``architecture`` for a mergekit-moe config: the class mergekit-moe builds for it, or RecipeError
+    where that is one evomerge does not write (DeepSeek-MoE, Qwen3-MoE)."""
+    arch = data.get("architecture")
+    if arch is None:
+        # mergekit-moe takes the first class that accepts the config: Mixtral (no shared expert), then DeepSeek-MoE,
+        # which takes a Llama/Mistral base's shared expert without prompts
+        if shared and not (shared[0].positive_prompts or shared[0].negative_prompts):
+            raise RecipeError("mergekit-moe config: with a shared expert without prompts and no 'architecture', "
+                              "mergekit-moe builds a DeepSeek MoE, which evomerge does not write: set "
+                              "'architecture: qwen' (Qwen2-MoE, random gates) or give the shared expert prompts")
+        return None
+    matches = [ours for name, ours in MERGEKIT_ARCHITECTURES.items() if name.startswith(str(arch).lower())]
+    if len(matches) != 1:
+        raise RecipeError(f"mergekit-moe architecture {arch!r}: evomerge writes 'mixtral' (MixtralForCausalLM) and "
+                          "'qwen' (Qwen2MoeForCausalLM, one shared expert) MoEs: set one of them or remove the key")
+    return matches[0]
+
+
 def from_mergekit_moe(data: Mapping[str, Any]) -> MoeRecipe:
     """A mergekit-moe config (the file ``mergekit-moe`` reads) as an :class:`MoeRecipe`; unsupported keys are named.
-    ``architecture`` may only name Mixtral (the one output class evomerge writes, see :mod:`evomerge.moe.arch`)."""
+    ``architecture`` may name Mixtral or Qwen (Qwen2-MoE), the output classes evomerge writes (see
+    :mod:`evomerge.moe.arch`)."""
     unknown = sorted(set(data) - MERGEKIT_KEYS)
     if unknown:
         raise RecipeError(f"mergekit-moe config: unsupported key(s) {unknown}; evomerge understands "
                           f"{sorted(MERGEKIT_KEYS)}")
-    arch = data.get("architecture")
-    if arch is not None and not "mixtral".startswith(str(arch).lower()):
-        raise RecipeError(f"mergekit-moe architecture {arch!r}: evomerge writes Mixtral MoEs only (Llama/Mistral "
-                          "bases); remove 'architecture' or set it to 'mixtral'")
     experts = [_expert_from_mergekit(e, f"experts[{i}]") for i, e in enumerate(data.get("experts") or [])]
     shared = [_expert_from_mergekit(e, f"shared_experts[{i}]") for i, e in enumerate(data.get("shared_experts") or [])]
-    fields: dict[str, Any] = {"base": str(data["base_model"]), "experts": experts, "shared_experts": shared}
+    fields: dict[str, Any] = {"base": str(data["base_model"]), "experts": experts, "shared_experts": shared,
+                              "architecture": _architecture(data, shared)}
     for key in ("gate_mode", "dtype", "experts_per_token"):
         if data.get(key) is not None:
             fields[key] = data[key]
@@ -69,13 +93,18 @@ def from_mergekit_moe(data: Mapping[str, Any]) -> MoeRecipe:
 
 
 def _neutral(recipe: MoeRecipe) -> list[str]:
-    """The keys of ``recipe`` that mergekit-moe has no equivalent for and that are not at their neutral value."""
-    return [key for key, neutral in (("router_scale", 1.0), ("random_weight", 0.0), ("dense_layers", None))
+    """The keys of ``recipe`` that mergekit-moe has no equivalent for and that are not at their neutral value, and a
+    shared expert mergekit-moe cannot read (it opens only the base and the experts: ``mergekit/moe/common.py``)."""
+    keys = [key for key, neutral in (("router_scale", 1.0), ("random_weight", 0.0), ("dense_layers", None))
             if getattr(recipe, key) != neutral]
+    opened = {recipe.base, *(e.model for e in recipe.experts)}
+    return keys + [f"shared_experts[{i}] (a model other than the base and the experts)"
+                   for i, e in enumerate(recipe.shared_experts) if e.model not in opened]
 
 
 def mergekit_moe_exportable(recipe: MoeRecipe) -> bool:
-    """Whether mergekit-moe can build ``recipe``: every key it has no equivalent for at its neutral value."""
+    """Whether mergekit-moe can build ``recipe``: every key it has no equivalent for at its neutral value, a shared
+    expert (if any) one of the models it opens."""
     return not _neutral(recipe)
 
 
@@ -95,13 +124,16 @@ def to_mergekit_moe(recipe: MoeRecipe) -> dict[str, Any]:
     ``random_weight``, ``dense_layers``) must be at their neutral value: RecipeError naming them otherwise."""
     extra = _neutral(recipe)
     if extra:
-        raise RecipeError(f"the MoE recipe sets {extra}, which mergekit-moe has no key for; only recipes without them "
-                          "export to mergekit-moe")
+        raise RecipeError(f"the MoE recipe sets {extra}, which mergekit-moe has no key for (or cannot read); only "
+                          "recipes without them export to mergekit-moe")
     out: dict[str, Any] = {"base_model": recipe.base, "gate_mode": recipe.gate_mode,
                            "experts_per_token": recipe.experts_per_token,
                            "experts": [_expert_to_mergekit(e) for e in recipe.experts]}
     if recipe.shared_experts:
         out["shared_experts"] = [_expert_to_mergekit(e) for e in recipe.shared_experts]
+    if recipe.architecture is not None or recipe.output_architecture != "mixtral":
+        # named whenever it is not Mixtral: without it mergekit-moe may pick DeepSeek-MoE for a shared expert
+        out["architecture"] = EXPORTED_ARCHITECTURES[recipe.output_architecture]
     if recipe.dtype:
         out["dtype"] = recipe.dtype
     return out

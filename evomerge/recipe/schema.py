@@ -196,6 +196,11 @@ GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random
 GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
 #: gate modes whose router rows come from each expert's prompts
 PROMPT_MODES = {"hidden", "hidden_last", "hidden_avg", "cheap_embed"}
+#: the MoE classes an MoE recipe can be written as (``architecture``; :mod:`evomerge.moe.arch` maps them to
+#: transformers classes and the bases each takes)
+MoeArchitecture = Literal["mixtral", "qwen2_moe"]
+#: their names in text (model cards)
+MOE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
 
 
 class MoeExpert(StrictModel):
@@ -229,9 +234,9 @@ class DenseMlp(StrictModel):
 
 
 class MoeRecipe(_RecipeFile):
-    """A mixture of experts (``kind: moe``) built from dense fine-tunes of one base, in the Mixtral layout:
-    attention, norms, embeddings and head from ``base``; in every layer each expert's MLP becomes one expert; a
-    router per layer sends each token to ``experts_per_token`` of them. The router rows are initialised by
+    """A mixture of experts (``kind: moe``) built from dense fine-tunes of one base, in the Mixtral or Qwen2-MoE layout
+    (``architecture``): attention, norms, embeddings and head from ``base``; in every layer each expert's MLP becomes
+    one expert; a router per layer sends each token to ``experts_per_token`` of them. The router rows are initialised by
     ``gate_mode``, with mergekit-moe's meaning (``mergekit/moe/router.py``):
 
     - ``hidden`` (mergekit's default, also ``hidden_last``): per layer, the base model's hidden state entering that
@@ -242,6 +247,11 @@ class MoeRecipe(_RecipeFile):
       layer;
     - ``random``: standard normal rows, ``uniform_random``: ``U(−1/√h, 1/√h)`` (torch.nn.Linear's init); both drawn
       from ``seed`` (mergekit-moe ``--random-seed SEED`` draws the same ones).
+
+    ``architecture`` names the output class: ``mixtral`` (``MixtralForCausalLM``, no shared expert) or ``qwen2_moe``
+    (``Qwen2MoeForCausalLM``: the routed experts plus exactly one ``shared_experts`` entry whose MLP every token
+    runs through, scaled by a sigmoid gate whose row comes from the shared expert's prompts like a router row); left
+    out, it is ``qwen2_moe`` with a shared expert and ``mixtral`` without (:attr:`output_architecture`).
 
     What the search adds beyond mergekit-moe (all neutral by default, so a mergekit-moe config means what it means
     there): ``router_scale`` (a scalar or a gradient across the layers, as any evomerge parameter: multiplies the
@@ -257,6 +267,7 @@ class MoeRecipe(_RecipeFile):
     experts_per_token: int = Field(2, ge=1)
     gate_mode: GateMode = "hidden"
     shared_experts: list[MoeExpert] = Field(default_factory=list)
+    architecture: MoeArchitecture | None = None
     router_scale: Value = 1.0
     random_weight: float = Field(0.0, ge=0.0, le=1.0)
     dense_layers: DenseMlp | None = None
@@ -280,7 +291,30 @@ class MoeRecipe(_RecipeFile):
         if self.dense_layers is not None and self.dense_layers.weights is not None \
                 and len(self.dense_layers.weights) != n:
             raise ValueError(f"dense_layers.weights has {len(self.dense_layers.weights)} entries for {n} experts")
+        self._check_shared()
         return self
+
+    def _check_shared(self) -> None:
+        """The shared experts the output class can hold (mergekit-moe's rules, ``mergekit/moe/{mixtral,qwen}.py``)."""
+        shared = self.shared_experts
+        if self.architecture == "mixtral" and shared:
+            raise ValueError("shared_experts: MixtralForCausalLM has no shared expert; remove shared_experts, or set "
+                             "architecture: qwen2_moe (Qwen2-MoE has exactly one)")
+        if self.output_architecture != "qwen2_moe":
+            return
+        if len(shared) != 1:
+            raise ValueError(f"architecture qwen2_moe: Qwen2MoeForCausalLM has exactly one shared expert, the recipe "
+                             f"lists {len(shared)}: give shared_experts one entry (e.g. the base), or use "
+                             "architecture: mixtral")
+        if self.gate_mode != "random" and not shared[0].positive_prompts:
+            raise ValueError(f"gate_mode {self.gate_mode!r} initialises the shared expert's gate from its prompts (as "
+                             "mergekit-moe does), but shared_experts[0] has no positive_prompts: give it some, or use "
+                             "gate_mode 'random'")
+
+    @property
+    def output_architecture(self) -> str:
+        """``architecture``, or where it is left out ``qwen2_moe`` with shared experts and ``mixtral`` without."""
+        return self.architecture or ("qwen2_moe" if self.shared_experts else "mixtral")
 
     def model_paths(self) -> list[str]:
         return list(dict.fromkeys([self.base, *(e.model for e in self.experts),
