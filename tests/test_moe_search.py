@@ -17,11 +17,13 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from safetensors.torch import load_file
 from test_cli_errors import one_line
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main
 from evomerge.evaluate import build_evaluator
+from evomerge.moe import MoeModel
 from evomerge.recipe import MoeRecipe, load_recipe, parse_recipe
 from evomerge.report import moe_layer_table
 from evomerge.search.config import RunConfig
@@ -107,7 +109,8 @@ def test_the_shipped_space_is_one_more_kind_behind_the_search_space_facade(tiny_
 # ------------------------------------------------------------------------------------ evomerge search, MoE
 def example(mini_zoo: Zoo, root: Path, **evaluator: object) -> Path:
     """examples/moe_search.yaml and its template as shipped, beside a ``zoo`` link to the mini zoo (the layout they
-    expect); ``evaluator`` keys override the config's (a few items per task keep the test at seconds)."""
+    expect, run from ``root``); ``evaluator`` keys override the config's (a few items per task keep the test at
+    seconds)."""
     (root / "examples").mkdir(parents=True)
     (root / "zoo").symlink_to(mini_zoo.root)
     (root / "search_spaces").symlink_to(REPO / "search_spaces")
@@ -119,8 +122,9 @@ def example(mini_zoo: Zoo, root: Path, **evaluator: object) -> Path:
 
 
 def test_evomerge_search_of_an_moe_space_and_its_best_recipe_merges_to_its_score(
-        mini_zoo: Zoo, tmp_path: Path) -> None:
+        mini_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = example(mini_zoo, tmp_path, limit=8)
+    monkeypatch.chdir(tmp_path)  # the repository root of the example: its template's model paths are taken from it
     run = tmp_path / "run"
     assert main(["-q", "search", str(config), "--n-trials", "3", "--out", str(run)]) == 0
     study = optuna.load_study(study_name="moe_search", storage=f"sqlite:///{run / 'study.db'}")
@@ -235,7 +239,7 @@ def test_a_worker_joins_an_moe_search_from_the_config_its_study_stores(tiny_llam
                for t in trials)
 
 
-def test_an_moe_template_takes_the_place_of_base_and_sources(tmp_path: Path) -> None:
+def test_an_moe_template_takes_the_place_of_base_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     evaluator = {"type": "callable", "function": "search_fitness:norm_sum"}
     with pytest.raises(ValueError, match="template: an MoE search takes its base and experts from the template; "
                                          "remove 'base' and 'sources'"):
@@ -243,13 +247,15 @@ def test_an_moe_template_takes_the_place_of_base_and_sources(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"sources: list the models to merge \(or, for an MoE search, give 'template'"):
         RunConfig(name="t", evaluator=evaluator)
     (tmp_path / "models").mkdir()
+    for name in ("base", "a"):
+        (tmp_path / name).mkdir()
     (tmp_path / "models" / "t.yaml").write_text("kind: moe\nbase: base\ngate_mode: random\nexperts_per_token: 1\n"
                                                   "experts: [{model: a}]\n")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"name": "t", "template": "models/t.yaml",
                                                        "evaluator": evaluator}))
-    moe = RunConfig.from_yaml(tmp_path / "run.yaml").moe_template()  # model paths: relative to the template's file
-    assert moe is not None and (moe.base, moe.experts[0].model) == (str(tmp_path / "models" / "base"),
-                                                                    str(tmp_path / "models" / "a"))
+    monkeypatch.chdir(tmp_path)  # the template's model paths are a recipe's: taken from the working directory
+    moe = RunConfig.from_yaml(tmp_path / "run.yaml").moe_template()
+    assert moe is not None and (moe.base, moe.experts[0].model) == (str(tmp_path / "base"), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="an MoE template is searched with `evomerge search`"):
         run_soup(RunConfig.from_yaml(tmp_path / "run.yaml", out=str(tmp_path / "soup")))
 
@@ -275,3 +281,54 @@ def test_moe_benchmark_quick_writes_its_tables(mini_zoo, tmp_path) -> None:  # n
         layers * ((experts - 1) * 3 * hidden * inter + experts * hidden)
     assert all(0 <= float(r["test_mean"]) <= 1 for r in rows)
     assert "| MoE (searched) | 1 |" in (tmp_path / "moe.md").read_text()
+
+
+# ------------------------------------------------------------------------- template paths, seed and dtype
+def _paths_layout(tiny_llamas: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """``work/models/{base,a,b}`` (links to tiny Llamas) and, elsewhere, ``files/`` with a template naming them
+    relative to ``work`` and a run config naming the template and its space relative to itself."""
+    base, a, b, _ = tiny_llamas
+    work, files = tmp_path / "work", tmp_path / "files"
+    (work / "models").mkdir(parents=True)
+    files.mkdir()
+    for name, path in (("base", base), ("a", a), ("b", b)):
+        (work / "models" / name).symlink_to(path)
+    (files / "template.yaml").write_text(yaml.safe_dump({"kind": "moe", "base": "models/base", "gate_mode": "random",
+                                                         "experts_per_token": 1,
+                                                         "experts": [{"model": "models/a"}, {"model": "models/b"}]}))
+    (files / "space.yaml").write_text(yaml.safe_dump({"kind": "moe", "router_scale": {"low": 0.5, "high": 2.0}}))
+    (files / "run.yaml").write_text(yaml.safe_dump({
+        "name": "p", "template": "template.yaml", "space": "space.yaml", "n_trials": 1, "out": "run", "device": "cpu",
+        "evaluator": {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]}}))
+    return work, files
+
+
+def test_a_templates_model_paths_are_a_recipes_in_search_and_merge_alike(
+        tiny_llamas: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One rule in both commands: a recipe file's relative model paths (a search's template too) are taken from the
+    working directory, as every recipe's are in `evomerge merge` and as mergekit reads its configs; the paths a run
+    config names (template, space, out) are relative to the run config. Run from a third directory, both commands
+    read the same models; from another, both refuse in one line naming where they looked."""
+    work, files = _paths_layout(tiny_llamas, tmp_path)
+    monkeypatch.chdir(work)
+    assert main(["-q", "merge", str(files / "template.yaml"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["-q", "search", str(files / "run.yaml"), "--no-export"]) == 0
+    trials = optuna.load_study(study_name="p", storage=f"sqlite:///{files / 'run' / 'study.db'}").get_trials()
+    baseline = parse_recipe(trials[0].user_attrs["recipe"])  # the template as mergekit-moe builds it, paths absolute
+    assert isinstance(baseline, MoeRecipe) and trials[0].user_attrs["kind"] == "baseline:mergekit-moe"
+    assert [baseline.base, *(e.model for e in baseline.experts)] == \
+        [str((work / "models" / n).resolve()) for n in ("base", "a", "b")]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    live = MoeModel(baseline, device="cpu").state_dict()
+    assert merged.keys() == live.keys() and all(torch.equal(merged[n], live[n]) for n in merged)
+
+    monkeypatch.chdir(files)  # models/ is not here
+    capsys.readouterr()
+    where = f"(relative paths in a recipe are taken from the working directory, {files})"
+    assert main(["merge", str(files / "template.yaml"), "--out", str(tmp_path / "again")]) == 2
+    assert where in one_line(capsys) and not (tmp_path / "again").exists()
+    assert main(["search", str(files / "run.yaml"), "--out", str(tmp_path / "run2")]) == 2
+    line = one_line(capsys)
+    assert "no model dir models/base" in line and where in line and not (tmp_path / "run2").exists()
+

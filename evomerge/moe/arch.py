@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.checkpoint import Checkpoint, CheckpointError
+from evomerge.recipe.io import relative_path_hint
 from evomerge.recipe.schema import PROMPT_MODES, MoeRecipe, RecipeError
 
 __all__ = ["MOE_CLASSES", "MLP_PARTS", "MoeClass", "MoeError", "MoeInputs", "mlp_name", "moe_config",
@@ -120,11 +121,11 @@ def _refuse_recipe(recipe: MoeRecipe, base: Checkpoint) -> None:
 
 
 def _open(path: str, allow_pickle: bool) -> Checkpoint:
-    """The checkpoint at ``path``; MoeError naming it."""
+    """The checkpoint at ``path``; MoeError naming it, and for a relative path the dir it was taken from."""
     try:
         return Checkpoint.open(path, allow_pickle=allow_pickle)
     except CheckpointError as exc:
-        raise MoeError(str(exc)) from None
+        raise MoeError(f"{exc}{relative_path_hint(path)}") from None
 
 
 def open_moe_inputs(recipe: MoeRecipe, *, allow_pickle: bool = False) -> MoeInputs:

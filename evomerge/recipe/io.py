@@ -5,7 +5,9 @@ A mapping with ``merge_method`` is a mergekit config (converted by :func:`evomer
 one with ``base_model`` and ``experts`` a mergekit-moe config (:func:`evomerge.recipe.moe.from_mergekit_moe`);
 anything else is an evomerge recipe of the kind :func:`~evomerge.recipe.schema.recipe_kind` tells (``kind: moe``,
 ``method: passthrough``, else a parameter merge), whose keys, and those of its entries, are checked with the closest
-valid key named for a misspelt one. Every error is one :class:`~evomerge.recipe.schema.RecipeError` line.
+valid key named for a misspelt one. Every error is one :class:`~evomerge.recipe.schema.RecipeError` line. The model
+paths in a recipe are read as written: a relative one is taken from the working directory (as mergekit reads its
+configs; :func:`relative_path_hint` says so in errors).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from evomerge.recipe.schema import (
 )
 from evomerge.yamlfile import load_yaml
 
-__all__ = ["load_recipe"]
+__all__ = ["load_recipe", "relative_path_hint"]
 
 #: per recipe kind: its list-valued keys and the model of their entries (whose keys are checked too)
 _ENTRIES: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
@@ -38,6 +40,15 @@ _ENTRIES: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
     "stack": (("slices", LayerSlice),),
     "moe": (("experts", MoeExpert), ("shared_experts", MoeExpert)),
 }
+
+
+def relative_path_hint(path: str) -> str:
+    """For a model path a recipe names: where a relative one was looked for (a recipe's relative paths, in every
+    format and command, are taken from the working directory, as mergekit reads its configs), ``""`` for an
+    absolute one; for the end of an error line."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (relative paths in a recipe are taken from the working directory, {Path.cwd()})"
 
 
 def load_recipe(path: str | Path) -> AnyRecipe:

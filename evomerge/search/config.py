@@ -1,4 +1,5 @@
-"""Run configuration of ``evomerge search`` / ``evomerge soup`` (one YAML file, paths relative to it)."""
+"""Run configuration of ``evomerge search`` / ``evomerge soup`` (one YAML file, the paths it names relative to it;
+an MoE template's own model paths are a recipe's, relative to the working directory)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class RunConfig(BaseModel):
     sources: list[str] = Field(default_factory=list, description="the models merged (not with template)")
     template: str | None = Field(None, description="an MoE search's template: an MoE recipe file (kind: moe, or a "
                                                    "mergekit-moe config) whose base and experts are the run's models "
-                                                   "(not with base / sources); model paths relative to its file")
+                                                   "(not with base / sources); its model paths are a recipe's, "
+                                                   "relative to the working directory")
     space: str | None = Field(None, description="search space YAML (search only)")
     evaluator: dict[str, Any]
     test_evaluator: dict[str, Any] | None = None
@@ -158,19 +160,25 @@ class RunConfig(BaseModel):
         return {k: v for k, v in self.evaluator.items() if k != "limit"}
 
     def moe_template(self) -> MoeRecipe | None:
-        """The MoE template recipe (None without ``template``), its relative model paths taken relative to its
-        file, as the run config's own paths are to the config's; RecipeError (one line) for a file that is not an
-        MoE recipe."""
+        """The MoE template recipe (None without ``template``) as its file says. Its relative model paths are taken
+        from the working directory, as those of every recipe file are (``evomerge merge`` of the same file reads the
+        same models; mergekit reads its configs so), and made absolute here, so that the study records where they
+        are; the path of the template file itself, like every path the run config names, is relative to the run
+        config. RecipeError (one line) for a file that is not an MoE recipe or names a model dir that is not there."""
         if self.template is None:
             return None
         from evomerge.recipe import load_recipe
+        from evomerge.recipe.io import relative_path_hint
         from evomerge.recipe.schema import recipe_kind
 
         recipe = load_recipe(self.template)
         if not isinstance(recipe, MoeRecipe):
             raise RecipeError(f"template {self.template}: a {recipe_kind(recipe)} recipe; an MoE search's template is "
                               "an MoE recipe (kind: moe) or a mergekit-moe config")
-        root = Path(self.template).parent
+        missing = [p for p in recipe.model_paths() if not Path(p).expanduser().exists()]
+        if missing:
+            raise RecipeError(f"template {self.template}: no model dir {missing[0]}{relative_path_hint(missing[0])}")
+        root = Path.cwd()
 
         def fix(expert: MoeExpert) -> MoeExpert:
             return expert.model_copy(update={"model": _relative_to(root, expert.model)})
