@@ -26,7 +26,7 @@ from evomerge.evaluate import build_evaluator
 from evomerge.moe import MoeModel
 from evomerge.recipe import MoeRecipe, load_recipe, parse_recipe
 from evomerge.report import moe_layer_table
-from evomerge.search.config import RunConfig
+from evomerge.search.config import ConfigError, RunConfig
 from evomerge.search.moe_space import MoeSpace
 from evomerge.search.space import ModelSet, RangeSpec, SearchSpace, SpaceError
 from evomerge.search.study import run_search, run_soup, run_worker
@@ -332,3 +332,38 @@ def test_a_templates_model_paths_are_a_recipes_in_search_and_merge_alike(
     line = one_line(capsys)
     assert "no model dir models/base" in line and where in line and not (tmp_path / "run2").exists()
 
+
+def test_a_templates_seed_and_dtype_hold_unless_the_run_sets_them_and_a_conflict_is_one_line(
+        tiny_llamas: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work, files = _paths_layout(tiny_llamas, tmp_path)
+    monkeypatch.chdir(work)
+    template = yaml.safe_load((files / "template.yaml").read_text())
+    run = yaml.safe_load((files / "run.yaml").read_text())
+
+    def config(template_keys: dict, run_keys: dict, **overrides: object) -> RunConfig:
+        (files / "template.yaml").write_text(yaml.safe_dump(template | template_keys))
+        (files / "run.yaml").write_text(yaml.safe_dump(run | run_keys))
+        return RunConfig.from_yaml(files / "run.yaml", **overrides)
+
+    held = config({"seed": 5, "dtype": "bfloat16"}, {})
+    assert (held.seed, held.dtype) == (5, "bfloat16")  # the run config sets neither: the template's hold
+    assert RunConfig.model_validate(held.model_dump(mode="json")) == held  # a worker's copy of the stored config
+    assert (config({}, {"seed": 3}).seed, config({}, {}).seed, config({}, {}).dtype) == (3, 0, None)
+    assert config({"seed": 5}, {"seed": 5}).seed == 5  # both set, the same value
+    for template_keys, run_keys, overrides, message in [
+        ({"seed": 5}, {"seed": 3}, {}, "seed: the run sets 3, its template"),
+        ({"seed": 5}, {}, {"seed": 4}, "seed: the run sets 4, its template"),  # `evomerge search --seed 4`
+        ({"dtype": "bfloat16"}, {"dtype": "float32"}, {}, "dtype: the run sets float32, its template"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            config(template_keys, run_keys, **overrides)
+        text = str(err.value)
+        assert message in text and "remove" in text and str(files / "template.yaml") in text and "\n" not in text
+        assert f"sets {template_keys.get('seed', template_keys.get('dtype'))}: remove" in text
+
+    # the recipes a search scores carry the template's seed and dtype
+    config({"seed": 5, "dtype": "bfloat16"}, {})
+    assert main(["-q", "search", str(files / "run.yaml"), "--no-export"]) == 0
+    trials = optuna.load_study(study_name="p", storage=f"sqlite:///{files / 'run' / 'study.db'}").get_trials()
+    assert [(r.seed, r.dtype) for r in (parse_recipe(t.user_attrs["recipe"]) for t in trials)] == \
+        [(5, "bfloat16")] * len(trials) and len(trials) == 2

@@ -75,9 +75,10 @@ class RunConfig(BaseModel):
     trial_timeout_s: float | None = Field(None, gt=0, description="a trial whose evaluation runs longer fails "
                                                                   "(TrialFault); default: no limit")
     out: str | None = Field(None, description="run dir; default runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, description="the sampler's seed and every recipe's; with a template that sets one: its")
     device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="every recipe's dtype (default: the models'); with a template that sets one: its")
     baselines: bool = True
     calibration: CalibrationData | None = Field(None, description="text for Fisher / RegMean statistics")
     multi_objective: bool = Field(False, description="optimize the evaluator's metric vector (NSGA-II by default)")
@@ -126,6 +127,29 @@ class RunConfig(BaseModel):
         check_heartbeat(self.heartbeat_s, self.grace_s)
         return self
 
+    @model_validator(mode="after")
+    def _template_settings(self) -> RunConfig:
+        """An MoE template's ``seed`` / ``dtype`` hold where the run config (or ``--seed``) sets none; where both set
+        one, they must agree: a run config's value silently replacing the template's would build another MoE than
+        the template describes."""
+        if self.template is None:
+            return self
+        try:
+            template = self.moe_template()
+        except OSError as exc:
+            raise ValueError(f"template: cannot read {self.template}: {exc.strerror or exc}") from None
+        assert template is not None
+        for key in ("seed", "dtype"):
+            if key not in template.model_fields_set:
+                continue
+            ours, theirs = getattr(self, key), getattr(template, key)
+            if key not in self.model_fields_set:
+                setattr(self, key, theirs)
+            elif ours != theirs:
+                raise ValueError(f"{key}: the run sets {ours}, its template {self.template} sets {theirs}: remove "
+                                 f"{key} from one of them (or give both the same value)")
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
         """Read a run config; relative model/space/out/template/task paths are taken relative to the file's dir.
@@ -160,11 +184,12 @@ class RunConfig(BaseModel):
         return {k: v for k, v in self.evaluator.items() if k != "limit"}
 
     def moe_template(self) -> MoeRecipe | None:
-        """The MoE template recipe (None without ``template``) as its file says. Its relative model paths are taken
-        from the working directory, as those of every recipe file are (``evomerge merge`` of the same file reads the
-        same models; mergekit reads its configs so), and made absolute here, so that the study records where they
-        are; the path of the template file itself, like every path the run config names, is relative to the run
-        config. RecipeError (one line) for a file that is not an MoE recipe or names a model dir that is not there."""
+        """The MoE template recipe (None without ``template``) as its file says (its ``seed`` / ``dtype`` too: the
+        run's are reconciled with them at validation). Its relative model paths are taken from the working
+        directory, as those of every recipe file are (``evomerge merge`` of the same file reads the same models;
+        mergekit reads its configs so), and made absolute here, so that the study records where they are; the path
+        of the template file itself, like every path the run config names, is relative to the run config. RecipeError
+        (one line) for a file that is not an MoE recipe or names a model dir that is not there."""
         if self.template is None:
             return None
         from evomerge.recipe import load_recipe
