@@ -17,7 +17,14 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from evomerge.cli import main
 from evomerge.merge import merge_to_dir
 from evomerge.moe import MoeError, MoeModel
-from evomerge.moe.gates import cheap_embed_rows, random_rows, tokenize_prompts
+from evomerge.moe.gates import (
+    cheap_embed_rows,
+    degenerate_layers,
+    degenerate_warning,
+    most_alike,
+    random_rows,
+    tokenize_prompts,
+)
 from evomerge.recipe import MoeRecipe, RecipeError, load_recipe
 from evomerge.recipe.moe import from_mergekit_moe, to_mergekit_moe, to_mergekit_moe_yaml
 
@@ -226,3 +233,34 @@ def test_cheap_embed_rows_are_the_normalised_sum_of_token_embeddings(mini_zoo) -
     total = sum(embed[i] for i in ids)
     torch.testing.assert_close(rows, (total / total.norm()).repeat(2, 1), rtol=1e-5, atol=1e-6)
 
+
+# ------------------------------------------------------------------------------------- degenerate gates
+def test_degenerate_router_rows_follow_mergekits_condition_number_rule() -> None:
+    """A layer is degenerate when its (experts, hidden) gate rows have a 2-norm condition number above 5 (mergekit-moe's
+    warn_degenerate_gates): the singular values here are hand-computed."""
+    rows = torch.zeros(4, 3, 4)
+    rows[0] = torch.eye(3, 4)  # orthonormal rows: σ = (1, 1, 1), condition 1
+    rows[1, :, :3] = torch.diag(torch.tensor([1.0, 0.5, 0.25]))  # σ = (1, 0.5, 0.25): condition 4, not above 5
+    rows[2, :, :3] = torch.diag(torch.tensor([1.0, 0.5, 0.125]))  # condition 8
+    rows[3] = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.1, 0, 0]])  # rows 0 and 2 nearly the same
+    assert degenerate_layers(rows) == [2, 3]
+    i, j, cosine = most_alike(rows, [3])
+    assert (i, j) == (0, 2) and cosine == pytest.approx(1 / 1.01**0.5)
+    message = degenerate_warning(rows, ["a", "b", "c"])
+    assert message is not None and "layers 2, 3" in message and "the most alike are a and c" in message
+    assert degenerate_warning(rows[:2], ["a", "b", "c"]) is None
+
+
+def test_experts_with_the_same_prompts_are_named_in_one_warning_once(mini_zoo, caplog) -> None:  # noqa: ANN001
+    experts = [str(p) for p in mini_zoo.experts.values()][:3]
+    prompts = [["REV:ab=", "REV:cd="], ["SORT:ba=", "SORT:dc="], ["REV:ab=", "REV:cd="]]  # experts 0 and 2 alike
+    recipe = MoeRecipe(base=str(mini_zoo.base), gate_mode="cheap_embed",
+                       experts=[{"model": e, "positive_prompts": p} for e, p in zip(experts, prompts)])
+    with caplog.at_level("WARNING", logger="evomerge.moe"):
+        live = MoeModel(recipe, device="cpu")
+        live.materialize(recipe.model_copy(update={"router_scale": 2.0}))  # the same gate rows: not warned again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    names = [Path(e).name for e in experts]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert (f"the router rows of every layer are nearly linearly dependent (condition number above 5, mergekit-moe's "
+            f"rule); the most alike are expert 0 ({names[0]}) and expert 2 ({names[2]}) (cosine 1.000)") in warnings[0]

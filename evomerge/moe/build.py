@@ -15,10 +15,13 @@ cat(gate_proj, up_proj)`` and ``experts.down_proj[e] = down_proj · residual_sca
 stored dtype, then cast); ``mlp.gate.weight`` the router rows; for Qwen2-MoE ``mlp.shared_expert.*`` the shared
 expert's MLP (its ``down_proj`` scaled the same way) and ``mlp.shared_expert_gate.weight`` its gate row, computed
 with the experts' rows (from its prompts, or the random draw's last row: mergekit draws (layers, experts + 1, hidden)).
+The gate rows are checked as mergekit-moe checks them: each distinct warning
+(:func:`~evomerge.moe.gates.degenerate_warning`) is logged once per live model.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -29,11 +32,13 @@ from evomerge.engine.device import compute_device
 from evomerge.engine.plan import live_dtype, plan_params
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.moe.arch import MLP_PARTS, MOE_CLASSES, MoeError, mlp_name, moe_config, open_moe_inputs
-from evomerge.moe.gates import PromptGates, random_rows, router_rows
+from evomerge.moe.gates import PromptGates, degenerate_warning, random_rows, router_rows
 from evomerge.recipe import MoeExpert, MoeRecipe, Recipe, SourceSpec, layer_values
-from evomerge.recipe.schema import PROMPT_MODES
+from evomerge.recipe.schema import PROMPT_MODES, model_labels
 
 __all__ = ["MoeModel"]
+
+log = logging.getLogger(__name__)
 
 # Qwen2-MoE's attention biases: zeros where the base has none (mergekit/moe/qwen.py)
 _ZERO_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
@@ -65,6 +70,8 @@ class MoeModel:
                                          lambda: self.inputs.base.get("model.embed_tokens.weight"))
         self._layer_content: dict[int, object] = {}
         self._dense_engine: object = None
+        self._checked_gates: set[tuple] = set()  # gate rows checked (degenerate_warning), and the warnings logged
+        self._warned: set[str] = set()
         if materialize:
             self.materialize(recipe)
 
@@ -122,13 +129,26 @@ class MoeModel:
     def _gate_rows(self, recipe: MoeRecipe) -> Tensor:
         """(layers, experts + shared experts, hidden) rows of the recipe's gate mode, the shared expert's last, as
         mergekit-moe computes them together (``mergekit/scripts/moe.py``): prompt rows computed once per expert and
-        prompt set (:class:`~evomerge.moe.gates.PromptGates`), random rows drawn from the seed."""
+        prompt set (:class:`~evomerge.moe.gates.PromptGates`), random rows drawn from the seed. Each new set of rows
+        is checked once (:func:`~evomerge.moe.gates.degenerate_warning`)."""
         gated = [*recipe.experts, *recipe.shared_experts]
         mode = "hidden" if recipe.gate_mode == "hidden_last" else recipe.gate_mode
         if mode in PROMPT_MODES:
-            return self._prompt_gates.rows(mode, gated)
-        return random_rows(recipe.seed, (self.num_layers, len(gated), self.model.config.hidden_size),
-                           uniform=mode == "uniform_random")
+            rows = self._prompt_gates.rows(mode, gated)
+            key: tuple = (mode, *((tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in gated))
+        else:
+            rows = random_rows(recipe.seed, (self.num_layers, len(gated), self.model.config.hidden_size),
+                               uniform=mode == "uniform_random")
+            key = (mode, recipe.seed)
+        if key not in self._checked_gates:
+            self._checked_gates.add(key)
+            labels = model_labels([e.model for e in gated])
+            warning = degenerate_warning(rows, [f"expert {i} ({lb})" for i, lb in enumerate(labels[:len(self.experts)])]
+                                         + [f"the shared expert ({lb})" for lb in labels[len(self.experts):]])
+            if warning is not None and warning not in self._warned:
+                self._warned.add(warning)
+                log.warning(warning)
+        return rows
 
     @staticmethod
     def _mlp(checkpoint: Checkpoint, spec: MoeExpert, layer: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,7 +15,11 @@ gives the same router tensors:
   norm clamped at 1e-8;
 - ``random``: ``N(0, 1)`` rows of shape (layers, experts, hidden) from one torch generator seeded with ``seed``
   (``mergekit-moe --random-seed SEED`` seeds torch's global generator and draws the same tensor);
-  ``uniform_random``: ``U(−1/√h, 1/√h)`` from the same generator (torch.nn.Linear's initialisation).
+  ``uniform_random``: ``U(−1/√h, 1/√h)`` from the same generator (torch.nn.Linear's initialisation);
+- the rows of a layer (experts and shared expert together) are checked as mergekit-moe checks them
+  (``warn_degenerate_gates``): a 2-norm condition number above 5 means nearly linearly dependent rows, e.g. two
+  experts with nearly the same prompts; :func:`degenerate_warning` is one warning line naming the layers and the two
+  most alike experts (:class:`~evomerge.moe.MoeModel` logs each distinct one once).
 
 evomerge's additions (:func:`router_rows`): the rows ``g`` mixed with seeded unit-norm noise ``ẑ`` and scaled per
 layer, ``s_l·((1 − r)·g + r·ẑ)``: ``s`` is an inverse softmax temperature of the router (its logits are ``x·Wᵀ``),
@@ -34,8 +38,11 @@ from torch import Tensor
 
 from evomerge.recipe import MoeExpert
 
-__all__ = ["PromptGates", "cheap_embed_rows", "expert_rows", "hidden_rows", "random_rows", "router_rows",
-           "tokenize_prompts"]
+__all__ = ["DEGENERATE_CONDITION", "PromptGates", "cheap_embed_rows", "degenerate_layers", "degenerate_warning",
+           "expert_rows", "hidden_rows", "most_alike", "random_rows", "router_rows", "tokenize_prompts"]
+
+#: mergekit-moe's threshold on the condition number of a layer's gate rows (``warn_degenerate_gates``)
+DEGENERATE_CONDITION = 5.0
 
 
 def tokenize_prompts(tokenizer: object, prompts: Sequence[str]) -> dict[str, Tensor]:
@@ -142,3 +149,35 @@ def router_rows(gates: Tensor, scale: Sequence[float], random_weight: float, see
     if any(s != 1.0 for s in scale):
         rows = rows * torch.tensor(scale, dtype=torch.float32).view(-1, 1, 1)
     return rows
+
+
+def degenerate_layers(rows: Tensor, threshold: float = DEGENERATE_CONDITION) -> list[int]:
+    """The layers ``l`` of (layers, experts, hidden) gate rows whose matrix ``rows[l]`` has a 2-norm condition number
+    ``σ_max / σ_min`` above ``threshold``: nearly linearly dependent rows (mergekit-moe's rule and threshold)."""
+    return [layer for layer in range(rows.shape[0]) if float(torch.linalg.cond(rows[layer].float())) > threshold]
+
+
+def most_alike(rows: Tensor, layers: Sequence[int]) -> tuple[int, int, float]:
+    """``(i, j, c)``: the two experts (``i < j``) whose rows have the highest cosine similarity ``c``, averaged over
+    ``layers`` of (layers, experts, hidden) rows; needs at least two experts."""
+    unit = rows[list(layers)].float()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    cosine = (unit @ unit.transpose(1, 2)).mean(dim=0)
+    cosine.fill_diagonal_(-math.inf)
+    i, j = divmod(int(cosine.argmax()), cosine.shape[0])
+    return min(i, j), max(i, j), float(cosine[i, j])
+
+
+def degenerate_warning(rows: Tensor, names: Sequence[str]) -> str | None:
+    """One warning line when some layers' gate rows are degenerate (:func:`degenerate_layers`), naming those layers
+    and the two most alike experts there (``names``: one per row); None when none is."""
+    layers = degenerate_layers(rows)
+    if not layers or rows.shape[1] < 2:
+        return None
+    i, j, cosine = most_alike(rows, layers)
+    where = ("every layer" if len(layers) == rows.shape[0] else
+             f"layer{'s' * (len(layers) > 1)} {', '.join(str(layer) for layer in layers)}")
+    message = (f"the router rows of {where} are nearly linearly dependent (condition number above "
+               f"{DEGENERATE_CONDITION:g}, mergekit-moe's rule); the most alike are {names[i]} and {names[j]} (cosine "
+               f"{cosine:.3f}): their prompts may be too similar, and some experts will be underused")
+    return message
