@@ -114,7 +114,8 @@ def test_rematerialized_qwen2_moe_equals_a_fresh_build(tiny_llamas: list[str]) -
                   router_scale=3.0)
     live = MoeModel(first, device="cpu")
     assert live.materialize(second) == [0, 1]  # the shared expert's residual_scale changes both layers
-    assert live.materialize(first) == [0, 1] and live.materialize(first) == []
+    assert live.materialize(first) == [1]  # layer 0's plain MLP still holds first's dense merge
+    assert live.materialize(first) == []
     fresh = MoeModel(first, device="cpu").state_dict()
     again = live.state_dict()
     assert fresh.keys() == again.keys() and all(torch.equal(fresh[n], again[n]) for n in fresh)
@@ -215,3 +216,30 @@ def test_evomerge_search_rematerializes_a_qwen2_moe_template(tiny_llamas: list[s
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best_model").state_dict()
     fresh = MoeModel(best, device="cpu").state_dict()  # the live model, re-materialized per trial, exported the best
     assert fresh.keys() == exported.keys() and all(torch.equal(fresh[n], exported[n]) for n in fresh)
+
+
+def test_dense_layers_of_a_qwen2_moe_are_plain_mlps_that_cost_one_mlp(tiny_llamas: list[str], tmp_path: Path) -> None:
+    """A dense layer of a Qwen2-MoE is ``mlp_only_layers``: the merged MLP alone (here linear, equal weights: the
+    experts' mean), without router, routed experts or shared expert; the written model is smaller by exactly those."""
+    base, a, b, c = tiny_llamas
+    recipe = qwen(base, [a, b], c, seed=1, dense_layers={"layers": [0], "method": "linear"})
+    out = merge_to_dir(recipe, tmp_path / "dense", device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.mlp_only_layers == [0]
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock"]
+    saved = load_file(out / "model.safetensors")
+    weights = [load_file(f"{p}/model.safetensors") for p in (a, b)]
+    assert sorted(n for n in saved if n.startswith("model.layers.0.mlp.")) == \
+        [f"model.layers.0.mlp.{part}.weight" for part in ("down_proj", "gate_proj", "up_proj")]
+    for part in MLP:
+        name = f"model.layers.0.mlp.{part}.weight"
+        torch.testing.assert_close(saved[name], (weights[0][name] + weights[1][name]) / 2, rtol=0, atol=1e-7)
+    sparse = merge_to_dir(recipe.model_copy(update={"dense_layers": None}), tmp_path / "sparse", device="cpu")
+    hidden, inter, experts = 16, 32, 2
+
+    def count(path: Path) -> int:
+        return sum(t.numel() for t in load_file(path / "model.safetensors").values())
+
+    # the MoE block: the experts' MLPs and router rows, the shared MLP and its gate row; the plain layer: one MLP
+    block = experts * 3 * hidden * inter + experts * hidden + 3 * hidden * inter + hidden
+    assert count(sparse) - count(out) == block - 3 * hidden * inter

@@ -6,8 +6,9 @@ and keeps each expert's MLP tensors (as read). A recipe (:class:`~evomerge.recip
 is written into it in place by :meth:`MoeModel.materialize`: the routers (prompt gates computed once per gate mode and
 prompt set, then scaled and mixed per candidate, :func:`~evomerge.moe.gates.router_rows`), ``experts_per_token``,
 and per layer either the experts' MLPs or one dense MLP merged from them by any evomerge method (a
-:class:`~evomerge.engine.MergeEngine` over the base and the experts, made on first use). Only layers whose content
-changed are written again.
+:class:`~evomerge.engine.MergeEngine` over the base and the experts, made on first use): a Mixtral holds it in every
+expert slot (Mixtral has no dense layers), a Qwen2-MoE runs it as a plain MLP (``mlp_only_layers``: no router, no
+shared expert, one MLP's parameters in the written model). Only layers whose content changed are written again.
 
 Tensors as mergekit-moe writes them (``mergekit/moe/mixtral.py``, ``qwen.py``): non-MLP tensors of the base cast to
 the output dtype (Qwen2-MoE's q/k/v biases zeros where the base has none); per layer ``experts.gate_up_proj[e] =
@@ -68,7 +69,10 @@ class MoeModel:
         self._load_base()
         self._prompt_gates = PromptGates(self.inputs.base.path, self.num_layers,
                                          lambda: self.inputs.base.get("model.embed_tokens.weight"))
-        self._layer_content: dict[int, object] = {}
+        # each layer's MoE block and, for a Qwen2-MoE's dense layers, its plain MLP (made on first use); what each holds
+        self._blocks = [layer.mlp for layer in self.model.model.layers]
+        self._plain: dict[int, torch.nn.Module] = {}
+        self._content: dict[tuple[int, str], object] = {}
         self._dense_engine: object = None
         self._checked_gates: set[tuple] = set()  # gate rows checked (degenerate_warning), and the warnings logged
         self._warned: set[str] = set()
@@ -193,41 +197,72 @@ class MoeModel:
                 for layer in layers for part in MLP_PARTS}
 
     # ---------------------------------------------------------------------------------------- materialize
-    def materialize(self, recipe: MoeRecipe) -> list[int]:
-        """Write ``recipe`` into the live model in place; returns the layers whose MLPs were written again."""
-        self._check_models(recipe)
-        for layer in self.model.model.layers:
-            layer.mlp.gate.top_k = recipe.experts_per_token
-            if hasattr(layer.mlp, "top_k"):  # Mixtral's block keeps a copy of its own
-                layer.mlp.top_k = recipe.experts_per_token
-        self.model.config.num_experts_per_tok = recipe.experts_per_token
-        gates = self._gate_rows(recipe)
-        n = len(self.experts)
-        rows = router_rows(gates[:, :n], layer_values(recipe.router_scale, self.num_layers), recipe.random_weight,
-                           recipe.seed)
+    def _plain_mlp(self, layer: int) -> torch.nn.Module:
+        """``layer``'s plain MLP (a Qwen2-MoE's ``mlp_only_layers``), made on first use and kept."""
+        if layer not in self._plain:
+            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP
+
+            self._plain[layer] = Qwen2MoeMLP(self.model.config).to(self.device, self.dtype).eval()
+        return self._plain[layer]
+
+    def _wanted(self, recipe: MoeRecipe) -> dict[int, tuple[str, object]]:
+        """Per layer, the module it runs (``block``: the MoE block, ``plain``: a Qwen2-MoE's dense layer) and what that
+        module must hold (compared with what it holds to write only what changed)."""
         dense = recipe.dense_layers
         dense_layers = set(dense.layers) if dense is not None else set()
         dense_key = None if dense is None else self._dense_recipe(recipe).model_dump_json()
         residual = tuple(e.residual_scale for e in recipe.experts)
         shared = tuple(e.residual_scale for e in recipe.shared_experts)
-        wanted = {i: (("dense", dense_key) if i in dense_layers else ("experts", residual), shared)
-                  for i in range(self.num_layers)}
-        changed = [i for i in range(self.num_layers) if self._layer_content.get(i) != wanted[i]]
-        merged = self._merged_mlps(recipe, sorted(dense_layers & set(changed))) if dense_layers & set(changed) else {}
+        plain = self.architecture == "qwen2_moe"  # Mixtral has no dense layers: the merged MLP in every expert slot
+        return {i: ("plain", dense_key) if plain and i in dense_layers else
+                ("block", (("dense", dense_key) if i in dense_layers else ("experts", residual), shared))
+                for i in range(self.num_layers)}
+
+    def materialize(self, recipe: MoeRecipe) -> list[int]:
+        """Write ``recipe`` into the live model in place; returns the layers whose MLPs were written again. A
+        Qwen2-MoE's dense layers are plain MLPs (``mlp_only_layers``): such a layer runs its plain MLP instead of its
+        MoE block (each module is kept with what it holds, and written again only when that changes)."""
+        self._check_models(recipe)
+        for block in self._blocks:
+            block.gate.top_k = recipe.experts_per_token
+            if hasattr(block, "top_k"):  # Mixtral's block keeps a copy of its own
+                block.top_k = recipe.experts_per_token
+        self.model.config.num_experts_per_tok = recipe.experts_per_token
+        gates = self._gate_rows(recipe)
+        n = len(self.experts)
+        rows = router_rows(gates[:, :n], layer_values(recipe.router_scale, self.num_layers), recipe.random_weight,
+                           recipe.seed)
+        wanted = self._wanted(recipe)
+        changed = [i for i, (kind, content) in wanted.items() if self._content.get((i, kind)) != content]
+        dense_layers = set(recipe.dense_layers.layers) if recipe.dense_layers is not None else set()
+        to_merge = sorted(dense_layers & set(changed))
+        merged = self._merged_mlps(recipe, to_merge) if to_merge else {}
         with torch.no_grad():
             for i, layer in enumerate(self.model.model.layers):
-                layer.mlp.gate.weight.copy_(rows[i].to(self.dtype))
-                if self.shared:  # the shared expert's sigmoid gate: its row as computed, not scaled or mixed
-                    layer.mlp.shared_expert_gate.weight.copy_(gates[i, n:].to(self.dtype))
+                kind, content = wanted[i]
+                if kind == "plain":
+                    layer.mlp = self._plain_mlp(i)
+                    if i in changed:
+                        for part in MLP_PARTS:
+                            getattr(layer.mlp, part).weight.copy_(merged[mlp_name(i, part)].to(self.dtype))
+                else:
+                    layer.mlp = block = self._blocks[i]
+                    block.gate.weight.copy_(rows[i].to(self.dtype))
+                    if self.shared:  # the shared expert's sigmoid gate: its row as computed, not scaled or mixed
+                        block.shared_expert_gate.weight.copy_(gates[i, n:].to(self.dtype))
+                    if i in changed:
+                        gate_up, down = self._dense_mlp(i, merged) if i in dense_layers else \
+                            self._expert_mlp(i, recipe)
+                        block.experts.gate_up_proj.copy_(gate_up.to(self.dtype))
+                        block.experts.down_proj.copy_(down.to(self.dtype))
+                        if self.shared:
+                            mlp = self._mlp(self.inputs.shared[0], recipe.shared_experts[0], i)
+                            for part, tensor in zip(MLP_PARTS, mlp):
+                                getattr(block.shared_expert, part).weight.copy_(tensor.to(self.dtype))
                 if i in changed:
-                    gate_up, down = self._dense_mlp(i, merged) if i in dense_layers else self._expert_mlp(i, recipe)
-                    layer.mlp.experts.gate_up_proj.copy_(gate_up.to(self.dtype))
-                    layer.mlp.experts.down_proj.copy_(down.to(self.dtype))
-                    if self.shared:
-                        mlp = self._mlp(self.inputs.shared[0], recipe.shared_experts[0], i)
-                        for part, tensor in zip(MLP_PARTS, mlp):
-                            getattr(layer.mlp.shared_expert, part).weight.copy_(tensor.to(self.dtype))
-                    self._layer_content[i] = wanted[i]
+                    self._content[(i, kind)] = content
+        if self.architecture == "qwen2_moe":
+            self.model.config.mlp_only_layers = [i for i, (kind, _) in wanted.items() if kind == "plain"]
         return changed
 
     # --------------------------------------------------------------------------------------------- output

@@ -215,10 +215,11 @@ class MoeExpert(StrictModel):
 
 
 class DenseMlp(StrictModel):
-    """Layers that keep a dense MLP: every expert slot of each layer in ``layers`` holds the experts' MLPs merged by
-    ``method`` (any evomerge method, with ``parameters`` as in a merge recipe and per-expert ``weights`` in
-    expert order), so whichever experts the router picks, the layer computes that one MLP (the top-k weights sum
-    to 1). ``base`` of the merge is the MoE's base."""
+    """Layers that keep a dense MLP: the experts' MLPs merged by ``method`` (any evomerge method, with ``parameters``
+    as in a merge recipe and per-expert ``weights`` in expert order; ``base`` of the merge is the MoE's base). In a
+    Mixtral every expert slot of each layer in ``layers`` holds it, so whichever experts the router picks, the layer
+    computes that one MLP (the top-k weights sum to 1); in a Qwen2-MoE the layer is a plain MLP
+    (``Qwen2MoeConfig.mlp_only_layers``: no router, no shared expert)."""
 
     layers: list[int]
     method: str = "linear"
