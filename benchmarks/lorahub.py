@@ -4,7 +4,8 @@ The setting of Huang et al. 2023 ("LoraHub: Efficient Cross-Task Generalization 
 the tiny zoo's LoRA stage (evomerge/zoo/lora.py), leave-one-out: each zoo task in turn is held out, the adapters of
 the other tasks are the upstream adapters, and k examples of the held-out task (a seeded sample of its validation
 split, k = 5 .. 20) are all the search sees. Its fitness is LoraHub's: the mean cross-entropy of the gold answers
-of the k examples, plus ``--l1`` times ``Σ |w_i|`` (the paper's L1 penalty on the weights; 0.05 there). Rows:
+of the k examples, plus ``--l1`` times ``Σ |w_i|`` (the paper's L1 penalty on the weights, 0.05 there; evomerge's
+own, a search space's ``penalty: {l1: ...}``: :class:`evomerge.search.space.Penalty`). Rows:
 
 - ``base (zero-shot)``: the base alone;
 - ``adapter alone (mean)``: every upstream adapter alone, averaged; ``adapter alone (k-shot pick)``: the one with
@@ -50,6 +51,7 @@ from evomerge.engine import MergeEngine
 from evomerge.engine.lowrank import stack_bytes
 from evomerge.engine.plan import open_sources
 from evomerge.recipe import Recipe
+from evomerge.search.space import Penalty, penalized
 from evomerge.zoo import ZooConfig, cached_zoo, default_cache_root
 from evomerge.zoo.config import TrainSpec
 from evomerge.zoo.lora import LoraSetting, LoraZoo, LoraZooConfig, build_lora_zoo
@@ -88,7 +90,8 @@ def search(method: str, engine: MergeEngine, tokenizer: object, shots: Sequence[
         weights = [trial.suggest_float(f"w{i}", low, high) for i in range(len(adapters))]
         density = None if method == "lorahub" else trial.suggest_float("density", 0.1, 1.0)
         engine.materialize(recipe_of(method, base, adapters, weights, density, seed))
-        return few_shot_loss(engine, tokenizer, shots) + args.l1 * sum(abs(w) for w in weights)
+        # the product's penalty (a space's `penalty: {l1: ...}`): loss + l1 Σ|w| on the searched weights
+        return penalized(few_shot_loss(engine, tokenizer, shots), Penalty(l1=args.l1).amount(weights), "minimize")
 
     study = optuna.create_study(sampler=optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False))
     study.optimize(objective, n_trials=args.trials)

@@ -7,7 +7,8 @@
   metric per task on validation and test, 3 decimals, ``± stderr`` on test where the evaluator computed it, the
   difference to the best source alone), the best recipe as YAML, the parameter importances
   (:func:`importance_section`), links to the plots and how to open the study in optuna-dashboard;
-- ``trials.csv``: one row per trial (number, state, kind, objective value(s), every metric, stderr, timings, error);
+- ``trials.csv``: one row per trial (number, state, kind, objective value(s), with a space's L1 penalty the
+  unpenalized score and the penalty, every metric, stderr, timings, error);
 - ``history.png``: the objective of every trial with the best-so-far line, baselines as dashed horizontal lines;
 - ``importances.png``: fANOVA parameter importances over the completed search trials (Hutter, Hoos & Leyton-Brown
   2014, "An Efficient Approach for Assessing Hyperparameter Importance", ICML), through
@@ -180,6 +181,8 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
     columns = [
         Column(name, lambda t, i=i: t.values[i] if t.values else None) for i, name in enumerate(objective_names(study))
     ]
+    if has_penalty(trials):  # the space's L1 penalty: the objective is this score with the penalty folded in
+        columns += [Column(SCORE_HEADER, records.trial_score), Column("penalty", records.trial_penalty)]
     val = _metric_names([records.trial_metrics(t) for t in trials])
     columns += [Column(f"val {m}", lambda t, m=m: records.trial_metrics(t).get(m)) for m in val]
     attrs = study.user_attrs
@@ -199,6 +202,14 @@ def value_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Co
         Column("eval s", lambda t: records.trial_seconds(t)[1]),
     ]
     return columns
+
+
+SCORE_HEADER = "score (unpenalized)"
+
+
+def has_penalty(trials: Sequence[FrozenTrial]) -> bool:
+    """Whether any trial's objective includes a space's L1 penalty (it then stores its unpenalized score)."""
+    return any(records.trial_score(t) is not None for t in trials)
 
 
 def wall_seconds(trials: Sequence[FrozenTrial]) -> float | None:
@@ -279,6 +290,8 @@ def summary_columns(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[
     repeated = objective if len(objective) == 1 or len(study.directions) > 1 else []
     columns = [Column(f"val {name}", lambda t, i=i: _number(t.values[i] if t.values else None))
                for i, name in enumerate(objective_names(study))]
+    if has_penalty(trials):
+        columns.append(Column(f"val {SCORE_HEADER}", lambda t: _number(records.trial_score(t))))
     val = task_metrics(_metric_names([records.trial_metrics(t) for t in trials]), objective)
     columns += [Column(f"val {m}", lambda t, m=m: _number(records.trial_metrics(t).get(m)))
                 for m in val if m not in repeated]
@@ -695,7 +708,9 @@ def _write_study_report(study: optuna.Study, out_dir: Path, *, title: str | None
     objective = info[records.OBJECTIVE]
     directions = ", ".join(d.name.lower() for d in study.directions)
     lines.append(f"- Objective: {', '.join(objective) if isinstance(objective, list) else objective or MISSING}"
-                 f" ({directions})")
+                 f" ({directions})" + ("; with the space's L1 penalty on the weights folded in (`score ∓ α Σ|w|`: "
+                                       f"the `{SCORE_HEADER}` column is without it; test scores are unpenalized)"
+                                       if has_penalty(trials) else ""))
     lines.append(f"- Trials: {len(trials)} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
     if wall := wall_seconds(trials):
         lines.append(f"- Wall time: {format_seconds(wall)} (first trial start to last trial end; the test scoring, "

@@ -266,6 +266,38 @@ def test_lower_is_better_objective_is_minimized(family, tmp_path):
     assert result["kept"] == [min(result["individual"], key=result["individual"].get)]
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_an_l1_penalty_on_the_weights_is_folded_into_the_objective_in_the_study_direction(family, tmp_path,
+                                                                                         direction):
+    space = tmp_path / "penalized.yaml"
+    space.write_text("method: task_arithmetic\nparameters:\n  weight: {low: -1.0, high: 1.0, layerwise: false}\n"
+                     "penalty: {l1: 0.25}\n")
+    evaluator = {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"],
+                 "direction": direction}
+    cfg = config(family, tmp_path, space=str(space), evaluator=evaluator, n_trials=4, confirm_top=2,
+                 confirm_evaluator=evaluator)
+    summary = run_search(cfg, progress=False, export=False)
+    complete = [t for t in load(cfg).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 + 5  # and the baselines (sources alone, uniform, defaults), penalized as well
+    sign = 1.0 if direction == "maximize" else -1.0
+    for t in complete:
+        weights = [v for k, v in t.params.items() if k.startswith("weight[")]
+        score = t.user_attrs["metrics"]["norm_sum"]
+        assert len(weights) == 3 and t.user_attrs["score"] == score  # the unpenalized score stays on the trial
+        assert t.value == pytest.approx(score - sign * 0.25 * sum(abs(w) for w in weights), rel=0, abs=1e-12)
+    assert any(abs(t.value - t.user_attrs["score"]) > 0.01 for t in complete)
+    # the best is the best penalized trial; its confirmation (the same function) ranks with the penalty too
+    assert summary["best_trial"] == max(complete, key=lambda t: (sign * t.value, -t.number)).number
+    for number, value in summary["confirmed"].items():
+        assert value == pytest.approx(next(t.value for t in complete if t.number == int(number)), abs=1e-12)
+    report = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "L1 penalty on the weights folded in" in report and "val score (unpenalized)" in report
+    assert "score (unpenalized),penalty" in (tmp_path / "run" / "report" / "trials.csv").read_text()
+    with pytest.raises(ValueError, match="multi_objective run has several: drop the space's penalty"):
+        run_search(config(family, tmp_path / "multi", space=str(space), multi_objective=True,
+                          evaluator={"type": "callable", "function": "search_fitness:norm_sum"}), progress=False)
+
+
 def test_confirm_top_rescores_the_best_and_picks_among_them_by_the_confirmation(family, tmp_path):
     import search_fitness
 

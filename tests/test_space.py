@@ -18,6 +18,7 @@ from evomerge.search.space import (
     ModelSet,
     SearchSpace,
     SpaceError,
+    penalized,
 )
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
@@ -387,6 +388,32 @@ def test_every_shipped_space_suggests_valid_recipes():
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
+def test_the_l1_penalty_sums_the_searched_weights_of_the_trial_and_nothing_else():
+    # per source x layer group (3 x 2 weights; TIES' densities are searched too, and not penalized); with a method
+    # choice the chosen method's weights (prefixed by its name)
+    for sp, prefix in (
+        (space(method="ties", layer_groups=2, penalty={"l1": 0.1},
+               parameters={"weight": {"low": 0.0, "high": 2.0}, "density": "search"}), "weight["),
+        (space(method={"choice": ["ties", "task_arithmetic"]}, layer_groups=2, penalty={"l1": 0.1},
+               parameters={"weight": {"low": 0.0, "high": 2.0}, "density": "search"}), None),
+    ):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(3))
+        for _ in range(4):
+            trial = study.ask()
+            sp.suggest(trial, MODELS)
+            start = prefix or f"{trial.params['method']}/weight["
+            weights = [v for k, v in trial.params.items() if k.startswith(start)]
+            assert len(weights) == 6
+            assert sp.penalty_of(trial.params, MODELS) == pytest.approx(0.1 * sum(abs(w) for w in weights), abs=1e-15)
+            study.tell(trial, 0.0)
+    assert space(method="ties").penalty_of({}, MODELS) is None  # no penalty: nothing to fold in
+    assert SearchSpace.from_yaml(SPACES / "lorahub.yaml").penalty.l1 == 0.05  # the paper's α
+
+
+def test_penalized_makes_the_objective_worse_in_either_direction():
+    assert penalized(0.75, 0.25, "maximize") == 0.5 and penalized(0.75, 0.25, "minimize") == 1.0
+
+
 def test_is_continuous():
     assert SearchSpace.from_yaml(SPACES / "ties_dare_layerwise.yaml").is_continuous()
     assert SearchSpace.from_yaml(SPACES / "task_arithmetic.yaml").is_continuous()
@@ -418,6 +445,14 @@ def test_is_continuous():
     ({"method": "ties", "filters": ["mlp", "default"]}, "other than 'default'"),
     ({"method": "passthrough", "scale": "search"}, "give low and high"),
     ({"method": "passthrough", "max_layers": "two"}, "multiple of the depth"),
+    ({"method": "ties", "penalty": {"l1": 0.05}}, "method ties searches none"),
+    ({"method": "ties", "parameters": {"weight": 0.5}, "penalty": {"l1": 0.05}}, "method ties searches none"),
+    ({"method": {"choice": ["ties", "slerp"]}, "parameters": {"weight": "search", "t": "search"},
+      "penalty": {"l1": 0.05}}, "method slerp searches none"),
+    ({"method": "ties", "parameters": {"weight": "search"}, "penalty": {"l1": -0.1}}, "penalty.l1: Input should be"),
+    ({"method": "ties", "parameters": {"weight": "search"}, "penalty": {"l2": 0.1}}, "penalty.l2: unknown key"),
+    ({"method": "passthrough", "penalty": {"l1": 0.05}}, "a layer-stacking space has no such weights"),
+    ({"kind": "moe", "penalty": {"l1": 0.05}}, "a mixture-of-experts space has no such weights"),
     ({"method": "passthrough", "scale": {"choice": [-1.0, 1.0]}}, "numbers >= 0"),
 ])
 def test_bad_spaces_fail_at_load(data, message):

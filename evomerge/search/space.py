@@ -24,6 +24,7 @@ Parameter spaces (every method except ``passthrough``)
       normalize: {choice: [true, false]}
     method_parameters:                 # only with a method choice: per-method entries, override `parameters`
       task_arithmetic: {lambda: {low: 0.5, high: 1.5}}
+    penalty: {l1: 0.05}                # optional: objective = score ∓ l1 · Σ|w| over the searched weights
 
 A parameter entry is one of
 
@@ -62,6 +63,15 @@ Studies written before these names (naming version 1; :data:`NAMING` is today's)
 ``<param>[/s<source index>][/g<group>][/<filter>]`` (``weight/s0/g1/mlp``); the run passes the study's version
 (study user_attr ``param_naming``, :func:`evomerge.search.trials.param_naming`) to :meth:`SearchSpace.suggest`, so a
 resumed study goes on with the names its trials have.
+
+L1 penalty (``penalty: {l1: α}``): LoraHub's regularizer (Huang et al. 2023, "LoraHub: Efficient Cross-Task
+Generalization via Dynamic LoRA Composition": the weights minimize ``L + α Σ_i |w_i|``, α = 0.05) folded into the
+objective a trial records: ``score − α Σ|w|`` when the study maximizes, ``score + α Σ|w|`` when it minimizes, the
+sum over the trial's searched ``weight`` values (every ``weight[...]`` parameter; others are not penalized). The
+trial keeps its unpenalized score (user_attr ``score``, :mod:`evomerge.search.trials`) and the report shows both;
+test-split scores are unpenalized. Every method of the space must search ``weight`` (not fixed), and the run must
+have one objective. (LoraHub's released code, ``lorahub/algorithm.py``, divides the sum by the number of adapters:
+``l1: 0.05 / N`` reproduces that.)
 
 Checked at load, with an error naming the file, the entry and the fix: unknown keys, unknown methods or parameters,
 ranges outside the registry's valid range, booleans searched as floats, a missing required parameter (slerp ``t``),
@@ -231,6 +241,24 @@ class MethodChoice(StrictModel):
     choice: list[str] = Field(min_length=1)
 
 
+class Penalty(StrictModel):
+    """``penalty: {l1: α}``: an L1 penalty on a trial's searched per-source weights (module docstring)."""
+
+    l1: float = Field(ge=0)
+
+    def amount(self, weights: Sequence[float]) -> float:
+        """``α Σ_i |w_i|`` (Huang et al. 2023, LoraHub: the weights minimize ``L + α Σ_i |w_i|``)."""
+        return self.l1 * sum(abs(float(w)) for w in weights)
+
+
+def penalized(score: float, amount: float, direction: str) -> float:
+    """The objective of a penalized trial: ``score − amount`` when the study maximizes (``direction`` ``"maximize"``),
+    ``score + amount`` when it minimizes: the penalty always makes the objective worse."""
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction must be maximize or minimize, got {direction!r}")
+    return score - amount if direction == "maximize" else score + amount
+
+
 # -------------------------------------------------------------------------------------------- layer layout
 @dataclass(frozen=True)
 class _Layout:
@@ -319,6 +347,7 @@ class MergeSpace(StrictModel):
     filters: list[str] = Field(default_factory=list)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
     method_parameters: dict[str, dict[str, ParamSpec]] = Field(default_factory=dict)
+    penalty: Penalty | None = None
 
     _plans: dict[str, dict[str, ParamSpec]] = PrivateAttr(default_factory=dict)
 
@@ -356,6 +385,10 @@ class MergeSpace(StrictModel):
                     for p in method.params if p.name in entries}
             _check_against_registry(method, plan)
             self._plans[name] = plan
+            if self.penalty is not None and not isinstance(plan.get("weight"), (RangeSpec, ChoiceSpec)):
+                raise ValueError(
+                    f"penalty: the L1 penalty is on the searched per-source weights, and method {name} searches none "
+                    "(give parameters.weight a range, e.g. {low: -1.5, high: 1.5}, or drop penalty)")
         return self
 
     # ------------------------------------------------------------------------------------------ queries
@@ -404,6 +437,16 @@ class MergeSpace(StrictModel):
             method=name, base=models.base, parameters=shared,
             sources=[SourceSpec(model=m, parameters=p) for m, p in zip(models.sources, per_source)],
         )
+
+    def penalty_of(self, params: Mapping[str, Any], models: ModelSet, naming: int = NAMING) -> float | None:
+        """The L1 penalty ``α Σ|w|`` of a trial whose parameters are ``params`` (its searched ``weight`` values),
+        None when the space has no ``penalty``."""
+        if self.penalty is None:
+            return None
+        name = str(params["method"]) if self.is_choice else self.methods[0]
+        spec = self._plans[name]["weight"]
+        names = self._names(name, get_method(name).param("weight"), spec, models, naming)
+        return self.penalty.amount([params[trial_name] for _, _, trial_name in names])
 
     # ----------------------------------------------------------------------------------------- baselines
     def baseline_params(self, models: ModelSet, naming: int = NAMING) -> list[tuple[str, dict[str, Any]]]:
@@ -675,6 +718,10 @@ class SearchSpace:
                              "mixture-of-experts space)")
         else:
             model = StackingSpace if data["method"] == STACK_METHOD else MergeSpace
+        if "penalty" in data and model is not MergeSpace:
+            kind = "mixture-of-experts" if model is MoeSpace else "layer-stacking"
+            raise SpaceError(f"{name}: penalty (an L1 penalty on the searched per-source weights) applies to merge "
+                             f"spaces; a {kind} space has no such weights: drop penalty")
         try:
             return cls(model.model_validate(data), name)
         except ValidationError as err:
@@ -704,6 +751,15 @@ class SearchSpace:
         A baseline whose values fall outside the space is skipped, with the reason in a debug log.
         """
         return self.spec.baseline_params(models, naming)
+
+    @property
+    def penalty(self) -> Penalty | None:
+        """The space's L1 penalty on the searched weights (``penalty: {l1: α}``), None without one."""
+        return self.spec.penalty if isinstance(self.spec, MergeSpace) else None
+
+    def penalty_of(self, params: Mapping[str, Any], models: ModelSet, naming: int = NAMING) -> float | None:
+        """:meth:`MergeSpace.penalty_of` of a trial's parameters; None for spaces without a penalty."""
+        return self.spec.penalty_of(params, models, naming) if isinstance(self.spec, MergeSpace) else None
 
     @property
     def is_moe(self) -> bool:

@@ -45,7 +45,7 @@ from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.moe_space import NO_TEMPLATE
-from evomerge.search.space import NAMING, ModelSet, SearchSpace, SpaceError
+from evomerge.search.space import NAMING, ModelSet, SearchSpace, SpaceError, penalized
 from evomerge.search.storage import (
     StudyLock,
     check_storage,
@@ -203,6 +203,9 @@ class Runner:
         self.space = SearchSpace.from_yaml(config.space) if config.space else None
         if study_kind == records.SEARCH_KIND and self.space is None:
             raise ValueError("a search needs 'space': a search space YAML (see search_spaces/)")
+        if self.space is not None and self.space.penalty is not None and config.multi_objective:
+            raise ValueError(f"{self.space.name}: penalty folds an L1 term on the weights into one objective, and a "
+                             "multi_objective run has several: drop the space's penalty or multi_objective")
         self.callbacks = [load_callback(spec) for spec in config.callbacks]  # before any model loads
         self.evaluator = build_evaluator(config.evaluator)
         template = self._template()
@@ -327,10 +330,12 @@ class Runner:
         self.engine.materialize(recipe)
         return self.engine.export(out, tokenizer_dir=self.tokenizer_dir, force=True, provenance=card)
 
-    def score(self, recipe: AnyRecipe, trial: optuna.Trial | None = None, *, prunable: bool = False) -> Scored:
+    def score(self, recipe: AnyRecipe, trial: optuna.Trial | None = None, *, prunable: bool = False,
+              penalty: float = 0.0) -> Scored:
         """Materialize ``recipe`` and score it. When ``prunable`` (a search trial with a pruner), the evaluator runs
-        on the growing fidelity levels and reports each to ``trial``; the pruner may stop it before the last level.
-        Otherwise it is scored once, on every validation item."""
+        on the growing fidelity levels and reports each to ``trial`` (with the trial's ``penalty`` folded in, as in
+        its final value); the pruner may stop it before the last level. Otherwise it is scored once, on every
+        validation item."""
         deadline = self._deadline()
         model, merge_seconds = self.materialize(recipe)
         levels = self.config.fidelities if prunable and trial is not None else [1.0]
@@ -339,10 +344,11 @@ class Runner:
             if fidelity == 1.0:
                 break
             assert trial is not None
+            offset = self._penalized(0.0, penalty)
             if self.config.pruner == "wilcoxon" and result.items:
-                self._report_items(trial, result)
+                self._report_items(trial, result, offset)
             else:
-                trial.report(result.objective, step)
+                trial.report(result.objective + offset, step)
             if trial.should_prune():
                 records.set_metrics(trial, result.metrics)
                 raise optuna.TrialPruned(f"pruned at fidelity {fidelity}")
@@ -354,34 +360,47 @@ class Runner:
         return None if timeout is None else time.monotonic() + timeout
 
     @staticmethod
-    def _report_items(trial: optuna.Trial, result: EvalResult) -> None:
+    def _report_items(trial: optuna.Trial, result: EvalResult, offset: float) -> None:
         items = [v for task in sorted(result.items or {}) for v in result.items[task]]
         for i, value in enumerate(items):
-            trial.report(value, i)
+            trial.report(value + offset, i)
 
-    def record(self, trial: optuna.Trial, recipe: AnyRecipe, kind: str) -> float | list[float]:
-        """Score ``recipe`` as ``trial``, storing recipe, metrics and timings; errors are stored then re-raised."""
+    def _penalized(self, score: float, penalty: float) -> float:
+        """``score`` with a penalty folded in, in the study's direction (:func:`~evomerge.search.space.penalized`)."""
+        return penalized(score, penalty, self.evaluator.objective.direction)
+
+    def record(self, trial: optuna.Trial, recipe: AnyRecipe, kind: str, *,
+               penalty: float | None = None) -> float | list[float]:
+        """Score ``recipe`` as ``trial``, storing recipe, metrics and timings; errors are stored then re-raised.
+        ``penalty`` (the space's L1 penalty of the trial's weights): the value returned is the score with it folded
+        in, and the trial keeps both."""
         records.set_started(trial, recipe, kind)
         prunable = self.config.pruner != "none" and kind == records.SEARCH_KIND
         try:
-            scored = self.score(recipe, trial, prunable=prunable)
+            scored = self.score(recipe, trial, prunable=prunable, penalty=penalty or 0.0)
         except optuna.TrialPruned:
             raise
         except (Exception, KeyboardInterrupt) as exc:  # Ctrl-C: the trial fails (not RUNNING), the run stops
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
         records.set_scored(trial, scored.result.metrics, scored.merge_seconds, scored.result.seconds)
-        return scored.result.objectives if self.config.multi_objective else scored.result.objective
+        if self.config.multi_objective:
+            return scored.result.objectives
+        if penalty is None:
+            return scored.result.objective
+        records.set_penalty(trial, scored.result.objective, penalty)
+        return self._penalized(scored.result.objective, penalty)
 
     # ------------------------------------------------------------------------------------------- search
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         assert self.space is not None
         try:
             recipe = self.space.suggest(trial, self.models, self.naming)
+            penalty = self.space.penalty_of(trial.params, self.models, self.naming)
         except Exception as exc:  # stored like any failure: a FAIL without 'error' would read as interrupted
             records.set_error(trial, f"{type(exc).__name__}: {exc}")
             raise
-        return self.record(trial, self._with_run_settings(recipe), trial_kind(trial))
+        return self.record(trial, self._with_run_settings(recipe), trial_kind(trial), penalty=penalty)
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
         if not self.config.baselines or records.baselines_enqueued(study) or self.space is None:
@@ -526,8 +545,9 @@ class Runner:
                 for trial in todo:
                     result = self.test_score(evaluator, records.recipe_of(trial),
                                              f"confirmation of trial #{trial.number}")
-                    if not isinstance(result, Exception):
-                        records.set_confirm_result(study, trial.number, result.metrics, result.objective)
+                    if not isinstance(result, Exception):  # ranked as the search ranks: with its penalty
+                        objective = self._penalized(result.objective, records.trial_penalty(trial) or 0.0)
+                        records.set_confirm_result(study, trial.number, result.metrics, objective)
                     bar.update(1)
         return records.confirmed(study.user_attrs)
 

@@ -12,6 +12,8 @@ Trial user_attrs:
 - ``kind``: ``"search"``, ``"baseline:<label>"``, ``"soup:<n>"`` or ``"sweep:<method>"`` (missing: a search trial);
 - ``metrics``: the validation metrics ``{name: value}``; each numeric one also as its own attr ``val/<name>`` (e.g.
   ``val/zoo_add/acc``), so that ``study.trials_dataframe()`` and optuna-dashboard sort and plot it;
+- ``score`` / ``penalty``: with a space's L1 penalty (:mod:`evomerge.search.space`), the evaluator's unpenalized
+  objective and the penalty ``α Σ|w|`` the trial's value includes (``value = score ∓ penalty``);
 - ``merge_seconds`` / ``eval_seconds``: timings;
 - ``error``: ``"<ExceptionType>: <message>"`` of a failed trial;
 - ``retry_of``: the number of the interrupted trial this one re-runs with the same parameters;
@@ -45,6 +47,8 @@ RECIPE = "recipe"
 KIND = "kind"
 METRICS = "metrics"
 VAL_PREFIX = "val/"
+SCORE = "score"
+PENALTY = "penalty"
 MERGE_SECONDS = "merge_seconds"
 EVAL_SECONDS = "eval_seconds"
 ERROR = "error"
@@ -157,6 +161,22 @@ def set_scored(trial: AttrTrial, metrics: Mapping[str, Any], merge_seconds: floa
     set_metrics(trial, metrics)
     trial.set_user_attr(MERGE_SECONDS, merge_seconds)
     trial.set_user_attr(EVAL_SECONDS, eval_seconds)
+
+
+def set_penalty(trial: AttrTrial, score: float, penalty: float) -> None:
+    """A penalized trial's unpenalized objective (``score``) and the penalty its value includes."""
+    trial.set_user_attr(SCORE, score)
+    trial.set_user_attr(PENALTY, penalty)
+
+
+def trial_score(trial: FrozenTrial) -> float | None:
+    """The unpenalized objective of a penalized trial, None for a trial without a penalty."""
+    return trial.user_attrs.get(SCORE)
+
+
+def trial_penalty(trial: FrozenTrial) -> float | None:
+    """The penalty a trial's value includes (``α Σ|w|``), None for a trial without one."""
+    return trial.user_attrs.get(PENALTY)
 
 
 def set_error(trial: AttrTrial, exc: BaseException | str) -> None:
