@@ -14,7 +14,8 @@ checked when it is opened, before any tensor work, each problem one line naming 
 (DoRA, LoRA biases, aLoRA, QALoRA, trainable tokens, parameter targets, PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ
 initialisations that change the base); target modules the base does not have; factor shapes that do not fit the
 base's tensors. Other saved tensors (``modules_to_save``, trained biases with ``bias: all | lora_only``) replace the
-base's tensor of the same name, as PEFT loads them.
+base's tensor of the same name, as PEFT loads them; a targeted embedding's own weight, which PEFT saves whether or
+not training changed it, only where it differs from the base's.
 
 ``base_model_name_or_path`` naming another model only warns: the shapes are checked strictly, and names are not
 reliable (an adapter trained on a local dir that moved since, or on a hub id of which the base is a local copy).
@@ -67,6 +68,7 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # saved suffix -> factor; embeddings store theirs as bare parameters ([r, num_embeddings], [dim, r]): ΔW transposed
 _LORA_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding A",
                "lora_embedding_B": "embedding B"}
+_BASE_LAYER = "base layer"  # the part of a wrapped layer's own weight, which PEFT saves for targeted embeddings
 
 
 class AdapterError(CheckpointError):
@@ -75,13 +77,16 @@ class AdapterError(CheckpointError):
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One module's factors: ``A`` [r, d_in], ``B`` [d_out, r], the scale ``s`` and whether ``ΔW`` is transposed
-    (``fan_in_fan_out`` modules and embeddings, whose stored weight is [d_in, d_out])."""
+    """One module's factors: ``A`` [r, d_in], ``B`` [d_out, r], the scale ``s``, whether ``ΔW`` is transposed
+    (``fan_in_fan_out`` modules and embeddings, whose stored weight is [d_in, d_out]) and whether the module is an
+    embedding (PEFT stores its factors as ``lora_embedding_A`` [r, num_embeddings] / ``lora_embedding_B`` [dim, r]:
+    ``A`` and ``B`` here, ``d_in`` the vocabulary)."""
 
     A: Tensor
     B: Tensor
     scale: float
     transpose: bool
+    embedding: bool = False
 
     @property
     def rank(self) -> int:
@@ -92,7 +97,7 @@ class LoraFactors:
         return self.A.nbytes + self.B.nbytes
 
     def to(self, device: torch.device) -> LoraFactors:
-        return LoraFactors(self.A.to(device), self.B.to(device), self.scale, self.transpose)
+        return LoraFactors(self.A.to(device), self.B.to(device), self.scale, self.transpose, self.embedding)
 
     def delta(self) -> Tensor:
         """``ΔW = s · B A`` (transposed where the weight is stored [d_in, d_out]), fp32: in PEFT's order of
@@ -179,10 +184,12 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
-    """``(module path in the base, LoRA part: 'A' | 'B' | 'embedding A' | 'embedding B')`` of a saved name, or
-    ``(tensor name, None)`` for a saved full tensor (``modules_to_save``, biases)."""
+    """``(module path in the base, LoRA part: 'A' | 'B' | 'embedding A' | 'embedding B')`` of a saved name,
+    ``(tensor name, 'base layer')`` for a wrapped layer's own weight, or ``(tensor name, None)`` for another saved
+    full tensor (``modules_to_save``, biases)."""
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    name = name.replace(".base_layer.", ".")  # the wrapped layer's own weight (PEFT saves embeddings' when targeted)
+    if ".base_layer." in name:  # the wrapped layer's own weight (PEFT saves embeddings' when targeted)
+        return name.replace(".base_layer.", "."), _BASE_LAYER
     for suffix, part in _LORA_PARTS.items():
         if name.endswith("." + suffix):
             return name[: -len(suffix) - 1], part
@@ -211,16 +218,27 @@ class LoraAdapter:
         _warn_other_base(config, directory, base)
         parts: dict[str, dict[str, Tensor]] = {}
         replaced: dict[str, Tensor] = {}
+        base_layers: dict[str, Tensor] = {}
         for key, tensor in _read_weights(directory, allow_pickle).items():
             name, part = _split_key(key)
             if part is None:
                 replaced[name] = tensor
+            elif part == _BASE_LAYER:
+                base_layers[name] = tensor
             else:
                 parts.setdefault(name, {})[part] = tensor
-        absent = [f"{m}.weight" for m in parts if f"{m}.weight" not in base] + [n for n in replaced if n not in base]
+        absent = [f"{m}.weight" for m in parts if f"{m}.weight" not in base]
+        absent += [n for n in [*replaced, *base_layers] if n not in base]
         if absent:
             raise AdapterError(f"{directory}: target module(s) absent from the base {base.path}: {absent[:3]} "
                                f"({len(absent)} in all); is the adapter trained on another architecture?")
+        # PEFT saves a targeted embedding's own weight ("auto"): the base's, unless training changed it (a resized or
+        # trained vocabulary); only a changed one replaces the base's tensor, so that an unchanged one keeps the
+        # adapter factors-only (composable, writable as a merged adapter)
+        for name, tensor in base_layers.items():
+            stored = base.get(name)
+            if tensor.dtype != stored.dtype or tensor.shape != stored.shape or not torch.equal(tensor, stored):
+                replaced[name] = tensor
         factors = {f"{m}.weight": _factors(directory, m, p, config, base, f"{m}.weight" in transposed)
                    for m, p in parts.items()}
         for name, tensor in replaced.items():
@@ -264,7 +282,7 @@ def _factors(directory: Path, module: str, parts: Mapping[str, Tensor], config: 
         raise AdapterError(f"{directory}: module {module!r} has factors of rank {A.shape[0]} / {B.shape[1]}, "
                            f"{ADAPTER_CONFIG} says r={r}")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    factors = LoraFactors(A, B, float(scale), transpose=fan_in_fan_out or embedding)
+    factors = LoraFactors(A, B, float(scale), transpose=fan_in_fan_out or embedding, embedding=embedding)
     dense = (B.shape[0], A.shape[1])
     shape = dense[::-1] if factors.transpose else dense
     if shape != base.shape(f"{module}.weight"):
@@ -353,11 +371,13 @@ class AdapterCheckpoint:
         return f"AdapterCheckpoint({str(self.path)!r} on {str(self.base.path)!r})"
 
 
-def save_adapter(modules: Mapping[str, tuple[Tensor, Tensor]], out: str | Path, *, base: str | Path,
+def save_adapter(modules: Mapping[str, LoraFactors], out: str | Path, *, base: str | Path,
                  force: bool = False) -> Path:
-    """Write a PEFT LoRA dir (``adapter_config.json`` + ``adapter_model.safetensors``) holding ``A, B`` per base
-    weight name (``<module>.weight`` -> (A [r, d_in], B [d_out, r])) with scale 1 (``lora_alpha = r`` per module,
-    through ``rank_pattern`` / ``alpha_pattern`` where ranks differ), on ``base``; atomic like every output
+    """Write a PEFT LoRA dir (``adapter_config.json`` + ``adapter_model.safetensors``) holding the factors of each
+    base weight (``<module>.weight``), on ``base``, in PEFT's layout: ``lora_A.weight`` / ``lora_B.weight`` for linear
+    and ``Conv1D`` modules (``fan_in_fan_out: true`` when any is a ``Conv1D``: PEFT decides it per module type
+    anyway), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings; ``r`` the largest rank and ``lora_alpha`` its
+    scale, other modules through ``rank_pattern`` / ``alpha_pattern`` (``alpha = s · r``); atomic like every output
     (:mod:`evomerge.outdir`). ``peft.PeftModel.from_pretrained(base_model, out)`` loads it."""
     if not modules:
         raise ValueError("no adapted module to save")
@@ -365,19 +385,29 @@ def save_adapter(modules: Mapping[str, tuple[Tensor, Tensor]], out: str | Path, 
     refuse_symlink(target)
     target = target.resolve()
     check_target(target, force)
-    ranks = {name.removesuffix(".weight"): A.shape[0] for name, (A, _) in modules.items()}
+    stems = {name: name.removesuffix(".weight") for name in modules}
+    ranks = {stems[n]: f.rank for n, f in modules.items()}
+    alphas = {stems[n]: _plain(f.rank * f.scale) for n, f in modules.items()}
     r = max(ranks.values())
-    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": patterns,
-              "alpha_pattern": dict(patterns), "base_model_name_or_path": str(base), "bias": "none",
-              "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+    alpha = _plain(r * next(f.scale for f in modules.values() if f.rank == r))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+              "rank_pattern": {re.escape(m): k for m, k in ranks.items() if k != r},
+              "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+              "base_model_name_or_path": str(base), "bias": "none", "lora_dropout": 0.0, "use_rslora": False,
+              "use_dora": False, "fan_in_fan_out": any(f.transpose and not f.embedding for f in modules.values()),
               "modules_to_save": None, "inference_mode": True, "task_type": None}
     tensors = {}
-    for name, (A, B) in modules.items():
-        module = PREFIX + name.removesuffix(".weight")
-        tensors[f"{module}.lora_A.weight"] = A.detach().to("cpu").contiguous()
-        tensors[f"{module}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+    for name, f in modules.items():
+        module = PREFIX + stems[name]
+        a, b = ("lora_embedding_A", "lora_embedding_B") if f.embedding else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{module}.{a}"] = f.A.detach().to("cpu").contiguous()
+        tensors[f"{module}.{b}"] = f.B.detach().to("cpu").contiguous()
     with building(target, force=force) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return target
+
+
+def _plain(x: float) -> int | float:
+    """``x`` as an int where it is one (``lora_alpha: 8``, not ``8.0``, as PEFT writes it)."""
+    return int(x) if float(x).is_integer() else x

@@ -51,6 +51,21 @@ def test_an_adapter_reads_as_peft_merge_and_unload_bit_for_bit(family):
     assert stack_bytes(opened.checkpoints, opened.names, 4) == base_bytes + factor_bytes
 
 
+def test_an_unchanged_embedding_base_layer_is_no_replacement_and_a_changed_one_is(family, tmp_path):
+    # PEFT saves a targeted embedding's own weight (save_embedding_layers "auto") though training left it as it was:
+    # the adapter then stays factors-only there (composable, writable as a merged adapter)
+    weights = load_file(f"{family['saved']}/adapter_model.safetensors")
+    (key,) = [k for k in weights if ".base_layer." in k]
+    name = "model.embed_tokens.weight"
+    adapter = open_sources([family["base"], family["saved"]]).checkpoints[1].adapter
+    assert set(adapter.replaced) == {"lm_head.weight"} and name in adapter.factors
+    changed = _copy(family["saved"], tmp_path / "changed")
+    save_file({**weights, key: weights[key] + 1.0}, str(changed / "adapter_model.safetensors"))
+    view = open_sources([family["base"], str(changed)]).checkpoints[1]
+    assert set(view.adapter.replaced) == {"lm_head.weight", name}
+    assert torch.equal(view.get(name), (weights[key] + 1.0) + view.adapter.factors[name].delta())
+
+
 METHOD_PARAMS = [
     ("task_arithmetic", {"weight": 0.7, "lambda": 1.1}),
     ("ties", {"density": 0.4, "weight": 1.0}),

@@ -53,7 +53,7 @@ def check_factor_sources(checkpoints: Sequence[Checkpoint | AdapterCheckpoint], 
     saved = [paths[i] for i in sources if checkpoints[i].adapter.replaced]  # type: ignore[union-attr]
     if saved:
         raise RecipeError(f"method '{method}' composes LoRA factors; {saved[:2]} also save full tensors "
-                          "(modules_to_save, embeddings' base layers), which have no factors: merge them with a "
+                          "(modules_to_save, a changed embedding base layer), which have no factors: merge them with a "
                           "task-vector method")
 
 
@@ -151,11 +151,14 @@ def _low_rank(method: MergeMethod, kwargs: Mapping[str, object], factors: list[F
 
 
 def merged_adapter(recipe: Recipe, *, rank: int | None = None,
-                   allow_pickle: bool = False) -> tuple[dict[str, tuple[Tensor, Tensor]], str]:
-    """The merge of a recipe on LoRA adapter sources as one adapter: ``A, B`` per adapted base weight (fp32), and
-    the base's path. ``rank``: every module's ``B A`` reduced to that rank by SVD (:func:`svd_factors`; the exact
-    product when it is already of that rank or lower). Merges that are not low-rank (TIES, DARE, ...: entrywise
-    selections of the dense products) are refused: write the full model instead."""
+                   allow_pickle: bool = False) -> tuple[dict[str, LoraFactors], str]:
+    """The merge of a recipe on LoRA adapter sources as one adapter: the factors of each adapted base weight (fp32,
+    scale 1; on ``Conv1D`` weights and embeddings transposed as the sources' are, so that
+    :func:`~evomerge.adapters.save_adapter` writes them in PEFT's layout), and the base's path. ``rank``: every
+    module's ``B A`` reduced to that rank by SVD (:func:`svd_factors`, on the untransposed ``B A`` [d_out, d_in], so
+    the same for every kind of module; the exact product when it is already of that rank or lower). Merges that are
+    not low-rank (TIES, DARE, ...: entrywise selections of the dense products) are refused: write the full model
+    instead."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"a merged adapter is a parameter merge of LoRA adapter sources; a {recipe_kind(recipe)} "
                           "recipe has none: drop --adapter-out")
@@ -168,16 +171,15 @@ def merged_adapter(recipe: Recipe, *, rank: int | None = None,
     _, sources = recipe_indices(opened.paths, recipe)
     method, resolved = plan_params(recipe, opened.names, opened.num_layers)
     check_factor_sources(opened.checkpoints, opened.paths, sources, method.name)
-    modules: dict[str, tuple[Tensor, Tensor]] = {}
+    per_source = [opened.checkpoints[i].adapter.factors for i in sources]
+    modules: dict[str, LoraFactors] = {}
     for name in opened.names:
-        factors, transpose = module_factors([opened.checkpoints[i].adapter.factors for i in sources], name)
+        factors, transpose = module_factors(per_source, name)
         if all(f is None for f in factors):
             continue
-        if transpose:
-            raise RecipeError(f"'{name}' is an embedding or Conv1D weight; writing merged adapters for those is not "
-                              "supported yet: write the full model")
         A, B = _low_rank(method, method_kwargs(method, resolved[name], len(sources)), factors)
         if rank is not None and rank < A.shape[0]:
             A, B = svd_factors(B @ A, rank)
-        modules[name] = (A, B)
+        embedding = any(f[name].embedding for f in per_source if name in f)
+        modules[name] = LoraFactors(A, B, 1.0, transpose, embedding)
     return modules, opened.paths[0]
