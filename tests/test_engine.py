@@ -113,6 +113,45 @@ def test_engine_equals_merge_cli_and_reload(engine, family, tmp_path):
         assert torch.equal(reloaded(ids).logits, engine.model(ids).logits)
 
 
+def test_a_gpt2_merge_is_a_gpt2_lm_with_its_head_tied_to_the_merged_embedding(tmp_path):
+    from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel
+
+    from evomerge.engine import model_class
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():  # a fine-tune: every tensor moved (the tied embedding / head once)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "ft")
+    base, ft = str(tmp_path / "base"), str(tmp_path / "ft")
+    W, F = load_file(f"{base}/model.safetensors"), load_file(f"{ft}/model.safetensors")
+    assert all(n.startswith("transformer.") for n in W) and "lm_head.weight" not in W  # the tied head is not saved
+    config = AutoConfig.from_pretrained(base)
+    assert config.architectures == ["GPT2LMHeadModel"] and model_class(config, list(W)) is AutoModelForCausalLM
+    config.architectures = None  # without architectures the names say it: the LM's prefix, not the bare model's
+    assert model_class(config, list(W)) is AutoModelForCausalLM
+    assert model_class(config, [n.removeprefix("transformer.") for n in W]) is AutoModel
+    config.architectures = ["GPT2Model"]
+    assert model_class(config, [n.removeprefix("transformer.") for n in W]) is AutoModel
+
+    engine = MergeEngine([base, ft], device="cpu")
+    assert type(engine.model) is GPT2LMHeadModel
+    engine.materialize(Recipe(method="task_arithmetic", base=base,
+                              sources=[{"model": ft, "parameters": {"weight": 0.5}}]))
+    wte, head = engine.model.transformer.wte.weight, engine.model.lm_head.weight
+    assert head.data_ptr() == wte.data_ptr()  # still tied: the head is the merged embedding
+    name = "transformer.wte.weight"
+    torch.testing.assert_close(wte.detach(), W[name] + 0.5 * (F[name] - W[name]), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(wte.detach(), W[name])
+    out = engine.export(tmp_path / "merged")
+    reloaded = GPT2LMHeadModel.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, engine.model(ids).logits)
+
+
 def test_bfloat16_live_model_stores_rounded_fp32_result(family, weights):
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu", dtype="bfloat16")

@@ -63,12 +63,32 @@ class Span:
 
 
 def model_class(config: object, names: Sequence[str]) -> type:
-    """A causal LM when the config's architectures say so (or, without architectures, when there is an lm_head)."""
+    """``AutoModelForCausalLM`` when the checkpoint is a causal LM, else the bare ``AutoModel``. A causal LM: its
+    config's ``architectures`` name one (``*ForCausalLM``, or any class of transformers' causal-LM mapping, such as
+    GPT-2's ``GPT2LMHeadModel``), or, without ``architectures``, its tensor names are a head model's: an
+    ``lm_head``, or every name under the causal LM's ``base_model_prefix`` (a GPT-2 LM ties its head to
+    ``transformer.wte``, so it saves only ``transformer.*`` names; the bare ``GPT2Model``'s carry no prefix)."""
     from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = getattr(config, "architectures", None) or []
-    causal = any(a.endswith("ForCausalLM") for a in archs) if archs else "lm_head.weight" in names
+    if archs:
+        classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v)}
+        causal = any(a.endswith("ForCausalLM") or a in classes for a in archs)
+    else:
+        causal = "lm_head.weight" in names or _under_causal_prefix(config, names)
     return AutoModelForCausalLM if causal else AutoModel
+
+
+def _under_causal_prefix(config: object, names: Sequence[str]) -> bool:
+    """Whether every name starts with ``<prefix>.``, the ``base_model_prefix`` of the config's causal-LM class."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    entry = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    cls = getattr(transformers, entry if isinstance(entry, str) else (entry or [""])[0], None)
+    prefix = getattr(cls, "base_model_prefix", "") if cls is not None else ""
+    return bool(prefix and names) and all(n.startswith(prefix + ".") for n in names)
 
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
