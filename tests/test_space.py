@@ -463,8 +463,20 @@ def test_bad_spaces_fail_at_load(data, message):
 def test_bad_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("method: ties\nparameters:\n  weight: {low: 0, hihg: 1}\n")
-    with pytest.raises(SpaceError, match=r"typo.yaml: invalid search space:\n  parameters.weight.hihg: unknown key"):
+    with pytest.raises(SpaceError, match=r"typo.yaml: invalid search space: parameters.weight.hihg: unknown key"):
         SearchSpace.from_yaml(path)
+
+
+def test_a_space_with_several_errors_names_them_all_on_one_line(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("method: ties\nlayer_group: 2\nparameters:\n  weight: {low: 0, hihg: 1}\n")
+    with pytest.raises(SpaceError) as err:
+        SearchSpace.from_yaml(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("two.yaml: invalid search space: ")
+    hint = "unknown key (see the format in evomerge/search/space.py)"
+    assert sorted(message.removeprefix("two.yaml: invalid search space: ").split("; ")) == [
+        f"layer_group: {hint}", f"parameters.weight.hihg: {hint}"]
 
 
 def test_model_set_mismatch_is_a_clear_error():

@@ -312,7 +312,8 @@ class _Layout:
 
 
 def _format_errors(err: ValidationError) -> str:
-    """One line per pydantic error: where (dotted keys, union tags left out) and what."""
+    """pydantic's errors as one line: ``where: what`` each (dotted keys, union tags left out), joined by ``; ``, as
+    run configs give theirs (:class:`~evomerge.search.config.ConfigError`)."""
     lines = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"] if x not in ("range", "choice", "fixed", "function-before"))
@@ -321,7 +322,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{where}: unknown key (see the format in evomerge/search/space.py)")
         else:
             lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n  ".join(lines)
+    return "; ".join(lines)
 
 
 def _check_models(method: MergeMethod, models: ModelSet) -> None:
@@ -725,7 +726,7 @@ class SearchSpace:
         try:
             return cls(model.model_validate(data), name)
         except ValidationError as err:
-            raise SpaceError(f"{name}: invalid search space:\n  {_format_errors(err)}") from None
+            raise SpaceError(f"{name}: invalid search space: {_format_errors(err)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
