@@ -7,8 +7,12 @@ root), where the engine's memory plan leaves them memory-mapped in their safeten
 tensor (``mapped``). Each child reports the plan it chose, its peak RSS (VmHWM), the cgroup's peak usage (page
 cache included), and the seconds per candidate (first and second candidate of each method).
 
-    sudo python benchmarks/memory_limit.py                       # ~180M params per model, fp32, 3 sources + base
-    python benchmarks/memory_limit.py --params 30e6 --quick      # a small run that checks the script works
+    sudo python benchmarks/memory_limit.py                          # ~180M params per model, fp32, 3 sources + base
+    python benchmarks/memory_limit.py --params 30e6 --sources 8 --quick   # a small run that checks the script works
+
+A limit below the sources must still hold what the mapped plan needs (the live model twice and the largest tensor's
+working set, about models + 3 fp32 copies of it). In a small Llama the 32000-row embedding is a third of the model,
+so with 3 sources that is more than the sources themselves: a small run needs more sources (8 at 30e6 parameters).
 
 Writes results/memory_limit.md and .csv.
 """
