@@ -324,3 +324,102 @@ def test_evomerge_merge_refuses_what_does_not_fit_in_one_line_before_writing(fam
     monkeypatch.setattr("evomerge.engine.streaming.available_bytes", lambda device: int(need / HEADROOM) + 1)
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# The tiny Llama's shapes (tests/tiny_models.py: hidden 16, MLP 32, 2 KV heads of 4, vocabulary 64, untied head):
+# entries per layer (q, o 16x16; k, v 8x16; gate, up, down 32x16; two norms 16) and outside the layers (embeddings,
+# head 64x16; final norm 16), all fp32.
+H, MLP, KV, VOCAB = 16, 32, 8, 64
+LAYER = 2 * H * H + 2 * KV * H + 3 * MLP * H + 2 * H
+OUTSIDE = 2 * VOCAB * H + H
+
+
+def _limited(monkeypatch, need: int, delta: int) -> None:
+    """Free memory just over (``delta`` 1) or under (-1) what ``need`` asks for within the planner's headroom."""
+    monkeypatch.setattr("evomerge.merge.available_bytes", lambda device: int(need / HEADROOM) + delta)
+
+
+def test_a_layer_stack_that_does_not_fit_is_refused_before_any_layer_is_read(family, tmp_path, monkeypatch, capsys):
+    """``evomerge merge`` of a layer stack holds every tensor of the stack as read and one output shard (here the
+    whole output): 4 layers of the tiny Llama, 2 * 4 B * (4 layers + the tensors outside them)."""
+    from test_cli_errors import one_line
+
+    from evomerge.cli import main
+    from evomerge.outdir import format_size
+    from evomerge.recipe import StackRecipe
+
+    base, fts = family
+    recipe = tmp_path / "stack.yaml"
+    StackRecipe(slices=[{"model": fts[0], "layer_range": [0, 2]}, {"model": fts[1], "layer_range": [0, 2]}],
+                ).to_yaml(recipe)
+    need = 2 * 4 * (4 * LAYER + OUTSIDE)
+    _limited(monkeypatch, need, -1)
+    monkeypatch.setattr("evomerge.merge.stack_layers", lambda *a: pytest.fail("read the layers"))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    line = one_line(capsys)
+    assert line.startswith("not enough memory for a layer stack of 4 layers: the stacked model's "
+                           f"tensors as read {format_size(need // 2)} + one output shard {format_size(need // 2)} = "
+                           f"{format_size(need)} needed within 90% of the free"), line
+    assert "stack fewer layers" in line and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    _limited(monkeypatch, need, 1)
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > need // 2  # the stack, and its header
+
+
+def test_a_layer_stacking_search_is_refused_before_its_first_trial(family, tmp_path, monkeypatch, capsys):
+    """A trial of the stacking space holds the stack's tensors as read and the stacked model (fp32 on CPU): at most
+    the space's 3 slots (1.5 x 2 layers) of the largest layer. Refused before the run dir is made."""
+    import yaml
+    from search_fitness import search_settings
+    from test_cli_errors import SPACES, one_line
+
+    from evomerge.cli import main
+
+    need = 2 * 4 * (3 * LAYER + OUTSIDE)
+    config = tmp_path / "stack.yaml"
+    config.write_text(yaml.safe_dump(search_settings(family, tmp_path / "run", space=str(SPACES /
+                                                                                         "layer_stacking.yaml"))))
+    _limited(monkeypatch, need, -1)
+    assert main(["search", str(config)]) == 2
+    assert "not enough memory for a layer stack of 3 layers" in one_line(capsys)
+    assert not (tmp_path / "run").exists()
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.merge import check_stack_memory, stack_needs
+
+    checkpoints = {p: Checkpoint.open(p) for p in family[1]}
+    needs = stack_needs(checkpoints, [(family[1][0], 1)] * 3, dtype=torch.float32, live=True,
+                        device=torch.device("cpu"))
+    assert sum(n.nbytes for n in needs) == need
+    _limited(monkeypatch, need, 1)
+    check_stack_memory(checkpoints, [(family[1][0], 1)] * 3, dtype=torch.float32, device=torch.device("cpu"),
+                       live=True)
+
+
+def test_an_moe_that_does_not_fit_is_refused_before_it_is_built(family, tmp_path, monkeypatch, capsys):
+    """``evomerge merge`` of an MoE of 2 experts (random gates) holds the live Mixtral (the base's attention, norms,
+    embeddings and head, both experts' MLPs, the routers), one layer's expert MLPs as read and stacked (2 fp32 copies
+    and the cast), the export's copy and one shard (here all of it)."""
+    from test_cli_errors import one_line
+
+    from evomerge.cli import main
+    from evomerge.recipe import MoeRecipe
+
+    base, fts = family
+    recipe = tmp_path / "moe.yaml"
+    MoeRecipe(base=base, experts=[{"model": fts[0]}, {"model": fts[1]}], gate_mode="random",
+              experts_per_token=1).to_yaml(recipe)
+    mlp = 3 * MLP * H
+    live = 4 * (OUTSIDE + 2 * (LAYER - mlp) + 2 * 2 * mlp + 2 * 2 * H)
+    need = 3 * live + 2 * mlp * (4 + 4 + 4)
+    _limited(monkeypatch, need, -1)
+    monkeypatch.setattr("evomerge.moe.MoeModel", lambda *a, **k: pytest.fail("built the MoE"))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    line = one_line(capsys)
+    assert "not enough memory for a mixture of 2 experts: the live MoE" in line and "fewer experts" in line, line
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    _limited(monkeypatch, need, 1)
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+

@@ -43,7 +43,13 @@ from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_s
 from evomerge.engine.kernels import COMPILE_MIN_ENTRIES, CPU_CHUNK, KernelInputs, Kernels, fused_merge, value_range
 from evomerge.engine.layout import LiveTargets, SourceStacks, all_finite, common_dtype, load_model
 from evomerge.engine.lowrank import LowRankStacks, check_factor_sources, has_adapters, stack_bytes
-from evomerge.engine.memory import HEADROOM, MemoryPlan, available_bytes, plan_memory, working_set_bytes
+from evomerge.engine.memory import (
+    HEADROOM,
+    MemoryPlan,
+    available_bytes,
+    model_working_set,
+    plan_memory,
+)
 from evomerge.engine.plan import (
     DTYPES,
     live_dtype,
@@ -171,10 +177,8 @@ class MergeEngine:
                                                 else first.dtype(n).itemsize) for n in first.names)
         itemsize = common_dtype(self.checkpoints, self.names).itemsize
         sources = stack_bytes(self.checkpoints, self.names, itemsize)
-        entries = sorted((math.prod(first.shape(n)) for n in self.names), reverse=True)
-        working = working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=len(self.paths),
-                                    device_type=self.device.type,
-                                    sorted_entries=sum(entries[:torch.get_num_threads()]), ranked=self._ranked)
+        working = model_working_set(first, self.names, n_models=len(self.paths), device_type=self.device.type,
+                                    ranked=self._ranked)
         if storage == self.device:  # sources beside the live model
             return plan_memory(live_model=live, source_bytes=sources, working_set=working,
                                n_models=len(self.paths), available=available_bytes(self.device))

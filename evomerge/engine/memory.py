@@ -12,26 +12,36 @@ magnitude ranks, whichever needs more). :func:`plan_memory` chooses where the so
 
 and refuses, with the numbers, when even the mapped plan does not fit. ``evomerge merge`` (the streaming merge, no
 live model) holds one output shard and one whole-tensor call on its largest tensor
-(:func:`stream_working_set_bytes`); :func:`check_stream_memory` refuses it the same way. Free memory on CPU is the
-smaller of the machine's available memory and what the process's cgroup (v1 or v2) still allows, reclaimable page
-cache counted as free.
+(:func:`stream_working_set_bytes`); :func:`check_stream_memory` refuses it the same way. Merges that hold a whole
+new model (a layer stack, :func:`layer_stack_bytes`; a mixture of experts) name what they hold as :class:`Need`
+parts and are refused by :func:`check_fits` with the same numbers. Free memory on CPU is the smaller of the
+machine's available memory and what the process's cgroup (v1 or v2) still allows, reclaimable page cache counted as
+free.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from evomerge.methods.spec import MergeMethod
+from evomerge.naming import layer_index
 from evomerge.outdir import format_size
 from evomerge.recipe import RecipeError
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "RANK_BYTES", "SELECT_BYTES", "SORT_BYTES", "available_bytes",
-           "check_stream_memory", "plan_memory", "rank_bytes", "stream_working_set_bytes", "working_set_bytes"]
+if TYPE_CHECKING:
+    from evomerge.checkpoint import Checkpoint
+
+__all__ = ["MemoryPlan", "MemoryPlanError", "Need", "RANK_BYTES", "SELECT_BYTES", "SORT_BYTES", "available_bytes",
+           "check_fits", "check_stream_memory", "layer_stack_bytes", "model_working_set", "plan_memory", "rank_bytes",
+           "stream_working_set_bytes", "working_set_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,15 @@ def working_set_bytes(*, largest_tensor: int, n_models: int, device_type: str, s
     select = SELECT_BYTES["cuda" if device_type == "cuda" else "cpu"] * largest_tensor
     ranks = rank_bytes(n_models - 1, device_type) * sorted_entries if ranked else 0
     return max(formula, select, SORT_BYTES * sorted_entries if device_type == "cpu" else 0, ranks)
+
+
+def model_working_set(first: Checkpoint, names: Sequence[str], *, n_models: int, device_type: str,
+                      ranked: bool = True) -> int:
+    """:func:`working_set_bytes` of an engine over ``n_models`` models shaped as ``first`` (merging ``names``): its
+    largest tensor, and the ``torch.get_num_threads()`` largest that threads sort at once."""
+    entries = sorted((math.prod(first.shape(n)) for n in names), reverse=True)
+    return working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=n_models, device_type=device_type,
+                             sorted_entries=sum(entries[:torch.get_num_threads()]), ranked=ranked)
 
 
 def stream_working_set_bytes(method: MergeMethod, *, largest_tensor: int, n_sources: int, base: bool) -> int:
@@ -215,21 +234,64 @@ def plan_memory(*, live_model: int, source_bytes: int, working_set: int, n_model
         f"only {_gib(available)} is free; free memory or merge in a smaller dtype (dtype: bfloat16)")
 
 
+@dataclass(frozen=True)
+class Need:
+    """One part of what a merge holds, as :func:`check_fits` names it: ``label`` and ``nbytes``; ``device``: held on
+    the compute device (a GPU's memory when the merge runs there), else in CPU memory."""
+
+    label: str
+    nbytes: int
+    device: bool = False
+
+
+def check_fits(needs: Sequence[Need], *, what: str, fixes: str, available: int,
+               device_available: int | None = None) -> None:
+    """Refuse ``what`` before it starts unless its parts fit: those in CPU memory within ``HEADROOM`` of
+    ``available``, those on the compute device within ``HEADROOM`` of ``device_available`` (None: the compute device
+    is the CPU, every part counts there). :class:`MemoryPlanError`, one line: each part, their sum, the free memory
+    and ``fixes``."""
+    split = device_available is not None
+    cpu = sum(n.nbytes for n in needs if not (split and n.device))
+    device = sum(n.nbytes for n in needs if split and n.device)
+    if cpu <= HEADROOM * available and (device_available is None or device <= HEADROOM * device_available):
+        return
+    free = format_size(available) + ("" if device_available is None
+                                     else f" (compute device {format_size(device_available)})")
+    parts = " + ".join(f"{n.label} {format_size(n.nbytes)}" for n in needs if n.nbytes)
+    raise MemoryPlanError(f"not enough memory for {what}: {parts} = {format_size(sum(n.nbytes for n in needs))} "
+                          f"needed within {HEADROOM:.0%} of the free {free}; {fixes}")
+
+
 def check_stream_memory(*, shard: int, working_set: int, available: int, working_available: int | None = None,
                         what: str) -> None:
     """Refuse a streaming merge (:mod:`evomerge.engine.streaming`) that cannot fit, before any tensor is read: it
     holds one output shard (``shard`` bytes, CPU) and one tensor's ``working_set`` (:func:`stream_working_set_bytes`)
     on the compute device, CPU unless ``working_available`` gives the compute device's free bytes. The sources stay
     memory-mapped (page cache, which the kernel reclaims). :class:`MemoryPlanError` names the numbers and the fixes."""
-    on_cpu = shard + (working_set if working_available is None else 0)
-    fits_cpu = on_cpu <= HEADROOM * available
-    fits_device = working_available is None or working_set <= HEADROOM * working_available
-    if fits_cpu and fits_device:
-        return
-    free = format_size(available) + ("" if working_available is None
-                                     else f" (compute device {format_size(working_available)})")
-    raise MemoryPlanError(
-        f"not enough memory for {what}: one output shard {format_size(shard)} + the largest tensor's working set "
-        f"{format_size(working_set)} = {format_size(shard + working_set)} needed within {HEADROOM:.0%} of the free "
-        f"{free}; free memory, lower --max-shard-size, merge fewer sources at once, or use a method with a smaller "
-        "working set (linear / task_arithmetic)")
+    check_fits([Need("one output shard", shard), Need("the largest tensor's working set", working_set, device=True)],
+               what=what, available=available, device_available=working_available,
+               fixes="free memory, lower --max-shard-size, merge fewer sources at once, or use a method with a "
+                     "smaller working set (linear / task_arithmetic)")
+
+
+def layer_stack_bytes(checkpoints: Mapping[str, Checkpoint], layers: Sequence[tuple[str, int]], *,
+                      itemsize: int | None = None) -> int:
+    """Bytes of a layer stack (:mod:`evomerge.engine.stacking`) whose layers are ``layers`` (model, layer index):
+    the first model's tensors outside the layers (the embeddings, final norm and head, of one shape in every model)
+    and each layer's tensors, in their stored dtypes, or ``itemsize`` bytes per floating-point entry (the stack in
+    another dtype)."""
+
+    def nbytes(ck: Checkpoint, name: str) -> int:
+        dtype = ck.dtype(name)
+        return math.prod(ck.shape(name)) * (itemsize if itemsize and dtype.is_floating_point else dtype.itemsize)
+
+    per_layer: dict[tuple[str, int], int] = {}
+    for model in dict.fromkeys(m for m, _ in layers):
+        ck = checkpoints[model]
+        for name in ck.names:
+            j = layer_index(name)
+            if j is not None:
+                per_layer[model, j] = per_layer.get((model, j), 0) + nbytes(ck, name)
+    first = checkpoints[layers[0][0]] if layers else next(iter(checkpoints.values()))
+    outside = sum(nbytes(first, n) for n in first.names if layer_index(n) is None)
+    return outside + sum(per_layer.get(layer, 0) for layer in layers)

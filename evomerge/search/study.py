@@ -31,9 +31,10 @@ from torch import nn
 
 from evomerge.calibration import prepare
 from evomerge.engine import MergeEngine
+from evomerge.engine.memory import layer_stack_bytes
 from evomerge.engine.stacking import build_stacked_model
 from evomerge.evaluate import EvalResult, Evaluator, build_evaluator
-from evomerge.merge import merge_to_dir, tokenizer_dir
+from evomerge.merge import check_moe_memory, check_stack_memory, merge_to_dir, tokenizer_dir
 from evomerge.modelcard import Provenance, SplitScores, mergekit_exportable, provenance
 from evomerge.moe import MoeModel
 from evomerge.moe.arch import open_moe_inputs
@@ -45,7 +46,14 @@ from evomerge.search import trials as records
 from evomerge.search.cmaes_restart import RestartCmaEsSampler
 from evomerge.search.config import RunConfig
 from evomerge.search.moe_space import NO_TEMPLATE
-from evomerge.search.space import NAMING, ModelSet, SearchSpace, SpaceError, penalized
+from evomerge.search.space import (
+    NAMING,
+    ModelSet,
+    SearchSpace,
+    SpaceError,
+    StackingSpace,
+    penalized,
+)
 from evomerge.search.storage import (
     StudyLock,
     check_storage,
@@ -217,6 +225,7 @@ class Runner:
                                    num_layers=open_moe_inputs(template).num_layers, template=template)
             if self.space is not None:
                 self.space.check(self.models)  # from config files and headers, before any weight loads
+            check_moe_memory(template, device=config.device)  # the live MoE and its export, before it is built
             with self.progress.phase("load models"):
                 self.moe = MoeModel(template, device=config.device, materialize=False)
         else:
@@ -227,6 +236,8 @@ class Runner:
                 self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
                                           methods=None if self.space is None else [*self.space.methods, "linear"])
             self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
+            if self.space is not None and isinstance(self.space.spec, StackingSpace):
+                self._check_stack_memory(self.space.spec.slots(self.models))
         self.tokenizer_dir = tokenizer_dir(Recipe(method="linear", base=self.models.base,
                                                   sources=[{"model": m} for m in self.models.sources]))
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir else None
@@ -234,6 +245,16 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         recover_dir(self.run_dir / "best_model")  # what killed exports of best_model/ left: cleaned at once
         self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
+
+    def _check_stack_memory(self, slots: int) -> None:
+        """Refuse a layer-stacking search whose largest stack (``slots`` layers, each the sources' largest) does not
+        fit beside the loaded engine, before any trial builds one (:func:`evomerge.merge.check_stack_memory`)."""
+        assert self.engine is not None
+        checkpoints = dict(zip(self.engine.paths, self.engine.checkpoints))
+        source = self.models.sources[0]
+        largest = max(range(self.models.num_layers), key=lambda j: layer_stack_bytes(checkpoints, [(source, j)]))
+        check_stack_memory(checkpoints, [(source, largest)] * slots, dtype=self.engine.dtype,
+                           device=self.engine.device, live=True)
 
     def _template(self) -> MoeRecipe | None:
         """The run's MoE template with the run's seed and dtype (the recipes of its trials carry them), None without
