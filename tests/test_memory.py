@@ -423,3 +423,69 @@ def test_an_moe_that_does_not_fit_is_refused_before_it_is_built(family, tmp_path
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "config.json").is_file()
 
+
+# The peak of forming one adapter source's tensor W + s·B·A in a fresh process (as STEP_PEAKS measures), from the
+# base tensor's copy as read (Checkpoint.get copies) on, for an fp32 and a bf16 base, a plain and a transposed ΔW.
+ADAPTER_PEAK = """
+import json, torch
+from pathlib import Path
+from evomerge.adapters import LoraFactors, adapted_tensor
+torch.set_num_threads(1)
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+d_out, d_in, r = 2048, 1024, 8
+peaks = []
+for dtype in (torch.float32, torch.bfloat16):
+    for transpose in (False, True):
+        A, B = torch.rand(r, d_in), torch.rand(d_out, r)
+        stored = torch.rand((d_in, d_out) if transpose else (d_out, d_in)).to(dtype)
+        adapted_tensor(stored.clone(), LoraFactors(A, B, 2.0, transpose), None, dtype)  # first-call set-up
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS:")
+        row = adapted_tensor(stored.clone(), LoraFactors(A, B, 2.0, transpose), None, dtype)
+        peaks.append((status("VmHWM:") - before) / (d_out * d_in))
+        del row
+print(json.dumps(peaks))
+"""
+
+
+def test_forming_an_adapters_tensor_peaks_at_the_counted_bytes():
+    """``adapter_bytes``: W as read, B·A and s·B·A in fp32, and W's fp32 copy for a bf16 base (12 B per entry for
+    fp32, 14 for bf16): the measured peak is at most the count (+2%, 1 B per entry) and at least 85% of it."""
+    from evomerge.engine.memory import adapter_bytes
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("/proc/self/clear_refs cannot be written here (the peak RSS cannot be reset)")
+    done = subprocess.run([sys.executable, "-c", ADAPTER_PEAK], capture_output=True, text=True, timeout=300,
+                          check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (adapter_bytes(4), adapter_bytes(2)) == (12, 14)
+    for peak, counted in zip(peaks, [12, 12, 14, 14]):
+        assert 0.85 * counted <= peak <= 1.02 * counted + 1, (peaks, counted)
+
+
+def test_adapter_sources_are_planned_with_their_formed_rows(tmp_path):
+    """An engine over a base and four LoRA adapters of its head: the whole-tensor working set counts the four
+    sources' rows of the head (the largest adapted tensor) in a list and stacked, and one being formed
+    ((2 * 4 * 4 + 12) B per entry: more than full sources of these shapes need); the resident plan also counts a
+    run's rows of the four sources over every merged entry and one adapted tensor's copy and forming
+    (LowRankStacks.run_rows)."""
+    from lora_models import save_adapter
+    from tiny_models import save_tiny
+
+    base = save_tiny(tmp_path / "base", 0)
+    adapters = [str(save_adapter(base, tmp_path / f"a{i}", i, r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]))
+                for i in range(4)]
+    fts = [str(save_tiny(tmp_path / f"ft{i}", 100 + i, noise_of=base)) for i in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread's sort: the formula, (5 + 3) * 4 B per head entry, is the full sources'
+    try:
+        engine = MergeEngine([str(base), *adapters], device="cpu", methods=["linear"])
+        full = MergeEngine([str(base), *fts], device="cpu", methods=["linear"]).memory.working_set
+    finally:
+        torch.set_num_threads(threads)
+    head = VOCAB * H
+    assert engine.memory.working_set == (2 * 4 * 4 + 12) * head > full == (5 + 3) * 4 * head
+    assert engine.memory.run_rows == 4 * 4 * (2 * LAYER + OUTSIDE) + (4 + 12) * head
+    assert engine.memory.resident_need == 2 * engine.memory.live_model + engine.memory.source_bytes + max(
+        engine.memory.working_set, engine.memory.run_rows)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from evomerge.adapters import AdapterCheckpoint
 from evomerge.checkpoint import save_hf_dir
 from evomerge.engine.device import compute_device, keep_cpu_heap
 from evomerge.engine.inputs import DRAWS_SHARE, KEPT_SHARE, KeptInputs, tensor_seed
@@ -46,6 +47,8 @@ from evomerge.engine.lowrank import LowRankStacks, check_factor_sources, has_ada
 from evomerge.engine.memory import (
     HEADROOM,
     MemoryPlan,
+    adapter_run_bytes,
+    adapter_select_bytes,
     available_bytes,
     model_working_set,
     plan_memory,
@@ -179,11 +182,18 @@ class MergeEngine:
         sources = stack_bytes(self.checkpoints, self.names, itemsize)
         working = model_working_set(first, self.names, n_models=len(self.paths), device_type=self.device.type,
                                     ranked=self._ranked)
+        run_rows = 0
+        adapted = [math.prod(first.shape(n)) for ck in self.checkpoints if isinstance(ck, AdapterCheckpoint)
+                   for n in (*ck.adapter.factors, *ck.adapter.replaced) if n in self.names]
+        if adapted:  # adapter sources' tensors are formed (W + s·B·A) as a merge reads them
+            sizes = {"largest_adapted": max(adapted), "n_models": len(self.paths), "itemsize": itemsize}
+            working = max(working, adapter_select_bytes(**sizes))
+            run_rows = adapter_run_bytes(merged_entries=sum(math.prod(first.shape(n)) for n in self.names), **sizes)
         if storage == self.device:  # sources beside the live model
             return plan_memory(live_model=live, source_bytes=sources, working_set=working,
-                               n_models=len(self.paths), available=available_bytes(self.device))
+                               n_models=len(self.paths), available=available_bytes(self.device), run_rows=run_rows)
         plan_memory(live_model=live, source_bytes=0, working_set=working, n_models=len(self.paths),
-                    available=available_bytes(self.device))  # the GPU must hold the live model
+                    available=available_bytes(self.device), run_rows=run_rows)  # the GPU must hold the live model
         return plan_memory(live_model=0, source_bytes=sources, working_set=0, n_models=len(self.paths),
                            available=available_bytes(storage))
 

@@ -39,9 +39,10 @@ from evomerge.recipe import RecipeError
 if TYPE_CHECKING:
     from evomerge.checkpoint import Checkpoint
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "Need", "RANK_BYTES", "SELECT_BYTES", "SORT_BYTES", "available_bytes",
-           "check_fits", "check_stream_memory", "layer_stack_bytes", "model_working_set", "plan_memory", "rank_bytes",
-           "stream_working_set_bytes", "working_set_bytes"]
+__all__ = ["MemoryPlan", "MemoryPlanError", "Need", "RANK_BYTES", "SELECT_BYTES", "SORT_BYTES", "adapter_bytes",
+           "adapter_run_bytes", "adapter_select_bytes", "available_bytes", "check_fits", "check_stream_memory",
+           "layer_stack_bytes", "model_working_set", "plan_memory", "rank_bytes", "stream_working_set_bytes",
+           "working_set_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,32 @@ def model_working_set(first: Checkpoint, names: Sequence[str], *, n_models: int,
     entries = sorted((math.prod(first.shape(n)) for n in names), reverse=True)
     return working_set_bytes(largest_tensor=entries[0] if entries else 0, n_models=n_models, device_type=device_type,
                              sorted_entries=sum(entries[:torch.get_num_threads()]), ranked=ranked)
+
+
+def adapter_bytes(itemsize: int) -> int:
+    """Bytes per entry of forming one adapter source's tensor ``W + s·B·A``
+    (:func:`evomerge.adapters.adapted_tensor`, what the engine's adapter rows and the streaming merge's
+    ``AdapterCheckpoint.get`` call) beyond the rows the merge holds: the base tensor ``W`` as read (``itemsize``),
+    ``B·A`` and its scaled copy ``ΔW`` (fp32, 4 + 4), and when ``W`` is not fp32 its fp32 copy beside ``ΔW`` and their
+    sum (4)."""
+    return itemsize + 8 + (0 if itemsize == 4 else 4)
+
+
+def adapter_select_bytes(*, largest_adapted: int, n_models: int, itemsize: int) -> int:
+    """Peak bytes of reading one whole tensor (``largest_adapted`` entries, the largest an adapter adapts) of every
+    source when adapters are among them (``LowRankStacks._select``): each source's row in the common dtype
+    (``itemsize``) in a list, then stacked (``2 (n_models - 1) itemsize`` per entry), and one adapter's tensor being
+    formed (:func:`adapter_bytes`)."""
+    return (2 * (n_models - 1) * itemsize + adapter_bytes(itemsize)) * largest_adapted
+
+
+def adapter_run_bytes(*, merged_entries: int, largest_adapted: int, n_models: int, itemsize: int) -> int:
+    """Peak bytes of the rows of a run of tensors merged at once (resident sources, an entrywise method) when
+    adapters are among the sources (``LowRankStacks.run_rows``): every source's entries of the run, up to every
+    merged entry (``merged_entries``: a run spans the tensors that share their parameters, e.g. all of them), in the
+    common dtype, plus one adapted tensor's copy and its forming."""
+    return ((n_models - 1) * merged_entries * itemsize
+            + (itemsize + adapter_bytes(itemsize)) * largest_adapted)
 
 
 def stream_working_set_bytes(method: MergeMethod, *, largest_tensor: int, n_sources: int, base: bool) -> int:
@@ -201,10 +228,11 @@ class MemoryPlan:
     source_bytes: int
     working_set: int
     available: int
+    run_rows: int = 0  # what resident sources add to the working set: adapters' rows of a run (adapter_run_bytes)
 
     @property
     def resident_need(self) -> int:
-        return 2 * self.live_model + self.source_bytes + self.working_set
+        return 2 * self.live_model + self.source_bytes + max(self.working_set, self.run_rows)
 
     @property
     def mapped_need(self) -> int:
@@ -212,14 +240,16 @@ class MemoryPlan:
         return 2 * self.live_model + self.working_set
 
 
-def plan_memory(*, live_model: int, source_bytes: int, working_set: int, n_models: int, available: int
-                ) -> MemoryPlan:
+def plan_memory(*, live_model: int, source_bytes: int, working_set: int, n_models: int, available: int,
+                run_rows: int = 0) -> MemoryPlan:
     """Choose ``resident`` when live model + sources + working set fit ``HEADROOM`` of ``available``, else
     ``mapped`` when the live model + working set fit (safetensors files are memory-mapped by their reader, pickle
     checkpoints by ``torch.load(weights_only=True, mmap=True)``); else
-    :class:`MemoryPlanError` naming every number and what to change. ``working_set``: :func:`working_set_bytes`."""
+    :class:`MemoryPlanError` naming every number and what to change. ``working_set``: :func:`working_set_bytes`;
+    ``run_rows``: the working set of resident sources when larger (:func:`adapter_run_bytes`: mapped sources merge
+    one tensor at a time)."""
     working = working_set
-    plan = MemoryPlan("resident", live_model, source_bytes, working, available)
+    plan = MemoryPlan("resident", live_model, source_bytes, working, available, run_rows)
     budget = HEADROOM * available
     if plan.resident_need <= budget:
         return plan
@@ -227,7 +257,7 @@ def plan_memory(*, live_model: int, source_bytes: int, working_set: int, n_model
         log.warning("the %d models need %s resident but %s is free: their tensors stay memory-mapped in the "
                     "safetensors files and are read per tensor (slower per candidate, same bits)",
                     n_models, _gib(plan.resident_need), _gib(available))
-        return MemoryPlan("mapped", live_model, source_bytes, working, available)
+        return MemoryPlan("mapped", live_model, source_bytes, working, available, run_rows)
     raise MemoryPlanError(
         f"not enough memory: the live model and one tensor's working set need {_gib(plan.mapped_need)} (live model "
         f"{_gib(live_model)}, working set {_gib(working)}; the sources' {_gib(source_bytes)} stay memory-mapped) but "

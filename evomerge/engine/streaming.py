@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from evomerge.adapters import AdapterCheckpoint
 from evomerge.checkpoint import LazyTensors, plan_shards, save_hf_dir
 from evomerge.engine.device import compute_device
 from evomerge.engine.engine import MergeError
 from evomerge.engine.inputs import tensor_seed
 from evomerge.engine.layout import all_finite, refuse_nonfinite
 from evomerge.engine.lowrank import check_factor_sources, module_factors
-from evomerge.engine.memory import available_bytes, check_stream_memory, stream_working_set_bytes
+from evomerge.engine.memory import adapter_bytes, available_bytes, check_stream_memory, stream_working_set_bytes
 from evomerge.engine.plan import live_dtype, method_kwargs, open_sources, plan_params, recipe_indices
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
@@ -96,10 +97,15 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
     names = [n for n in opened.kept if not (tied and tensor_filter(n) == "lm_head")]
     sizes = {n: out_bytes(n) for n in names}
     largest = max((math.prod(first.shape(n)) for n in opened.names), default=0)
+    working = stream_working_set_bytes(method, largest_tensor=largest, n_sources=len(sources), base=base is not None)
+    adapters = [ck for i in sources if isinstance(ck := opened.checkpoints[i], AdapterCheckpoint)]
+    adapted = [(math.prod(first.shape(n)), n) for ck in adapters for n in (*ck.adapter.factors, *ck.adapter.replaced)]
+    if adapted and not method.takes_factors:  # an adapter's row is formed, W + s·B·A, as it is read
+        entries, name = max(adapted)
+        working += adapter_bytes(first.dtype(name).itemsize) * entries
     check_stream_memory(
         shard=max((sum(sizes[n] for n in shard) for shard in plan_shards(sizes, max_shard_size)), default=0),
-        working_set=stream_working_set_bytes(method, largest_tensor=largest, n_sources=len(sources),
-                                             base=base is not None),
+        working_set=working,
         available=available_bytes(torch.device("cpu")),
         working_available=available_bytes(compute) if compute.type == "cuda" else None,
         what=f"merging {len(sources)} sources with {method.name} tensor by tensor")
