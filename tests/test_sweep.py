@@ -296,3 +296,28 @@ def test_a_sweep_whose_every_point_fails_says_so_in_one_line(family, tmp_path, c
     assert len(errors) == 1 and f"({N_TRIALS} failed trial(s), e.g. #" in errors[0]
     summary = (tmp_path / "run" / "report" / "summary.md").read_text()
     assert "No completed point yet." in summary and summary.count("planted failure") == N_TRIALS
+
+
+def test_the_engine_plans_memory_for_the_grids_methods_and_a_soup_for_linear(family, tmp_path):
+    """A sweep's engine plans the working set of its grid's methods only (DELLA's magnitude ranks only when the grid
+    has DELLA), a soup's for linear merges (planned for any method before)."""
+    from search_fitness import search_settings
+
+    from evomerge.engine import MergeEngine
+    from evomerge.search.config import RunConfig
+    from evomerge.search.study import Runner
+    from evomerge.search.sweep import SweepRunner
+
+    planned = {}
+    for method in ("ties", "della"):
+        config = SweepConfig.model_validate(settings(family, tmp_path / method, sweep={method: {"density": 0.5}}))
+        with SweepRunner(config, progress=False) as runner:
+            planned[method] = runner.engine.memory.working_set
+    paths = [family[0], *family[1]]
+    assert planned["ties"] == MergeEngine(paths, device="cpu", methods=["ties"]).memory.working_set
+    assert planned["della"] == MergeEngine(paths, device="cpu").memory.working_set > planned["ties"]
+    soup = RunConfig.model_validate({k: v for k, v in search_settings(family, tmp_path / "soup").items()
+                                     if k not in ("space", "base")})
+    with Runner(soup, study_kind=records.SOUP_KIND, progress=False) as runner:
+        linear = MergeEngine(family[1], device="cpu", methods=["linear"]).memory.working_set
+        assert runner.engine.memory.working_set == linear < MergeEngine(family[1], device="cpu").memory.working_set

@@ -231,10 +231,9 @@ class Runner:
         else:
             if self.space is not None and self.space.is_moe:
                 raise SpaceError(f"{self.space.name}: {NO_TEMPLATE}")
-            # planned for the space's methods and linear (the baseline outside the space); soups, sweeps: any method
             with self.progress.phase("load models"):
                 self.engine = MergeEngine(config.models, device=config.device, dtype=config.dtype,
-                                          methods=None if self.space is None else [*self.space.methods, "linear"])
+                                          methods=self.planned_methods())
             self.models = ModelSet(base=config.base, sources=list(config.sources), num_layers=self.engine.num_layers)
             if self.space is not None and isinstance(self.space.spec, StackingSpace):
                 self._check_stack_memory(self.space.spec.slots(self.models))
@@ -245,6 +244,11 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         recover_dir(self.run_dir / "best_model")  # what killed exports of best_model/ left: cleaned at once
         self.naming = NAMING  # the trial parameter names; open_study reads the study's (an old study keeps its own)
+
+    def planned_methods(self) -> list[str]:
+        """The methods this run's recipes use, which the engine plans memory for (``MergeEngine(methods=...)``):
+        the space's, and linear (the baselines outside the space; a soup's every recipe)."""
+        return [*(self.space.methods if self.space is not None else []), "linear"]
 
     def _check_stack_memory(self, slots: int) -> None:
         """Refuse a layer-stacking search whose largest stack (``slots`` layers, each the sources' largest) does not

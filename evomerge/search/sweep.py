@@ -166,6 +166,10 @@ class SweepRunner(Runner):
         super().__init__(config, study_kind=records.SWEEP_KIND, progress=progress)
         self.config: SweepConfig = config
 
+    def planned_methods(self) -> list[str]:
+        """The grid's methods: what the engine plans memory for (a sweep scores nothing else)."""
+        return list(self.config.sweep)
+
     def open_study(self) -> optuna.Study:
         """The study; SweepError when it was created by a sweep of other trials (a changed grid, seed or sources):
         its points' numbers would mean other recipes."""
