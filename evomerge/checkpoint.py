@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,6 +50,9 @@ from evomerge.outdir import (
     refuse_symlink,
     write_error,
 )
+
+if TYPE_CHECKING:
+    from evomerge.progress import RunProgress
 
 __all__ = [
     "Checkpoint",
@@ -567,14 +570,20 @@ def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]
     return shards
 
 
-def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int, metadata: Mapping[str, str]) -> None:
+def _write_weights(state: LazyTensors, directory: Path, max_shard_size: int, metadata: Mapping[str, str],
+                   written: Callable[[], None] | None = None) -> None:
+    """The shards of ``state`` (``written`` called after each tensor is produced)."""
     plan = plan_shards(state.nbytes, max_shard_size)
     if len(plan) == 1:
         files = [SAFE_WEIGHTS]
     else:
         files = [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
     for file, names in zip(files, plan):
-        tensors = {n: state.get(n).detach().to("cpu").contiguous() for n in names}
+        tensors = {}
+        for n in names:
+            tensors[n] = state.get(n).detach().to("cpu").contiguous()
+            if written is not None:
+                written()
         save_file(tensors, str(directory / file), metadata={**metadata, "format": "pt"})
         del tensors  # one shard at a time
     if len(plan) > 1:
@@ -649,6 +658,8 @@ def save_hf_dir(
     max_shard_size: int = 2 * 1024**3,
     extra_files: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    progress: RunProgress | None = None,
+    tensors_phase: str = "write shards",
 ) -> Path:
     """Write ``state_dict`` as a Hugging Face model dir at ``out_dir`` and return its absolute path.
 
@@ -673,6 +684,9 @@ def save_hf_dir(
     ``out_dir`` that is a symbolic link is refused (:class:`~evomerge.outdir.OutputPathError`). Free space is
     checked before writing; a full disk or another OS error raises :class:`~evomerge.outdir.OutputWriteError`
     naming the path, the bytes needed and the bytes free.
+
+    ``progress`` (:class:`~evomerge.progress.RunProgress`): the tensors written as the phase ``tensors_phase``,
+    counted (``merge tensors`` when each is merged as it is written), then the rest as ``model card``.
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
@@ -701,7 +715,12 @@ def save_hf_dir(
     try:
         try:
             _write_config(config, building)
-            _write_weights(state, building, max_shard_size, metadata or {})
+            if progress is not None:
+                progress.start(tensors_phase, len(state.nbytes), unit="tensor")
+            _write_weights(state, building, max_shard_size, metadata or {},
+                           None if progress is None else progress.advance)
+            if progress is not None:
+                progress.start("model card")
             if tokenizer_path is not None:
                 _copy_tokenizer(tokenizer_path, building)
             _write_extra_files(extra_files or {}, building)

@@ -54,6 +54,7 @@ def byte_size(text: str) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from evomerge.merge import merge_to_dir
+    from evomerge.progress import RunProgress
     from evomerge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -62,8 +63,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
         from evomerge.engine.lowrank import merged_adapter
 
         adapter = merged_adapter(recipe, rank=args.adapter_rank, allow_pickle=args.allow_pickle)
-    out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle,
-                       max_shard_size=args.max_shard_size)
+    progress = RunProgress(Path(args.out).name, enabled=not args.quiet)  # on stderr, as a search's display
+    try:
+        out = merge_to_dir(recipe, args.out, device=args.device, force=args.force, allow_pickle=args.allow_pickle,
+                           max_shard_size=args.max_shard_size, progress=progress)
+    finally:
+        progress.end()
     print(f"merged model written to {out}")
     if adapter is not None:
         from evomerge.adapters import save_adapter

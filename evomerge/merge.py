@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from evomerge.methods.spec import Ranks
 from evomerge.modelcard import Provenance, provenance, provenance_files
 from evomerge.outdir import check_target, recover
 from evomerge.recipe import AnyRecipe, MoeRecipe, Recipe, RecipeError, StackRecipe
+
+if TYPE_CHECKING:
+    from evomerge.progress import RunProgress
 
 
 def tokenizer_dir(recipe: AnyRecipe) -> Path | None:
@@ -151,6 +155,7 @@ def merge_to_dir(
     allow_pickle: bool = False,
     max_shard_size: int = 2 * 1024**3,
     card: Provenance | None = None,
+    progress: RunProgress | None = None,
 ) -> Path:
     """Merge ``recipe`` and write the result atomically as an HF dir (config, safetensors, tokenizer, and what
     :mod:`evomerge.modelcard` adds: model card, recipes, generation config, metadata; ``card``: those of a search,
@@ -167,16 +172,24 @@ def merge_to_dir(
     An MoE recipe is built by :class:`evomerge.moe.MoeModel` (its checks, of models, architectures, shapes and
     prompts, also run before any weight is loaded).
 
+    ``progress`` (``evomerge merge``'s display, :class:`~evomerge.progress.RunProgress`) shows the phases: ``read
+    sources`` (opening and checking them; loading them, for an engine or an MoE), ``merge tensors`` (counted per
+    tensor when merged as it is written; else the engine's merge), ``write shards`` (counted per tensor; an MoE's
+    export), ``model card`` (tokenizer, model card, recipes).
     """
     out = Path(out).expanduser()
     recover(out)
     check_target(out, force)
+    if progress is not None:
+        progress.start("read sources")
     if isinstance(recipe, MoeRecipe):
         from evomerge.moe import MoeModel
 
         check_moe_memory(recipe, device=device, max_shard_size=max_shard_size, allow_pickle=allow_pickle)
         card = card or provenance(recipe, name=out.name)
         model = MoeModel(recipe, device=device, allow_pickle=allow_pickle)
+        if progress is not None:
+            progress.start("write shards")
         return model.export(out, force=force, max_shard_size=max_shard_size, provenance=card)
     if isinstance(recipe, Recipe):
         check_values(recipe)
@@ -193,13 +206,17 @@ def merge_to_dir(
             state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
             config.dtype = recipe.dtype
         return save_hf_dir(state, out, config=config, tokenizer_dir=tokenizer, force=force,
-                           max_shard_size=max_shard_size, **provenance_files(card))
+                           max_shard_size=max_shard_size, progress=progress, **provenance_files(card))
     if not get_method(recipe.method).statistic:
         return stream_merge(recipe, out, device=device, tokenizer_dir=tokenizer, force=force,
-                            allow_pickle=allow_pickle, max_shard_size=max_shard_size, provenance=card)
+                            allow_pickle=allow_pickle, max_shard_size=max_shard_size, provenance=card,
+                            progress=progress)
     engine = MergeEngine(recipe.model_paths(), device=device, dtype=recipe.dtype, allow_pickle=allow_pickle)
     from transformers import AutoTokenizer
 
     prepare(engine, recipe, recipe.calibration, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None)
+    if progress is not None:
+        progress.start("merge tensors")
     engine.materialize(recipe)
-    return engine.export(out, tokenizer_dir=tokenizer, force=force, max_shard_size=max_shard_size, provenance=card)
+    return engine.export(out, tokenizer_dir=tokenizer, force=force, max_shard_size=max_shard_size, provenance=card,
+                         progress=progress)

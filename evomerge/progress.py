@@ -1,14 +1,12 @@
 """One progress display for a whole run: the phase it is in, each phase with its own count and ETA where it has one.
 
 A search goes through ``load models -> baselines -> search trials -> confirm -> test scoring -> export -> report``
-(a soup has ``soup steps``, a sweep ``sweep trials``; phases a run does not have are not shown). The display is one
-live tqdm line on stderr, ``<run>: <phase>``, with tqdm's count, rate and ETA for a phase with a known size and the
-elapsed time for the others (loading, export, report); a finished phase stays as one line above it, so what a run
-did reads top to bottom. Log lines written while a phase is live go through ``tqdm.write`` and do not cut the bar.
-Disabled (``--quiet``; ``progress=False`` in the Python API) it prints nothing.
-
-The libraries' own bars stay off through :mod:`evomerge.noise` (``TQDM_DISABLE``); this display passes ``disable``
-itself, which that switch does not override.
+(a soup has ``soup steps``, a sweep ``sweep trials``; phases a run does not have are not shown); ``evomerge merge``
+through ``read sources -> merge tensors -> write shards -> model card`` (:func:`evomerge.merge.merge_to_dir`). The
+display is one live tqdm line on stderr, ``<run>: <phase>``, with tqdm's count, rate and ETA for a phase with a
+known size and the elapsed time for the others (loading, export, report); a finished phase stays as one line above
+it, so what a run did reads top to bottom. Log lines written while a phase is live go through ``tqdm.write`` and do
+not cut the bar. Disabled (``--quiet``; ``progress=False`` in the Python API) it prints nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +18,10 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-#: The phases' names, in the order a run goes through them.
+#: The phases' names, in the order a run (then ``evomerge merge``) goes through them.
 PHASES = ("load models", "baselines", "search trials", "soup steps", "sweep trials", "confirm", "test scoring",
-          "export", "report")
+          "export", "report", "read sources", "merge tensors", "write shards", "model card")
+
 
 _COUNTED = "{desc} {percentage:3.0f}%|{bar}{r_bar}"  # tqdm's default, without the colon after the description
 _TIMED = "{desc} [{elapsed}{postfix}]"

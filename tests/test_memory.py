@@ -299,6 +299,7 @@ def test_evomerge_merge_refuses_what_does_not_fit_in_one_line_before_writing(fam
     output here (under one shard) + TIES' declared (20 N + 20) bytes per entry of the embedding. Refused one byte
     under that (the limit set as the existing tests set it, through available_bytes), merged one byte over."""
     from safetensors import safe_open
+    from test_cli_errors import one_line
 
     from evomerge.cli import main
     from evomerge.engine.memory import HEADROOM
@@ -315,11 +316,11 @@ def test_evomerge_merge_refuses_what_does_not_fit_in_one_line_before_writing(fam
     need = 4 * sum(entries.values()) + (20 * len(fts) + 20) * max(entries.values())  # fp32 output + working set
     monkeypatch.setattr("evomerge.engine.streaming.available_bytes", lambda device: int(need / HEADROOM) - 1)
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error: not enough memory for merging 3 sources with ties tensor by tensor" in err[0]
+    err = one_line(capsys)  # the one error line (the display's "read sources" aside)
+    assert err.startswith("not enough memory for merging 3 sources with ties tensor by tensor")
     limit = format_size(int(need / HEADROOM) - 1)
-    assert f"= {format_size(need)} needed within 90% of the free {limit}; free memory, lower --max-shard-size" in err[0]
-    assert "fewer sources" in err[0]
+    assert f"= {format_size(need)} needed within 90% of the free {limit}; free memory, lower --max-shard-size" in err
+    assert "fewer sources" in err
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr("evomerge.engine.streaming.available_bytes", lambda device: int(need / HEADROOM) + 1)
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0

@@ -113,3 +113,34 @@ def test_a_phase_that_fails_leaves_its_line_and_no_live_bar(capsys):
     assert err.endswith("\n") and count_of(phases(err, "p")[-1][1]) == (1, 4)
     with pytest.raises(ValueError, match="unknown phase 'scoring'"):
         progress.start("scoring")
+
+
+def test_evomerge_merge_names_its_phases_with_the_tensor_count(family, tmp_path, capsys):
+    """`evomerge merge` on stderr: a merge tensor by tensor counts each tensor as it is merged (and written); a layer
+    stack reads its layers first and counts the tensors written; --quiet shows no phase; stdout the result alone."""
+    from safetensors import safe_open
+
+    from evomerge.recipe import Recipe, StackRecipe
+
+    base, fts = family
+    recipes = {"merged": Recipe(method="task_arithmetic", base=base, sources=[{"model": f} for f in fts]),
+               "stacked": StackRecipe(slices=[{"model": fts[0], "layer_range": [0, 2]},
+                                              {"model": fts[1], "layer_range": [1, 2]}])}
+    expected = {"merged": ["read sources", "merge tensors", "model card"],
+                "stacked": ["read sources", "write shards", "model card"]}
+    for name, recipe in recipes.items():
+        recipe.to_yaml(tmp_path / f"{name}.yaml")
+        assert main(["merge", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        out, err = capsys.readouterr()
+        shown = phases(err, name)
+        assert [phase for phase, _ in shown] == expected[name], err
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            tensors = len(list(f.keys()))
+        assert count_of(dict(shown)[expected[name][1]]) == (tensors, tensors)
+        assert re.fullmatch(rf"{name}: model card \[\d\d:\d\d\]", dict(shown)["model card"])
+        assert out.splitlines() == [f"merged model written to {tmp_path / name}"]
+    assert main(["--quiet", "merge", str(tmp_path / "merged.yaml"), "--out", str(tmp_path / "q")]) == 0
+    out, err = capsys.readouterr()
+    assert phases(err, "q") == [] and not any(phase in err for phase in PHASES), err
+    assert out.splitlines() == [f"merged model written to {tmp_path / 'q'}"]
+

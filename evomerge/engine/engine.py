@@ -33,6 +33,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -67,6 +68,9 @@ from evomerge.methods.counter_rng import row_keys
 from evomerge.methods.spec import Coefficients, Draws, Ranks, Statistic, Thresholds
 from evomerge.modelcard import Provenance, provenance_files
 from evomerge.recipe import Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from evomerge.progress import RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -407,9 +411,12 @@ class MergeEngine:
         return self.targets.state_dict()
 
     def export(self, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, force: bool = False,
-               max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
+               max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None,
+               progress: RunProgress | None = None) -> Path:
         """Write the live model as an HF dir (atomic; refuses an existing dir unless ``force``), with the tokenizer
         files of ``tokenizer_dir`` when given, in shards of at most ``max_shard_size`` bytes, and the model card,
-        recipes and metadata of ``provenance`` (:func:`evomerge.modelcard.provenance`)."""
+        recipes and metadata of ``provenance`` (:func:`evomerge.modelcard.provenance`); ``progress``: the phases of
+        :func:`~evomerge.checkpoint.save_hf_dir`."""
         return save_hf_dir(self.state_dict(), out_dir, config=self.model.config, tokenizer_dir=tokenizer_dir,
-                           force=force, max_shard_size=max_shard_size, **provenance_files(provenance))
+                           force=force, max_shard_size=max_shard_size, progress=progress,
+                           **provenance_files(provenance))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from evomerge.modelcard import Provenance, provenance_files
 from evomerge.naming import tensor_filter
 from evomerge.recipe import Recipe
 
+if TYPE_CHECKING:
+    from evomerge.progress import RunProgress
+
 __all__ = ["stream_merge"]
 
 log = logging.getLogger(__name__)
@@ -42,10 +46,11 @@ log = logging.getLogger(__name__)
 
 def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device | None = None,
                  tokenizer_dir: str | Path | None = None, force: bool = False, allow_pickle: bool = False,
-                 max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None) -> Path:
+                 max_shard_size: int = 2 * 1024**3, provenance: Provenance | None = None,
+                 progress: RunProgress | None = None) -> Path:
     """Merge ``recipe`` tensor by tensor into the HF dir ``out`` (atomic, like :func:`save_hf_dir`, with the files and
     metadata of ``provenance``); every check (compatibility, parameters of every tensor) runs before the first
-    tensor is merged."""
+    tensor is merged. ``progress``: the tensors counted as they are merged (and written), phase ``merge tensors``."""
     from transformers import AutoConfig
 
     opened = open_sources(recipe.model_paths(), allow_pickle=allow_pickle)
@@ -111,4 +116,5 @@ def stream_merge(recipe: Recipe, out: str | Path, *, device: str | torch.device 
         what=f"merging {len(sources)} sources with {method.name} tensor by tensor")
     lazy = LazyTensors(sizes, produce)
     return save_hf_dir(lazy, out, config=config, tokenizer_dir=tokenizer_dir, force=force,
-                       max_shard_size=max_shard_size, **provenance_files(provenance))
+                       max_shard_size=max_shard_size, progress=progress, tensors_phase="merge tensors",
+                       **provenance_files(provenance))
