@@ -3,8 +3,11 @@ nothing of it with --quiet, the result line on stdout."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -14,7 +17,7 @@ from search_fitness import search_settings
 from tiny_models import tiny_family
 
 from evomerge.cli import main
-from evomerge.progress import PHASES, RunProgress
+from evomerge.progress import _POLL_S, LOG_TICK_S, PHASES, TTY_TICK_S, RunProgress
 
 NORM_SUM = {"type": "callable", "function": "search_fitness:norm_sum", "metrics": ["norm_sum"]}
 
@@ -144,3 +147,59 @@ def test_evomerge_merge_names_its_phases_with_the_tensor_count(family, tmp_path,
     assert phases(err, "q") == [] and not any(phase in err for phase in PHASES), err
     assert out.splitlines() == [f"merged model written to {tmp_path / 'q'}"]
 
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_live_phase_redraws_its_elapsed_time_and_eta_while_no_count_moves(capsys):
+    """One test-split score taking minutes: the line still moves, its elapsed time and its ETA (3 recipes left at
+    the 10 s the first took) redrawn; in a log (capsys' stderr is no terminal) at most once a minute, by the ticker
+    thread as by tick()."""
+    clock = FakeClock()
+    progress = RunProgress("p", clock=clock)
+    progress.start("test scoring", 4, unit="recipe")
+    assert progress.tick_s == LOG_TICK_S
+    clock.now += 10
+    progress.advance()
+    capsys.readouterr()
+    clock.now += LOG_TICK_S - 1  # 69 s: drawn 59 s ago, not yet
+    assert not progress.tick()
+    time.sleep(2 * _POLL_S)  # the ticker thread does not draw either
+    assert capsys.readouterr().err == ""
+    clock.now += 1
+    progress.tick()  # whichever draws first, the thread or this call
+    assert count_of(capsys.readouterr().err.split("\r")[-1]) == (1, 4)
+    clock.now += LOG_TICK_S
+    err = ""
+    for _ in range(40):  # the thread alone, within a few polls
+        time.sleep(_POLL_S / 2)
+        err += capsys.readouterr().err
+        if "02:10<00:30" in err:
+            break
+    assert "p: test scoring" in err and "1/4 [02:10<00:30" in err, err
+    progress.end()
+    assert progress._ticker is None
+
+
+def test_on_a_terminal_a_timed_phase_ticks_every_second(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    clock = FakeClock()
+    progress = RunProgress("t", clock=clock)
+    with progress.phase("export"):
+        assert progress.tick_s == TTY_TICK_S
+        clock.now += 75
+        progress.tick()
+        assert sys.stderr.getvalue().split("\r")[-1].startswith("t: export [01:15]")
+    quiet = RunProgress("t", enabled=False, clock=clock)
+    with quiet.phase("export"):
+        clock.now += 75
+        assert not quiet.tick() and quiet._ticker is None
