@@ -4,19 +4,21 @@ whose test command installs the dev and distributed extras only; ``pip install -
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from search_fitness import search_settings
 from tiny_models import tiny_family
 
 from evomerge.search.config import RunConfig
-from evomerge.search.study import run_search
 from evomerge.search.tracking import tracker_name, tracker_trial
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -48,20 +50,30 @@ def readme_tracking_module() -> str:
     return match.group(1)
 
 
-def test_the_readmes_mlflow_callback_logs_one_run_per_trial(tmp_path, monkeypatch):
+def test_the_readmes_mlflow_callback_logs_one_run_per_trial_quietly(tmp_path):
+    """``evomerge search`` with the README's MLflow factory (a fresh process, as a user runs it): one MLflow run per
+    trial with its parameters and objective, and none of MLflow's INFO lines (its database set-up, alembic's
+    migrations) nor optuna-integration's deprecation FutureWarning on the terminal (evomerge.noise)."""
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("optuna_integration")
     (tmp_path / "tracking.py").write_text(readme_tracking_module())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tracking", raising=False)
-    monkeypatch.chdir(tmp_path)  # the example's store, sqlite:///mlflow.db, and MLflow's artifacts land here
     base, fts = tiny_family(tmp_path / "family", n=2)
     family = (str(base), [str(f) for f in fts])
-    config = RunConfig.model_validate(search_settings(family, tmp_path / "run", name="tracked", n_trials=3, seed=1,
-                                                      baselines=False, callbacks=["tracking:mlflow"]))
-    with pytest.warns(FutureWarning, match="MLflowCallback has been deprecated"):  # optuna-integration >= 4.9
-        run_search(config, progress=False, export=False)
+    settings = search_settings(family, tmp_path / "run", name="tracked", n_trials=3, seed=1, baselines=False,
+                               callbacks=["tracking:mlflow"])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    tests = str(Path(__file__).resolve().parent)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), tests, os.environ.get("PYTHONPATH")]))
+    # the example's store, sqlite:///mlflow.db, and MLflow's artifacts land in the working dir
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", "run.yaml", "--no-export"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    noise = [line for line in done.stderr.splitlines()
+             if re.search(r"\bINFO\b.*\b(mlflow|alembic)\b|FutureWarning|deprecated", line)]
+    assert noise == [], done.stderr[-3000:]
 
+    config = RunConfig.model_validate(settings)
     trials = optuna.load_study(study_name="tracked", storage=config.storage_url).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
