@@ -55,7 +55,7 @@ from evomerge.search.space import Penalty, penalized
 from evomerge.zoo import ZooConfig, cached_zoo, default_cache_root
 from evomerge.zoo.config import TrainSpec
 from evomerge.zoo.lora import LoraSetting, LoraZoo, LoraZooConfig, build_lora_zoo
-from evomerge.zoo.table import accuracy, choice_requests, continuation_logprobs, model_logprobs
+from evomerge.zoo.table import accuracy, choice_logprobs
 from evomerge.zoo.taskfiles import read_jsonl
 from evomerge.zoo.tasks import Item
 
@@ -68,9 +68,7 @@ def few_shot_loss(engine: MergeEngine, tokenizer: object, shots: Sequence[Item])
     """LoraHub's fitness without the penalty: the cross-entropy of each shot's gold answer given its query (summed
     over the answer's tokens), averaged over the shots, under the engine's live model."""
     gold = [{**item, "choices": [item["choices"][item["gold"]]]} for item in shots]  # type: ignore[index]
-    device = next(engine.model.parameters()).device
-    logp = continuation_logprobs(model_logprobs(engine.model), choice_requests(gold, tokenizer), tokenizer.pad_token_id,
-                                 256, device)
+    logp = choice_logprobs(engine.model, tokenizer, gold)
     return float(-logp.mean())
 
 

@@ -93,14 +93,16 @@ def child(paths: list[str], dtype: str, methods: list[str]) -> None:
                       "mapped_need": engine.memory.mapped_need}), flush=True)
 
 
-def run_child(paths: list[str], args: argparse.Namespace, limit: int | None, *, stream: bool = False) -> dict:
-    """One child process, inside a fresh cgroup with ``limit`` bytes when given; its JSON line and cgroup peak."""
+def run_child(paths: list[str], args: argparse.Namespace, limit: int | None, *, stream: bool = False,
+              methods: str | None = None) -> dict:
+    """One child process merging ``methods`` (default: ``--methods``), inside a fresh cgroup with ``limit`` bytes
+    when given; its JSON line and cgroup peak."""
     group = None
     if limit is not None:
         group = CGROUP / f"evomerge-bench-{os.getpid()}"
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(limit))
-    command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--methods", args.methods,
+    command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--methods", methods or args.methods,
                *(["--stream"] if stream else []), *paths]
 
     def enter() -> None:
@@ -162,19 +164,22 @@ def main() -> None:
         if limit >= resident["imported_rss"] + source_bytes:
             raise SystemExit(f"the limit ({limit / 1e9:.2f} GB) would hold every source: lower --limit-share")
         mapped = run_child(paths, args, limit)
-        # evomerge merge: the interpreter, one shard (a tensor larger than --shard-mb gets its own) and the largest
-        # tensor's working set of the most demanding method (what its memory check asks for, with its headroom)
+        # evomerge merge, one child per method: the interpreter, one shard (a tensor larger than --shard-mb gets its
+        # own) and the largest tensor's working set of that method (what its memory check asks for, with its
+        # headroom); one child each, so no method runs under a limit sized for another's
         with Checkpoint.open(paths[0]) as first:
             largest = max(math.prod(first.shape(n)) for n in first.names)
-        working = max(stream_working_set_bytes(get_method(m), largest_tensor=largest, n_sources=len(paths) - 1,
-                                               base=True) for m in args.methods.split(","))
         shard = max(args.shard_mb * 2**20, largest * dtype.itemsize)
-        stream_limit = int(1.2 * resident["imported_rss"] + (shard + working) / HEADROOM)
-        streamed = run_child(paths, args, stream_limit, stream=True)
+        streamed = []
+        for method in args.methods.split(","):
+            working = stream_working_set_bytes(get_method(method), largest_tensor=largest, n_sources=len(paths) - 1,
+                                               base=True)
+            stream_limit = int(1.2 * resident["imported_rss"] + (shard + working) / HEADROOM)
+            streamed.append(run_child(paths, args, stream_limit, stream=True, methods=method))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     write_results(Path(args.out), args, source_bytes, [("no limit", resident), ("cgroup limit", mapped),
-                                                       ("evomerge merge, cgroup limit", streamed)])
+                                                       *(("evomerge merge, cgroup limit", r) for r in streamed)])
 
 
 def write_results(out: Path, args: argparse.Namespace, source_bytes: int, runs: list[tuple[str, dict]]) -> None:
@@ -205,7 +210,8 @@ def write_results(out: Path, args: argparse.Namespace, source_bytes: int, runs: 
         "- each run is a child process: `MergeEngine` on CPU, then two candidates per method (first: caches filled;"
         " second: a new candidate, new weights and seed); the `evomerge merge` run merges and writes one recipe per"
         f" method tensor by tensor (shards of {args.shard_mb} MiB; first = second = that one-shot merge, written to"
-        " disk) under a limit of the interpreter + one shard + the largest tensor's fp32 working set. peak RSS:"
+        " disk) under a limit of the interpreter + one shard + the largest tensor's working set of that method (one"
+        " child per method). peak RSS:"
         " VmHWM (file pages of the mapped safetensors"
         " count while mapped); cgroup peak: `memory.max_usage_in_bytes` (page cache included, reclaimable)",
         f"- second candidate, cgroup limit / no limit: {', '.join(ratios)}", "",

@@ -188,9 +188,10 @@ def _band(ax: Any, x: Sequence[float], spreads: Sequence[Spread], **style: Any) 
         ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
 
 
-def plot(sections: Sequence[tuple[str, SweepSummary]], path: Path) -> None:
+def plot(sections: Sequence[tuple[str, SweepSummary]], summed: SweepSummary | None, path: Path) -> None:
     """One panel per (method, swept hyperparameter) of the main sweep (validation solid, test dashed, bands = ±
-    std over seeds), the DARE drop-rate curves, the SLERP t curves per pair, and every method's pick."""
+    std over seeds), the DARE drop-rate curves (``summed``: the :data:`SUMMED` section, if run), the SLERP t curves
+    per pair, and every method's pick."""
     main = sections[0][1]
     panels = [(m, a) for m in main.picks for a in _axes(main, m) if not m.startswith("dare_")]
     n = len(panels) + 3
@@ -206,7 +207,6 @@ def plot(sections: Sequence[tuple[str, SweepSummary]], path: Path) -> None:
         ax.set(xlabel=axis, ylabel="mean acc", title=f"{method}" + (f"\n({held})" if held else ""))
         ax.legend(fontsize="x-small")
     ax = fig.add_subplot(math.ceil(n / cols), cols, len(panels) + 1)
-    summed = dict(sections).get(SUMMED)
     curves = [(main, m, m) for m in ("dare_ties", "dare_linear") if m in main.picks]
     curves += [(summed, "dare_ties", "dare_ties summed")] if summed is not None and summed.picks else []
     for c, (summary, method, label) in enumerate(curves):
@@ -269,8 +269,8 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    plot(sections, out / f"{stem}.png")
-    main = sections[0][1]
+    main, summed = sections[0][1], dict(sections).get(SUMMED)
+    plot(sections, summed, out / f"{stem}.png")
     docs = f"{args.limit} validation docs per task (seeded subset)" if args.limit else "every validation doc"
     tests = f"{args.test_limit} test docs per task" if args.test_limit else "every test doc"
     lines = zoo_bench.header("Method sweep: every merge method over its main hyperparameters", zoo, started, [
@@ -281,7 +281,7 @@ def write_results(out: Path, zoo: Zoo, args: argparse.Namespace, started: float,
         f"- studies (resumable, each with its `evomerge report`): `{args.work}`",
         "- not swept: " + "; ".join(f"{m} ({why})" for m, why in NOT_SWEPT.items())])
     lines += ["## Each method's pick, side by side", "", picks_table(sections), "", f"![method sweep]({stem}.png)", ""]
-    lines += ["## Shapes (computed from the table)", "", *shapes(main, dict(sections).get(SUMMED)), ""]
+    lines += ["## Shapes (computed from the table)", "", *shapes(main, summed), ""]
     for section, summary in sections:
         for method in dict.fromkeys(r.point.method for r in summary.points):
             title = {ALL: method, SUMMED: f"{method} (summed: normalize false)"}.get(section, section)

@@ -105,3 +105,24 @@ def test_cli_subprocess_python_tag_no_traceback(tmp_path: Path) -> None:
                                    "refused: evomerge reads plain YAML data only and never builds Python objects from "
                                    "a file; write the value as a plain number, string, list or mapping")
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_invalid_configs_and_spaces_are_one_line_with_each_problem(tmp_path: Path) -> None:
+    from evomerge.search.config import ConfigError
+    from evomerge.search.space import SpaceError
+
+    run = tmp_path / "run.yaml"
+    run.write_text("base: b\nsources: [s]\nsamplr: tpe\nn_trials: many\n")
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_yaml(run)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{run}: ")
+    assert "samplr: unknown key (did you mean 'sampler'?)" in text and "; n_trials: " in text
+    space = tmp_path / "space.yaml"
+    space.write_text("method: ties\nparameters: {weight: {low: 0.0, hihg: 1.0}}\nlayer_group: 2\n")
+    with pytest.raises(SpaceError) as err:
+        SearchSpace.from_yaml(space)
+    text = str(err.value)
+    assert "\n" not in text and "range" not in text  # the union's tag is not a key the user wrote
+    assert "parameters.weight.hihg: unknown key (see the format in evomerge/search/space.py)" in text
+    assert "layer_group: unknown key" in text

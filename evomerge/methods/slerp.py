@@ -26,7 +26,8 @@ from torch import Tensor
 
 from evomerge.methods.angles import combine, gram_matrix
 
-_ZERO_NORM = 1e-8
+_ZERO_NORM = 1e-8  # slerp: a norm at or below it is replaced by 1 (mergekit's normalize)
+_MULTISLERP_EPS = 1e-8  # multislerp: mergekit's eps, added to each norm; also the floor of the mean direction's norm
 _SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp(dot_threshold=0.9995, eps=1e-8)
 _SLERP_CHUNK = 1 << 20
 
@@ -107,9 +108,9 @@ def multislerp_coefficients(gram: Tensor, params: Mapping[str, object]) -> Tenso
         w = w / total
         g = gram[0].to(torch.float64)
         norms = g.diagonal().clamp_min(0.0).sqrt()
-        scaled = norms + _ZERO_NORM  # mergekit divides by norm + eps
+        scaled = norms + _MULTISLERP_EPS  # mergekit divides by norm + eps
         mean_norm = math.sqrt(max(float(w @ (g / (scaled[:, None] * scaled[None, :])) @ w), 0.0))
-        if mean_norm < _ZERO_NORM:
+        if mean_norm < _MULTISLERP_EPS:
             if w.numel() != 2:
                 raise ValueError("multislerp: the weighted sum of the directions is zero (antipodal vectors whose "
                                  "weights balance out); use different weights")

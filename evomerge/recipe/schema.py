@@ -13,7 +13,7 @@ is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -48,10 +48,17 @@ def refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object],
         raise RecipeError(f"{where}: unknown key {', '.join(hints)}; valid keys: {', '.join(known)}")
 
 
-def one_line(err: ValidationError) -> str:
-    """pydantic's errors as one line, ``key.path: problem; ...`` (the "Value error, " prefix dropped)."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in err.errors())
+def one_line(err: ValidationError, root: str = "value", unknown: Callable[[str], str] = lambda where: "unknown key",
+             hidden: Collection[str] = ()) -> str:
+    """pydantic's errors as one line, ``key.path: problem; ...`` (the "Value error, " prefix dropped): ``root``
+    names an error at the top, ``unknown(where)`` says what an unknown key is (e.g. with the closest valid key),
+    ``hidden`` are location parts left out (a tagged union's tags)."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"] if x not in hidden) or root
+        problem = unknown(where) if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {problem}")
+    return "; ".join(parts)
 
 
 class StrictModel(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.recipe import CalibrationData, MoeExpert, MoeRecipe, RecipeError
+from evomerge.recipe.schema import one_line
 from evomerge.yamlfile import load_yaml
 
 
@@ -22,19 +23,6 @@ def closest(name: str, valid: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the valid name closest to a misspelt ``name``, ``""`` when none is close."""
     match = difflib.get_close_matches(name, valid, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def one_line_errors(err: ValidationError, valid: Sequence[str]) -> str:
-    """pydantic's errors of a config as one line: ``key: problem`` each, an unknown key with the closest of
-    ``valid``."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
-            parts.append(f"{where}: unknown key{closest(where, valid)}")
-        else:
-            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]
@@ -162,7 +150,9 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(_absolute(data, path.parent))
         except ValidationError as err:
-            raise ConfigError(f"{path}: {one_line_errors(err, list(cls.model_fields))}") from None
+            valid = list(cls.model_fields)
+            hint = one_line(err, "config", lambda key: f"unknown key{closest(key, valid)}")
+            raise ConfigError(f"{path}: {hint}") from None
 
     @property
     def run_dir(self) -> Path:

@@ -118,7 +118,7 @@ from pydantic import (
 
 from evomerge.methods import MergeMethod, MethodError, Param, get_method, validate_params
 from evomerge.recipe import AnyRecipe, LayerSlice, MoeRecipe, ParamValue, Recipe, Scalar, SourceSpec, StackRecipe
-from evomerge.recipe.schema import STACK_METHOD, StrictModel, model_labels
+from evomerge.recipe.schema import STACK_METHOD, StrictModel, model_labels, one_line
 from evomerge.yamlfile import load_yaml
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ log = logging.getLogger(__name__)
 Cell = tuple[Union[int, None], Union[str, None]]  # (layer group, filter) of one searched value; None = not split
 #: The trial parameter naming new studies get (module docstring); 1: the index names of studies written before it.
 NAMING = 2
+_UNION_TAGS = ("range", "choice", "fixed", "function-before")  # pydantic's union tags in error locations: no keys
 
 
 class SpaceError(ValueError):
@@ -309,20 +310,6 @@ class _Layout:
         if not self.filters:
             return profile(None)
         return {f: profile(f) for f in self.filters}
-
-
-def _format_errors(err: ValidationError) -> str:
-    """pydantic's errors as one line: ``where: what`` each (dotted keys, union tags left out), joined by ``; ``, as
-    run configs give theirs (:class:`~evomerge.search.config.ConfigError`)."""
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"] if x not in ("range", "choice", "fixed", "function-before"))
-        where = where or "space"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (see the format in evomerge/search/space.py)")
-        else:
-            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(lines)
 
 
 def _check_models(method: MergeMethod, models: ModelSet) -> None:
@@ -726,7 +713,9 @@ class SearchSpace:
         try:
             return cls(model.model_validate(data), name)
         except ValidationError as err:
-            raise SpaceError(f"{name}: invalid search space: {_format_errors(err)}") from None
+            problems = one_line(err, "space", lambda where: "unknown key (see the format in evomerge/search/space.py)",
+                                _UNION_TAGS)
+            raise SpaceError(f"{name}: invalid search space: {problems}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:

@@ -98,23 +98,35 @@ def continuation_logprobs(
     return scores
 
 
+def choice_logprobs(
+    model: PreTrainedModel | torch.nn.Module | TokenLogProbs,
+    tokenizer: PreTrainedTokenizerFast,
+    items: Sequence[Item],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``log p(choice | query)`` summed over the choice's tokens, for every choice of every item in order (lm-eval's
+    ``loglikelihood`` requests of a multiple-choice task), under ``model``: any causal LM module (a ``transformers``
+    model or a PEFT model wrapping one, on its own device) or an ensemble's :data:`TokenLogProbs` on CPU."""
+    if isinstance(model, torch.nn.Module):  # a PeftModel is a Module, not a PreTrainedModel
+        logprobs, device = model_logprobs(model), next(model.parameters()).device
+    else:
+        logprobs, device = model, torch.device("cpu")
+    requests = choice_requests(items, tokenizer)
+    return continuation_logprobs(logprobs, requests, tokenizer.pad_token_id, batch_size, device)
+
+
 def accuracy(
     model: PreTrainedModel | torch.nn.Module | TokenLogProbs,
     tokenizer: PreTrainedTokenizerFast,
     items: Sequence[Item],
     batch_size: int = 256,
 ) -> float:
-    """lm-eval ``acc`` of ``model`` (any causal LM module: a ``transformers`` model or a PEFT model wrapping one;
-    or an ensemble's :data:`TokenLogProbs` on CPU) on multiple-choice ``items`` (see the module docstring)."""
+    """lm-eval ``acc`` of ``model`` (as in :func:`choice_logprobs`) on multiple-choice ``items`` (see the module
+    docstring)."""
     n_choices = {len(item["choices"]) for item in items}  # type: ignore[arg-type]
     if len(n_choices) != 1:
         raise ValueError(f"items must all have the same number of choices, got {sorted(n_choices)}")
-    if isinstance(model, torch.nn.Module):  # a PeftModel is a Module, not a PreTrainedModel
-        logprobs, device = model_logprobs(model), next(model.parameters()).device
-    else:
-        logprobs, device = model, torch.device("cpu")
-    requests = choice_requests(items, tokenizer)
-    scores = continuation_logprobs(logprobs, requests, tokenizer.pad_token_id, batch_size, device)
+    scores = choice_logprobs(model, tokenizer, items, batch_size)
     pred = scores.view(len(items), n_choices.pop()).argmax(dim=1)
     gold = torch.tensor([int(item["gold"]) for item in items])  # type: ignore[arg-type]
     return int((pred == gold).sum()) / len(items)
