@@ -19,7 +19,7 @@ Models: Llama-shaped synthetic checkpoints (random weights, a base + ``--sources
 
 mergekit pins its own torch/transformers/pydantic: install it into a separate venv, e.g.
 
-    python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip install torch==2.13.0 mergekit
+    bash scripts/mergekit.sh     # mergekit 0.1.5 in its own venv, /tmp/venv-bench
     python benchmarks/candidate_turnaround.py                                   # CPU, ~50M params fp32
     python benchmarks/candidate_turnaround.py --device cuda --params 1.1e9 --dtype bfloat16
 
@@ -55,7 +55,7 @@ from evomerge.recipe.mergekit import to_mergekit
 DEFAULT_VENV_BIN = Path("/tmp/venv-bench/bin/mergekit-yaml")
 INSTALL_HINT = (
     "install mergekit into its own venv (its pins on torch/transformers/pydantic fight evomerge's):\n"
-    "    python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip install torch==2.13.0 mergekit\n"
+    "    bash scripts/mergekit.sh     # mergekit 0.1.5 in /tmp/venv-bench\n"
     "then rerun (that path is looked up by default) or pass --mergekit-bin PATH/TO/mergekit-yaml"
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-INSTALL = "python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip install torch==2.13.0 mergekit"
+INSTALL = "bash scripts/mergekit.sh (mergekit 0.1.5 in /tmp/venv-bench)"
 
 
 def mergekit_tool(name: str = "mergekit-yaml") -> Path:

@@ -18,20 +18,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from mergekit_tool import mergekit_marks, mergekit_tool
 from safetensors.torch import load_file, save_file
 
 from evomerge.merge import merge_to_dir
 from evomerge.recipe import Recipe, load_recipe
 from evomerge.recipe.mergekit import to_mergekit
 
-MERGEKIT_YAML = Path(os.environ.get("EVOMERGE_MERGEKIT_BIN", "/tmp/venv-bench/bin/mergekit-yaml"))
+MERGEKIT_YAML = mergekit_tool()
 
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not os.access(MERGEKIT_YAML, os.X_OK),
-                       reason=f"mergekit-yaml not found at {MERGEKIT_YAML}: install mergekit into its own venv and "
-                              "set EVOMERGE_MERGEKIT_BIN"),
-]
+pytestmark = mergekit_marks(MERGEKIT_YAML)
 
 Case = tuple[str, bool, list[tuple[int, dict[str, Any]]], dict[str, Any]]
 # name -> (merge_method, with base_model, models as (index into tiny_llamas: 0 the base, parameters), parameters)
