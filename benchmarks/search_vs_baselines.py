@@ -21,12 +21,11 @@ Everything is stored in SQLite studies under ``--work`` (one database per space,
 the baselines as references of a study ``baselines``): re-running the same command resumes and skips what is done.
 A search's trials are scored on ``--limit`` validation docs per task (cheap, noisy); its ``--confirm-top`` best
 are then re-scored on ``--confirm-limit`` docs and the best of them by that score is the search's pick
-(``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default,
-the committed run's settings: 24 trials x 5 seeds x 4 samplers x 3 spaces = 1,440 trials on 15 docs per task, 180
-re-scores on 40, 60 picks and ~10 baselines on 100 test docs: ~250k 4-choice docs of 7 tasks): 56.9 min on a
-2-core CPU shared with other jobs (results/search_vs_baselines.md), ~2.4 s per trial, most of it not evaluation
-(~1.2 ms per doc alone: 0.13 s per trial) but merging 7 experts layer-wise and each search's start-up; the results
-header states the run's own wall and CPU time. Writes
+(``confirm_top`` of the run config: still validation only), scored on ``--test-limit`` test docs. Cost (default:
+24 trials x 5 seeds x 4 samplers x 3 spaces = 1,440 trials on 15 docs per task, 180 re-scores on 40, 60 picks and
+~10 baselines on 100 test docs): 12.6 min wall, 19.3 min CPU on 2 CPU cores with nothing else running
+(results/search_vs_baselines.md states each run's own wall and CPU time; on a machine shared with other jobs the
+same run took 56.9 min). Writes
 ``results/search_vs_baselines.{md,csv,png}``: test mean ± std over seeds per space and sampler, the mean
 paired difference to the best baseline (chosen on validation) with a 95% paired-bootstrap interval and a Wilcoxon
 signed-rank p-value, and the convergence (best-so-far validation objective vs trials: median and interquartile

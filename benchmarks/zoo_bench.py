@@ -131,13 +131,17 @@ def versions() -> str:
     return ", ".join(out)
 
 
+_LOAD_AT_IMPORT = os.getloadavg()[0]  # the benchmark's start: zoo_bench is imported before any work
+
+
 def header(title: str, zoo: Zoo, started: float, extra: Sequence[str] = ()) -> list[str]:
     """The Markdown header every result starts with: command, commit, machine, library versions, date, zoo."""
     experts = ", ".join(zoo.experts)
     return [f"# {title}", "",
             f"- command: `python {' '.join(sys.argv)}` (evomerge at {revision()})",
             f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-            f"{platform.python_version()}; shared with other jobs (quality numbers, not timings)",
+            f"{platform.python_version()}; 1-min load average {_LOAD_AT_IMPORT:.2f} at start, {os.getloadavg()[0]:.2f} "
+            "at the end (other jobs stretch the wall time, never the scores)",
             f"- versions: {versions()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"wall {(time.time() - started) / 60:.1f} min, CPU {cpu_minutes():.1f} min (user + system, all threads)",
