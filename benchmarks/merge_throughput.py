@@ -201,7 +201,7 @@ def write_results(out: Path, args: argparse.Namespace, device: torch.device, n_p
         "- candidates are merged in full (`invalidate`); seed 0 like a search's recipes. Kept across candidates"
         " (what depends on the models only, or on the seed): TIES/breadcrumbs thresholds per keep count and, on CPU,"
         " each task vector's sorted magnitudes (any new density is a lookup); DARE's counter-based uniform draws per"
-        " seed (a new seed refills them with one hash kernel); slerp/multislerp/model stock Gram matrices; DELLA's"
+        " seed (a new seed refills them with one hash kernel); slerp/model stock Gram matrices; DELLA's"
         " magnitude ranks. Rows"
         " `*_new_density` / `*_new_seed` / `*_new_t` change that parameter every candidate, as a search does; `first`"
         " is the first candidate (compilation, sorting, Gram matrices); kept: memory those inputs hold after the"

@@ -363,30 +363,24 @@ def test_new_densities_look_up_the_sorted_magnitudes_and_match_the_radix_select(
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-chunks", "compiled"])
 def test_angle_methods_reuse_their_gram_matrices_and_give_the_plain_formula(family, weights, compiled, monkeypatch):
-    """SLERP, multi-SLERP and Model Stock: Gram matrices computed once per tensor, then an entrywise combination
-    (chunked or compiled) bit-identical to the pure function on the whole tensor, for every new factor / weight."""
+    """SLERP and Model Stock: Gram matrices computed once per tensor, then an entrywise combination
+    (chunked or compiled) bit-identical to the pure function on the whole tensor, for every new factor / flag."""
     from evomerge.methods import get_method
 
     monkeypatch.setenv("EVOMERGE_COMPILE", "1" if compiled else "0")
     base, fts = family
     engine = MergeEngine([base, *fts], device="cpu", chunk_entries=64)
-    cases = [("slerp", None, 2, {"t": t}, {}, t == 0.3) for t in (0.3, 0.8)]  # last: Grams computed for it?
-    cases += [("multislerp", base, 3, {}, {"weight": w}, w == 0.5) for w in (0.5, 2.0)]
-    cases += [("model_stock", base, 3, {"filter_wise": f}, {}, True) for f in (False, True)]
-    for method, model_base, n, params, per_source, new_grams in cases:
-        recipe = Recipe(method=method, base=model_base, parameters=params,
-                        sources=[{"model": p, "parameters": per_source if i == 0 else {}}
-                                 for i, p in enumerate(fts[:n])])
+    cases = [("slerp", None, 2, {"t": t}, t == 0.3) for t in (0.3, 0.8)]  # last: Grams computed for it?
+    cases += [("model_stock", base, 3, {"filter_wise": f}, True) for f in (False, True)]
+    for method, model_base, n, params, new_grams in cases:
+        recipe = Recipe(method=method, base=model_base, parameters=params, sources=[{"model": p} for p in fts[:n]])
         before = engine.inputs.counts()["gram"]
         engine.materialize(recipe)
         fn = get_method(method).fn
         for name in engine.names:
             stack = torch.stack([weights[i + 1][name] for i in range(n)]).float()
-            kwargs = dict(params)
-            if method == "multislerp":
-                kwargs["weight"] = torch.tensor([per_source["weight"], 1.0, 1.0])
-            expected = fn(None if model_base is None else weights[0][name].float(), stack, **kwargs)
-            assert torch.equal(_live(engine, name), expected), (method, params, per_source, name)
+            expected = fn(None if model_base is None else weights[0][name].float(), stack, **params)
+            assert torch.equal(_live(engine, name), expected), (method, params, name)
         assert engine.inputs.counts()["gram"] - before == (len(engine.names) if new_grams else 0), (method, params)
 
 

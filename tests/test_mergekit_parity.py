@@ -6,8 +6,6 @@ mergekit, gives the tensors of evomerge's own export). Needs mergekit in its own
 
 from __future__ import annotations
 
-import functools
-import operator
 import sys
 from pathlib import Path
 
@@ -26,7 +24,9 @@ from evomerge.recipe.mergekit import to_mergekit  # noqa: E402
 BINARY = mergekit_tool()
 pytestmark = mergekit_marks(BINARY)
 
-QUICK = [c for c in parity.CASES if c.quick and c.tolerance not in ("random", "fma")]
+# judged quick recipes (fma rows are judged with scalar weights only: linear_formulas)
+QUICK = [c for c in parity.CASES if c.quick and c.tolerance not in ("random", "bf16")
+         and not (c.tolerance == "fma" and c.scalar_parameters("weight") is None)]
 SCALAR_LINEAR = [c for c in parity.CASES if c.name in ("linear", "linear_unnormalized")]
 
 
@@ -37,12 +37,13 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> parity.Families:
 
 @pytest.mark.parametrize("case", QUICK, ids=[c.name for c in QUICK])
 def test_mergekit_yaml_gives_mergekits_tensors(case: parity.Case, families: parity.Families, tmp_path: Path) -> None:
+    """The quick recipes meet their tolerance: bit-identical / 1 ulp, or (``fma``, ``ties``) different only as the
+    documented difference's own check allows."""
     result = parity.run_case(case, families, BINARY, tmp_path)
     assert result.error is None, result.error
-    limit = 0 if case.tolerance == "exact" else 1
     worst = {g: d.max_ulp for g, d in result.diffs.items()}
     assert set(worst) >= {"layers", "embeddings"}
-    assert all(ulp <= limit for ulp in worst.values()), f"{case.name}: max ulp per group {worst} > {limit}"
+    assert result.ok is True, f"{case.name} ({case.tolerance}): max ulp per group {worst}"
 
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": [0.3, 0.7], "weight": 0.6}),
@@ -76,23 +77,12 @@ def test_linear_differs_from_mergekit_only_by_its_fused_multiply_add(
     parity.run_mergekit(BINARY, config, tmp_path / "mergekit")
     parity.run_evomerge(config, tmp_path / "evomerge")
     theirs, ours = parity.read_tensors(tmp_path / "mergekit"), parity.read_tensors(tmp_path / "evomerge")
-    models = [m["model"] for m in case.config["models"]]
-    sources = [parity.read_tensors(Path(paths[m])) for m in models]
-    w = torch.tensor([m["parameters"]["weight"] for m in case.config["models"]], dtype=torch.float32)
-    normalize = case.config.get("parameters", {}).get("normalize", True)
+    fused, rounded = parity.linear_formulas(case, paths)
     fused_somewhere = False
     for name, merged in theirs.items():
-        fused = torch.zeros_like(merged)
-        for source, weight in zip(sources, w):
-            fused.addcmul_(source[name], weight)
-        rounded = sources[0][name] * w[0]
-        for source, weight in zip(sources[1:], w[1:]):
-            rounded = rounded + source[name] * weight
-        if normalize:  # mergekit divides by weight.sum(), evomerge by the weights added in source order
-            fused, rounded = fused / w.sum(), rounded / functools.reduce(operator.add, w)
-        assert torch.equal(merged, fused), name
-        assert torch.equal(ours[name], rounded), name
-        fused_somewhere |= not torch.equal(fused, rounded)
+        assert torch.equal(merged, fused[name]), name
+        assert torch.equal(ours[name], rounded[name]), name
+        fused_somewhere |= not torch.equal(fused[name], rounded[name])
     assert fused_somewhere  # the fused multiply-add is visible: the test can tell the two formulas apart
 
 
@@ -129,39 +119,15 @@ def test_exported_recipe_on_zoo_lora_adapters_run_by_mergekit_gives_evomerges_me
 
 
 
-def _tie_entries(base: torch.Tensor, sources: list[torch.Tensor], densities: list[float],
-                 weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two kinds of TIES ties, from the checkpoints alone (a sort and sums, no evomerge code), as bool masks:
-
-    - magnitude ties: some task vector ``τ_i = θ_i − θ_0`` (fp32) has ``|τ_i|`` equal to its keep threshold (the
-      ``k_i``-th largest, ``k_i = max(1, ⌊d_i n⌋)`` as mergekit counts) while more than ``k_i`` entries reach it:
-      evomerge keeps every tied entry, mergekit the first ``k_i`` of its unstable sort;
-    - sign ties: elsewhere, the kept contributions ``w_i τ_i`` are not all 0 and sum to exactly 0 (mergekit's
-      ``weighted_deltas.sum(0)``): both elect + there (evomerge took mergekit's rule; the paper leaves it open)."""
-    magnitude_tied = torch.zeros(base.numel(), dtype=torch.bool)
-    contributions = []
-    for source, density, weight in zip(sources, densities, weights):
-        tau = (source.float() - base.float()).reshape(-1)
-        k = max(1, int(density * tau.numel()))
-        threshold = tau.abs().sort(descending=True).values[k - 1]
-        surplus = int((tau.abs() >= threshold).sum()) > k
-        if surplus:
-            magnitude_tied |= tau.abs() == threshold
-        kept = tau.abs() > threshold if surplus else tau.abs() >= threshold
-        contributions.append(tau * kept * torch.tensor(weight, dtype=torch.float32))
-    stacked = torch.stack(contributions)
-    sign_tied = (stacked.sum(0) == 0) & (stacked != 0).any(0) & ~magnitude_tied
-    return magnitude_tied.reshape(base.shape), sign_tied.reshape(base.shape)
-
-
 @pytest.mark.parametrize("name", ["ties_bf16_out_dtype", "bert_ties"])
 def test_ties_differs_from_mergekit_only_at_magnitude_ties(
     name: str, families: parity.Families, tmp_path: Path
 ) -> None:
     """The parity rows where TIES differs from mergekit (results/mergekit_parity.md): every differing entry is a
-    magnitude tie at the keep threshold (:func:`_tie_entries`; the README's tie conventions), some do differ, and the
-    sign ties (an exact 0 sum, common in bf16) are present and agree: both elect + there. bf16 task vectors are
-    coarse, so ties are common (about 1% of the entries); in the fp32 BERT row they are rare but of the same kind."""
+    magnitude tie at the keep threshold (:func:`mergekit_parity.tie_entries`; the README's tie conventions), some
+    do differ, and the sign ties (an exact 0 sum, common in bf16) are present and agree: both elect + there. bf16
+    task vectors are coarse, so ties are common (about 1% of the entries); in the fp32 BERT row they are rare but of
+    the same kind. The benchmark judges the rows by this check (``explained``), which fails on any other difference."""
     (case,) = [c for c in parity.CASES if c.name == name]
     paths = families.paths(case.family, case.dtype)
     config = tmp_path / "config.yml"
@@ -169,8 +135,7 @@ def test_ties_differs_from_mergekit_only_at_magnitude_ties(
     parity.run_mergekit(BINARY, config, tmp_path / "mergekit")
     parity.run_evomerge(config, tmp_path / "evomerge")
     theirs, ours = parity.read_tensors(tmp_path / "mergekit"), parity.read_tensors(tmp_path / "evomerge")
-    base = parity.read_tensors(Path(paths[case.config["base_model"]]))
-    models = [parity.read_tensors(Path(paths[m["model"]])) for m in case.config["models"]]
+    base, models = parity.ties_tensors(case, paths)
     densities = [m["parameters"]["density"] for m in case.config["models"]]
     weights = [m["parameters"]["weight"] for m in case.config["models"]]
     by_kind = {"magnitude differing": 0, "sign tied": 0}
@@ -178,8 +143,16 @@ def test_ties_differs_from_mergekit_only_at_magnitude_ties(
         if not merged.is_floating_point():
             continue
         differs = ours[tensor] != merged
-        magnitude_tied, sign_tied = _tie_entries(base[tensor], [m[tensor] for m in models], densities, weights)
+        magnitude_tied, sign_tied = parity.tie_entries(base[tensor], [m[tensor] for m in models], densities, weights)
         assert not (differs & ~magnitude_tied).any(), tensor
         by_kind["magnitude differing"] += int((differs & magnitude_tied).sum())
         by_kind["sign tied"] += int(sign_tied.sum())
     assert all(n > 0 for n in by_kind.values()), by_kind
+    # the benchmark's judgement of the row is this check, and it fails on a difference that is not a tie
+    assert parity.explained(case, paths, ours, theirs) is True
+    name = next(n for n in ours if n.endswith("weight") and ours[n].ndim == 2)
+    tied, _ = parity.tie_entries(base[name], [m[name] for m in models], densities, weights)
+    spot = int((~tied).view(-1).nonzero()[0])
+    ours[name] = ours[name].clone()
+    ours[name].view(-1)[spot] += 1.0
+    assert parity.explained(case, paths, ours, theirs) is False

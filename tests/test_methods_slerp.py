@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from evomerge.methods.slerp import multislerp, slerp
+from evomerge.methods.slerp import slerp
+from evomerge.methods.sphere import multislerp
 
 W = torch.tensor
 R2 = math.sqrt(2.0) / 2
@@ -49,11 +50,12 @@ def test_slerp_needs_exactly_two_sources() -> None:
         slerp(None, torch.ones(3, 2), t=0.5)
 
 
-def _mergekit_multislerp(base: torch.Tensor | None, sources: torch.Tensor, weight: list[float]) -> torch.Tensor:
+def _mergekit_multislerp(base: torch.Tensor | None, sources: torch.Tensor, weight: list[float],
+                         normalize: bool = True) -> torch.Tensor:
     """mergekit 0.1.5's multislerp, step by step in float64 (tangent step and exponential map included)."""
     eps = 1e-8
     x = (sources if base is None else sources - base).double().flatten(1)
-    w = torch.tensor(weight, dtype=torch.float64) / sum(weight)
+    w = torch.tensor(weight, dtype=torch.float64) / (sum(weight) if normalize else 1.0)
     norms = x.norm(dim=1, keepdim=True)
     units = x / (norms + eps)
     mean = (units * w[:, None]).sum(0)
@@ -74,6 +76,10 @@ def test_multislerp_is_mergekits_algorithm(with_base: bool) -> None:
     out = multislerp(base if with_base else None, sources, weight=W(weight))
     expected = _mergekit_multislerp(base if with_base else None, sources, weight)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    # the weights as given: the same direction, at the unnormalised weighted norm (here 1.6 times the mean norm)
+    unnormalized = multislerp(base if with_base else None, sources, weight=W(weight), normalize_weights=False)
+    expected = _mergekit_multislerp(base if with_base else None, sources, weight, normalize=False)
+    torch.testing.assert_close(unnormalized.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_multislerp_of_two_is_the_renormalised_mean_not_slerp() -> None:
@@ -84,6 +90,16 @@ def test_multislerp_of_two_is_the_renormalised_mean_not_slerp() -> None:
     # unequal norms: the direction of the unit vectors' mean, at the weighted mean norm 0.5 * 2 + 0.5 * 4 = 3
     out = multislerp(None, W([[2.0, 0.0], [0.0, 4.0]]), weight=W([1.0, 1.0]))
     torch.testing.assert_close(out, W([3 * R2, 3 * R2]))
+    # normalize_weights: false: the same direction at the summed norm 2 + 4
+    out = multislerp(None, W([[2.0, 0.0], [0.0, 4.0]]), weight=W([1.0, 1.0]), normalize_weights=False)
+    torch.testing.assert_close(out, W([6 * R2, 6 * R2]))
+
+
+def test_multislerp_eps_is_added_to_the_norms_and_bounds_the_mean() -> None:
+    # eps = 1: u = (1/2, 0), (0, 1/2), M = (1/4, 1/4), |M| = 0.354 < eps: two sources interpolate linearly
+    sources = W([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(multislerp(None, sources, weight=W([0.5, 0.5]), eps=1.0), W([0.5, 0.5]))
+    torch.testing.assert_close(multislerp(None, sources, weight=W([0.5, 0.5])), W([R2, R2]))
 
 
 def test_multislerp_orthonormal_equal_weights_is_the_symmetric_direction() -> None:
@@ -110,8 +126,11 @@ def test_multislerp_colinear_falls_back_to_weighted_mean() -> None:
 def test_multislerp_single_source_and_bad_weights() -> None:
     source = W([[0.3, -2.0]])
     assert torch.allclose(multislerp(None, source, weight=W([0.5])), source[0])
-    with pytest.raises(ValueError, match="positive sum"):
-        multislerp(None, torch.ones(2, 2), weight=W([0.0, 0.0]))
+    with pytest.raises(ValueError, match="sum to 0.*normalize_weights: false"):
+        multislerp(None, torch.ones(2, 2), weight=W([1.0, -1.0]))
+    # a negative sum is normalised away, as mergekit divides by it: (-1, -3) weighs like (1/4, 3/4)
+    torch.testing.assert_close(multislerp(None, sources := W([[1.0, 0.0], [0.0, 1.0]]), weight=W([-1.0, -3.0])),
+                               multislerp(None, sources, weight=W([0.25, 0.75])))
 
 
 def test_slerp_zero_norm_is_a_right_angle_like_mergekit() -> None:

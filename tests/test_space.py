@@ -234,7 +234,7 @@ def test_naming_version_1_keeps_the_index_names_of_old_studies():
 # -------------------------------------------------------------------------------------------- baselines
 # methods no parameter values turn into one source or the uniform average exactly
 NO_IDENTITY_RULES = {"model_stock", "regmean", "nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl", "nuslerp",
-                     "karcher"}
+                     "karcher", "multislerp"}
 
 
 # lorahub merges LoRA factors, not dense tensors: tests/test_lorahub.py

@@ -15,14 +15,7 @@ from evomerge.methods.lorahub import lorahub
 from evomerge.methods.model_stock import model_stock, model_stock_coefficients, model_stock_gram
 from evomerge.methods.pairwise import arcee_fusion, nearswap
 from evomerge.methods.regmean import regmean
-from evomerge.methods.slerp import (
-    multislerp,
-    multislerp_coefficients,
-    multislerp_gram,
-    slerp,
-    slerp_coefficients,
-    slerp_gram,
-)
+from evomerge.methods.slerp import slerp, slerp_coefficients, slerp_gram
 from evomerge.methods.sparsify import (
     band_keep_counts,
     magnitude_band_prune_rows,
@@ -47,7 +40,7 @@ from evomerge.methods.spec import (
     leaves,
     per_source_leaves,
 )
-from evomerge.methods.sphere import karcher, nuslerp
+from evomerge.methods.sphere import karcher, multislerp, nuslerp
 from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
 
@@ -190,11 +183,14 @@ _ALL: tuple[MergeMethod, ...] = (
         alone=lambda index, n_sources: {"t": float(index)}, whole_tensor_bytes=(8, 8),
     ),
     MergeMethod(
-        "multislerp", multislerp, (_weight(),), needs_base=False, elementwise=True,
-        inputs=(Coefficients(multislerp_gram, multislerp_coefficients),),
+        "multislerp", multislerp,
+        (_weight(),
+         Param("normalize_weights", True, doc="divide the weights by their sum"),
+         Param("eps", 1e-8, 0.0, 1.0, doc="added to every norm divided by; a mean direction shorter than it is "
+               "degenerate")),
+        needs_base=False,
         doc="mergekit's multi-SLERP: the renormalised weighted mean of the sources' (or task vectors') directions "
             "at their weighted mean norm",
-        alone=_one_hot,  # one weight: that source itself
         whole_tensor_bytes=(16, 4),
     ),
     MergeMethod(

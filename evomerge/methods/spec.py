@@ -82,7 +82,7 @@ class Ranks:
 
 @dataclass(frozen=True)
 class Coefficients:
-    """An angle-based combination (:mod:`evomerge.methods.angles`) as ``coefficients=``: ``gram(base, sources,
+    """An angle-based combination (SLERP, Model Stock) as ``coefficients=``: ``gram(base, sources,
     kwargs)`` depends on the models and the method's flags only (computed once per tensor), ``combine(gram,
     kwargs)`` turns it into the coefficients of a candidate (entrywise when it has one row)."""
 

@@ -1,9 +1,10 @@
-"""Spherical merges computed on the tensors themselves: NuSLERP (two models, whole tensor or per row / column) and
-the Karcher mean (N models, iterated on the unit sphere).
+"""Spherical merges computed on the tensors themselves: NuSLERP (two models, whole tensor or per row / column),
+Multi-SLERP (N models, one tangent step from their mean direction) and the Karcher mean (N models, iterated on the
+unit sphere).
 
-Unlike :mod:`evomerge.methods.slerp` these do not go through Gram matrices: their angles are float32 reductions
-in mergekit, and computing them the same way (same operations, same order) is what makes fp32 merges match
-mergekit bit for bit. Both run whole-tensor in the engine.
+Unlike :mod:`evomerge.methods.slerp` these do not go through Gram matrices: their angles and norms are float32
+reductions in mergekit, and computing them the same way (same operations, same order) is what makes fp32 merges
+match mergekit bit for bit (results/mergekit_parity.md). All three run whole-tensor in the engine.
 """
 
 from __future__ import annotations
@@ -61,6 +62,56 @@ def nuslerp(
     else:
         merged = slerp_vectors(t, v0, v1)
     return merged if base is None else base + merged
+
+
+_MULTISLERP_EPS = 1e-8  # mergekit's default eps: added to every norm divided by, and the degenerate-mean threshold
+
+
+def multislerp(
+    base: Tensor | None, sources: Tensor, *, weight: Tensor, normalize_weights: bool = True,
+    eps: float = _MULTISLERP_EPS,
+) -> Tensor:
+    """Multi-SLERP as mergekit defines it (``mergekit/merge_methods/multislerp.py``; C. Goddard, "Multi-SLERP",
+    goddard.blog, 2025): the weighted mean of the unit directions, renormalised, moved one exponential-map step
+    along the weighted tangent vector, at the weighted mean norm.
+
+    ``x_i = θ_i − θ0`` (with a base) or ``θ_i``, flattened; ``w = weight / Σ weight`` (``normalize_weights``, else
+    as given); ``u_i = x_i / (‖x_i‖ + ε)``; ``M = Σ_i w_i u_i``, ``m = M / ‖M‖``; tangent
+    ``g = Σ_i w_i (u_i − (u_i·m) m)``, ``s = ‖g‖ + ε``; result ``[θ0 +] (cos s · m + sin s / s · g) · Σ_i w_i ‖x_i‖``.
+    ``g = M − (M·m) m`` is 0 but for rounding, so this is not the spherical (Karcher) mean and, for two sources,
+    not :func:`~evomerge.methods.slerp.slerp` (for those: ``karcher`` / ``slerp``); the step is kept, in float32
+    and in mergekit's order, because its rounding is part of mergekit's bits. One source is returned as is;
+    ``‖M‖ < ε`` (antipodal directions whose weights balance out): two sources give ``[θ0 +] w_0 x_0 + w_1 x_1``,
+    more raise (as mergekit).
+    """
+    n = sources.shape[0]
+    if n == 1:
+        return sources[0]
+    w = weight.to(device=sources.device, dtype=torch.float32).reshape(-1)
+    if normalize_weights:
+        total = w.sum()
+        if total.item() == 0:
+            raise ValueError(f"multislerp normalizes its weights, but they sum to 0 ({w.tolist()}): use weights "
+                             "with a nonzero sum, or normalize_weights: false")
+        w = w / total
+    x = (sources if base is None else sources - base).reshape(n, -1)
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    units = x / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm.item() < eps:
+        if n != 2:
+            raise ValueError("multislerp: the weighted sum of the directions is zero (antipodal vectors whose "
+                             "weights balance out); use different weights")
+        merged = x[0] * w[0] + x[1] * w[1]
+    else:
+        mean = mean / mean_norm
+        units -= (units * mean).sum(-1, keepdim=True) * mean  # the tangent vectors at m
+        tangent = (units * w.view(-1, 1)).sum(0)
+        step = torch.linalg.vector_norm(tangent) + eps
+        merged = (mean * torch.cos(step) + tangent * (torch.sin(step) / step)) * (norms.squeeze(-1) * w).sum()
+    merged = merged.view(sources.shape[1:])
+    return merged if base is None else merged + base
 
 
 def _norm(x: Tensor) -> Tensor:
