@@ -40,7 +40,7 @@ from evomerge.methods.spec import (
     leaves,
     per_source_leaves,
 )
-from evomerge.methods.sphere import karcher, multislerp, nuslerp
+from evomerge.methods.sphere import MULTISLERP_EPS, karcher, multislerp, nuslerp
 from evomerge.methods.ties import FAMILY, SparseTaskMerge
 
 
@@ -186,8 +186,8 @@ _ALL: tuple[MergeMethod, ...] = (
         "multislerp", multislerp,
         (_weight(),
          Param("normalize_weights", True, doc="divide the weights by their sum"),
-         Param("eps", 1e-8, 0.0, 1.0, doc="added to every norm divided by; a mean direction shorter than it is "
-               "degenerate")),
+         Param("eps", MULTISLERP_EPS, 0.0, 1.0,
+               doc="added to every norm divided by; a mean direction shorter than it is degenerate")),
         needs_base=False,
         doc="mergekit's multi-SLERP: the renormalised weighted mean of the sources' (or task vectors') directions "
             "at their weighted mean norm",

@@ -64,12 +64,12 @@ def nuslerp(
     return merged if base is None else base + merged
 
 
-_MULTISLERP_EPS = 1e-8  # mergekit's default eps: added to every norm divided by, and the degenerate-mean threshold
+MULTISLERP_EPS = 1e-8  # mergekit's default eps: added to every norm divided by, and the degenerate-mean threshold
 
 
 def multislerp(
     base: Tensor | None, sources: Tensor, *, weight: Tensor, normalize_weights: bool = True,
-    eps: float = _MULTISLERP_EPS,
+    eps: float = MULTISLERP_EPS,
 ) -> Tensor:
     """Multi-SLERP as mergekit defines it (``mergekit/merge_methods/multislerp.py``; C. Goddard, "Multi-SLERP",
     goddard.blog, 2025): the weighted mean of the unit directions, renormalised, moved one exponential-map step

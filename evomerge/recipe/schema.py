@@ -13,7 +13,7 @@ is :mod:`evomerge.recipe.resolve`; reading a file (evomerge or mergekit YAML) is
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -39,12 +39,17 @@ class RecipeError(ValueError):
     """A recipe that cannot be merged; the message names the field and the fix."""
 
 
+def closest(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to a misspelt ``name``, ``""`` when none is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def refuse_unknown_keys(data: Mapping[str, object], known: Mapping[str, object], where: str) -> None:
     """RecipeError naming the keys of ``data`` that are not in ``known``, with the closest known key for each."""
     unknown = [key for key in data if key not in known]
     if unknown:
-        hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(str(key), known, 1))
-                 for key in unknown]
+        hints = [f"{key!r}{closest(str(key), known)}" for key in unknown]
         raise RecipeError(f"{where}: unknown key {', '.join(hints)}; valid keys: {', '.join(known)}")
 
 

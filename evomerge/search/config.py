@@ -3,26 +3,18 @@ an MoE template's own model paths are a recipe's, relative to the working direct
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.recipe import CalibrationData, MoeExpert, MoeRecipe, RecipeError
-from evomerge.recipe.schema import one_line
+from evomerge.recipe.schema import closest, one_line
 from evomerge.yamlfile import load_yaml
 
 
 class ConfigError(ValueError):
     """A run config that cannot be used; one line naming each bad key and the fix."""
-
-
-def closest(name: str, valid: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the valid name closest to a misspelt ``name``, ``""`` when none is close."""
-    match = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 SamplerName = Literal["auto", "cmaes", "tpe", "gp", "random", "nsga2"]

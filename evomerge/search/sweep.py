@@ -47,8 +47,9 @@ from evomerge.evaluate import build_evaluator
 from evomerge.methods import METHODS, MergeMethod, MethodError, get_method, validate_params
 from evomerge.recipe import Recipe, SourceSpec
 from evomerge.recipe.mergekit import to_mergekit_yaml
+from evomerge.recipe.schema import closest
 from evomerge.search import trials as records
-from evomerge.search.config import ConfigError, RunConfig, closest
+from evomerge.search.config import ConfigError, RunConfig
 from evomerge.search.storage import INTERRUPTED
 from evomerge.search.study import Runner, finish
 
